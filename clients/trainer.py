@@ -1,0 +1,122 @@
+"""Local training and evaluation of a torch model on one client's shard.
+
+Batches are drawn by index from tensors already on the training device (no DataLoader
+worker or collate cost for in-memory shards). Data order comes from a `torch.Generator`
+seeded by the caller, so local training is reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedml.data import Shard
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the server asks of one local training job."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Mean training loss (without the proximal term) over all steps, and counts."""
+
+    loss: float
+    num_examples: int
+    steps: int
+
+
+def resolve_device(choice: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cpu', 'cuda', 'cuda:N' are taken as given."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{choice}' was requested but CUDA is not available here")
+    return torch.device(choice)
+
+
+def to_tensors(shard: Shard, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shard as tensors on `device` (pinned first when copying to CUDA)."""
+    x, y = torch.from_numpy(shard.x), torch.from_numpy(shard.y)
+    if device.type == "cuda":
+        x, y = x.pin_memory(), y.pin_memory()
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def proximal_term(model: nn.Module, global_params: list[torch.Tensor]) -> torch.Tensor:
+    """||w - w_global||^2 over the trainable parameters (the SQUARED L2 norm)."""
+    return sum(
+        (p - g).pow(2).sum()
+        for p, g in zip(model.parameters(), global_params, strict=True)
+        if p.requires_grad
+    )
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+
+
+def train_local(
+    model: nn.Module,
+    shard: Shard,
+    settings: TrainSettings,
+    device: torch.device,
+    generator: torch.Generator,
+) -> TrainResult:
+    """Run `settings.epochs` epochs of minibatch training on `shard`, in place.
+
+    With `proximal_mu > 0` the FedProx objective loss + (mu/2)·||w − w_global||² is
+    minimised, `w_global` being the weights the model held when this call started.
+    """
+    model.to(device).train()
+    x, y = to_tensors(shard, device)
+    optimizer = make_optimizer(model, settings)
+    criterion = nn.CrossEntropyLoss()
+    mu = settings.proximal_mu
+    global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
+    total_loss, steps = 0.0, 0
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(y), generator=generator).to(device)
+        for start in range(0, len(y), settings.batch_size):
+            index = order[start : start + settings.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x[index]), y[index])
+            objective = loss + (mu / 2) * proximal_term(model, global_params) if mu > 0 else loss
+            objective.backward()
+            optimizer.step()
+            total_loss += loss.item()
+            steps += 1
+    return TrainResult(loss=total_loss / max(steps, 1), num_examples=len(y), steps=steps)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, shard: Shard, device: torch.device, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of `model` on `shard`."""
+    model.to(device).eval()
+    x, y = to_tensors(shard, device)
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == target).sum().item()
+    n = max(len(y), 1)
+    return loss_sum / n, correct / n

@@ -1,0 +1,278 @@
+"""One typed run configuration: TOML file, CLI overrides, validation.
+
+A run is described by `RunConfig`, a tree of small dataclasses. It is loaded from a TOML
+file (sections `[data]`, `[model]`, `[strategy]`, `[client]`, `[simulation]` and top-level
+keys), overridden by CLI flags given as dotted keys (`client.lr`), and validated in one
+place. Every problem raises `FedmlError` naming the key, the bad value and the fix.
+
+Flower passes run configuration as a flat `UserConfig` (`{"client.lr": 0.1, ...}`);
+`to_flat()` / `from_flat()` convert, so the same config reaches the ServerApp whether the
+run is started by `fedml simulate` or by `flwr run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+from fedml.errors import FedmlError
+
+DATASETS = ("digits", "breast-cancer", "synthetic", "npz:<dir>")
+MODELS = ("logreg", "mlp", "cnn", "<module>:<factory>")
+OPTIMIZERS = ("sgd", "adam")
+ENGINES = ("inprocess",)
+
+
+@dataclass
+class DataConfig:
+    """Which data, how it is split across clients, what is held out."""
+
+    dataset: str = "digits"
+    partition: str = "auto"
+    test_fraction: float = 0.2
+    val_fraction: float = 0.2
+
+
+@dataclass
+class ModelConfig:
+    """Which model the federation trains."""
+
+    name: str = "mlp"
+    hidden: int = 64
+
+
+@dataclass
+class StrategyConfig:
+    """Aggregation strategy and client sampling."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_clients: int = 2
+    min_evaluate_clients: int = 2
+    proximal_mu: float = 0.01
+
+
+@dataclass
+class ClientConfig:
+    """Local training at each client; sent to clients in every train message."""
+
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    device: str = "auto"
+
+
+@dataclass
+class SimulationConfig:
+    """How the federation is simulated on one machine."""
+
+    engine: str = "inprocess"
+    clients: int = 10
+    stragglers: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Same config + seed = same history, same model."""
+
+    seed: int = 0
+    rounds: int = 20
+    out: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    # ----------------------------------------------------------------- conversions
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """Flat dotted-key form, Flower's `UserConfig` shape."""
+        flat: dict[str, Any] = {}
+        for key, value in dataclasses.asdict(self).items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+        """Build and validate a config from dotted keys; unknown keys are an error."""
+        return with_overrides(cls(), flat)
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML text (what a run directory stores)."""
+        return tomli_w.dumps(dataclasses.asdict(self))
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a TOML file (or the defaults when `path` is None), apply overrides, validate."""
+    flat: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise FedmlError(f"Config file {path} does not exist. Pass the path of a TOML file.")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise FedmlError(f"Config file {path} is not valid TOML: {exc}.") from exc
+        flat = _flatten(raw, source=str(path))
+    flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return RunConfig.from_flat(flat)
+
+
+def with_overrides(base: RunConfig, flat: dict[str, Any]) -> RunConfig:
+    """Return a validated copy of `base` with dotted-key values applied."""
+    cfg = dataclasses.replace(
+        base, **{f.name: dataclasses.replace(getattr(base, f.name)) for f in _sections()}
+    )
+    for key, value in flat.items():
+        _assign(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- internals
+def _sections() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)]
+
+
+def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            for sub, sub_value in value.items():
+                if isinstance(sub_value, dict):
+                    raise FedmlError(f"{source}: [{key}.{sub}] is not a known config table.")
+                flat[f"{key}.{sub}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def _known_keys() -> list[str]:
+    return list(RunConfig().to_flat())
+
+
+def _assign(cfg: RunConfig, key: str, value: Any) -> None:
+    section_name, _, name = key.rpartition(".")
+    target: Any = getattr(cfg, section_name, None) if section_name else cfg
+    hints = get_type_hints(type(target)) if target is not None else {}
+    if target is None or name not in hints or dataclasses.is_dataclass(hints[name]):
+        close = difflib.get_close_matches(key, _known_keys(), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise FedmlError(f"Unknown config key '{key}'.{hint}")
+    expected = hints[name]
+    setattr(target, name, _coerce(key, value, expected))
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and expected is not bool:
+        raise FedmlError(f"Config key '{key}' must be {expected.__name__}, got a boolean.")
+    if not isinstance(value, expected):
+        raise FedmlError(
+            f"Config key '{key}' must be {expected.__name__}, got {type(value).__name__} "
+            f"{value!r}."
+        )
+    return value
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise FedmlError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible values with one message naming the key and the fix."""
+    _check(cfg.rounds >= 1, f"rounds must be at least 1, got {cfg.rounds}.")
+    _check(cfg.seed >= 0, f"seed must be a non-negative integer, got {cfg.seed}.")
+
+    data = cfg.data
+    _check(
+        data.dataset in ("digits", "breast-cancer")
+        or data.dataset.startswith(("synthetic", "npz:")),
+        f"data.dataset '{data.dataset}' is unknown. Use one of: {', '.join(DATASETS)}.",
+    )
+    if data.dataset.startswith("npz:"):
+        directory = Path(data.dataset[4:]).expanduser()
+        _check(
+            directory.is_dir(),
+            f"data.dataset '{data.dataset}': directory {directory} does not exist. "
+            "Point npz:<dir> at a directory holding client-<i>.npz shards.",
+        )
+    _check(
+        0.0 < data.test_fraction < 1.0,
+        f"data.test_fraction must be in (0, 1), got {data.test_fraction}.",
+    )
+    _check(
+        0.0 <= data.val_fraction < 1.0,
+        f"data.val_fraction must be in [0, 1), got {data.val_fraction}.",
+    )
+
+    model = cfg.model
+    _check(
+        model.name in ("logreg", "mlp", "cnn") or ":" in model.name,
+        f"model.name '{model.name}' is unknown. Use one of: {', '.join(MODELS)}.",
+    )
+    _check(model.hidden >= 1, f"model.hidden must be at least 1, got {model.hidden}.")
+
+    strategy = cfg.strategy
+    _check(
+        0.0 < strategy.fraction_train <= 1.0,
+        f"strategy.fraction_train must be in (0, 1], got {strategy.fraction_train}.",
+    )
+    _check(
+        0.0 <= strategy.fraction_evaluate <= 1.0,
+        f"strategy.fraction_evaluate must be in [0, 1], got {strategy.fraction_evaluate} "
+        "(0 turns federated evaluation off).",
+    )
+    _check(
+        strategy.proximal_mu >= 0.0,
+        f"strategy.proximal_mu must be >= 0, got {strategy.proximal_mu}.",
+    )
+    for name in ("min_train_clients", "min_evaluate_clients"):
+        value = getattr(strategy, name)
+        _check(value >= 1, f"strategy.{name} must be at least 1, got {value}.")
+        _check(
+            value <= cfg.simulation.clients,
+            f"strategy.{name} is {value} but the federation has only "
+            f"{cfg.simulation.clients} clients; lower it or raise simulation.clients.",
+        )
+
+    client = cfg.client
+    _check(client.local_epochs >= 1, f"client.local_epochs must be >= 1, got {client.local_epochs}.")
+    _check(client.batch_size >= 1, f"client.batch_size must be >= 1, got {client.batch_size}.")
+    _check(client.lr > 0.0, f"client.lr must be > 0, got {client.lr}.")
+    _check(
+        client.optimizer in OPTIMIZERS,
+        f"client.optimizer '{client.optimizer}' is unknown. Use one of: {', '.join(OPTIMIZERS)}.",
+    )
+    _check(0.0 <= client.momentum < 1.0, f"client.momentum must be in [0, 1), got {client.momentum}.")
+    _check(client.weight_decay >= 0.0, f"client.weight_decay must be >= 0, got {client.weight_decay}.")
+    _check(
+        client.device in ("auto", "cpu", "cuda")
+        or (client.device.startswith("cuda:") and client.device[5:].isdigit()),
+        f"client.device '{client.device}' is unknown. Use auto, cpu, cuda or cuda:N.",
+    )
+
+    sim = cfg.simulation
+    _check(sim.clients >= 1, f"simulation.clients must be at least 1, got {sim.clients}.")
+    _check(
+        sim.engine in ENGINES,
+        f"simulation.engine '{sim.engine}' is unknown. Use one of: {', '.join(ENGINES)}.",
+    )
+    _check(
+        0.0 <= sim.stragglers <= 1.0,
+        f"simulation.stragglers must be a fraction in [0, 1], got {sim.stragglers}.",
+    )

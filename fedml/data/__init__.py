@@ -1,0 +1,5 @@
+"""Datasets, site shards and partitioners."""
+
+from fedml.data.datasets import Federation, Shard, load_federation, read_shard, split_validation
+
+__all__ = ["Federation", "Shard", "load_federation", "read_shard", "split_validation"]

@@ -1,0 +1,223 @@
+"""Datasets as federations: per-client shards plus a held-out server test set.
+
+Bundled: scikit-learn's `digits` and `breast-cancer` (no download), the FedProx paper's
+`synthetic[:alpha,beta]` generator, and `npz:<dir>` for a directory of per-client shards.
+A client's shard is materialised only when asked for (`Federation.client(i)`): a pooled
+federation keeps one array pool and an index list per client.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fedml.data.partition import parse_partition, partition
+from fedml.errors import FedmlError
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Features `x` (float32, one row per example) and labels `y` (int64)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, index: np.ndarray) -> Shard:
+        return Shard(self.x[index], self.y[index])
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Client shards, the server's test set, and the shape facts models need."""
+
+    num_clients: int
+    num_classes: int
+    input_shape: tuple[int, ...]
+    test: Shard | None
+    pool: Shard | None = None
+    parts: tuple[np.ndarray, ...] = ()
+    shard_files: tuple[Path, ...] = ()
+
+    def client(self, index: int) -> Shard:
+        """The private shard of client `index` (0-based)."""
+        if not 0 <= index < self.num_clients:
+            raise FedmlError(f"Client index {index} is outside 0..{self.num_clients - 1}.")
+        if self.pool is not None:
+            return self.pool.take(self.parts[index])
+        return read_shard(self.shard_files[index])
+
+
+def split_validation(shard: Shard, fraction: float, seed: int) -> tuple[Shard, Shard]:
+    """Split a client's shard into (train, validation); validation is never empty when
+    `fraction > 0` and the shard has two or more examples. With fraction 0, the client
+    validates on its training data."""
+    n = len(shard)
+    n_val = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n >= 2 else 0
+    if n_val == 0:
+        return shard, shard
+    order = np.random.default_rng(seed).permutation(n)
+    return shard.take(np.sort(order[n_val:])), shard.take(np.sort(order[:n_val]))
+
+
+def load_federation(
+    dataset: str, partition_spec: str, num_clients: int, test_fraction: float, seed: int
+) -> Federation:
+    """Build the federation for a dataset spec (cached per process: every virtual client
+    of the in-process engine shares one copy)."""
+    return _load_federation(dataset, partition_spec, num_clients, test_fraction, seed)
+
+
+@lru_cache(maxsize=4)
+def _load_federation(
+    dataset: str, partition_spec: str, num_clients: int, test_fraction: float, seed: int
+) -> Federation:
+    if dataset.startswith("npz:"):
+        return _npz_federation(Path(dataset[4:]).expanduser(), num_clients, partition_spec)
+    if dataset.startswith("synthetic"):
+        alpha, beta = _parse_synthetic(dataset)
+        if parse_partition(partition_spec)[0] not in ("auto", "natural"):
+            raise FedmlError(
+                f"{dataset} is naturally federated (one generator per client); "
+                "set data.partition to 'auto'."
+            )
+        return synthetic_federation(alpha, beta, num_clients, test_fraction, seed)
+    pool, test = _sklearn_pool(dataset, test_fraction, seed)
+    spec = "dirichlet:0.5" if partition_spec == "auto" else partition_spec
+    if parse_partition(spec)[0] == "natural":
+        raise FedmlError(f"{dataset} has no natural split; use iid, dirichlet:<alpha> or shards:<k>.")
+    parts = partition(pool.y, num_clients, seed, spec)
+    return Federation(
+        num_clients=num_clients,
+        num_classes=int(max(pool.y.max(), test.y.max())) + 1,
+        input_shape=tuple(pool.x.shape[1:]),
+        test=test,
+        pool=pool,
+        parts=tuple(parts),
+    )
+
+
+def _sklearn_pool(dataset: str, test_fraction: float, seed: int) -> tuple[Shard, Shard]:
+    from sklearn.datasets import load_breast_cancer, load_digits
+    from sklearn.model_selection import train_test_split
+
+    if dataset == "digits":
+        bunch = load_digits()
+        x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]  # N x 1 x 8 x 8
+    elif dataset == "breast-cancer":
+        bunch = load_breast_cancer()
+        x = bunch.data.astype(np.float32)
+    else:
+        raise FedmlError(f"Unknown dataset '{dataset}'.")
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    if dataset == "breast-cancer":  # standardise with the training pool's statistics
+        mean, std = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-8
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    return Shard(x_tr.astype(np.float32), y_tr), Shard(x_te.astype(np.float32), y_te)
+
+
+def _parse_synthetic(dataset: str) -> tuple[float, float]:
+    if dataset == "synthetic":
+        return 1.0, 1.0
+    match = re.fullmatch(r"synthetic:([0-9.]+),([0-9.]+)", dataset)
+    if not match:
+        raise FedmlError(
+            f"data.dataset '{dataset}' is not valid. Use 'synthetic' (= synthetic:1,1) "
+            "or 'synthetic:<alpha>,<beta>', e.g. synthetic:0.5,0.5."
+        )
+    return float(match.group(1)), float(match.group(2))
+
+
+def synthetic_federation(
+    alpha: float, beta: float, num_clients: int, test_fraction: float, seed: int,
+    dim: int = 60, num_classes: int = 10,
+) -> Federation:
+    """Synthetic(alpha, beta) of Li et al., "Federated Optimization in Heterogeneous
+    Networks" (FedProx), as in the paper's generator:
+
+    u_k ~ N(0, alpha), B_k ~ N(0, beta); W_k, b_k ~ N(u_k, 1); v_k[j] ~ N(B_k, 1);
+    x ~ N(v_k, diag(j^-1.2)); y = argmax(softmax(W_k x + b_k)).
+    Client sizes follow the paper's power law (lognormal(4, 2) + 50). `test_fraction`
+    of each client's examples form the server's test set.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = rng.lognormal(4, 2, num_clients).astype(int) + 50
+    cov_diag = np.arange(1, dim + 1, dtype=np.float64) ** -1.2
+    train_x, train_y, test_x, test_y, parts = [], [], [], [], []
+    offset = 0
+    for k in range(num_clients):
+        u_k, b_shift = rng.normal(0, np.sqrt(alpha)), rng.normal(0, np.sqrt(beta))
+        w = rng.normal(u_k, 1, (num_classes, dim))
+        b = rng.normal(u_k, 1, num_classes)
+        v = rng.normal(b_shift, 1, dim)
+        x = rng.normal(v, np.sqrt(cov_diag), (sizes[k], dim))
+        y = np.argmax(x @ w.T + b, axis=1)
+        n_test = max(1, round(sizes[k] * test_fraction))
+        train_x.append(x[n_test:])
+        train_y.append(y[n_test:])
+        test_x.append(x[:n_test])
+        test_y.append(y[:n_test])
+        parts.append(np.arange(offset, offset + sizes[k] - n_test))
+        offset += sizes[k] - n_test
+    pool = Shard(np.concatenate(train_x).astype(np.float32), np.concatenate(train_y).astype(np.int64))
+    test = Shard(np.concatenate(test_x).astype(np.float32), np.concatenate(test_y).astype(np.int64))
+    return Federation(num_clients, num_classes, (dim,), test, pool=pool, parts=tuple(parts))
+
+
+def read_shard(path: Path) -> Shard:
+    """Read one `.npz` shard holding `x` (features) and `y` (integer labels); no pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"x", "y"} - set(npz.files)
+            if missing:
+                raise FedmlError(
+                    f"{path} lacks array(s) {sorted(missing)}. A shard holds 'x' (features) "
+                    "and 'y' (integer labels)."
+                )
+            x, y = npz["x"], npz["y"]
+    except (OSError, ValueError) as exc:
+        raise FedmlError(f"{path} is not a readable .npz file without pickled objects: {exc}") from exc
+    if not np.issubdtype(x.dtype, np.number) or x.ndim < 2:
+        raise FedmlError(f"{path}: 'x' must be a numeric array with one row per example.")
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
+        raise FedmlError(f"{path}: 'y' must be a 1-D integer array with one label per row of 'x'.")
+    if len(y) == 0 or y.min() < 0:
+        raise FedmlError(f"{path}: 'y' must be non-empty with labels >= 0.")
+    return Shard(x.astype(np.float32, copy=False), y.astype(np.int64, copy=False))
+
+
+def _npz_federation(directory: Path, num_clients: int, partition_spec: str) -> Federation:
+    if partition_spec not in ("auto", "natural"):
+        raise FedmlError("npz:<dir> data is already split per client; set data.partition to 'auto'.")
+    found = {int(m.group(1)): p for p in directory.glob("client-*.npz")
+             if (m := re.fullmatch(r"client-(\d+)\.npz", p.name))}
+    expected = list(range(num_clients))
+    if sorted(found) != expected:
+        raise FedmlError(
+            f"{directory} holds shards {sorted(found) or 'none'} but simulation.clients is "
+            f"{num_clients}: it needs client-0.npz .. client-{num_clients - 1}.npz."
+        )
+    files = tuple(found[i] for i in expected)
+    shards = [read_shard(p) for p in files]
+    test_path = directory / "test.npz"
+    test = read_shard(test_path) if test_path.exists() else None
+    shapes = {s.x.shape[1:] for s in shards} | ({test.x.shape[1:]} if test else set())
+    if len(shapes) != 1:
+        raise FedmlError(f"{directory}: shards disagree on the feature shape: {sorted(shapes)}.")
+    labels = [s.y.max() for s in shards] + ([test.y.max()] if test else [])
+    return Federation(
+        num_clients=num_clients,
+        num_classes=int(max(labels)) + 1,
+        input_shape=shapes.pop(),
+        test=test,
+        shard_files=files,
+    )

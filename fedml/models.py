@@ -1,0 +1,114 @@
+"""Model zoo (logreg, mlp, cnn) and user models given as `module:factory`.
+
+A factory is called as `factory(input_shape=(...), num_classes=N)` and returns a
+`torch.nn.Module` mapping a batch shaped `(B, *input_shape)` to `(B, num_classes)` logits.
+Initial weights are drawn under the run seed, so every run starts from the same model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedml.errors import FedmlError
+
+
+def logreg(input_shape: tuple[int, ...], num_classes: int, hidden: int = 0) -> nn.Module:
+    """Multinomial logistic regression on the flattened input."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(input_shape), num_classes))
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
+    """One hidden ReLU layer on the flattened input."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(_flat_size(input_shape), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
+    """Two conv blocks and a linear head, for image data shaped (C, H, W) or (H, W)."""
+    reshape: nn.Module = nn.Identity()
+    if len(input_shape) == 2:
+        input_shape = (1, *input_shape)
+        reshape = nn.Unflatten(1, (1, input_shape[1]))
+    if len(input_shape) != 3:
+        raise FedmlError(
+            f"model 'cnn' needs image data shaped (C, H, W) or (H, W); this dataset's "
+            f"examples are shaped {input_shape}. Use 'mlp' or 'logreg'."
+        )
+    channels = input_shape[0]
+    return nn.Sequential(
+        reshape,
+        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn": cnn}
+
+
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int, hidden: int = 64
+) -> nn.Module:
+    """Construct the model `name` with weights initialised from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name in BUILTIN:
+            model = BUILTIN[name](input_shape, num_classes, hidden=hidden)
+        else:
+            model = _user_model(name, input_shape, num_classes)
+    return model
+
+
+def _user_model(reference: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    module_name, _, attr = reference.partition(":")
+    if not module_name or not attr:
+        raise FedmlError(
+            f"model.name '{reference}' is neither a built-in model (logreg, mlp, cnn) nor a "
+            "'module:factory' reference."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FedmlError(
+            f"model '{reference}': module '{module_name}' cannot be imported ({exc}). "
+            "Install it or put it on PYTHONPATH."
+        ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise FedmlError(f"model '{reference}': '{module_name}' has no callable '{attr}'.")
+    try:
+        inspect.signature(factory).bind(input_shape=input_shape, num_classes=num_classes)
+    except TypeError as exc:
+        raise FedmlError(
+            f"model '{reference}': the factory must accept input_shape=... and "
+            f"num_classes=... keyword arguments ({exc})."
+        ) from exc
+    model = factory(input_shape=input_shape, num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise FedmlError(
+            f"model '{reference}' returned {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
+
+
+def _flat_size(input_shape: tuple[int, ...]) -> int:
+    size = 1
+    for dim in input_shape:
+        size *= dim
+    return size

@@ -1,0 +1,62 @@
+"""Example-weighted averaging of ArrayRecords that keeps every array's dtype.
+
+Flower's `aggregate_arrayrecords` multiplies arrays by float weights, so an int64 buffer
+(BatchNorm's `num_batches_tracked`) comes back float64. Here sums run in float64 and each
+result is cast back to its input dtype; integer arrays are rounded to the nearest integer.
+Replies are folded in one at a time, so memory is O(model size), not O(clients x model).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+
+class WeightedMean:
+    """Running example-weighted mean over ArrayRecords with identical keys and shapes."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, np.ndarray] = {}
+        self._dtypes: dict[str, np.dtype] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, arrays: ArrayRecord, weight: float) -> None:
+        """Fold one client's arrays, weighted by its example count, into the sum."""
+        if weight <= 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        if self.count and set(arrays) != set(self._sums):
+            raise ValueError("array keys differ from the first reply's keys")
+        for key, array in arrays.items():
+            values = array.numpy()
+            if key not in self._sums:
+                self._sums[key] = np.zeros(values.shape, dtype=np.float64)
+                self._dtypes[key] = values.dtype
+            elif values.shape != self._sums[key].shape:
+                raise ValueError(
+                    f"array '{key}' has shape {values.shape}, expected {self._sums[key].shape}"
+                )
+            self._sums[key] += values.astype(np.float64, copy=False) * weight
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> ArrayRecord:
+        """The weighted mean, each array in its original dtype (integers rounded)."""
+        if not self.count:
+            raise ValueError("no arrays were added")
+        averaged: dict[str, Array] = {}
+        for key, total in self._sums.items():
+            mean = total / self.total_weight
+            dtype = self._dtypes[key]
+            if not np.issubdtype(dtype, np.floating) and not np.issubdtype(dtype, np.complexfloating):
+                mean = np.rint(mean)
+            averaged[key] = Array(np.ascontiguousarray(mean.astype(dtype)))
+        return ArrayRecord(averaged)
+
+
+def weighted_mean(records: list[tuple[ArrayRecord, float]]) -> ArrayRecord:
+    """Example-weighted mean of `(arrays, num_examples)` pairs."""
+    acc = WeightedMean()
+    for arrays, weight in records:
+        acc.add(arrays, weight)
+    return acc.result()
