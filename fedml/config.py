@@ -21,6 +21,7 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
 
 DATASETS = ("digits", "breast-cancer", "synthetic", "npz:<dir>")
@@ -119,8 +120,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
     """Load a TOML file (or the defaults when `path` is None), apply overrides, validate."""
     flat: dict[str, Any] = {}
     if path is not None:
-        if not path.is_file():
-            raise FedmlError(f"Config file {path} does not exist. Pass the path of a TOML file.")
+        path = _resolve_config_path(path)
         try:
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -128,6 +128,21 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
         flat = _flatten(raw, source=str(path))
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return RunConfig.from_flat(flat)
+
+
+def _resolve_config_path(path: Path) -> Path:
+    """A TOML file, or the name of a bundled preset (simulations/presets/<name>.toml)."""
+    from simulations.presets import preset_names, preset_path
+
+    if path.is_file():
+        return path
+    preset = preset_path(str(path))
+    if preset is not None:
+        return preset
+    raise FedmlError(
+        f"Config file {path} does not exist. Pass the path of a TOML file or a bundled "
+        f"preset name ({', '.join(preset_names())})."
+    )
 
 
 def with_overrides(base: RunConfig, flat: dict[str, Any]) -> RunConfig:
@@ -211,6 +226,7 @@ def validate(cfg: RunConfig) -> None:
             f"data.dataset '{data.dataset}': directory {directory} does not exist. "
             "Point npz:<dir> at a directory holding client-<i>.npz shards.",
         )
+    parse_partition(data.partition)
     _check(
         0.0 < data.test_fraction < 1.0,
         f"data.test_fraction must be in (0, 1), got {data.test_fraction}.",
@@ -226,6 +242,17 @@ def validate(cfg: RunConfig) -> None:
         f"model.name '{model.name}' is unknown. Use one of: {', '.join(MODELS)}.",
     )
     _check(model.hidden >= 1, f"model.hidden must be at least 1, got {model.hidden}.")
+
+    sim = cfg.simulation
+    _check(sim.clients >= 1, f"simulation.clients must be at least 1, got {sim.clients}.")
+    _check(
+        sim.engine in ENGINES,
+        f"simulation.engine '{sim.engine}' is unknown. Use one of: {', '.join(ENGINES)}.",
+    )
+    _check(
+        0.0 <= sim.stragglers <= 1.0,
+        f"simulation.stragglers must be a fraction in [0, 1], got {sim.stragglers}.",
+    )
 
     strategy = cfg.strategy
     _check(
@@ -264,15 +291,4 @@ def validate(cfg: RunConfig) -> None:
         client.device in ("auto", "cpu", "cuda")
         or (client.device.startswith("cuda:") and client.device[5:].isdigit()),
         f"client.device '{client.device}' is unknown. Use auto, cpu, cuda or cuda:N.",
-    )
-
-    sim = cfg.simulation
-    _check(sim.clients >= 1, f"simulation.clients must be at least 1, got {sim.clients}.")
-    _check(
-        sim.engine in ENGINES,
-        f"simulation.engine '{sim.engine}' is unknown. Use one of: {', '.join(ENGINES)}.",
-    )
-    _check(
-        0.0 <= sim.stragglers <= 1.0,
-        f"simulation.stragglers must be a fraction in [0, 1], got {sim.stragglers}.",
     )

@@ -1,0 +1,117 @@
+"""The `fedml` command line. Thin: parse, load the config, call one function, print."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fedml.errors import FedmlError
+
+# Nothing we start phones home or installs code at run time.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+app = typer.Typer(
+    help="fedml: federated learning across data sites, built on Flower.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: FedmlError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Flower's INFO chatter only with --verbose. Flower sets its logger's level when
+    first imported, so import it before changing that level."""
+    import flwr.supercore.logger  # noqa: F401
+
+    level = logging.INFO if verbose else logging.WARNING
+    flower = logging.getLogger("flwr")
+    flower.setLevel(level)
+    flower.propagate = False
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+Opt = typer.Option
+
+
+@app.callback()
+def root() -> None:
+    """fedml: federated learning across data sites, built on Flower."""
+
+
+@app.command()
+def simulate(
+    config: Annotated[Path | None, typer.Argument(help="TOML run config; defaults when omitted.")] = None,
+    strategy: Annotated[str | None, Opt(help="Aggregation strategy: fedavg | fedprox.")] = None,
+    rounds: Annotated[int | None, Opt(help="Number of federated rounds.")] = None,
+    clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
+    fraction_train: Annotated[float | None, Opt(help="Fraction of clients sampled per round.")] = None,
+    dataset: Annotated[str | None, Opt(help="digits | breast-cancer | synthetic[:a,b] | npz:DIR.")] = None,
+    partition: Annotated[str | None, Opt(help="iid | dirichlet:ALPHA | shards:K | auto.")] = None,
+    model: Annotated[str | None, Opt(help="logreg | mlp | cnn | module:factory.")] = None,
+    local_epochs: Annotated[int | None, Opt(help="Local epochs per round.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Local minibatch size.")] = None,
+    lr: Annotated[float | None, Opt(help="Client learning rate.")] = None,
+    proximal_mu: Annotated[float | None, Opt(help="FedProx proximal weight mu.")] = None,
+    stragglers: Annotated[float | None, Opt(help="Fraction of clients doing partial work.")] = None,
+    seed: Annotated[int | None, Opt(help="Seed for every random choice of the run.")] = None,
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N.")] = None,
+    out: Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp>).")] = None,
+    verbose: Annotated[bool, Opt("--verbose", "-v", help="Show Flower's own log lines.")] = False,
+) -> None:
+    """Run a federated experiment on this machine (in-process engine).
+
+    Example: fedml simulate --strategy fedprox --dataset synthetic --rounds 30
+    """
+    from fedml.config import load_config
+
+    overrides: dict[str, Any] = {
+        "strategy.name": strategy,
+        "rounds": rounds,
+        "simulation.clients": clients,
+        "strategy.fraction_train": fraction_train,
+        "data.dataset": dataset,
+        "data.partition": partition,
+        "model.name": model,
+        "client.local_epochs": local_epochs,
+        "client.batch_size": batch_size,
+        "client.lr": lr,
+        "strategy.proximal_mu": proximal_mu,
+        "simulation.stragglers": stragglers,
+        "seed": seed,
+        "client.device": device,
+        "out": str(out) if out is not None else None,
+    }
+    _quiet_flower(verbose)
+    try:
+        cfg = load_config(config, overrides)
+        from fedml.progress import run_with_progress
+
+        summary = run_with_progress(cfg, console)
+    except FedmlError as exc:
+        _fail(exc)
+    from fedml.progress import print_summary
+
+    print_summary(summary, console)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="fedml")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

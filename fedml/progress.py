@@ -1,0 +1,67 @@
+"""Progress while a run goes, and the one-screen summary when it ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedml.config import RunConfig
+from fedml.server import RunSummary
+
+
+def _describe(row: dict[str, Any]) -> str:
+    parts = [f"round {row['round']}"]
+    if row.get("train"):
+        parts.append(f"train loss {row['train']['loss']:.4f}")
+    if row.get("server"):
+        parts.append(f"test acc {row['server']['accuracy']:.4f}")
+    elif row.get("evaluate"):
+        parts.append(f"fed acc {row['evaluate']['accuracy']:.4f}")
+    clients = row["clients"]
+    parts.append(f"clients {clients['replied']}/{clients['sampled']}")
+    return ", ".join(parts)
+
+
+def run_with_progress(cfg: RunConfig, console: Console) -> RunSummary:
+    """Run the simulation with a progress bar on a terminal, plain lines otherwise."""
+    from simulations.engine import simulate
+
+    if not console.is_terminal:
+        return simulate(cfg, on_round=lambda row: console.print(_describe(row), highlight=False))
+    columns = (
+        TextColumn("[bold]federated rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=cfg.rounds)
+
+        def advance(row: dict[str, Any]) -> None:
+            progress.update(task, advance=1, description=_describe(row))
+
+        return simulate(cfg, on_round=advance)
+
+
+def print_summary(summary: RunSummary, console: Console) -> None:
+    """A one-screen table: rounds, final metrics, wall time, run directory."""
+    final = summary.final
+    table = Table(title="fedml run summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("rounds", str(summary.rounds))
+    for source, label in (("server", "test (server)"), ("evaluate", "federated eval")):
+        metrics = final.get(source)
+        if metrics:
+            table.add_row(
+                label, f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"
+            )
+    if final.get("train"):
+        table.add_row("train loss", f"{final['train']['loss']:.4f}")
+    table.add_row("wall time", f"{summary.seconds:.1f} s")
+    table.add_row("run directory", str(summary.run_dir))
+    console.print(table)
