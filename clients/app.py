@@ -57,7 +57,10 @@ class LocalJob:
     def model(self, arrays: ArrayRecord) -> torch.nn.Module:
         """The configured model holding the received global weights."""
         model = build_model(
-            self.cfg.model.name, self.input_shape, self.num_classes, self.cfg.seed,
+            self.cfg.model.name,
+            self.input_shape,
+            self.num_classes,
+            self.cfg.seed,
             hidden=self.cfg.model.hidden,
         )
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)

@@ -81,7 +81,7 @@ def train_local(
 ) -> TrainResult:
     """Run `settings.epochs` epochs of minibatch training on `shard`, in place.
 
-    With `proximal_mu > 0` the FedProx objective loss + (mu/2)·||w − w_global||² is
+    With `proximal_mu > 0` the FedProx objective loss + (mu/2)·||w - w_global||² is
     minimised, `w_global` being the weights the model held when this call started.
     """
     model.to(device).train()

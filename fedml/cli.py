@@ -54,12 +54,18 @@ def root() -> None:
 
 @app.command()
 def simulate(
-    config: Annotated[Path | None, typer.Argument(help="TOML run config; defaults when omitted.")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="TOML run config; defaults when omitted.")
+    ] = None,
     strategy: Annotated[str | None, Opt(help="Aggregation strategy: fedavg | fedprox.")] = None,
     rounds: Annotated[int | None, Opt(help="Number of federated rounds.")] = None,
     clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
-    fraction_train: Annotated[float | None, Opt(help="Fraction of clients sampled per round.")] = None,
-    dataset: Annotated[str | None, Opt(help="digits | breast-cancer | synthetic[:a,b] | npz:DIR.")] = None,
+    fraction_train: Annotated[
+        float | None, Opt(help="Fraction of clients sampled per round.")
+    ] = None,
+    dataset: Annotated[
+        str | None, Opt(help="digits | breast-cancer | synthetic[:a,b] | npz:DIR.")
+    ] = None,
     partition: Annotated[str | None, Opt(help="iid | dirichlet:ALPHA | shards:K | auto.")] = None,
     model: Annotated[str | None, Opt(help="logreg | mlp | cnn | module:factory.")] = None,
     local_epochs: Annotated[int | None, Opt(help="Local epochs per round.")] = None,

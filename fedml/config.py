@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import tomli_w
+import tomllib
 
 from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
@@ -197,8 +197,7 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
         raise FedmlError(f"Config key '{key}' must be {expected.__name__}, got a boolean.")
     if not isinstance(value, expected):
         raise FedmlError(
-            f"Config key '{key}' must be {expected.__name__}, got {type(value).__name__} "
-            f"{value!r}."
+            f"Config key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}."
         )
     return value
 
@@ -278,15 +277,21 @@ def validate(cfg: RunConfig) -> None:
         )
 
     client = cfg.client
-    _check(client.local_epochs >= 1, f"client.local_epochs must be >= 1, got {client.local_epochs}.")
+    _check(
+        client.local_epochs >= 1, f"client.local_epochs must be >= 1, got {client.local_epochs}."
+    )
     _check(client.batch_size >= 1, f"client.batch_size must be >= 1, got {client.batch_size}.")
     _check(client.lr > 0.0, f"client.lr must be > 0, got {client.lr}.")
     _check(
         client.optimizer in OPTIMIZERS,
         f"client.optimizer '{client.optimizer}' is unknown. Use one of: {', '.join(OPTIMIZERS)}.",
     )
-    _check(0.0 <= client.momentum < 1.0, f"client.momentum must be in [0, 1), got {client.momentum}.")
-    _check(client.weight_decay >= 0.0, f"client.weight_decay must be >= 0, got {client.weight_decay}.")
+    _check(
+        0.0 <= client.momentum < 1.0, f"client.momentum must be in [0, 1), got {client.momentum}."
+    )
+    _check(
+        client.weight_decay >= 0.0, f"client.weight_decay must be >= 0, got {client.weight_decay}."
+    )
     _check(
         client.device in ("auto", "cpu", "cuda")
         or (client.device.startswith("cuda:") and client.device[5:].isdigit()),

@@ -57,9 +57,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     for source, label in (("server", "test (server)"), ("evaluate", "federated eval")):
         metrics = final.get(source)
         if metrics:
-            table.add_row(
-                label, f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"
-            )
+            table.add_row(label, f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}")
     if final.get("train"):
         table.add_row("train loss", f"{final['train']['loss']:.4f}")
     table.add_row("wall time", f"{summary.seconds:.1f} s")

@@ -74,8 +74,7 @@ class RunDir:
         """Start a new run directory; refuse one that already holds a run."""
         if (path / HISTORY).exists() or (path / CONFIG).exists():
             raise FedmlError(
-                f"{path} already holds a run. Choose another --out directory "
-                "(or delete that one)."
+                f"{path} already holds a run. Choose another --out directory (or delete that one)."
             )
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,10 @@ class CentralEvaluator:
         self.test = federation.test
         self.device = resolve_device(cfg.client.device)
         self.model = build_model(
-            cfg.model.name, federation.input_shape, federation.num_classes, cfg.seed,
+            cfg.model.name,
+            federation.input_shape,
+            federation.num_classes,
+            cfg.seed,
             hidden=cfg.model.hidden,
         )
 
@@ -84,7 +87,10 @@ def train_config(cfg: RunConfig) -> ConfigRecord:
 
 
 def run_experiment(
-    grid: Grid, cfg: RunConfig, run_dir: RunDir, on_round: RoundCallback | None = None,
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: RunDir,
+    on_round: RoundCallback | None = None,
     strategy: Strategy | None = None,
 ) -> RunSummary:
     """Run `cfg.rounds` rounds of federated training on `grid`, committing each round."""
@@ -109,21 +115,27 @@ def run_experiment(
         straggler_ids = stragglers.apply(messages, cfg.client.local_epochs)
         replies = list(grid.send_and_receive(messages))
         ok = [m for m in replies if not m.has_error()]
-        kept = ok if keeps_partial_work else [
-            m for m in ok if m.metadata.src_node_id not in straggler_ids
-        ]
+        kept = (
+            ok
+            if keeps_partial_work
+            else [m for m in ok if m.metadata.src_node_id not in straggler_ids]
+        )
         new_arrays, train_metrics = strategy.aggregate_train(server_round, kept)
         if new_arrays is not None:
             arrays = new_arrays
 
-        eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        eval_messages = list(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        )
         eval_replies = list(grid.send_and_receive(eval_messages))
         eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
 
         row = {
             "round": server_round,
             "train": _with_examples(train_metrics, kept),
-            "evaluate": _with_examples(eval_metrics, [m for m in eval_replies if not m.has_error()]),
+            "evaluate": _with_examples(
+                eval_metrics, [m for m in eval_replies if not m.has_error()]
+            ),
             "server": evaluator(arrays),
             "clients": {
                 "sampled": len(messages),

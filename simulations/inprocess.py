@@ -106,7 +106,9 @@ class InProcessGrid(Grid):
         except Exception as exc:  # a failing client is a failed reply, not a failed run
             log.debug("ClientApp failed on node %d:\n%s", node_id, traceback.format_exc())
             reason = f"{type(exc).__name__}: {exc}"
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=delivered)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=delivered
+            )
         set_message_id(reply, f"r{next(self._counter)}")
         return reply
 

@@ -48,7 +48,9 @@ class WeightedMean:
         for key, total in self._sums.items():
             mean = total / self.total_weight
             dtype = self._dtypes[key]
-            if not np.issubdtype(dtype, np.floating) and not np.issubdtype(dtype, np.complexfloating):
+            if not np.issubdtype(dtype, np.floating) and not np.issubdtype(
+                dtype, np.complexfloating
+            ):
                 mean = np.rint(mean)
             averaged[key] = Array(np.ascontiguousarray(mean.astype(dtype)))
         return ArrayRecord(averaged)

@@ -91,7 +91,9 @@ def _load_federation(
     pool, test = _sklearn_pool(dataset, test_fraction, seed)
     spec = "dirichlet:0.5" if partition_spec == "auto" else partition_spec
     if parse_partition(spec)[0] == "natural":
-        raise FedmlError(f"{dataset} has no natural split; use iid, dirichlet:<alpha> or shards:<k>.")
+        raise FedmlError(
+            f"{dataset} has no natural split; use iid, dirichlet:<alpha> or shards:<k>."
+        )
     parts = partition(pool.y, num_clients, seed, spec)
     return Federation(
         num_clients=num_clients,
@@ -138,8 +140,13 @@ def _parse_synthetic(dataset: str) -> tuple[float, float]:
 
 
 def synthetic_federation(
-    alpha: float, beta: float, num_clients: int, test_fraction: float, seed: int,
-    dim: int = 60, num_classes: int = 10,
+    alpha: float,
+    beta: float,
+    num_clients: int,
+    test_fraction: float,
+    seed: int,
+    dim: int = 60,
+    num_classes: int = 10,
 ) -> Federation:
     """Synthetic(alpha, beta) of Li et al., "Federated Optimization in Heterogeneous
     Networks" (FedProx), as in the paper's generator:
@@ -168,7 +175,9 @@ def synthetic_federation(
         test_y.append(y[:n_test])
         parts.append(np.arange(offset, offset + sizes[k] - n_test))
         offset += sizes[k] - n_test
-    pool = Shard(np.concatenate(train_x).astype(np.float32), np.concatenate(train_y).astype(np.int64))
+    pool = Shard(
+        np.concatenate(train_x).astype(np.float32), np.concatenate(train_y).astype(np.int64)
+    )
     test = Shard(np.concatenate(test_x).astype(np.float32), np.concatenate(test_y).astype(np.int64))
     return Federation(num_clients, num_classes, (dim,), test, pool=pool, parts=tuple(parts))
 
@@ -185,7 +194,9 @@ def read_shard(path: Path) -> Shard:
                 )
             x, y = npz["x"], npz["y"]
     except (OSError, ValueError) as exc:
-        raise FedmlError(f"{path} is not a readable .npz file without pickled objects: {exc}") from exc
+        raise FedmlError(
+            f"{path} is not a readable .npz file without pickled objects: {exc}"
+        ) from exc
     if not np.issubdtype(x.dtype, np.number) or x.ndim < 2:
         raise FedmlError(f"{path}: 'x' must be a numeric array with one row per example.")
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
@@ -197,9 +208,14 @@ def read_shard(path: Path) -> Shard:
 
 def _npz_federation(directory: Path, num_clients: int, partition_spec: str) -> Federation:
     if partition_spec not in ("auto", "natural"):
-        raise FedmlError("npz:<dir> data is already split per client; set data.partition to 'auto'.")
-    found = {int(m.group(1)): p for p in directory.glob("client-*.npz")
-             if (m := re.fullmatch(r"client-(\d+)\.npz", p.name))}
+        raise FedmlError(
+            "npz:<dir> data is already split per client; set data.partition to 'auto'."
+        )
+    found = {
+        int(m.group(1)): p
+        for p in directory.glob("client-*.npz")
+        if (m := re.fullmatch(r"client-(\d+)\.npz", p.name))
+    }
     expected = list(range(num_clients))
     if sorted(found) != expected:
         raise FedmlError(

@@ -21,9 +21,7 @@ def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
 
-def dirichlet(
-    labels: np.ndarray, num_clients: int, seed: int, alpha: float
-) -> list[np.ndarray]:
+def dirichlet(labels: np.ndarray, num_clients: int, seed: int, alpha: float) -> list[np.ndarray]:
     """Label skew: for each class, client shares are drawn from Dirichlet(alpha).
 
     Smaller alpha means more skew. Draws are repeated (deterministically) until every

@@ -1,0 +1,84 @@
+"""RunConfig: TOML + overrides, flat round trip, one clear error per bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedml.config import RunConfig, load_config
+from fedml.errors import FedmlError
+
+
+def test_defaults_are_the_documented_embedded_run():
+    cfg = load_config(None)
+    assert cfg.strategy.name == "fedavg"
+    assert cfg.simulation.clients == 10
+    assert cfg.data.dataset == "digits"
+    assert cfg.model.name == "mlp"
+
+
+def test_toml_then_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('rounds = 7\n[client]\nlr = 0.5\n[data]\ndataset = "breast-cancer"\n')
+    cfg = load_config(path, {"client.lr": 0.25, "seed": None})
+    assert cfg.rounds == 7
+    assert cfg.client.lr == 0.25  # CLI wins
+    assert cfg.data.dataset == "breast-cancer"
+    assert cfg.seed == 0  # None means "not given"
+
+
+def test_flat_round_trip_and_toml_round_trip(tmp_path):
+    cfg = load_config(None, {"client.lr": 0.3, "strategy.name": "fedprox"})
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, {"client.lr": 1}).client.lr == 1.0
+
+
+def test_preset_by_name():
+    cfg = load_config(Path("fedprox-synthetic"))
+    assert cfg.strategy.name == "fedprox"
+    assert cfg.data.dataset == "synthetic:1,1"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"client.lrr": 0.1}, "Did you mean 'client.lr'"),
+        ({"bogus": 1}, "Unknown config key 'bogus'"),
+        ({"client.lr": "fast"}, "'client.lr' must be float"),
+        ({"rounds": 2.5}, "'rounds' must be int"),
+        ({"rounds": True}, "got a boolean"),
+        ({"strategy.fraction_train": 0.0}, "fraction_train must be in (0, 1]"),
+        ({"simulation.clients": 0}, "simulation.clients must be at least 1"),
+        ({"simulation.clients": 1}, "min_train_clients is 2 but the federation has only 1"),
+        ({"data.dataset": "npz:/no/such/dir"}, "does not exist"),
+        ({"data.dataset": "mnist"}, "data.dataset 'mnist' is unknown"),
+        ({"data.partition": "dirichlet:-1"}, "data.partition 'dirichlet:-1' is not valid"),
+        ({"client.optimizer": "lbfgs"}, "client.optimizer 'lbfgs' is unknown"),
+        ({"client.device": "tpu"}, "client.device 'tpu' is unknown"),
+        ({"simulation.stragglers": 1.5}, "stragglers must be a fraction"),
+        ({"rounds": 0}, "rounds must be at least 1"),
+    ],
+)
+def test_bad_values_raise_one_clear_error(overrides, fragment):
+    with pytest.raises(FedmlError) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value)
+
+
+def test_bad_toml_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("rounds = = 3\n")
+    with pytest.raises(FedmlError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(FedmlError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    path.write_text("[client]\nlr = 0.1\n[client.extra]\nx = 1\n")
+    with pytest.raises(FedmlError, match=r"\[client.extra\] is not a known config table"):
+        load_config(path)

@@ -1,0 +1,103 @@
+"""Bundled datasets, the Synthetic(alpha, beta) generator and npz shard directories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedml.data import load_federation, read_shard, split_validation
+from fedml.data.datasets import Shard, synthetic_federation
+from fedml.errors import FedmlError
+
+
+def test_digits_federation_shapes_and_holdout():
+    fed = load_federation("digits", "auto", 10, 0.2, 0)
+    assert fed.num_classes == 10
+    assert fed.input_shape == (1, 8, 8)
+    assert len(fed.test) == 360
+    sizes = [len(fed.client(i)) for i in range(10)]
+    assert sum(sizes) == 1797 - 360
+    assert fed.client(0).x.dtype == np.float32 and fed.client(0).y.dtype == np.int64
+    assert fed.client(0).x.min() >= 0.0 and fed.client(0).x.max() <= 1.0
+
+
+def test_breast_cancer_is_binary_and_standardised():
+    fed = load_federation("breast-cancer", "iid", 3, 0.2, 0)
+    assert fed.num_classes == 2 and fed.input_shape == (30,)
+    pool = np.concatenate([fed.client(i).x for i in range(3)])
+    assert np.allclose(pool.mean(axis=0), 0, atol=1e-4)
+
+
+def test_synthetic_matches_the_paper_generator_shape():
+    fed = synthetic_federation(1.0, 1.0, num_clients=30, test_fraction=0.2, seed=0)
+    assert fed.num_classes == 10 and fed.input_shape == (60,)
+    sizes = np.array([len(fed.client(i)) for i in range(30)])
+    assert sizes.min() >= 40  # at least 50 examples per device before the test split
+    assert sizes.max() > 3 * np.median(sizes)  # power-law: a few devices dominate
+    # heterogeneous: devices disagree on their majority label
+    majority = {int(np.bincount(fed.client(i).y).argmax()) for i in range(30)}
+    assert len(majority) > 1
+    again = synthetic_federation(1.0, 1.0, num_clients=30, test_fraction=0.2, seed=0)
+    assert np.array_equal(again.client(7).x, fed.client(7).x)
+
+
+def test_synthetic_spec_parsing():
+    assert load_federation("synthetic:0.5,0.5", "auto", 5, 0.2, 1).num_clients == 5
+    with pytest.raises(FedmlError, match="synthetic:<alpha>,<beta>"):
+        load_federation("synthetic:one", "auto", 5, 0.2, 1)
+    with pytest.raises(FedmlError, match="naturally federated"):
+        load_federation("synthetic", "iid", 5, 0.2, 1)
+
+
+def test_split_validation_is_disjoint_and_covering():
+    shard = Shard(np.arange(20, dtype=np.float32)[:, None], np.arange(20))
+    train, val = split_validation(shard, 0.2, seed=5)
+    assert len(val) == 4 and len(train) == 16
+    assert sorted(np.concatenate([train.y, val.y]).tolist()) == list(range(20))
+    same, same_val = split_validation(shard, 0.0, seed=5)
+    assert same is shard and same_val is shard
+
+
+def _write_shards(directory, n_clients, with_test=True):
+    rng = np.random.default_rng(0)
+    for i in range(n_clients):
+        np.savez(
+            directory / f"client-{i}.npz",
+            x=rng.normal(size=(30, 5)).astype(np.float32),
+            y=rng.integers(0, 3, 30),
+        )
+    if with_test:
+        np.savez(
+            directory / "test.npz",
+            x=rng.normal(size=(10, 5)).astype(np.float32),
+            y=np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1]),
+        )
+
+
+def test_npz_directory_federation(tmp_path):
+    _write_shards(tmp_path, 3)
+    fed = load_federation(f"npz:{tmp_path}", "auto", 3, 0.2, 0)
+    assert fed.input_shape == (5,) and fed.num_classes == 4  # test.npz has label 3
+    assert len(fed.client(2)) == 30 and len(fed.test) == 10
+
+
+def test_npz_directory_without_test_set(tmp_path):
+    _write_shards(tmp_path, 2, with_test=False)
+    assert load_federation(f"npz:{tmp_path}", "auto", 2, 0.2, 0).test is None
+
+
+def test_npz_errors_name_the_problem(tmp_path):
+    _write_shards(tmp_path, 2)
+    with pytest.raises(FedmlError, match=r"needs client-0.npz .. client-2.npz"):
+        load_federation(f"npz:{tmp_path}", "auto", 3, 0.2, 0)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, features=np.zeros((3, 2)))
+    with pytest.raises(FedmlError, match=r"lacks array\(s\) \['x', 'y'\]"):
+        read_shard(bad)
+    np.savez(bad, x=np.zeros((3, 2)), y=np.array([0.5, 1.0, 2.0]))
+    with pytest.raises(FedmlError, match="integer array"):
+        read_shard(bad)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, x=np.array([{"a": 1}], dtype=object), y=np.array([0]))
+    with pytest.raises(FedmlError, match="without pickled objects"):
+        read_shard(pickled)
