@@ -14,6 +14,8 @@ Replies follow Flower's conventions: "arrays" (the trained state dict) and "metr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.trainer import TrainSettings, evaluate, resolve_device, train_local
+from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, load_federation, split_validation
 from fedml.models import build_model
@@ -41,10 +44,15 @@ class LocalJob:
 
     @classmethod
     def from_context(cls, context: Context) -> LocalJob:
-        cfg = RunConfig.from_flat(dict(context.run_config))
+        """The job for this node and run (kept per process: a node loads its data once)."""
         if "partition-id" not in context.node_config:
             raise ValueError("node config has no 'partition-id': this node holds no data")
-        pid = int(context.node_config["partition-id"])
+        run_config = tuple(sorted(context.run_config.items()))
+        return _local_job(run_config, int(context.node_config["partition-id"]))
+
+    @classmethod
+    def load(cls, cfg: RunConfig, pid: int) -> LocalJob:
+        """Materialise client `pid`'s shard and split off its validation part."""
         data = cfg.data
         federation = load_federation(
             data.dataset, data.partition, cfg.simulation.clients, data.test_fraction, cfg.seed
@@ -63,7 +71,7 @@ class LocalJob:
             self.cfg.seed,
             hidden=self.cfg.model.hidden,
         )
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        model.load_state_dict(to_state_dict(arrays), strict=True)
         return model
 
     def settings(self, config: ConfigRecord) -> TrainSettings:
@@ -78,6 +86,19 @@ class LocalJob:
             weight_decay=float(config.get("weight-decay", c.weight_decay)),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
+
+
+@lru_cache(maxsize=8)
+def _run_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    """Parse (and validate) the flat run config once per process, not once per message."""
+    return RunConfig.from_flat(dict(items))
+
+
+@lru_cache(maxsize=256)
+def _local_job(run_config: tuple[tuple[str, Any], ...], pid: int) -> LocalJob:
+    """Jobs of the most recently served nodes, so a virtual client's shard is not
+    re-materialised every round (bounded: memory stays below 256 shards)."""
+    return LocalJob.load(_run_config(run_config), pid)
 
 
 def _derive_seed(*parts: int) -> int:
@@ -97,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
     result = train_local(model, job.train, job.settings(config), device, generator)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
+            "arrays": from_state_dict(model.state_dict()),
             "metrics": MetricRecord({"loss": result.loss, "num-examples": result.num_examples}),
         }
     )

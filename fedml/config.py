@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -178,10 +179,15 @@ def _known_keys() -> list[str]:
     return list(RunConfig().to_flat())
 
 
+@cache
+def _field_types(section: type) -> dict[str, Any]:
+    return get_type_hints(section)
+
+
 def _assign(cfg: RunConfig, key: str, value: Any) -> None:
     section_name, _, name = key.rpartition(".")
     target: Any = getattr(cfg, section_name, None) if section_name else cfg
-    hints = get_type_hints(type(target)) if target is not None else {}
+    hints = _field_types(type(target)) if target is not None else {}
     if target is None or name not in hints or dataclasses.is_dataclass(hints[name]):
         close = difflib.get_close_matches(key, _known_keys(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""

@@ -66,13 +66,17 @@ def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, seed: int, hidden: int = 64
 ) -> nn.Module:
     """Construct the model `name` with weights initialised from `seed`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    # Seed only the CPU generator that module initialisation draws from, and restore it
+    # afterwards (torch.manual_seed would also seed every accelerator backend: slow).
+    generator = torch.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
         if name in BUILTIN:
-            model = BUILTIN[name](input_shape, num_classes, hidden=hidden)
-        else:
-            model = _user_model(name, input_shape, num_classes)
-    return model
+            return BUILTIN[name](input_shape, num_classes, hidden=hidden)
+        return _user_model(name, input_shape, num_classes)
+    finally:
+        generator.set_state(saved)
 
 
 def _user_model(reference: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
+from fedml.arrays import to_numpy
 from fedml.config import RunConfig
 from fedml.errors import FedmlError
 
@@ -89,7 +90,7 @@ class RunDir:
         """Persist a completed round: the global model, then its history line."""
         from safetensors.numpy import save
 
-        tensors = {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
+        tensors = {k: np.ascontiguousarray(to_numpy(v)) for k, v in arrays.items()}
         atomic_write(self.path / MODEL, save(tensors, metadata={"round": str(row["round"])}))
         with open(self.path / HISTORY, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row, sort_keys=True) + "\n")

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Federation, load_federation
 from fedml.models import build_model
@@ -66,7 +67,7 @@ class CentralEvaluator:
 
         if self.test is None:
             return None
-        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        self.model.load_state_dict(to_state_dict(arrays), strict=True)
         loss, accuracy = evaluate(self.model, self.test, self.device)
         return {"loss": loss, "accuracy": accuracy}
 
@@ -103,7 +104,7 @@ def run_experiment(
         data.dataset, data.partition, cfg.simulation.clients, data.test_fraction, cfg.seed
     )
     evaluator = CentralEvaluator(cfg, federation)
-    arrays = ArrayRecord(evaluator.model.state_dict())
+    arrays = from_state_dict(evaluator.model.state_dict())
     strategy = strategy or build_strategy(cfg)
     stragglers = Stragglers(cfg.simulation.stragglers, seed=cfg.seed + 1)
     keeps_partial_work = getattr(strategy, "keeps_partial_work", False)

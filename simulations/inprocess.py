@@ -116,4 +116,10 @@ class InProcessGrid(Grid):
 def _copy(content: RecordDict) -> RecordDict:
     """Copy the records (not the immutable Array payloads) so a client that edits its
     message cannot change what other clients receive."""
-    return RecordDict({key: type(record)(dict(record)) for key, record in content.items()})
+    copied = RecordDict()
+    for key, record in content.items():
+        fresh = type(record)()
+        for name, value in record.items():
+            fresh[name] = value.copy() if isinstance(value, list) else value
+        copied[key] = fresh
+    return copied

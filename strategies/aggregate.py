@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from fedml.arrays import from_numpy, record_of, to_numpy
+
 
 class WeightedMean:
     """Running example-weighted mean over ArrayRecords with identical keys and shapes."""
@@ -28,7 +30,7 @@ class WeightedMean:
         if self.count and set(arrays) != set(self._sums):
             raise ValueError("array keys differ from the first reply's keys")
         for key, array in arrays.items():
-            values = array.numpy()
+            values = to_numpy(array)
             if key not in self._sums:
                 self._sums[key] = np.zeros(values.shape, dtype=np.float64)
                 self._dtypes[key] = values.dtype
@@ -52,8 +54,8 @@ class WeightedMean:
                 dtype, np.complexfloating
             ):
                 mean = np.rint(mean)
-            averaged[key] = Array(np.ascontiguousarray(mean.astype(dtype)))
-        return ArrayRecord(averaged)
+            averaged[key] = from_numpy(np.ascontiguousarray(mean.astype(dtype)))
+        return record_of(averaged)
 
 
 def weighted_mean(records: list[tuple[ArrayRecord, float]]) -> ArrayRecord:

@@ -56,10 +56,13 @@ def test_small_dirichlet_alpha_skews_labels():
     assert skewed < 5
 
 
-def test_dirichlet_gives_every_client_some_examples():
-    labels = np.repeat(np.arange(10), 30)
-    parts = dirichlet(labels, 20, seed=1, alpha=0.1)
+@pytest.mark.parametrize(
+    "labels", [np.repeat(np.arange(10), 30), np.zeros(20, dtype=int), np.array([0, 1] * 5)]
+)
+def test_dirichlet_gives_every_client_some_examples(labels):
+    parts = dirichlet(labels, 5, seed=1, alpha=0.01)
     assert min(len(p) for p in parts) >= 2
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
 
 
 def test_shards_gives_each_client_about_k_classes():

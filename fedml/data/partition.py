@@ -12,7 +12,7 @@ from fedml.errors import FedmlError
 
 PARTITIONS = ("iid", "dirichlet:<alpha>", "shards:<k>")
 MIN_DIRICHLET_EXAMPLES = 2
-MAX_DIRICHLET_TRIES = 1000
+DIRICHLET_DRAWS = 20
 
 
 def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
@@ -25,12 +25,14 @@ def dirichlet(labels: np.ndarray, num_clients: int, seed: int, alpha: float) -> 
     """Label skew: for each class, client shares are drawn from Dirichlet(alpha).
 
     Smaller alpha means more skew. Draws are repeated (deterministically) until every
-    client holds at least MIN_DIRICHLET_EXAMPLES examples, as in common FL benchmarks.
+    client holds at least MIN_DIRICHLET_EXAMPLES examples, as in common FL benchmarks;
+    if a few draws do not manage that (tiny or single-class data), the largest clients
+    hand examples to the smallest until they do.
     """
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     minimum = min(MIN_DIRICHLET_EXAMPLES, len(labels) // num_clients)
-    for _ in range(MAX_DIRICHLET_TRIES):
+    for _ in range(DIRICHLET_DRAWS):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for cls in classes:
             members = rng.permutation(np.flatnonzero(labels == cls))
@@ -38,13 +40,17 @@ def dirichlet(labels: np.ndarray, num_clients: int, seed: int, alpha: float) -> 
             cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
             for client, chunk in enumerate(np.split(members, cuts)):
                 parts[client].append(chunk)
-        result = [np.sort(np.concatenate(p)) for p in parts]
+        result = [np.concatenate(p) for p in parts]
         if min(len(p) for p in result) >= minimum:
-            return result
-    raise FedmlError(
-        f"dirichlet:{alpha} could not give each of {num_clients} clients at least "
-        f"{minimum} examples. Use fewer clients or a larger alpha."
-    )
+            break
+    sizes = [len(p) for p in result]
+    while min(sizes) < minimum:
+        poor, rich = int(np.argmin(sizes)), int(np.argmax(sizes))
+        result[poor] = np.append(result[poor], result[rich][-1])
+        result[rich] = result[rich][:-1]
+        sizes[poor] += 1
+        sizes[rich] -= 1
+    return [np.sort(p) for p in result]
 
 
 def shards(labels: np.ndarray, num_clients: int, seed: int, k: int) -> list[np.ndarray]:

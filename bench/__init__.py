@@ -1,0 +1,1 @@
+"""Reproducible benchmarks that print ratios against baselines measured in the same run."""
