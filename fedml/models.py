@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 
 import torch
@@ -19,14 +20,14 @@ from fedml.errors import FedmlError
 
 def logreg(input_shape: tuple[int, ...], num_classes: int, hidden: int = 0) -> nn.Module:
     """Multinomial logistic regression on the flattened input."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(input_shape), num_classes))
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
     """One hidden ReLU layer on the flattened input."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(_flat_size(input_shape), hidden),
+        nn.Linear(math.prod(input_shape), hidden),
         nn.ReLU(),
         nn.Linear(hidden, num_classes),
     )
@@ -109,10 +110,3 @@ def _user_model(reference: str, input_shape: tuple[int, ...], num_classes: int) 
             f"model '{reference}' returned {type(model).__name__}, not a torch.nn.Module."
         )
     return model
-
-
-def _flat_size(input_shape: tuple[int, ...]) -> int:
-    size = 1
-    for dim in input_shape:
-        size *= dim
-    return size

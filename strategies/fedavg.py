@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
-from logging import INFO, getLogger
+from logging import getLogger
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -92,7 +92,7 @@ class FedAvg(FlowerFedAvg):
             arrays = next(iter(content.array_records.values()))
             metrics = next(iter(content.metric_records.values()))
             mean.add(arrays, float(metrics[self.weighted_by_key]))
-        log.log(INFO, "aggregate_train: %d replies", len(contents))
+        log.info("aggregate_train: %d replies", len(contents))
         return mean.result(), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     # ------------------------------------------------------------------ state

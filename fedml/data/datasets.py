@@ -66,18 +66,12 @@ def split_validation(shard: Shard, fraction: float, seed: int) -> tuple[Shard, S
     return shard.take(np.sort(order[n_val:])), shard.take(np.sort(order[:n_val]))
 
 
+@lru_cache(maxsize=4)
 def load_federation(
     dataset: str, partition_spec: str, num_clients: int, test_fraction: float, seed: int
 ) -> Federation:
     """Build the federation for a dataset spec (cached per process: every virtual client
     of the in-process engine shares one copy)."""
-    return _load_federation(dataset, partition_spec, num_clients, test_fraction, seed)
-
-
-@lru_cache(maxsize=4)
-def _load_federation(
-    dataset: str, partition_spec: str, num_clients: int, test_fraction: float, seed: int
-) -> Federation:
     if dataset.startswith("npz:"):
         return _npz_federation(Path(dataset[4:]).expanduser(), num_clients, partition_spec)
     if dataset.startswith("synthetic"):

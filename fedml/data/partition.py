@@ -66,16 +66,17 @@ def shards(labels: np.ndarray, num_clients: int, seed: int, k: int) -> list[np.n
     ]
 
 
-def parse_partition(spec: str) -> tuple[str, float | int | None]:
-    """Parse 'iid' | 'dirichlet:<alpha>' | 'shards:<k>' | 'auto' | 'natural'."""
+def parse_partition(spec: str) -> tuple[str, float]:
+    """Parse 'iid' | 'dirichlet:<alpha>' | 'shards:<k>' | 'auto' | 'natural' into
+    (name, parameter); the parameter is 0 for the names that take none."""
     name, _, arg = spec.partition(":")
     try:
         if name in ("iid", "auto", "natural") and not arg:
-            return name, None
+            return name, 0.0
         if name == "dirichlet" and float(arg) > 0:
             return name, float(arg)
         if name == "shards" and int(arg) >= 1:
-            return name, int(arg)
+            return name, float(int(arg))
     except ValueError:
         pass
     raise FedmlError(
@@ -86,18 +87,19 @@ def parse_partition(spec: str) -> tuple[str, float | int | None]:
 
 def partition(labels: np.ndarray, num_clients: int, seed: int, spec: str) -> list[np.ndarray]:
     """Split `labels`' indices across `num_clients` by the partition spec."""
-    name, arg = parse_partition(spec)
+    name, parameter = parse_partition(spec)
     if num_clients > len(labels):
         raise FedmlError(
             f"{num_clients} clients cannot share {len(labels)} examples. Use fewer clients."
         )
     if name == "dirichlet":
-        return dirichlet(labels, num_clients, seed, float(arg))  # type: ignore[arg-type]
+        return dirichlet(labels, num_clients, seed, alpha=parameter)
     if name == "shards":
-        if num_clients * int(arg) > len(labels):  # type: ignore[arg-type]
+        k = int(parameter)
+        if num_clients * k > len(labels):
             raise FedmlError(
-                f"shards:{arg} needs {num_clients * int(arg)} shards but there are only "  # type: ignore[arg-type]
+                f"shards:{k} needs {num_clients * k} shards but there are only "
                 f"{len(labels)} examples. Use a smaller k or fewer clients."
             )
-        return shards(labels, num_clients, seed, int(arg))  # type: ignore[arg-type]
+        return shards(labels, num_clients, seed, k)
     return iid(labels, num_clients, seed)
