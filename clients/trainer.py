@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedml.data import Shard
+from fedml.errors import FedmlError
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,19 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{choice}' was requested but CUDA is not available here")
-    return torch.device(choice)
+        raise FedmlError(
+            f"client.device '{choice}' was requested but CUDA is not available on this "
+            "machine. Use --device auto or --device cpu."
+        )
+    device = torch.device(choice)
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise FedmlError(
+                f"client.device '{choice}': this machine has {count} CUDA device(s), "
+                f"numbered 0..{count - 1}."
+            )
+    return device
 
 
 def to_tensors(shard: Shard, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ def run_with_progress(cfg: RunConfig, console: Console) -> RunSummary:
         return simulate(cfg, on_round=lambda row: console.print(_describe(row), highlight=False))
     columns = (
         TextColumn("[bold]federated rounds"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.description}"),

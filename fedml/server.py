@@ -87,25 +87,39 @@ def train_config(cfg: RunConfig) -> ConfigRecord:
     )
 
 
+@dataclass
+class Experiment:
+    """Everything a run needs, built and checked before anything is written to disk."""
+
+    cfg: RunConfig
+    strategy: Strategy
+    evaluator: CentralEvaluator
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, strategy: Strategy | None = None) -> Experiment:
+        """Load the data, build the model and the strategy; a user error here raises
+        `FedmlError` while the run directory does not exist yet."""
+        from strategies import build_strategy
+
+        data = cfg.data
+        federation = load_federation(
+            data.dataset, data.partition, cfg.simulation.clients, data.test_fraction, cfg.seed
+        )
+        return cls(cfg, strategy or build_strategy(cfg), CentralEvaluator(cfg, federation))
+
+
 def run_experiment(
     grid: Grid,
-    cfg: RunConfig,
+    experiment: Experiment,
     run_dir: RunDir,
     on_round: RoundCallback | None = None,
-    strategy: Strategy | None = None,
 ) -> RunSummary:
     """Run `cfg.rounds` rounds of federated training on `grid`, committing each round."""
     from simulations.scenarios import Stragglers
-    from strategies import build_strategy
 
     started = time.perf_counter()
-    data = cfg.data
-    federation = load_federation(
-        data.dataset, data.partition, cfg.simulation.clients, data.test_fraction, cfg.seed
-    )
-    evaluator = CentralEvaluator(cfg, federation)
+    cfg, strategy, evaluator = experiment.cfg, experiment.strategy, experiment.evaluator
     arrays = from_state_dict(evaluator.model.state_dict())
-    strategy = strategy or build_strategy(cfg)
     stragglers = Stragglers(cfg.simulation.stragglers, seed=cfg.seed + 1)
     keeps_partial_work = getattr(strategy, "keeps_partial_work", False)
 
@@ -172,5 +186,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under Flower's runtimes (`flwr run`): the same loop as `fedml simulate`."""
     cfg = RunConfig.from_flat(dict(context.run_config))
+    experiment = Experiment.prepare(cfg)
     run_dir = RunDir.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
-    run_experiment(grid, cfg, run_dir)
+    run_experiment(grid, experiment, run_dir)

@@ -15,8 +15,8 @@ from fedml.config import load_config
 from fedml.data import load_federation
 from fedml.models import build_model
 from fedml.runstore import RunDir
+from fedml.server import Experiment, run_experiment
 from fedml.server import app as fedml_server_app
-from fedml.server import run_experiment
 from simulations.inprocess import InProcessGrid
 
 # ---- a ClientApp written the way Flower's documentation shows ------------------------
@@ -66,7 +66,7 @@ def stock_evaluate(msg: Message, context: Context):
 def test_stock_flower_client_trains_under_our_strategies(tmp_path, strategy):
     cfg = load_config(None, {"rounds": 3, "simulation.clients": 4, "strategy.name": strategy})
     grid = InProcessGrid(stock_app, 4, cfg.to_flat())
-    summary = run_experiment(grid, cfg, RunDir.create(tmp_path / "run", cfg))
+    summary = run_experiment(grid, Experiment.prepare(cfg), RunDir.create(tmp_path / "run", cfg))
     first, last = summary.history[0], summary.history[-1]
     assert last["clients"]["aggregated"] == 4
     assert last["evaluate"]["eval_acc"] > first["evaluate"]["eval_acc"]

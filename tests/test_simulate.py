@@ -160,6 +160,23 @@ def test_failing_clients_are_counted_not_fatal(tmp_path, small_overrides, monkey
         assert row["clients"]["failed"] == 1 and row["clients"]["aggregated"] == 3
 
 
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"model.name": "no_such_module:factory"}, "cannot be imported"),
+        ({"model.name": "cnn", "data.dataset": "breast-cancer"}, "needs image data"),
+        ({"strategy.name": "fedsgd"}, "Unknown strategy 'fedsgd'"),
+        ({"data.partition": "shards:500"}, "needs 2000 shards"),
+    ],
+)
+def test_user_errors_surface_before_the_run_directory_exists(
+    tmp_path, small_overrides, overrides, fragment
+):
+    with pytest.raises(FedmlError, match=fragment):
+        simulate(load_config(None, {**small_overrides, **overrides}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_existing_run_directory_is_never_overwritten(tmp_path, small_overrides):
     cfg = load_config(None, small_overrides)
     simulate(cfg)

@@ -14,6 +14,7 @@ from clients.trainer import (
     train_local,
 )
 from fedml.data import Shard
+from fedml.errors import FedmlError
 from fedml.models import build_model
 
 CPU = torch.device("cpu")
@@ -92,7 +93,7 @@ def test_device_choice():
         assert resolve_device("auto").type == "cuda"
     else:
         assert resolve_device("auto") == CPU
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(FedmlError, match="CUDA is not available"):
             resolve_device("cuda:0")
 
 
