@@ -82,3 +82,13 @@ def test_bad_toml_file(tmp_path):
     path.write_text("[client]\nlr = 0.1\n[client.extra]\nx = 1\n")
     with pytest.raises(FedmlError, match=r"\[client.extra\] is not a known config table"):
         load_config(path)
+
+
+def test_flower_app_config_in_pyproject_matches_the_defaults():
+    """`flwr run` reads [tool.flwr.app.config]; it must be exactly RunConfig's defaults."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    app = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedml.server:app", "clientapp": "clients.app:app"}
+    assert app["config"] == RunConfig().to_flat()
