@@ -27,7 +27,7 @@ from clients.app import _derive_seed
 from clients.trainer import TrainSettings, evaluate, train_local
 from fedml.config import RunConfig, load_config
 from fedml.data import load_federation, split_validation
-from fedml.models import build_model
+from fedml.models import model_for
 from simulations.engine import simulate
 
 
@@ -56,11 +56,7 @@ def plain_pytorch(cfg: RunConfig) -> dict[str, torch.Tensor]:
         for i in range(fed.num_clients)
     ]
 
-    def new_model() -> torch.nn.Module:
-        m = cfg.model
-        return build_model(m.name, fed.input_shape, fed.num_classes, cfg.seed, m.hidden)
-
-    global_model = new_model()
+    global_model = model_for(cfg, fed.input_shape, fed.num_classes)
     settings = TrainSettings(
         c.local_epochs, c.batch_size, c.lr, c.optimizer, c.momentum, c.weight_decay
     )
@@ -70,7 +66,7 @@ def plain_pytorch(cfg: RunConfig) -> dict[str, torch.Tensor]:
         sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
         total = 0
         for i, shard in enumerate(shards):
-            model = new_model()
+            model = model_for(cfg, fed.input_shape, fed.num_classes)
             model.load_state_dict(global_model.state_dict())
             generator = torch.Generator().manual_seed(_derive_seed(cfg.seed, server_round, i))
             train_local(model, shard, settings, cpu, generator)

@@ -26,7 +26,7 @@ from clients.trainer import TrainSettings, evaluate, resolve_device, train_local
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, load_federation, split_validation
-from fedml.models import build_model
+from fedml.models import model_for
 
 app = ClientApp()
 
@@ -64,13 +64,7 @@ class LocalJob:
 
     def model(self, arrays: ArrayRecord) -> torch.nn.Module:
         """The configured model holding the received global weights."""
-        model = build_model(
-            self.cfg.model.name,
-            self.input_shape,
-            self.num_classes,
-            self.cfg.seed,
-            hidden=self.cfg.model.hidden,
-        )
+        model = model_for(self.cfg, self.input_shape, self.num_classes)
         model.load_state_dict(to_state_dict(arrays), strict=True)
         return model
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedml.config import RunConfig
 from fedml.errors import FedmlError
 
 
@@ -78,6 +79,11 @@ def build_model(
         return _user_model(name, input_shape, num_classes)
     finally:
         generator.set_state(saved)
+
+
+def model_for(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The run's model (`cfg.model`), initialised from the run seed."""
+    return build_model(cfg.model.name, input_shape, num_classes, cfg.seed, hidden=cfg.model.hidden)
 
 
 def _user_model(reference: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

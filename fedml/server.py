@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Federation, load_federation
-from fedml.models import build_model
+from fedml.models import model_for
 from fedml.runstore import RunDir, default_run_path
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -54,13 +54,7 @@ class CentralEvaluator:
 
         self.test = federation.test
         self.device = resolve_device(cfg.client.device)
-        self.model = build_model(
-            cfg.model.name,
-            federation.input_shape,
-            federation.num_classes,
-            cfg.seed,
-            hidden=cfg.model.hidden,
-        )
+        self.model = model_for(cfg, federation.input_shape, federation.num_classes)
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float] | None:
         from clients.trainer import evaluate
