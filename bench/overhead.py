@@ -26,7 +26,7 @@ import torch
 from clients.app import _derive_seed
 from clients.trainer import TrainSettings, evaluate, train_local
 from fedml.config import RunConfig, load_config
-from fedml.data import load_federation, split_validation
+from fedml.data import federation_for, split_validation
 from fedml.models import model_for
 from simulations.engine import simulate
 
@@ -50,7 +50,7 @@ def bench_config(clients: int, rounds: int, out: Path) -> RunConfig:
 def plain_pytorch(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The same federated computation as a bare loop over clients."""
     d, c = cfg.data, cfg.client
-    fed = load_federation(d.dataset, d.partition, cfg.simulation.clients, d.test_fraction, cfg.seed)
+    fed = federation_for(cfg)
     shards = [
         split_validation(fed.client(i), d.val_fraction, seed=_derive_seed(cfg.seed, i))[0]
         for i in range(fed.num_clients)

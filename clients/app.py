@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 from clients.trainer import TrainSettings, evaluate, resolve_device, train_local
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
-from fedml.data import Shard, load_federation, split_validation
+from fedml.data import Shard, federation_for, split_validation
 from fedml.models import model_for
 
 app = ClientApp()
@@ -53,12 +53,9 @@ class LocalJob:
     @classmethod
     def load(cls, cfg: RunConfig, pid: int) -> LocalJob:
         """Materialise client `pid`'s shard and split off its validation part."""
-        data = cfg.data
-        federation = load_federation(
-            data.dataset, data.partition, cfg.simulation.clients, data.test_fraction, cfg.seed
-        )
+        federation = federation_for(cfg)
         train, val = split_validation(
-            federation.client(pid), data.val_fraction, seed=_derive_seed(cfg.seed, pid)
+            federation.client(pid), cfg.data.val_fraction, seed=_derive_seed(cfg.seed, pid)
         )
         return cls(cfg, pid, train, val, federation.input_shape, federation.num_classes)
 

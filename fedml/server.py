@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
-from fedml.data import Federation, load_federation
+from fedml.data import Federation, federation_for
 from fedml.models import model_for
 from fedml.runstore import RunDir, default_run_path
 
@@ -90,16 +90,12 @@ class Experiment:
     evaluator: CentralEvaluator
 
     @classmethod
-    def prepare(cls, cfg: RunConfig, strategy: Strategy | None = None) -> Experiment:
+    def prepare(cls, cfg: RunConfig) -> Experiment:
         """Load the data, build the model and the strategy; a user error here raises
         `FedmlError` while the run directory does not exist yet."""
         from strategies import build_strategy
 
-        data = cfg.data
-        federation = load_federation(
-            data.dataset, data.partition, cfg.simulation.clients, data.test_fraction, cfg.seed
-        )
-        return cls(cfg, strategy or build_strategy(cfg), CentralEvaluator(cfg, federation))
+        return cls(cfg, build_strategy(cfg), CentralEvaluator(cfg, federation_for(cfg)))
 
 
 def run_experiment(

@@ -1,5 +1,19 @@
 """Datasets, site shards and partitioners."""
 
-from fedml.data.datasets import Federation, Shard, load_federation, read_shard, split_validation
+from fedml.data.datasets import (
+    Federation,
+    Shard,
+    federation_for,
+    load_federation,
+    read_shard,
+    split_validation,
+)
 
-__all__ = ["Federation", "Shard", "load_federation", "read_shard", "split_validation"]
+__all__ = [
+    "Federation",
+    "Shard",
+    "federation_for",
+    "load_federation",
+    "read_shard",
+    "split_validation",
+]

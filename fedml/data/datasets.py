@@ -12,11 +12,15 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedml.data.partition import parse_partition, partition
 from fedml.errors import FedmlError
+
+if TYPE_CHECKING:  # fedml.config imports this package: no import at run time
+    from fedml.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,14 @@ def split_validation(shard: Shard, fraction: float, seed: int) -> tuple[Shard, S
         return shard, shard
     order = np.random.default_rng(seed).permutation(n)
     return shard.take(np.sort(order[n_val:])), shard.take(np.sort(order[:n_val]))
+
+
+def federation_for(cfg: RunConfig) -> Federation:
+    """The run's federation (`cfg.data` split across `cfg.simulation.clients`)."""
+    data = cfg.data
+    return load_federation(
+        data.dataset, data.partition, cfg.simulation.clients, data.test_fraction, cfg.seed
+    )
 
 
 @lru_cache(maxsize=4)
