@@ -76,11 +76,18 @@ def simulate(
     seed: Annotated[int | None, Opt(help="Seed for every random choice of the run.")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N.")] = None,
     out: Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp>).")] = None,
+    resume: Annotated[
+        Path | None,
+        Opt(help="Continue the run in this directory from its last intact commit."),
+    ] = None,
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Show Flower's own log lines.")] = False,
 ) -> None:
     """Run a federated experiment on this machine (in-process engine).
 
     Example: fedml simulate --strategy fedprox --dataset synthetic --rounds 30
+
+    Resume: fedml simulate --resume runs/exp1 [--rounds 40]  (the run keeps its stored
+    config; only --rounds, to extend it, and --device may change)
     """
     from fedml.config import load_config
 
@@ -103,15 +110,51 @@ def simulate(
     }
     _quiet_flower(verbose)
     try:
-        cfg = load_config(config, overrides)
+        store = None
+        if resume is None:
+            cfg = load_config(config, overrides)
+        else:
+            from simulations.engine import open_resume
+
+            _check_resume_arguments(resume, config, out)
+            store, cfg = open_resume(resume, overrides)
         from fedml.progress import run_with_progress
 
-        summary = run_with_progress(cfg, console)
+        summary = run_with_progress(cfg, console, resume=store)
     except FedmlError as exc:
         _fail(exc)
     from fedml.progress import print_summary
 
     print_summary(summary, console)
+
+
+def _check_resume_arguments(resume: Path, config: Path | None, out: Path | None) -> None:
+    if config is not None:
+        raise FedmlError(
+            f"--resume takes the run's config from {resume}/config.toml; drop the CONFIG "
+            "argument (start a new run to use another config)."
+        )
+    if out is not None and out.resolve() != resume.resolve():
+        raise FedmlError(f"--resume {resume} already names the run directory; drop --out.")
+
+
+@app.command()
+def runs(
+    path: Annotated[Path, typer.Argument(help="A run directory, or a folder of runs.")] = Path(
+        "runs"
+    ),
+) -> None:
+    """Show a run's status (rounds done, last commit, best round, stop reason, damage),
+    or one line per run in a folder. Every commit's checksums are verified.
+
+    Example: fedml runs runs/exp1
+    """
+    from fedml.runs_view import show_runs
+
+    try:
+        show_runs(path, console)
+    except FedmlError as exc:
+        _fail(exc)
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """One typed run configuration: TOML file, CLI overrides, validation.
 
 A run is described by `RunConfig`, a tree of small dataclasses. It is loaded from a TOML
-file (sections `[data]`, `[model]`, `[strategy]`, `[client]`, `[simulation]` and top-level
-keys), overridden by CLI flags given as dotted keys (`client.lr`), and validated in one
-place. Every problem raises `FedmlError` naming the key, the bad value and the fix.
+file (sections `[data]`, `[model]`, `[strategy]`, `[client]`, `[simulation]`,
+`[checkpoint]` and top-level keys), overridden by CLI flags given as dotted keys
+(`client.lr`), and validated in one place. Every problem raises `FedmlError` naming the
+key, the bad value and the fix.
 
 Flower passes run configuration as a flat `UserConfig` (`{"client.lr": 0.1, ...}`);
 `to_flat()` / `from_flat()` convert, so the same config reaches the ServerApp whether the
@@ -24,6 +25,7 @@ import tomllib
 
 from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
+from fedml.monitor import MONITORED_SOURCES
 
 DATASETS = ("digits", "breast-cancer", "synthetic", "npz:<dir>")
 MODELS = ("logreg", "mlp", "cnn", "<module>:<factory>")
@@ -84,6 +86,18 @@ class SimulationConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """What the run directory keeps: the newest `keep` commits plus the best one by
+    `monitor` (a history metric such as "server.accuracy" or "evaluate.loss"; "auto"
+    picks server accuracy, else federated accuracy, else train loss). `mode` is max or
+    min; "auto" minimises metrics named like a loss and maximises the rest."""
+
+    keep: int = 3
+    monitor: str = "auto"
+    mode: str = "auto"
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a run. Same config + seed = same history, same model."""
 
@@ -95,6 +109,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     # ----------------------------------------------------------------- conversions
     def to_flat(self) -> dict[str, bool | int | float | str]:
@@ -298,8 +313,65 @@ def validate(cfg: RunConfig) -> None:
     _check(
         client.weight_decay >= 0.0, f"client.weight_decay must be >= 0, got {client.weight_decay}."
     )
+    _validate_checkpoint(cfg.checkpoint)
     _check(
         client.device in ("auto", "cpu", "cuda")
         or (client.device.startswith("cuda:") and client.device[5:].isdigit()),
         f"client.device '{client.device}' is unknown. Use auto, cpu, cuda or cuda:N.",
     )
+
+
+def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
+    _check(checkpoint.keep >= 1, f"checkpoint.keep must be at least 1, got {checkpoint.keep}.")
+    source, _, metric = checkpoint.monitor.partition(".")
+    _check(
+        checkpoint.monitor == "auto" or (source in MONITORED_SOURCES and metric != ""),
+        f"checkpoint.monitor '{checkpoint.monitor}' is not a history metric. Use auto or "
+        f"<source>.<metric> with source one of {', '.join(MONITORED_SOURCES)} "
+        "(e.g. server.accuracy, evaluate.loss).",
+    )
+    _check(
+        checkpoint.mode in ("auto", "max", "min"),
+        f"checkpoint.mode '{checkpoint.mode}' is unknown. Use auto, max or min.",
+    )
+
+
+# ------------------------------------------------------------------------------ resume
+# Keys a resumed run may change: they decide where, how long and what is kept, never
+# what is learned. Every other key is the experiment itself.
+RESUMABLE_KEYS = frozenset(
+    {"rounds", "out", "client.device", "checkpoint.keep", "checkpoint.monitor", "checkpoint.mode"}
+)
+
+
+def experiment_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The config keys that define what the run learns (everything not resumable)."""
+    return {k: v for k, v in cfg.to_flat().items() if k not in RESUMABLE_KEYS}
+
+
+def identity_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every experiment key that differs."""
+    keys = sorted(set(before) | set(after))
+    return [
+        f"{k}: {before.get(k, '<unset>')!r} -> {after.get(k, '<unset>')!r}"
+        for k in keys
+        if before.get(k) != after.get(k)
+    ]
+
+
+def resume_config(stored: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """The stored config of a run with the resumable `overrides` applied.
+
+    An override of any other key is refused unless it repeats the stored value: a
+    resumed run must be the same experiment.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    probe = with_overrides(stored, given)  # type-checks and validates the values
+    changed = identity_changes(experiment_identity(stored), experiment_identity(probe))
+    if changed:
+        raise FedmlError(
+            "A resumed run keeps the experiment stored in its directory; these options "
+            f"would change it: {'; '.join(changed)}. Only --rounds (to extend the run) "
+            "and --device may change on resume. Start a new run (--out) to change the rest."
+        )
+    return probe

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedml.config import RunConfig
+from fedml.runstore import RunStore
 from fedml.server import RunSummary
 
 
@@ -25,12 +26,17 @@ def _describe(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def run_with_progress(cfg: RunConfig, console: Console) -> RunSummary:
-    """Run the simulation with a progress bar on a terminal, plain lines otherwise."""
+def run_with_progress(
+    cfg: RunConfig, console: Console, resume: RunStore | None = None
+) -> RunSummary:
+    """Run (or resume) the simulation with a progress bar on a terminal, plain lines
+    otherwise."""
     from simulations.engine import simulate
 
     if not console.is_terminal:
-        return simulate(cfg, on_round=lambda row: console.print(_describe(row), highlight=False))
+        return simulate(
+            cfg, on_round=lambda row: console.print(_describe(row), highlight=False), resume=resume
+        )
     columns = (
         TextColumn("[bold]federated rounds"),
         BarColumn(bar_width=20),
@@ -42,9 +48,9 @@ def run_with_progress(cfg: RunConfig, console: Console) -> RunSummary:
         task = progress.add_task("starting", total=cfg.rounds)
 
         def advance(row: dict[str, Any]) -> None:
-            progress.update(task, advance=1, description=_describe(row))
+            progress.update(task, completed=row["round"], description=_describe(row))
 
-        return simulate(cfg, on_round=advance)
+        return simulate(cfg, on_round=advance, resume=resume)
 
 
 def print_summary(summary: RunSummary, console: Console) -> None:
@@ -54,6 +60,10 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("rounds", str(summary.rounds))
+    if summary.resumed_from is not None:
+        table.add_row("resumed after", f"round {summary.resumed_from}")
+    if summary.stop_reason:
+        table.add_row("stopped", summary.stop_reason)
     for source, label in (("server", "test (server)"), ("evaluate", "federated eval")):
         metrics = final.get(source)
         if metrics:

@@ -1,34 +1,74 @@
-"""The run directory: resolved config, per-round history, global model.
+"""The run directory: config, history, latest model, and one atomic commit per round.
 
 Layout (a public format, documented in README):
 
-    config.toml         the resolved RunConfig of the run
-    history.jsonl       one JSON object per completed round
-    model.safetensors   the latest global model (torch state-dict names)
+    config.toml              the resolved RunConfig
+    history.jsonl            one JSON object per completed round (append-only)
+    model.safetensors        the latest committed global model (a hard link into its commit)
+    commits/round-000012/    one commit per round; the newest `checkpoint.keep` and the
+                             best by `checkpoint.monitor` are kept
+        arrays.safetensors   the global model (torch state-dict names, in model order)
+        state.json           round, stop reason, experiment identity, component state
+        state.safetensors    the arrays that component state references
+        nodes.safetensors    per-node Flower `Context.state` (Flower's protobuf bytes)
+        MANIFEST.json        SHA-256 and size of every file above, and of the
+                             history.jsonl prefix this commit covers
+    damaged/                 commits that failed verification at resume, kept for a look
 
-Files are replaced atomically (temp file in the same directory, fsync, rename, fsync of
-the directory), so a crash never leaves a half-written model or config.
+A round is committed in an order that makes a crash at any instant cost at most that
+round: (1) its history row is appended to history.jsonl and fsynced; (2) the commit's
+files, then its manifest, are written into `commits/.round-000012.tmp` (each fsynced) and
+the directory is renamed into place (atomic) and its parent fsynced — a commit directory
+without a valid manifest is not a commit; (3) model.safetensors is atomically replaced by
+a hard link to the commit's arrays; (4) commits no longer kept are renamed aside and
+deleted. Resume verifies the newest commit (every checksum and the history prefix), falls
+back to older ones when it is damaged, then truncates history.jsonl to what the chosen
+commit covers and relinks model.safetensors. Nothing is ever read with pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 
-from fedml.arrays import to_numpy
-from fedml.config import RunConfig
+from fedml.arrays import from_numpy, to_numpy
+from fedml.config import (
+    RunConfig,
+    experiment_identity,
+    identity_changes,
+    load_config,
+    with_overrides,
+)
 from fedml.errors import FedmlError
+from fedml.monitor import Monitor
+from fedml.statefile import decode_state, encode_state, recorddict_from_bytes, recorddict_to_bytes
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.toml"
 HISTORY = "history.jsonl"
 MODEL = "model.safetensors"
+COMMITS = "commits"
+DAMAGED = "damaged"
+MANIFEST = "MANIFEST.json"
+ARRAYS_FILE = "arrays.safetensors"
+STATE_FILE = "state.json"
+STATE_ARRAYS_FILE = "state.safetensors"
+NODES_FILE = "nodes.safetensors"
+FORMAT = 1
+ARRAYS_METADATA = "fedml"
+COMMIT_PREFIX = "round-"
 
 
 def default_run_path(root: Path = Path("runs")) -> Path:
@@ -41,6 +81,11 @@ def default_run_path(root: Path = Path("runs")) -> Path:
     return path
 
 
+def commit_name(server_round: int) -> str:
+    return f"{COMMIT_PREFIX}{server_round:06d}"
+
+
+# ------------------------------------------------------------------------ durable writes
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that readers see the old or the new file, never a mix."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -53,10 +98,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -64,40 +110,471 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-class RunDir:
-    """Writes one run's directory."""
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
-    def __init__(self, path: Path) -> None:
+
+def _digest(data: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+# ------------------------------------------------------------------------ what a commit holds
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified commit, decoded: everything the round loop needs to continue."""
+
+    round: int
+    arrays: ArrayRecord
+    state: dict[str, Any]
+    node_states: dict[int, RecordDict]
+    stop_reason: str | None
+    experiment: dict[str, Any]
+    path: Path
+
+
+@dataclass(frozen=True)
+class CommitCheck:
+    """The verdict on one commit directory: `problem` is None when it is intact."""
+
+    path: Path
+    round: int
+    problem: str | None
+
+
+def _encode_arrays(arrays: ArrayRecord, server_round: int) -> bytes:
+    from safetensors.numpy import save
+
+    tensors = {k: np.ascontiguousarray(to_numpy(v)) for k, v in arrays.items()}
+    # One metadata entry: safetensors orders several entries differently from process
+    # to process, and the same model must give the same bytes.
+    metadata = {ARRAYS_METADATA: json.dumps({"round": server_round, "keys": list(tensors)})}
+    return save(tensors, metadata=metadata)
+
+
+def _decode_arrays(data: bytes) -> ArrayRecord:
+    """Arrays in the order they were saved (safetensors itself sorts names)."""
+    from safetensors.numpy import load
+
+    tensors = load(data)
+    ours = _safetensors_metadata(data).get(ARRAYS_METADATA)
+    keys = json.loads(ours)["keys"] if ours else list(tensors)
+    return ArrayRecord({k: from_numpy(tensors[k]) for k in keys})
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+
+
+def read_model(path: Path) -> ArrayRecord:
+    """Load a model file written by the run store (e.g. `model.safetensors`)."""
+    return _decode_arrays(path.read_bytes())
+
+
+# ------------------------------------------------------------------------ the store
+class RunStore:
+    """Reads and writes one run directory."""
+
+    def __init__(self, path: Path, cfg: RunConfig) -> None:
         self.path = path
+        self.cfg = cfg
+        self._rows: list[dict[str, Any]] = []
+        self._history_hash = hashlib.sha256()
+        self._history_bytes = 0
 
+    # -- opening ------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path, cfg: RunConfig) -> RunDir:
+    def create(cls, path: Path, cfg: RunConfig) -> RunStore:
         """Start a new run directory; refuse one that already holds a run."""
-        if (path / HISTORY).exists() or (path / CONFIG).exists():
+        if (path / CONFIG).exists() or any((path / COMMITS).glob(f"{COMMIT_PREFIX}*")):
             raise FedmlError(
-                f"{path} already holds a run. Choose another --out directory (or delete that one)."
+                f"{path} already holds a run. Resume it with `fedml simulate --resume {path}`, "
+                "or choose another --out directory."
             )
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            (path / COMMITS).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FedmlError(f"Cannot create run directory {path}: {exc}.") from exc
-        run_dir = cls(path)
-        atomic_write(path / CONFIG, cfg.to_toml().encode())
-        (path / HISTORY).touch()
-        return run_dir
+        cfg = with_overrides(cfg, {"out": str(path)})
+        atomic_write(path / HISTORY, b"")
+        atomic_write(path / CONFIG, cfg.to_toml().encode())  # last: marks a run
+        return cls(path, cfg)
 
-    def commit_round(self, arrays: ArrayRecord, row: dict[str, Any]) -> None:
-        """Persist a completed round: the global model, then its history line."""
-        from safetensors.numpy import save
+    @classmethod
+    def open(cls, path: Path) -> RunStore:
+        """Open an existing run directory (reads only its config)."""
+        if not (path / CONFIG).is_file():
+            what = "does not exist" if not path.exists() else f"has no {CONFIG}"
+            raise FedmlError(
+                f"{path} {what}, so it is not a fedml run directory. Pass the --out "
+                "directory of an earlier `fedml simulate`."
+            )
+        return cls(path, load_config(path / CONFIG, {"out": str(path)}))
 
-        tensors = {k: np.ascontiguousarray(to_numpy(v)) for k, v in arrays.items()}
-        atomic_write(self.path / MODEL, save(tensors, metadata={"round": str(row["round"])}))
-        with open(self.path / HISTORY, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
+    # -- commits ------------------------------------------------------------------------
+    def commit_dirs(self) -> list[Path]:
+        """Commit directories, oldest first (names only; not verified)."""
+        root = self.path / COMMITS
+        if not root.is_dir():
+            return []
+        found = [p for p in root.iterdir() if p.is_dir() and _commit_round(p) is not None]
+        return sorted(found, key=lambda p: _commit_round(p) or 0)
+
+    def check(self, commit: Path) -> CommitCheck:
+        """Verify one commit: manifest, every file's size and SHA-256, history prefix."""
+        server_round = _commit_round(commit) or 0
+        try:
+            self._read_verified(commit)
+        except _Damaged as exc:
+            return CommitCheck(commit, server_round, str(exc))
+        return CommitCheck(commit, server_round, None)
+
+    def _read_verified(self, commit: Path) -> dict[str, bytes]:
+        """The commit's files, each checked against the manifest; raises `_Damaged`."""
+        try:
+            manifest = json.loads((commit / MANIFEST).read_bytes())
+        except FileNotFoundError:
+            raise _Damaged(f"{MANIFEST} is missing") from None
+        except (OSError, ValueError) as exc:
+            raise _Damaged(f"{MANIFEST} is unreadable ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise _Damaged(f"{MANIFEST} is not a fedml format-{FORMAT} manifest")
+        if manifest.get("round") != _commit_round(commit):
+            raise _Damaged(f"{MANIFEST} names round {manifest.get('round')}")
+        files: dict[str, bytes] = {}
+        for name, expected in manifest.get("files", {}).items():
+            try:
+                data = (commit / name).read_bytes()
+            except OSError:
+                raise _Damaged(f"{name} is missing") from None
+            if _digest(data) != expected:
+                raise _Damaged(f"{name} fails its checksum (truncated or modified)")
+            files[name] = data
+        for required in (ARRAYS_FILE, STATE_FILE):
+            if required not in files:
+                raise _Damaged(f"{MANIFEST} does not list {required}")
+        self._check_history_prefix(manifest.get("history", {}))
+        return files
+
+    def _check_history_prefix(self, expected: dict[str, Any]) -> None:
+        size = expected.get("bytes", -1)
+        try:
+            with open(self.path / HISTORY, "rb") as handle:
+                prefix = handle.read(size) if size >= 0 else b""
+        except OSError:
+            raise _Damaged(f"{HISTORY} is missing") from None
+        if len(prefix) != size:
+            raise _Damaged(f"{HISTORY} is shorter than this commit recorded ({size} bytes)")
+        if hashlib.sha256(prefix).hexdigest() != expected.get("sha256"):
+            raise _Damaged(f"{HISTORY} was modified before this commit's last row")
+
+    def load(self, commit: Path) -> Checkpoint:
+        """Verify and decode one commit."""
+        from safetensors.numpy import load as load_tensors
+
+        files = self._read_verified(commit)
+        state = json.loads(files[STATE_FILE])
+        state_arrays = load_tensors(files[STATE_ARRAYS_FILE]) if STATE_ARRAYS_FILE in files else {}
+        nodes = load_tensors(files[NODES_FILE]) if NODES_FILE in files else {}
+        return Checkpoint(
+            round=state["round"],
+            arrays=_decode_arrays(files[ARRAYS_FILE]),
+            state=decode_state(state["components"], state_arrays),
+            node_states={int(n): recorddict_from_bytes(b.tobytes()) for n, b in nodes.items()},
+            stop_reason=state.get("stop_reason"),
+            experiment=state["experiment"],
+            path=commit,
+        )
+
+    def latest_valid(self) -> tuple[Checkpoint | None, list[CommitCheck]]:
+        """The newest intact commit (None when the run has none yet) and the damaged
+        commits newer than it. Raises when commits exist but none is intact. Read-only."""
+        damaged: list[CommitCheck] = []
+        for commit in reversed(self.commit_dirs()):
+            try:
+                return self.load(commit), damaged
+            except _Damaged as exc:
+                damaged.append(CommitCheck(commit, _commit_round(commit) or 0, str(exc)))
+        if damaged:
+            details = "; ".join(f"{c.path.name}: {c.problem}" for c in damaged)
+            raise FedmlError(
+                f"No intact commit in {self.path / COMMITS} ({details}). Nothing was changed. "
+                "Restore the run directory from a backup, or start a new run."
+            )
+        return None, damaged
+
+    # -- resume -------------------------------------------------------------------------
+    def resume(self, cfg: RunConfig) -> tuple[Checkpoint | None, list[CommitCheck]]:
+        """Prepare the directory to continue with `cfg`: pick the newest intact commit,
+        check it belongs to this experiment, then (and only then) move damaged commits
+        to damaged/, cut history.jsonl back to that commit and relink model.safetensors.
+        Returns the checkpoint (None: no round was committed yet) and what was damaged."""
+        checkpoint, damaged = self.latest_valid()
+        done = checkpoint.round if checkpoint else 0
+        if checkpoint is not None:
+            changes = identity_changes(checkpoint.experiment, experiment_identity(cfg))
+            if changes:
+                raise FedmlError(
+                    f"{self.path / CONFIG} no longer matches the experiment its commits were "
+                    f"made with ({'; '.join(changes)}). Nothing was changed. Put the committed "
+                    "values back, or start a new run."
+                )
+        if cfg.rounds < done:
+            raise FedmlError(
+                f"{self.path} already has {done} committed rounds; rounds = {cfg.rounds} would "
+                f"discard some. Pass --rounds {done} or more (more extends the run)."
+            )
+        # -- from here on the directory changes
+        self._clean_leftovers()
+        for check in damaged:
+            self._set_aside(check.path)
+            log.warning(
+                "commit %s is damaged (%s); moved to %s/ and resuming from round %d",
+                check.path.name,
+                check.problem,
+                DAMAGED,
+                done,
+            )
+        self._truncate_history(checkpoint)
+        if checkpoint is not None:
+            self._link_model(checkpoint.path)
+        else:
+            (self.path / MODEL).unlink(missing_ok=True)
+        if cfg.to_toml() != self.cfg.to_toml():
+            atomic_write(self.path / CONFIG, cfg.to_toml().encode())
+        self.cfg = cfg
+        return checkpoint, damaged
+
+    def _truncate_history(self, checkpoint: Checkpoint | None) -> None:
+        size = 0
+        if checkpoint is not None:
+            manifest = json.loads((checkpoint.path / MANIFEST).read_bytes())
+            size = manifest["history"]["bytes"]
+        history = self.path / HISTORY
+        with open(history, "a+b") as handle:
+            handle.truncate(size)
             handle.flush()
             os.fsync(handle.fileno())
+            handle.seek(0)
+            data = handle.read()
+        self._history_hash = hashlib.sha256(data)
+        self._history_bytes = len(data)
+        self._rows = [json.loads(line) for line in data.decode("utf-8").splitlines()]
 
+    def _clean_leftovers(self) -> None:
+        """Delete what a crash can leave behind: half-written commits, half-pruned ones."""
+        root = self.path / COMMITS
+        root.mkdir(exist_ok=True)
+        for entry in root.iterdir():
+            if entry.name.startswith("."):
+                shutil.rmtree(entry, ignore_errors=True)
+        for entry in self.path.glob(f".{MODEL}.*"):
+            entry.unlink(missing_ok=True)
+
+    def _set_aside(self, commit: Path) -> None:
+        target_root = self.path / DAMAGED
+        target_root.mkdir(exist_ok=True)
+        target, n = target_root / commit.name, 1
+        while target.exists():
+            n += 1
+            target = target_root / f"{commit.name}-{n}"
+        os.rename(commit, target)
+        fsync_dir(commit.parent)
+
+    # -- committing ---------------------------------------------------------------------
+    def commit(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        row: dict[str, Any],
+        state: dict[str, Any],
+        node_states: dict[int, RecordDict] | None = None,
+        stop_reason: str | None = None,
+    ) -> Path:
+        """Persist a completed round (see the module docstring for the order of writes)."""
+        from safetensors.numpy import save
+
+        self._append_history(row)
+        document, state_arrays = encode_state(state)
+        state_json = {
+            "format": FORMAT,
+            "round": server_round,
+            "stop_reason": stop_reason,
+            "experiment": experiment_identity(self.cfg),
+            "components": document,
+        }
+        files = {
+            ARRAYS_FILE: _encode_arrays(arrays, server_round),
+            STATE_FILE: json.dumps(state_json, sort_keys=True).encode(),
+            STATE_ARRAYS_FILE: save(state_arrays),
+        }
+        if node_states:
+            payload = {
+                str(n): np.frombuffer(recorddict_to_bytes(r), dtype=np.uint8)
+                for n, r in sorted(node_states.items())
+            }
+            files[NODES_FILE] = save(payload)
+        manifest = {
+            "format": FORMAT,
+            "round": server_round,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": {name: _digest(data) for name, data in files.items()},
+            "history": {"bytes": self._history_bytes, "sha256": self._history_hash.hexdigest()},
+        }
+        final = self._publish(server_round, files, manifest)
+        self._link_model(final)
+        self._prune()
+        return final
+
+    def _append_history(self, row: dict[str, Any]) -> None:
+        line = (json.dumps(row, sort_keys=True) + "\n").encode()
+        with open(self.path / HISTORY, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._history_hash.update(line)
+        self._history_bytes += len(line)
+        self._rows.append(row)
+
+    def _publish(self, server_round: int, files: dict[str, bytes], manifest: dict) -> Path:
+        root = self.path / COMMITS
+        final = root / commit_name(server_round)
+        if final.exists():
+            raise FedmlError(f"{final} already exists; the run directory was changed meanwhile.")
+        staging = root / f".{final.name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for name, data in files.items():
+            _write_synced(staging / name, data)
+        _write_synced(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+        fsync_dir(staging)
+        os.rename(staging, final)
+        fsync_dir(root)
+        return final
+
+    def _link_model(self, commit: Path) -> None:
+        """Point model.safetensors at the commit's arrays: a hard link swapped in
+        atomically (a copy on file systems without hard links)."""
+        source, target = commit / ARRAYS_FILE, self.path / MODEL
+        staging = self.path / f".{MODEL}.{os.getpid()}.tmp"
+        staging.unlink(missing_ok=True)
+        try:
+            os.link(source, staging)
+        except OSError:
+            atomic_write(target, source.read_bytes())
+            return
+        os.replace(staging, target)
+        fsync_dir(self.path)
+
+    def kept_rounds(self, committed: list[int]) -> set[int]:
+        """The newest `checkpoint.keep` rounds of `committed` plus the best one."""
+        keep = set(sorted(committed)[-self.cfg.checkpoint.keep :])
+        best = self.best_row([r for r in self._rows if r.get("round") in set(committed)])
+        if best is not None:
+            keep.add(best["round"])
+        return keep
+
+    def best_row(self, rows: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        monitor = Monitor(self.cfg.checkpoint.monitor, self.cfg.checkpoint.mode)
+        return monitor.best(self._rows if rows is None else rows)
+
+    def _prune(self) -> None:
+        commits = {_commit_round(p): p for p in self.commit_dirs()}
+        keep = self.kept_rounds([r for r in commits if r is not None])
+        for server_round, commit in commits.items():
+            if server_round not in keep:
+                doomed = commit.with_name(f".prune-{commit.name}")
+                os.rename(commit, doomed)
+                shutil.rmtree(doomed)
+
+    # -- reading ------------------------------------------------------------------------
     def history(self) -> list[dict[str, Any]]:
-        """All history rows written so far."""
+        """All history rows in history.jsonl."""
         lines = (self.path / HISTORY).read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line.strip()]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """History rows of this session's view (after `resume` or `commit`)."""
+        return list(self._rows)
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What `fedml runs` reports about one run directory."""
+
+    path: Path
+    cfg: RunConfig
+    commits: list[CommitCheck]
+    rounds_done: int
+    last_commit_time: str | None
+    stop_reason: str | None
+    best: dict[str, Any] | None
+    best_metric: str | None
+    set_aside: list[str]
+
+    @property
+    def state(self) -> str:
+        """finished | interrupted | not started | damaged."""
+        if self.commits and not any(c.problem is None for c in self.commits):
+            return "damaged"
+        if self.rounds_done == 0:
+            return "not started"
+        return "finished" if self.stop_reason else "interrupted"
+
+
+def run_status(path: Path) -> RunStatus:
+    """Verify every commit of the run at `path` and summarise it (read-only)."""
+    store = RunStore.open(path)
+    checks = [store.check(c) for c in store.commit_dirs()]
+    intact = [c for c in checks if c.problem is None]
+    rounds_done, created, stop_reason = 0, None, None
+    if intact:
+        newest = intact[-1].path
+        rounds_done = intact[-1].round
+        created = json.loads((newest / MANIFEST).read_bytes()).get("created")
+        stop_reason = json.loads((newest / STATE_FILE).read_bytes()).get("stop_reason")
+    committed = {c.round for c in intact}
+    monitor = Monitor(store.cfg.checkpoint.monitor, store.cfg.checkpoint.mode)
+    best = monitor.best([r for r in _read_rows(path) if r.get("round") in committed])
+    damaged_root = path / DAMAGED
+    return RunStatus(
+        path=path,
+        cfg=store.cfg,
+        commits=checks,
+        rounds_done=rounds_done,
+        last_commit_time=created,
+        stop_reason=stop_reason,
+        best=best,
+        best_metric=monitor.name(best) if best else None,
+        set_aside=sorted(p.name for p in damaged_root.iterdir()) if damaged_root.is_dir() else [],
+    )
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """History rows that parse (a damaged tail is skipped, not fatal, for reporting)."""
+    rows = []
+    try:
+        lines = (path / HISTORY).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+class _Damaged(Exception):
+    """A commit failed verification (internal: callers get `CommitCheck` or FedmlError)."""
+
+
+def _commit_round(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(COMMIT_PREFIX) or not name[len(COMMIT_PREFIX) :].isdigit():
+        return None
+    return int(name[len(COMMIT_PREFIX) :])

@@ -3,16 +3,19 @@
 One loop serves every engine (in-process, Flower's Simulation Runtime, real SuperNodes):
 it only talks to a Flower `Grid` and a Flower `Strategy`.
 
-    for round r in 1..rounds:
+    for round r in (last committed round + 1)..rounds:
         messages = strategy.configure_train(r, arrays, config, grid)
         replies  = grid.send_and_receive(messages)         # stragglers shaped here
         arrays, train_metrics = strategy.aggregate_train(r, replies)
         evaluate = federated (strategy.configure/aggregate_evaluate) + centralized
-        run_dir.commit_round(arrays, history row)
+        store.commit(r, arrays, history row, component state, node state)
+
+Resume is the same loop started from a checkpoint: no second code path.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +30,12 @@ from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Federation, federation_for
 from fedml.models import model_for
-from fedml.runstore import RunDir, default_run_path
+from fedml.runstore import Checkpoint, RunStore, default_run_path
+
+log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
+STOP_MAX_ROUNDS = "max rounds"
 
 
 @dataclass
@@ -40,6 +46,8 @@ class RunSummary:
     rounds: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None
+    stop_reason: str | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -101,61 +109,124 @@ class Experiment:
 def run_experiment(
     grid: Grid,
     experiment: Experiment,
-    run_dir: RunDir,
+    store: RunStore,
     on_round: RoundCallback | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> RunSummary:
-    """Run `cfg.rounds` rounds of federated training on `grid`, committing each round."""
+    """Run rounds up to `cfg.rounds` on `grid`, committing each one to `store`.
+
+    With a `checkpoint` the run continues after its round: global arrays, component
+    state (strategy, scenarios) and per-node state come from the commit, so the rounds
+    that follow are the ones an uninterrupted run would have played.
+    """
     from simulations.scenarios import Stragglers
 
     started = time.perf_counter()
-    cfg, strategy, evaluator = experiment.cfg, experiment.strategy, experiment.evaluator
+    cfg, evaluator = experiment.cfg, experiment.evaluator
+    components: dict[str, Any] = {
+        "strategy": experiment.strategy,
+        "stragglers": Stragglers(cfg.simulation.stragglers, seed=cfg.seed + 1),
+    }
     arrays = from_state_dict(evaluator.model.state_dict())
-    stragglers = Stragglers(cfg.simulation.stragglers, seed=cfg.seed + 1)
-    keeps_partial_work = getattr(strategy, "keeps_partial_work", False)
+    if checkpoint is not None:
+        arrays = checkpoint.arrays
+        restore_components(components, checkpoint.state)
+        if hasattr(grid, "load_node_states"):
+            grid.load_node_states(checkpoint.node_states)
+    done = checkpoint.round if checkpoint else 0
+    history = store.rows
+    stop_reason = checkpoint.stop_reason if checkpoint and done >= cfg.rounds else None
 
-    history: list[dict[str, Any]] = []
-    for server_round in range(1, cfg.rounds + 1):
-        round_start = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, arrays, train_config(cfg), grid))
-        straggler_ids = stragglers.apply(messages, cfg.client.local_epochs)
-        replies = list(grid.send_and_receive(messages))
-        ok = [m for m in replies if not m.has_error()]
-        kept = (
-            ok
-            if keeps_partial_work
-            else [m for m in ok if m.metadata.src_node_id not in straggler_ids]
+    for server_round in range(done + 1, cfg.rounds + 1):
+        arrays, row = play_round(server_round, arrays, grid, experiment, components)
+        stop_reason = STOP_MAX_ROUNDS if server_round == cfg.rounds else None
+        store.commit(
+            server_round,
+            arrays,
+            row,
+            state=capture_components(components),
+            node_states=grid.node_states() if hasattr(grid, "node_states") else None,
+            stop_reason=stop_reason,
         )
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, kept)
-        if new_arrays is not None:
-            arrays = new_arrays
-
-        eval_messages = list(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
-        )
-        eval_replies = list(grid.send_and_receive(eval_messages))
-        eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
-
-        row = {
-            "round": server_round,
-            "train": _with_examples(train_metrics, kept),
-            "evaluate": _with_examples(
-                eval_metrics, [m for m in eval_replies if not m.has_error()]
-            ),
-            "server": evaluator(arrays),
-            "clients": {
-                "sampled": len(messages),
-                "replied": len(ok),
-                "failed": len(messages) - len(ok),
-                "stragglers": len(straggler_ids),
-                "aggregated": len(kept),
-            },
-            "seconds": round(time.perf_counter() - round_start, 4),
-        }
-        run_dir.commit_round(arrays, row)
         history.append(row)
         if on_round:
             on_round(row)
-    return RunSummary(run_dir.path, len(history), time.perf_counter() - started, history)
+    return RunSummary(
+        store.path,
+        len(history),
+        time.perf_counter() - started,
+        history,
+        resumed_from=checkpoint.round if checkpoint else None,
+        stop_reason=stop_reason,
+    )
+
+
+def play_round(
+    server_round: int,
+    arrays: ArrayRecord,
+    grid: Grid,
+    experiment: Experiment,
+    components: dict[str, Any],
+) -> tuple[ArrayRecord, dict[str, Any]]:
+    """One round: train, aggregate, evaluate. Returns the new global arrays and the
+    round's history row."""
+    round_start = time.perf_counter()
+    cfg, strategy = experiment.cfg, experiment.strategy
+    messages = list(strategy.configure_train(server_round, arrays, train_config(cfg), grid))
+    straggler_ids = components["stragglers"].apply(messages, cfg.client.local_epochs)
+    replies = list(grid.send_and_receive(messages))
+    ok = [m for m in replies if not m.has_error()]
+    keeps_partial_work = getattr(strategy, "keeps_partial_work", False)
+    kept = (
+        ok if keeps_partial_work else [m for m in ok if m.metadata.src_node_id not in straggler_ids]
+    )
+    new_arrays, train_metrics = strategy.aggregate_train(server_round, kept)
+    if new_arrays is not None:
+        arrays = new_arrays
+
+    eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+    eval_replies = list(grid.send_and_receive(eval_messages))
+    eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
+
+    row = {
+        "round": server_round,
+        "train": _with_examples(train_metrics, kept),
+        "evaluate": _with_examples(eval_metrics, [m for m in eval_replies if not m.has_error()]),
+        "server": experiment.evaluator(arrays),
+        "clients": {
+            "sampled": len(messages),
+            "replied": len(ok),
+            "failed": len(messages) - len(ok),
+            "stragglers": len(straggler_ids),
+            "aggregated": len(kept),
+        },
+        "seconds": round(time.perf_counter() - round_start, 4),
+    }
+    return arrays, row
+
+
+def capture_components(components: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict()` of every component that has one (the stateful-component protocol)."""
+    return {
+        name: component.state_dict()
+        for name, component in components.items()
+        if callable(getattr(component, "state_dict", None))
+    }
+
+
+def restore_components(components: dict[str, Any], state: dict[str, Any]) -> None:
+    """Give each component its committed state; say so when one cannot take it."""
+    for name, component in components.items():
+        loader = getattr(component, "load_state_dict", None)
+        if callable(loader) and name in state:
+            loader(state[name])
+        else:
+            log.warning(
+                "%s %s has no committed state (no state_dict()/load_state_dict()); "
+                "its internal state restarts on resume",
+                name,
+                type(component).__name__,
+            )
 
 
 def _with_examples(metrics: MetricRecord | None, replies: list[Message]) -> dict[str, Any] | None:
@@ -177,5 +248,5 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point under Flower's runtimes (`flwr run`): the same loop as `fedml simulate`."""
     cfg = RunConfig.from_flat(dict(context.run_config))
     experiment = Experiment.prepare(cfg)
-    run_dir = RunDir.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
-    run_experiment(grid, experiment, run_dir)
+    store = RunStore.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
+    run_experiment(grid, experiment, store)

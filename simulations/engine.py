@@ -1,20 +1,36 @@
-"""Run a config on the chosen engine: the one function `fedml simulate` calls."""
+"""Run a config on the chosen engine: the functions `fedml simulate` calls."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from fedml.config import RunConfig
-from fedml.runstore import RunDir, default_run_path
+from fedml.config import RunConfig, resume_config
+from fedml.runstore import RunStore, default_run_path
 from fedml.server import Experiment, RoundCallback, RunSummary, run_experiment
 
 
-def simulate(cfg: RunConfig, on_round: RoundCallback | None = None) -> RunSummary:
-    """Run `cfg` with the in-process engine and write its run directory."""
+def open_resume(path: Path, overrides: dict[str, Any]) -> tuple[RunStore, RunConfig]:
+    """The run directory at `path` and the config to continue it with: the stored
+    config plus the resumable overrides (any other change is refused)."""
+    store = RunStore.open(path)
+    return store, resume_config(store.cfg, overrides)
+
+
+def simulate(
+    cfg: RunConfig, on_round: RoundCallback | None = None, resume: RunStore | None = None
+) -> RunSummary:
+    """Run `cfg` with the in-process engine: a new run directory, or continue `resume`
+    (opened with `open_resume`) from its newest intact commit."""
     from clients.app import app as client_app
     from simulations.inprocess import InProcessGrid
 
     experiment = Experiment.prepare(cfg)  # user errors surface before anything is written
-    run_dir = RunDir.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
-    grid = InProcessGrid(client_app, cfg.simulation.clients, cfg.to_flat())
-    return run_experiment(grid, experiment, run_dir, on_round=on_round)
+    checkpoint = None
+    if resume is None:
+        store = RunStore.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
+    else:
+        store = resume
+        checkpoint, _ = store.resume(cfg)
+    grid = InProcessGrid(client_app, cfg.simulation.clients, store.cfg.to_flat())
+    return run_experiment(grid, experiment, store, on_round=on_round, checkpoint=checkpoint)

@@ -3,8 +3,9 @@
 No Ray, no SuperLink, no polling: `send_and_receive` calls the ClientApp once per message
 and returns the replies. Each virtual node keeps one Flower `Context` for the whole run
 (node config `partition-id`/`num-partitions`, like Flower's Simulation Runtime), so
-per-client state in `context.state` survives across rounds. A ClientApp that raises
-produces an error reply, exactly as a failing SuperNode would.
+per-client state in `context.state` survives across rounds, and across a resume: the
+run store commits `node_states()` each round and `load_node_states` puts it back. A
+ClientApp that raises produces an error reply, exactly as a failing SuperNode would.
 """
 
 from __future__ import annotations
@@ -94,6 +95,16 @@ class InProcessGrid(Grid):
         """Deliver every message and return every reply (calls run to completion, so
         `timeout` cannot cut one short in-process)."""
         return self.pull_messages(self.push_messages(messages))
+
+    # -- per-node state (the run store commits it) -----------------------------------
+    def node_states(self) -> dict[int, RecordDict]:
+        """Each node's `Context.state` that holds anything."""
+        return {node: ctx.state for node, ctx in self.contexts.items() if len(ctx.state) > 0}
+
+    def load_node_states(self, states: dict[int, RecordDict]) -> None:
+        """Put committed per-node state back (nodes not named start empty)."""
+        for node, ctx in self.contexts.items():
+            ctx.state = states.get(node, RecordDict())
 
     # -- delivery -----------------------------------------------------------------------
     def _deliver(self, message: Message) -> Message:

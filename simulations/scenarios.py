@@ -13,6 +13,8 @@ import random
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fedml.statefile import rng_state, set_rng_state
+
 
 class Stragglers:
     """Assigns partial local work to a fraction of each round's sampled clients."""
@@ -36,3 +38,10 @@ class Stragglers:
             config["local-epochs"] = self.rng.randint(1, full_epochs)
             message.content = RecordDict({**message.content, "config": config})
         return {messages[i].metadata.dst_node_id for i in chosen}
+
+    def state_dict(self) -> dict:
+        """The RNG state, so a resumed run picks the same stragglers."""
+        return {"rng": rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(self.rng, state["rng"])

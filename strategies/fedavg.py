@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
+from fedml.statefile import rng_state, set_rng_state
 from strategies.aggregate import WeightedMean
 
 log = getLogger(__name__)
@@ -98,9 +99,8 @@ class FedAvg(FlowerFedAvg):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """What later rounds depend on (the sampling RNG), for the run store."""
-        return {"rng": self.rng.getstate()}
+        return {"rng": rng_state(self.rng)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        set_rng_state(self.rng, state["rng"])

@@ -14,7 +14,7 @@ from clients.app import app as fedml_client_app
 from fedml.config import load_config
 from fedml.data import load_federation
 from fedml.models import build_model
-from fedml.runstore import RunDir
+from fedml.runstore import RunStore
 from fedml.server import Experiment, run_experiment
 from fedml.server import app as fedml_server_app
 from simulations.inprocess import InProcessGrid
@@ -66,7 +66,7 @@ def stock_evaluate(msg: Message, context: Context):
 def test_stock_flower_client_trains_under_our_strategies(tmp_path, strategy):
     cfg = load_config(None, {"rounds": 3, "simulation.clients": 4, "strategy.name": strategy})
     grid = InProcessGrid(stock_app, 4, cfg.to_flat())
-    summary = run_experiment(grid, Experiment.prepare(cfg), RunDir.create(tmp_path / "run", cfg))
+    summary = run_experiment(grid, Experiment.prepare(cfg), RunStore.create(tmp_path / "run", cfg))
     first, last = summary.history[0], summary.history[-1]
     assert last["clients"]["aggregated"] == 4
     assert last["evaluate"]["eval_acc"] > first["evaluate"]["eval_acc"]
@@ -96,4 +96,4 @@ def test_server_app_runs_the_same_loop_as_simulate(tmp_path):
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flat()
     )
     fedml_server_app(grid, context)
-    assert len(RunDir(tmp_path / "r").history()) == 2
+    assert len(RunStore.open(tmp_path / "r").history()) == 2

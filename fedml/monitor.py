@@ -1,0 +1,60 @@
+"""The metric a run watches: which history value, and whether bigger is better.
+
+A history row (see `fedml.server`) holds metric groups `server` (centralised test set),
+`evaluate` (federated evaluation) and `train`. A monitored metric is named
+"<group>.<metric>", e.g. "server.accuracy" or "evaluate.loss".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MONITORED_SOURCES = ("server", "evaluate", "train")
+AUTO_ORDER = ("server.accuracy", "evaluate.accuracy", "train.loss")
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """A configured metric ("auto" resolves per row) and its direction."""
+
+    metric: str = "auto"
+    mode: str = "auto"
+
+    def name(self, row: dict[str, Any]) -> str | None:
+        """The metric this row is judged by (None when the row has none of them)."""
+        candidates = AUTO_ORDER if self.metric == "auto" else (self.metric,)
+        return next((m for m in candidates if _lookup(row, m) is not None), None)
+
+    def value(self, row: dict[str, Any]) -> float | None:
+        """The monitored value of a history row; None when absent or not finite."""
+        name = self.name(row)
+        return None if name is None else _lookup(row, name)
+
+    def maximise(self, name: str) -> bool:
+        if self.mode != "auto":
+            return self.mode == "max"
+        return "loss" not in name.rsplit(".", 1)[-1]
+
+    def best(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The best row (earliest on ties), judged by the first row's metric name."""
+        scored = [(row, self.value(row)) for row in rows]
+        scored = [(row, v) for row, v in scored if v is not None]
+        if not scored:
+            return None
+        name = self.name(scored[0][0])
+        sign = 1.0 if self.maximise(name) else -1.0
+        best_row, best_value = scored[0]
+        for row, value in scored[1:]:
+            if self.name(row) == name and sign * value > sign * best_value:
+                best_row, best_value = row, value
+        return best_row
+
+
+def _lookup(row: dict[str, Any], name: str) -> float | None:
+    group, _, metric = name.partition(".")
+    value = (row.get(group) or {}).get(metric)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)

@@ -1,0 +1,81 @@
+"""`fedml runs`: what a run directory holds, or a table of the runs under a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fedml.errors import FedmlError
+from fedml.runstore import CONFIG, RunStatus, run_status
+
+
+def show_runs(path: Path, console: Console) -> None:
+    """One run's status when `path` is a run directory, else one line per run in it."""
+    if (path / CONFIG).is_file():
+        print_status(run_status(path), console)
+        return
+    runs = sorted(p for p in path.iterdir() if (p / CONFIG).is_file()) if path.is_dir() else []
+    if not runs:
+        raise FedmlError(
+            f"{path} is neither a run directory nor a folder of runs (no {CONFIG} found). "
+            "Pass a `fedml simulate --out` directory or its parent (default: runs)."
+        )
+    table = Table(title=f"runs in {path}", title_justify="left")
+    for column in ("run", "status", "rounds", "best", "experiment"):
+        table.add_column(column)
+    for run in runs:
+        status = run_status(run)
+        table.add_row(
+            run.name,
+            _state_text(status),
+            f"{status.rounds_done}/{status.cfg.rounds}",
+            _best_text(status),
+            _experiment_text(status),
+        )
+    console.print(table)
+
+
+def print_status(status: RunStatus, console: Console) -> None:
+    """The detailed view of one run."""
+    table = Table(title=f"run {status.path}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("status", _state_text(status))
+    table.add_row("rounds done", f"{status.rounds_done} of {status.cfg.rounds}")
+    table.add_row("experiment", _experiment_text(status))
+    intact = [c for c in status.commits if c.problem is None]
+    if intact:
+        table.add_row("last commit", f"round {intact[-1].round} at {status.last_commit_time}")
+        table.add_row("commits kept", ", ".join(str(c.round) for c in status.commits))
+    table.add_row("best round", _best_text(status))
+    for check in status.commits:
+        if check.problem:
+            table.add_row("[red]damaged[/]", f"{check.path.name}: {check.problem}")
+    if status.set_aside:
+        table.add_row("set aside", f"damaged/: {', '.join(status.set_aside)}")
+    if status.state == "interrupted":
+        table.add_row("resume with", f"fedml simulate --resume {status.path}")
+    console.print(table)
+
+
+def _state_text(status: RunStatus) -> str:
+    if status.state == "finished":
+        return f"finished ({status.stop_reason})"
+    return status.state
+
+
+def _best_text(status: RunStatus) -> str:
+    if status.best is None or status.best_metric is None:
+        return "-"
+    group, _, metric = status.best_metric.partition(".")
+    return f"round {status.best['round']}: {status.best_metric} {status.best[group][metric]:.4f}"
+
+
+def _experiment_text(status: RunStatus) -> str:
+    cfg = status.cfg
+    return (
+        f"{cfg.strategy.name}, {cfg.model.name} on {cfg.data.dataset} "
+        f"({cfg.data.partition}), {cfg.simulation.clients} clients, seed {cfg.seed}"
+    )
