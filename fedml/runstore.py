@@ -147,7 +147,7 @@ class CommitCheck:
 def _encode_arrays(arrays: ArrayRecord, server_round: int) -> bytes:
     from safetensors.numpy import save
 
-    tensors = {k: np.ascontiguousarray(to_numpy(v)) for k, v in arrays.items()}
+    tensors = {k: np.require(to_numpy(v), requirements="C") for k, v in arrays.items()}
     # One metadata entry: safetensors orders several entries differently from process
     # to process, and the same model must give the same bytes.
     metadata = {ARRAYS_METADATA: json.dumps({"round": server_round, "keys": list(tensors)})}
@@ -459,6 +459,8 @@ class RunStore:
         """Point model.safetensors at the commit's arrays: a hard link swapped in
         atomically (a copy on file systems without hard links)."""
         source, target = commit / ARRAYS_FILE, self.path / MODEL
+        if target.exists() and os.path.samefile(source, target):
+            return  # already linked (renaming a link onto itself would do nothing)
         staging = self.path / f".{MODEL}.{os.getpid()}.tmp"
         staging.unlink(missing_ok=True)
         try:

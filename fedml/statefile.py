@@ -29,16 +29,21 @@ def encode_state(state: Any) -> tuple[Any, dict[str, np.ndarray]]:
     """Split `state` into a JSON-ready value and the arrays it references."""
     arrays: dict[str, np.ndarray] = {}
 
-    def put(array: np.ndarray) -> str:
+    def put(array: np.ndarray, where: str) -> str:
+        if array.dtype.kind not in "biuf":
+            raise TypeError(
+                f"state at {where or 'top'}: arrays of dtype {array.dtype} cannot be stored "
+                "(use bool, integer or float arrays)"
+            )
         name = f"a{len(arrays)}"
-        arrays[name] = np.ascontiguousarray(array)
+        arrays[name] = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
         return name
 
     def walk(value: Any, where: str) -> Any:
         if isinstance(value, np.ndarray):
-            return {ARRAY: put(value)}
+            return {ARRAY: put(value, where)}
         if isinstance(value, ArrayRecord):
-            return {ARRAY_RECORD: [[key, put(to_numpy(a))] for key, a in value.items()]}
+            return {ARRAY_RECORD: [[k, put(to_numpy(a), f"{where}.{k}")] for k, a in value.items()]}
         if isinstance(value, np.generic):
             return value.item()
         if isinstance(value, dict):

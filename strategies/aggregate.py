@@ -48,13 +48,13 @@ class WeightedMean:
             raise ValueError("no arrays were added")
         averaged: dict[str, Array] = {}
         for key, total in self._sums.items():
-            mean = total / self.total_weight
+            mean = np.asarray(total / self.total_weight)  # 0-d stays an array
             dtype = self._dtypes[key]
             if not np.issubdtype(dtype, np.floating) and not np.issubdtype(
                 dtype, np.complexfloating
             ):
                 mean = np.rint(mean)
-            averaged[key] = from_numpy(np.ascontiguousarray(mean.astype(dtype)))
+            averaged[key] = from_numpy(np.require(mean.astype(dtype), requirements="C"))
         return record_of(averaged)
 
 

@@ -14,7 +14,7 @@ from strategies.aggregate import WeightedMean, weighted_mean
 
 finite = st.floats(-1e3, 1e3, width=32)
 unit = st.floats(-1, 1, width=32)  # the scale of real model weights
-shapes = st.sampled_from([(3,), (2, 4), (5, 1, 2)])
+shapes = st.sampled_from([(), (3,), (2, 4), (5, 1, 2)])
 
 
 @st.composite
@@ -84,7 +84,7 @@ def test_integer_buffers_stay_integers_and_are_rounded():
         (ArrayRecord({"num_batches_tracked": Array(np.array(13, dtype=np.int64))}), 2.0),
     ]
     result = weighted_mean(records)["num_batches_tracked"].numpy()
-    assert result.dtype == np.int64
+    assert result.dtype == np.int64 and result.shape == ()
     assert result == 12  # (10 + 26) / 3
     # Flower's helper turns the same buffer into float64: the behaviour we avoid.
     contents = [RecordDict({"arrays": r, "metrics": MetricRecord({"n": w})}) for r, w in records]

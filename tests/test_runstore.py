@@ -1,0 +1,287 @@
+"""The run store: commits round-trip, retention, and every kind of damage at resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from fedml.arrays import from_numpy, from_state_dict, to_numpy
+from fedml.config import load_config, with_overrides
+from fedml.errors import FedmlError
+from fedml.runstore import RunStore, read_model, run_status
+from fedml.statefile import rng_state
+
+
+def _cfg(tmp_path: Path, **overrides):
+    return load_config(None, {"simulation.clients": 3, "out": str(tmp_path / "run"), **overrides})
+
+
+def _arrays(value: float) -> ArrayRecord:
+    """Arrays in a deliberately unsorted key order, several dtypes, a 0-d buffer."""
+    return ArrayRecord(
+        {
+            "z.weight": from_numpy(np.full((2, 3), value, dtype=np.float32)),
+            "a.bias": from_numpy(np.full((3,), value, dtype=np.float64)),
+            "bn.num_batches_tracked": from_numpy(np.array(int(value * 10), dtype=np.int64)),
+        }
+    )
+
+
+def _row(server_round: int, accuracy: float) -> dict:
+    return {"round": server_round, "server": {"accuracy": accuracy, "loss": 1.0 - accuracy}}
+
+
+def _run_with_commits(tmp_path: Path, accuracies: list[float], **overrides) -> RunStore:
+    store = RunStore.create(tmp_path / "run", _cfg(tmp_path, **overrides))
+    for r, acc in enumerate(accuracies, start=1):
+        store.commit(r, _arrays(r), _row(r, acc), state={"strategy": {"r": r}})
+    return store
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def _same_arrays(a: ArrayRecord, b: ArrayRecord) -> bool:
+    return list(a.keys()) == list(b.keys()) and all(
+        to_numpy(a[k]).dtype == to_numpy(b[k]).dtype
+        and to_numpy(a[k]).shape == to_numpy(b[k]).shape
+        and to_numpy(a[k]).tobytes() == to_numpy(b[k]).tobytes()
+        for k in a
+    )
+
+
+def _resume(tmp_path: Path, **overrides):
+    store = RunStore.open(tmp_path / "run")
+    return store, store.resume(with_overrides(store.cfg, overrides))
+
+
+# ---------------------------------------------------------------------------- round trip
+def test_a_commit_round_trips_everything_the_loop_needs(tmp_path):
+    store = RunStore.create(tmp_path / "run", _cfg(tmp_path))
+    rng = random.Random(3)
+    rng.random()
+    state = {"strategy": {"rng": rng_state(rng), "momentum": np.arange(4.0)}, "x": [1, None]}
+    nodes = {2: RecordDict({"ledger": MetricRecord({"epsilon": 0.5, "steps": 12})})}
+    store.commit(1, _arrays(1.5), _row(1, 0.5), state=state, node_states=nodes)
+
+    checkpoint = RunStore.open(tmp_path / "run").latest_valid()[0]
+    assert checkpoint.round == 1 and checkpoint.stop_reason is None
+    assert _same_arrays(checkpoint.arrays, _arrays(1.5))
+    assert checkpoint.state["strategy"]["rng"] == json.loads(json.dumps(rng_state(rng)))
+    assert checkpoint.state["strategy"]["momentum"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert checkpoint.state["x"] == [1, None]
+    assert dict(checkpoint.node_states[2]["ledger"]) == {"epsilon": 0.5, "steps": 12}
+
+
+def test_model_file_is_the_latest_commit_and_loads_in_plain_torch(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    store = RunStore.create(tmp_path / "run", _cfg(tmp_path))
+    store.commit(1, from_state_dict(model.state_dict()), _row(1, 0.1), state={})
+    store.commit(2, _arrays(2.0), _row(2, 0.2), state={}, stop_reason="max rounds")
+    assert _same_arrays(read_model(tmp_path / "run" / "model.safetensors"), _arrays(2.0))
+
+    (tmp_path / "other").mkdir()
+    first = RunStore.create(tmp_path / "other", _cfg(tmp_path))
+    first.commit(1, from_state_dict(model.state_dict()), _row(1, 0.1), state={})
+    loaded = load_file(tmp_path / "other" / "model.safetensors")
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    fresh.load_state_dict(loaded, strict=True)  # 0-d num_batches_tracked keeps its shape
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_same_commit_gives_the_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        RunStore.create(tmp_path / name / "run", _cfg(tmp_path / name)).commit(
+            1, _arrays(1.0), _row(1, 0.5), state={"s": [1.5]}
+        )
+    a, b = (tmp_path / n / "run" / "commits" / "round-000001" for n in "ab")
+    for name in ("arrays.safetensors", "state.json", "state.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+# ---------------------------------------------------------------------------- retention
+@settings(max_examples=25)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=9), st.integers(1, 4))
+def test_keeps_the_newest_k_commits_plus_the_best(accuracies, keep):
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _run_with_commits(Path(tmp), accuracies, **{"checkpoint.keep": keep})
+        kept = {int(p.name.split("-")[1]) for p in store.commit_dirs()}
+        best = 1 + max(range(len(accuracies)), key=lambda i: (accuracies[i], -i))
+        newest = set(range(max(1, len(accuracies) - keep + 1), len(accuracies) + 1))
+        assert kept == newest | {best}
+        assert not [p for p in (Path(tmp) / "run" / "commits").iterdir() if p.name[0] == "."]
+
+
+def test_best_follows_the_monitored_metric_and_mode(tmp_path):
+    store = _run_with_commits(
+        tmp_path,
+        [0.9, 0.1, 0.5, 0.6],
+        **{"checkpoint.keep": 1, "checkpoint.monitor": "server.loss"},
+    )
+    # server.loss = 1 - accuracy; "auto" mode minimises a loss: round 1 has the lowest
+    assert [p.name for p in store.commit_dirs()] == ["round-000001", "round-000004"]
+
+
+# ---------------------------------------------------------------------------- damage
+def _flip_byte(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+NEWEST = Path("commits/round-000003")
+DAMAGE = {
+    "truncated arrays": (lambda run: _truncate(run / NEWEST / "arrays.safetensors"), "checksum"),
+    "flipped byte in state": (lambda run: _flip_byte(run / NEWEST / "state.json", 10), "checksum"),
+    "missing manifest": (lambda run: (run / NEWEST / "MANIFEST.json").unlink(), "is missing"),
+    "missing arrays": (lambda run: (run / NEWEST / "arrays.safetensors").unlink(), "missing"),
+    "edited last history row": (lambda run: _flip_byte(run / "history.jsonl", -5), "modified"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_newest_commit_falls_back_to_the_previous_and_says_so(tmp_path, caplog, damage):
+    _run_with_commits(tmp_path, [0.1, 0.2, 0.3])
+    run = tmp_path / "run"
+    harm, problem = DAMAGE[damage]
+    harm(run)
+    with caplog.at_level(logging.WARNING, logger="fedml.runstore"):
+        store, (checkpoint, damaged) = _resume(tmp_path)
+    assert checkpoint.round == 2
+    assert [c.path.name for c in damaged] == ["round-000003"] and problem in damaged[0].problem
+    assert "round-000003 is damaged" in caplog.text and "resuming from round 2" in caplog.text
+    assert (run / "damaged" / "round-000003").is_dir()
+    assert [r["round"] for r in store.history()] == [1, 2]
+    assert _same_arrays(read_model(run / "model.safetensors"), _arrays(2))
+    # the run continues from there and commits round 3 again
+    store.commit(3, _arrays(3.5), _row(3, 0.35), state={})
+    assert [r["round"] for r in store.history()] == [1, 2, 3]
+    assert store.latest_valid()[0].round == 3
+
+
+@pytest.mark.parametrize(
+    "harm",
+    [
+        lambda run: [_flip_byte(p) for p in run.glob("commits/*/arrays.safetensors")],
+        lambda run: (run / "history.jsonl").write_bytes(b""),
+        lambda run: [p.unlink() for p in run.glob("commits/*/MANIFEST.json")],
+    ],
+    ids=["every arrays file flipped", "history emptied", "every manifest missing"],
+)
+def test_no_intact_commit_is_a_clear_error_that_changes_nothing(tmp_path, harm):
+    _run_with_commits(tmp_path, [0.1, 0.2, 0.3])
+    run = tmp_path / "run"
+    harm(run)
+    before = _snapshot(run)
+    with pytest.raises(FedmlError, match=r"No intact commit .* Nothing was changed"):
+        _resume(tmp_path)
+    assert _snapshot(run) == before
+
+
+def test_a_changed_experiment_in_config_toml_is_refused_and_changes_nothing(tmp_path):
+    _run_with_commits(tmp_path, [0.1, 0.2])
+    config = tmp_path / "run" / "config.toml"
+    config.write_text(config.read_text().replace('dataset = "digits"', 'dataset = "breast-cancer"'))
+    before = _snapshot(tmp_path / "run")
+    with pytest.raises(FedmlError, match=r"data.dataset: 'digits' -> 'breast-cancer'"):
+        _resume(tmp_path)
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_lowering_rounds_below_what_is_committed_is_refused(tmp_path):
+    _run_with_commits(tmp_path, [0.1, 0.2, 0.3])
+    with pytest.raises(FedmlError, match="already has 3 committed rounds"):
+        _resume(tmp_path, rounds=2)
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(FedmlError, match="not a fedml run directory"):
+        RunStore.open(tmp_path)
+    with pytest.raises(FedmlError, match="does not exist"):
+        RunStore.open(tmp_path / "nowhere")
+
+
+def test_resume_cleans_what_a_crash_leaves_behind(tmp_path):
+    store = _run_with_commits(tmp_path, [0.1, 0.2])
+    run = tmp_path / "run"
+    # killed in round 3: row appended, commit half-written; an earlier prune half-done
+    with open(run / "history.jsonl", "a") as handle:
+        handle.write(json.dumps(_row(3, 0.3)) + "\n")
+    (run / "commits" / ".round-000003.tmp").mkdir()
+    (run / "commits" / ".round-000003.tmp" / "arrays.safetensors").write_bytes(b"half")
+    (run / "commits" / ".prune-round-000000").mkdir()
+    (run / ".model.safetensors.123.tmp").write_bytes(b"x")
+    del store
+    store, (checkpoint, damaged) = _resume(tmp_path)
+    assert checkpoint.round == 2 and damaged == []
+    assert [r["round"] for r in store.history()] == [1, 2]
+    assert sorted(p.name for p in (run / "commits").iterdir()) == ["round-000001", "round-000002"]
+    assert not list(run.glob(".model*"))
+
+
+def test_a_run_killed_before_its_first_commit_resumes_from_scratch(tmp_path):
+    store = RunStore.create(tmp_path / "run", _cfg(tmp_path))
+    with open(tmp_path / "run" / "history.jsonl", "a") as handle:
+        handle.write(json.dumps(_row(1, 0.3)) + "\n")
+    del store
+    store, (checkpoint, _) = _resume(tmp_path)
+    assert checkpoint is None and store.history() == []
+
+
+def test_an_existing_run_is_never_overwritten_by_create(tmp_path):
+    _run_with_commits(tmp_path, [0.1])
+    with pytest.raises(FedmlError, match="already holds a run"):
+        RunStore.create(tmp_path / "run", _cfg(tmp_path))
+
+
+# ---------------------------------------------------------------------------- status
+def test_status_reports_progress_best_and_damage(tmp_path):
+    store = _run_with_commits(tmp_path, [0.4, 0.9, 0.5, 0.6], **{"rounds": 6})
+    status = run_status(tmp_path / "run")
+    assert (status.state, status.rounds_done, status.cfg.rounds) == ("interrupted", 4, 6)
+    assert status.best["round"] == 2 and status.best_metric == "server.accuracy"
+    assert [c.round for c in status.commits] == [2, 3, 4]
+
+    store.commit(5, _arrays(5), _row(5, 0.7), state={})
+    store.commit(6, _arrays(6), _row(6, 0.7), state={}, stop_reason="max rounds")
+    _truncate(tmp_path / "run" / "commits" / "round-000006" / "arrays.safetensors")
+    status = run_status(tmp_path / "run")
+    assert status.rounds_done == 5 and status.state == "interrupted"
+    assert [c.round for c in status.commits if c.problem] == [6]
+
+    store, _ = _resume(tmp_path)  # sets the damaged round 6 aside
+    store.commit(6, _arrays(6), _row(6, 0.7), state={}, stop_reason="max rounds")
+    status = run_status(tmp_path / "run")
+    assert (status.state, status.stop_reason) == ("finished", "max rounds")
+    assert status.set_aside == ["round-000006"] and not any(c.problem for c in status.commits)
+
+
+def test_config_and_node_records_are_plain_flower_records(tmp_path):
+    """Per-node state holds any Flower record type (what a ClientApp may keep)."""
+    store = RunStore.create(tmp_path / "run", _cfg(tmp_path))
+    state = RecordDict(
+        {
+            "c": ConfigRecord({"k": "v"}),
+            "a": ArrayRecord({"x": from_numpy(np.ones(2, dtype=np.float32))}),
+        }
+    )
+    store.commit(1, _arrays(1), _row(1, 0.1), state={}, node_states={1: state, 3: state})
+    nodes = store.latest_valid()[0].node_states
+    assert sorted(nodes) == [1, 3] and dict(nodes[3]["c"]) == {"k": "v"}
