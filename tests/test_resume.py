@@ -1,0 +1,200 @@
+"""Resume through the round loop and the CLI: the continued run is the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message
+from flwr.clientapp import ClientApp
+
+from clients import app as fedml_client
+from fedml.config import load_config
+from fedml.runstore import RunStore
+from fedml.server import Experiment, run_experiment
+from simulations.engine import open_resume, simulate
+from simulations.inprocess import InProcessGrid
+
+
+class Crash(Exception):
+    """Stands in for a process dying right after a round was committed."""
+
+
+def _crash_at(server_round: int):
+    def on_round(row):
+        if row["round"] == server_round:
+            raise Crash
+
+    return on_round
+
+
+def _overrides(tmp_path: Path, name: str, strategy: str = "fedavg") -> dict:
+    """Sampling, stragglers and pruning all on: every RNG and state path is exercised."""
+    return {
+        "rounds": 5,
+        "simulation.clients": 6,
+        "strategy.name": strategy,
+        "strategy.fraction_train": 0.5,
+        "strategy.fraction_evaluate": 0.5,
+        "simulation.stragglers": 0.5,
+        "client.local_epochs": 1,
+        "checkpoint.keep": 2,
+        "out": str(tmp_path / name),
+    }
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def _assert_identical_runs(a: Path, b: Path) -> None:
+    assert _metrics(a) == _metrics(b)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    last = sorted(p.name for p in (a / "commits").iterdir())[-1]
+    for name in ("arrays.safetensors", "state.json", "state.safetensors"):
+        assert (a / "commits" / last / name).read_bytes() == (
+            b / "commits" / last / name
+        ).read_bytes()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+def test_a_run_resumed_after_each_crash_equals_the_straight_run(tmp_path, strategy):
+    straight = simulate(load_config(None, _overrides(tmp_path, "straight", strategy)))
+    assert straight.stop_reason == "max rounds"
+
+    cfg = load_config(None, _overrides(tmp_path, "resumed", strategy))
+    with pytest.raises(Crash):
+        simulate(cfg, on_round=_crash_at(1))
+    for crash_round in (2, 4):
+        store, cfg = open_resume(tmp_path / "resumed", {})
+        with pytest.raises(Crash):
+            simulate(cfg, on_round=_crash_at(crash_round), resume=store)
+    store, cfg = open_resume(tmp_path / "resumed", {})
+    summary = simulate(cfg, resume=store)
+
+    assert summary.resumed_from == 4 and summary.rounds == 5
+    assert summary.stop_reason == "max rounds"
+    _assert_identical_runs(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_extending_a_finished_run_equals_running_longer_from_the_start(tmp_path):
+    simulate(load_config(None, _overrides(tmp_path, "long")))
+    simulate(load_config(None, {**_overrides(tmp_path, "short"), "rounds": 3}))
+    store, cfg = open_resume(tmp_path / "short", {"rounds": 5})
+    summary = simulate(cfg, resume=store)
+    assert summary.resumed_from == 3 and summary.rounds == 5
+    assert "rounds = 5" in (tmp_path / "short" / "config.toml").read_text()
+    _assert_identical_runs(tmp_path / "long", tmp_path / "short")
+
+
+def _counting_client_app() -> ClientApp:
+    """fedml's own training, plus a per-node counter kept in Context.state."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        counter = context.state.config_records.get("visits", ConfigRecord({"n": 0}))
+        counter["n"] = int(counter["n"]) + 1
+        context.state["visits"] = counter
+        reply = fedml_client.train(msg, context)
+        reply.content["metrics"]["visits"] = counter["n"]
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg: Message, context) -> Message:
+        return fedml_client.evaluate_global(msg, context)
+
+    return app
+
+
+def _play(cfg, store, checkpoint=None):
+    grid = InProcessGrid(_counting_client_app(), cfg.simulation.clients, cfg.to_flat())
+    return run_experiment(grid, Experiment.prepare(cfg), store, checkpoint=checkpoint)
+
+
+def test_per_node_context_state_resumes_too(tmp_path):
+    overrides = {
+        "simulation.clients": 3,
+        "client.local_epochs": 1,
+        "strategy.fraction_evaluate": 0.0,
+        "out": str(tmp_path / "run"),
+    }
+    cfg = load_config(None, {**overrides, "rounds": 2})
+    _play(cfg, RunStore.create(tmp_path / "run", cfg))
+    store, cfg = open_resume(tmp_path / "run", {"rounds": 4})
+    checkpoint, _ = store.resume(cfg)
+    assert {n: int(s["visits"]["n"]) for n, s in checkpoint.node_states.items()} == {
+        1: 2,
+        2: 2,
+        3: 2,
+    }
+    summary = _play(cfg, store, checkpoint)
+    # every node trained in every round: the 4th visit, not a restarted count of 2
+    assert summary.history[-1]["train"]["visits"] == 4.0
+
+
+# ---------------------------------------------------------------------------- the CLI
+FEDML = [sys.executable, "-m", "fedml.cli"]
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "150"}
+
+
+def _fedml(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*FEDML, *args], capture_output=True, text=True, timeout=300, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cli") / "run"
+    result = _fedml(
+        "simulate", "--rounds", "2", "--clients", "3", "--local-epochs", "1", "--out", str(run)
+    )
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--lr", "0.5"], "client.lr: 0.1 -> 0.5"),
+        (["--strategy", "fedprox", "--seed", "3"], "seed: 0 -> 3; strategy.name: 'fedavg'"),
+        (["--rounds", "1"], "already has 2 committed rounds"),
+        (["--out", "/tmp/elsewhere"], "drop --out"),
+        (["digits-fedavg"], "drop the CONFIG argument"),
+    ],
+)
+def test_resume_refuses_changes_to_the_experiment(finished_run, args, fragment):
+    before = (finished_run / "history.jsonl").read_bytes()
+    result = _fedml("simulate", "--resume", str(finished_run), *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert fragment in " ".join(result.stderr.split())
+    assert (finished_run / "history.jsonl").read_bytes() == before
+
+
+def test_resuming_a_finished_run_does_nothing_and_succeeds(finished_run):
+    before = (finished_run / "history.jsonl").read_bytes()
+    result = _fedml("simulate", "--resume", str(finished_run), "--clients", "3")
+    assert result.returncode == 0, result.stderr
+    assert "resumed after" in result.stdout and "max rounds" in result.stdout
+    assert (finished_run / "history.jsonl").read_bytes() == before
+
+
+def test_runs_shows_one_run_and_a_folder_of_runs(finished_run):
+    result = _fedml("runs", str(finished_run))
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "finished (max rounds)" in text and "2 of 2" in text
+    rows = [json.loads(line) for line in (finished_run / "history.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: (r["server"]["accuracy"], -r["round"]))
+    expected = f"round {best['round']}: server.accuracy {best['server']['accuracy']:.4f}"
+    assert f"best round │ {expected}" in text
+
+    table = _fedml("runs", str(finished_run.parent))
+    assert table.returncode == 0 and "run" in table.stdout and "2/2" in table.stdout
+
+    missing = _fedml("runs", str(finished_run / "commits"))
+    assert missing.returncode == 2 and "neither a run directory" in missing.stderr
