@@ -350,13 +350,19 @@ def experiment_identity(cfg: RunConfig) -> dict[str, Any]:
 
 
 def identity_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every experiment key that differs."""
-    keys = sorted(set(before) | set(after))
-    return [
-        f"{k}: {before.get(k, '<unset>')!r} -> {after.get(k, '<unset>')!r}"
-        for k in keys
-        if before.get(k) != after.get(k)
-    ]
+    """'key: old -> new' for every experiment key that differs. A key that `before`
+    lacks (a run made before that key existed) counts as its default value."""
+    defaults = experiment_identity(RunConfig())
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key, defaults.get(key)), after.get(key)
+        if old != new:
+            changes.append(f"{key}: {_shown(old)} -> {_shown(new)}")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    return "<unset>" if value is None else repr(value)
 
 
 def resume_config(stored: RunConfig, overrides: dict[str, Any]) -> RunConfig:

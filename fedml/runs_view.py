@@ -57,6 +57,8 @@ def print_status(status: RunStatus, console: Console) -> None:
         table.add_row("set aside", f"damaged/: {', '.join(status.set_aside)}")
     if status.state == "interrupted":
         table.add_row("resume with", f"fedml simulate --resume {status.path}")
+    if status.state == "running":
+        table.add_row("", "a fedml process is writing this run now")
     console.print(table)
 
 

@@ -9,35 +9,43 @@ Layout (a public format, documented in README):
                              best by `checkpoint.monitor` are kept
         arrays.safetensors   the global model (torch state-dict names, in model order)
         state.json           round, stop reason, experiment identity, component state
-        state.safetensors    the arrays that component state references
+        state.safetensors    the arrays that component state references (if any)
         nodes.safetensors    per-node Flower `Context.state` (Flower's protobuf bytes)
-        MANIFEST.json        SHA-256 and size of every file above, and of the
-                             history.jsonl prefix this commit covers
+        MANIFEST.json        SHA-256 and size of every file above and of the
+                             history.jsonl prefix this commit covers, and a SHA-256
+                             of the manifest itself
     damaged/                 commits that failed verification at resume, kept for a look
+    .lock                    held (flock) by the one process writing the run
 
 A round is committed in an order that makes a crash at any instant cost at most that
-round: (1) its history row is appended to history.jsonl and fsynced; (2) the commit's
-files, then its manifest, are written into `commits/.round-000012.tmp` (each fsynced) and
-the directory is renamed into place (atomic) and its parent fsynced — a commit directory
+round: (0) right after aggregation, while the round's evaluation runs, a background
+worker writes the model file into `commits/.round-000012.tmp` and fsyncs it; (1) the
+round's history row is appended to history.jsonl and fsynced; (2) the commit's other
+files, then its manifest, are written into the same folder (each fsynced), and the
+folder is renamed into place (atomic) and its parent fsynced — a commit directory
 without a valid manifest is not a commit; (3) model.safetensors is atomically replaced by
 a hard link to the commit's arrays; (4) commits no longer kept are renamed aside and
-deleted. Resume verifies the newest commit (every checksum and the history prefix), falls
-back to older ones when it is damaged, then truncates history.jsonl to what the chosen
-commit covers and relinks model.safetensors. Nothing is ever read with pickle.
+deleted in the background. Resume verifies the newest commit (every checksum and the
+history prefix), falls back to older ones when it is damaged, then truncates
+history.jsonl to what the chosen commit covers and relinks model.safetensors. Nothing
+is ever read with pickle.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
@@ -61,6 +69,7 @@ HISTORY = "history.jsonl"
 MODEL = "model.safetensors"
 COMMITS = "commits"
 DAMAGED = "damaged"
+LOCK = ".lock"
 MANIFEST = "MANIFEST.json"
 ARRAYS_FILE = "arrays.safetensors"
 STATE_FILE = "state.json"
@@ -119,6 +128,12 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def _digest(data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's own content (all keys but "sha256"), canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------ what a commit holds
@@ -184,6 +199,11 @@ class RunStore:
         self._rows: list[dict[str, Any]] = []
         self._history_hash = hashlib.sha256()
         self._history_bytes = 0
+        # One background worker (started on first use, stopped by `close`): writes
+        # staged model files, deletes pruned commits.
+        self._background: ThreadPoolExecutor | None = None
+        self._staged: tuple[int, Future] | None = None
+        self._lock_handle: IO[str] | None = None
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -199,9 +219,11 @@ class RunStore:
         except OSError as exc:
             raise FedmlError(f"Cannot create run directory {path}: {exc}.") from exc
         cfg = with_overrides(cfg, {"out": str(path)})
+        store = cls(path, cfg)
+        store._lock()
         atomic_write(path / HISTORY, b"")
         atomic_write(path / CONFIG, cfg.to_toml().encode())  # last: marks a run
-        return cls(path, cfg)
+        return store
 
     @classmethod
     def open(cls, path: Path) -> RunStore:
@@ -242,6 +264,8 @@ class RunStore:
             raise _Damaged(f"{MANIFEST} is unreadable ({exc})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise _Damaged(f"{MANIFEST} is not a fedml format-{FORMAT} manifest")
+        if manifest.get("sha256") != _manifest_digest(manifest):
+            raise _Damaged(f"{MANIFEST} fails its own checksum (modified)")
         if manifest.get("round") != _commit_round(commit):
             raise _Damaged(f"{MANIFEST} names round {manifest.get('round')}")
         files: dict[str, bytes] = {}
@@ -311,7 +335,16 @@ class RunStore:
         """Prepare the directory to continue with `cfg`: pick the newest intact commit,
         check it belongs to this experiment, then (and only then) move damaged commits
         to damaged/, cut history.jsonl back to that commit and relink model.safetensors.
-        Returns the checkpoint (None: no round was committed yet) and what was damaged."""
+        Returns the checkpoint (None: no round was committed yet) and what was damaged.
+        The directory stays locked against other fedml processes until `close`."""
+        self._lock()
+        try:
+            return self._resume(cfg)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _resume(self, cfg: RunConfig) -> tuple[Checkpoint | None, list[CommitCheck]]:
         checkpoint, damaged = self.latest_valid()
         done = checkpoint.round if checkpoint else 0
         if checkpoint is not None:
@@ -385,6 +418,24 @@ class RunStore:
         fsync_dir(commit.parent)
 
     # -- committing ---------------------------------------------------------------------
+    def stage(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Start writing (and fsyncing) the round's model file in the background, so the
+        disk works while the round's evaluation runs; `commit` waits for it. Nothing is
+        published until `commit`: a crash meanwhile leaves only a staging folder."""
+        future = self._submit(self._write_arrays, server_round, arrays)
+        self._staged = (server_round, future)
+
+    def _write_arrays(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        staging = self._staging_dir(server_round)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        data = _encode_arrays(arrays, server_round)
+        _write_synced(staging / ARRAYS_FILE, data)
+        return _digest(data)
+
+    def _staging_dir(self, server_round: int) -> Path:
+        return self.path / COMMITS / f".{commit_name(server_round)}.tmp"
+
     def commit(
         self,
         server_round: int,
@@ -394,10 +445,42 @@ class RunStore:
         node_states: dict[int, RecordDict] | None = None,
         stop_reason: str | None = None,
     ) -> Path:
-        """Persist a completed round (see the module docstring for the order of writes)."""
+        """Persist a completed round (see the module docstring for the order of writes).
+        `arrays` must be what was passed to `stage` for this round, if it was staged."""
+        staged_round, future = self._staged or (None, None)
+        self._staged = None
+        if future is not None and staged_round == server_round:
+            arrays_digest = future.result()
+        else:
+            arrays_digest = self._write_arrays(server_round, arrays)
+        self._append_history(row)
+        files = self._state_files(server_round, state, node_states, stop_reason)
+        manifest = {
+            "format": FORMAT,
+            "round": server_round,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": {
+                ARRAYS_FILE: arrays_digest,
+                **{name: _digest(data) for name, data in files.items()},
+            },
+            "history": {"bytes": self._history_bytes, "sha256": self._history_hash.hexdigest()},
+        }
+        manifest["sha256"] = _manifest_digest(manifest)
+        final = self._publish(server_round, files, manifest)
+        self._link_model(final)
+        self._prune()
+        return final
+
+    def _state_files(
+        self,
+        server_round: int,
+        state: dict[str, Any],
+        node_states: dict[int, RecordDict] | None,
+        stop_reason: str | None,
+    ) -> dict[str, bytes]:
+        """state.json, plus state.safetensors and nodes.safetensors when there is content."""
         from safetensors.numpy import save
 
-        self._append_history(row)
         document, state_arrays = encode_state(state)
         state_json = {
             "format": FORMAT,
@@ -406,28 +489,16 @@ class RunStore:
             "experiment": experiment_identity(self.cfg),
             "components": document,
         }
-        files = {
-            ARRAYS_FILE: _encode_arrays(arrays, server_round),
-            STATE_FILE: json.dumps(state_json, sort_keys=True).encode(),
-            STATE_ARRAYS_FILE: save(state_arrays),
-        }
+        files = {STATE_FILE: json.dumps(state_json, sort_keys=True).encode()}
+        if state_arrays:
+            files[STATE_ARRAYS_FILE] = save(state_arrays)
         if node_states:
             payload = {
                 str(n): np.frombuffer(recorddict_to_bytes(r), dtype=np.uint8)
                 for n, r in sorted(node_states.items())
             }
             files[NODES_FILE] = save(payload)
-        manifest = {
-            "format": FORMAT,
-            "round": server_round,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "files": {name: _digest(data) for name, data in files.items()},
-            "history": {"bytes": self._history_bytes, "sha256": self._history_hash.hexdigest()},
-        }
-        final = self._publish(server_round, files, manifest)
-        self._link_model(final)
-        self._prune()
-        return final
+        return files
 
     def _append_history(self, row: dict[str, Any]) -> None:
         line = (json.dumps(row, sort_keys=True) + "\n").encode()
@@ -440,13 +511,13 @@ class RunStore:
         self._rows.append(row)
 
     def _publish(self, server_round: int, files: dict[str, bytes], manifest: dict) -> Path:
+        """Complete the staging folder (which holds the model file) and rename it into
+        place: the atomic step that makes the commit exist."""
         root = self.path / COMMITS
         final = root / commit_name(server_round)
         if final.exists():
             raise FedmlError(f"{final} already exists; the run directory was changed meanwhile.")
-        staging = root / f".{final.name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging = self._staging_dir(server_round)
         for name, data in files.items():
             _write_synced(staging / name, data)
         _write_synced(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -457,7 +528,9 @@ class RunStore:
 
     def _link_model(self, commit: Path) -> None:
         """Point model.safetensors at the commit's arrays: a hard link swapped in
-        atomically (a copy on file systems without hard links)."""
+        atomically (a copy on file systems without hard links). The directory is not
+        fsynced: after a power cut the link may be one round old, and resume relinks it
+        from the commit, which is what is durable."""
         source, target = commit / ARRAYS_FILE, self.path / MODEL
         if target.exists() and os.path.samefile(source, target):
             return  # already linked (renaming a link onto itself would do nothing)
@@ -469,7 +542,6 @@ class RunStore:
             atomic_write(target, source.read_bytes())
             return
         os.replace(staging, target)
-        fsync_dir(self.path)
 
     def kept_rounds(self, committed: list[int]) -> set[int]:
         """The newest `checkpoint.keep` rounds of `committed` plus the best one."""
@@ -484,13 +556,56 @@ class RunStore:
         return monitor.best(self._rows if rows is None else rows)
 
     def _prune(self) -> None:
+        """Rename commits no longer kept out of the way (instant), then delete them in
+        the background: freeing a large model's blocks is not on the round's clock.
+        A crash mid-delete leaves `.prune-*` folders that resume removes."""
         commits = {_commit_round(p): p for p in self.commit_dirs()}
         keep = self.kept_rounds([r for r in commits if r is not None])
+        doomed = []
         for server_round, commit in commits.items():
             if server_round not in keep:
-                doomed = commit.with_name(f".prune-{commit.name}")
-                os.rename(commit, doomed)
-                shutil.rmtree(doomed)
+                doomed.append(commit.with_name(f".prune-{commit.name}"))
+                os.rename(commit, doomed[-1])
+        if doomed:
+            self._submit(_delete_all, doomed)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstore")
+        return self._background.submit(fn, *args)
+
+    def close(self) -> None:
+        """Finish background work (a staged model file, deletions of pruned commits),
+        stop the worker and release the directory lock."""
+        if self._background is not None:
+            self._background.shutdown(wait=True)
+            self._background = None
+        self._unlock()
+
+    # -- one writer at a time -----------------------------------------------------------
+    def _lock(self) -> None:
+        """Hold an exclusive lock on DIR/.lock while this process writes the run. The
+        operating system drops it when the process ends, however it ends."""
+        handle = open(self.path / LOCK, "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise FedmlError(
+                f"{self.path} is in use by another fedml process (pid {owner}). Let it "
+                "finish or stop it, then resume."
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    def _unlock(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # closing the file releases the lock
+            self._lock_handle = None
 
     # -- reading ------------------------------------------------------------------------
     def history(self) -> list[dict[str, Any]]:
@@ -518,9 +633,13 @@ class RunStatus:
     best_metric: str | None
     set_aside: list[str]
 
+    running: bool
+
     @property
     def state(self) -> str:
-        """finished | interrupted | not started | damaged."""
+        """running | finished | interrupted | not started | damaged."""
+        if self.running:
+            return "running"
         if self.commits and not any(c.problem is None for c in self.commits):
             return "damaged"
         if self.rounds_done == 0:
@@ -553,7 +672,23 @@ def run_status(path: Path) -> RunStatus:
         best=best,
         best_metric=monitor.name(best) if best else None,
         set_aside=sorted(p.name for p in damaged_root.iterdir()) if damaged_root.is_dir() else [],
+        running=is_locked(path),
     )
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a fedml process holds the run directory's lock right now."""
+    try:
+        handle = open(path / LOCK)  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        handle.close()
+    return False
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -569,6 +704,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             break
     return rows
+
+
+def _delete_all(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Damaged(Exception):

@@ -137,20 +137,27 @@ def run_experiment(
     history = store.rows
     stop_reason = checkpoint.stop_reason if checkpoint and done >= cfg.rounds else None
 
-    for server_round in range(done + 1, cfg.rounds + 1):
-        arrays, row = play_round(server_round, arrays, grid, experiment, components)
-        stop_reason = STOP_MAX_ROUNDS if server_round == cfg.rounds else None
-        store.commit(
-            server_round,
-            arrays,
-            row,
-            state=capture_components(components),
-            node_states=grid.node_states() if hasattr(grid, "node_states") else None,
-            stop_reason=stop_reason,
-        )
-        history.append(row)
-        if on_round:
-            on_round(row)
+    try:
+        for server_round in range(done + 1, cfg.rounds + 1):
+            round_start = time.perf_counter()
+            arrays, row = train_round(server_round, arrays, grid, experiment, components)
+            store.stage(server_round, arrays)  # the model file is written during evaluation
+            row.update(evaluate_round(server_round, arrays, grid, experiment))
+            row["seconds"] = round(time.perf_counter() - round_start, 4)
+            stop_reason = STOP_MAX_ROUNDS if server_round == cfg.rounds else None
+            store.commit(
+                server_round,
+                arrays,
+                row,
+                state=capture_components(components),
+                node_states=grid.node_states() if hasattr(grid, "node_states") else None,
+                stop_reason=stop_reason,
+            )
+            history.append(row)
+            if on_round:
+                on_round(row)
+    finally:
+        store.close()
     return RunSummary(
         store.path,
         len(history),
@@ -161,16 +168,15 @@ def run_experiment(
     )
 
 
-def play_round(
+def train_round(
     server_round: int,
     arrays: ArrayRecord,
     grid: Grid,
     experiment: Experiment,
     components: dict[str, Any],
 ) -> tuple[ArrayRecord, dict[str, Any]]:
-    """One round: train, aggregate, evaluate. Returns the new global arrays and the
-    round's history row."""
-    round_start = time.perf_counter()
+    """Configure, send, aggregate. Returns the new global arrays and the round's history
+    row so far (round, train metrics, client counts)."""
     cfg, strategy = experiment.cfg, experiment.strategy
     messages = list(strategy.configure_train(server_round, arrays, train_config(cfg), grid))
     straggler_ids = components["stragglers"].apply(messages, cfg.client.local_epochs)
@@ -181,18 +187,9 @@ def play_round(
         ok if keeps_partial_work else [m for m in ok if m.metadata.src_node_id not in straggler_ids]
     )
     new_arrays, train_metrics = strategy.aggregate_train(server_round, kept)
-    if new_arrays is not None:
-        arrays = new_arrays
-
-    eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-    eval_replies = list(grid.send_and_receive(eval_messages))
-    eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
-
     row = {
         "round": server_round,
         "train": _with_examples(train_metrics, kept),
-        "evaluate": _with_examples(eval_metrics, [m for m in eval_replies if not m.has_error()]),
-        "server": experiment.evaluator(arrays),
         "clients": {
             "sampled": len(messages),
             "replied": len(ok),
@@ -200,9 +197,26 @@ def play_round(
             "stragglers": len(straggler_ids),
             "aggregated": len(kept),
         },
-        "seconds": round(time.perf_counter() - round_start, 4),
     }
-    return arrays, row
+    return (arrays if new_arrays is None else new_arrays), row
+
+
+def evaluate_round(
+    server_round: int,
+    arrays: ArrayRecord,
+    grid: Grid,
+    experiment: Experiment,
+) -> dict[str, Any]:
+    """Federated and centralised evaluation of the new global arrays: the history row's
+    "evaluate" and "server" entries."""
+    strategy = experiment.strategy
+    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(messages))
+    metrics = strategy.aggregate_evaluate(server_round, replies)
+    return {
+        "evaluate": _with_examples(metrics, [m for m in replies if not m.has_error()]),
+        "server": experiment.evaluator(arrays),
+    }
 
 
 def capture_components(components: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from fedml.arrays import from_numpy, to_numpy
 
 ARRAY = "$array"
 ARRAY_RECORD = "$arrayrecord"
+_JSON_SCALARS = frozenset({int, float, str, bool, type(None)})
 
 
 def encode_state(state: Any) -> tuple[Any, dict[str, np.ndarray]]:
@@ -51,6 +52,8 @@ def encode_state(state: Any) -> tuple[Any, dict[str, np.ndarray]]:
                 raise TypeError(f"state at {where or 'top'}: dict keys must be str")
             return {k: walk(v, f"{where}.{k}") for k, v in value.items()}
         if isinstance(value, list | tuple):
+            if all(type(v) in _JSON_SCALARS for v in value):  # fast path: RNG states
+                return list(value)
             return [walk(v, f"{where}[{i}]") for i, v in enumerate(value)]
         if value is None or isinstance(value, str | int | float | bool):
             return value

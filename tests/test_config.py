@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedml.config import RunConfig, load_config
+from fedml.config import RunConfig, load_config, with_overrides
 from fedml.errors import FedmlError
 
 
@@ -92,3 +92,14 @@ def test_flower_app_config_in_pyproject_matches_the_defaults():
     app = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "fedml.server:app", "clientapp": "clients.app:app"}
     assert app["config"] == RunConfig().to_flat()
+
+
+def test_resume_identity_treats_keys_added_later_as_their_defaults():
+    from fedml.config import experiment_identity, identity_changes
+
+    current = experiment_identity(RunConfig())
+    older_run = {k: v for k, v in current.items() if k != "client.weight_decay"}
+    assert identity_changes(older_run, current) == []
+    changed = experiment_identity(with_overrides(RunConfig(), {"client.weight_decay": 0.1}))
+    assert identity_changes(older_run, changed) == ["client.weight_decay: 0.0 -> 0.1"]
+    assert identity_changes(current, {**current, "seed": 5}) == ["seed: 0 -> 5"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from commit_compare import same_commit
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,6 +47,7 @@ def _run_with_commits(tmp_path: Path, accuracies: list[float], **overrides) -> R
     store = RunStore.create(tmp_path / "run", _cfg(tmp_path, **overrides))
     for r, acc in enumerate(accuracies, start=1):
         store.commit(r, _arrays(r), _row(r, acc), state={"strategy": {"r": r}})
+    store.close()  # as the round loop does when it ends
     return store
 
 
@@ -108,8 +110,12 @@ def test_the_same_commit_gives_the_same_bytes(tmp_path):
             1, _arrays(1.0), _row(1, 0.5), state={"s": [1.5]}
         )
     a, b = (tmp_path / n / "run" / "commits" / "round-000001" for n in "ab")
-    for name in ("arrays.safetensors", "state.json", "state.safetensors"):
-        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert same_commit(a, b)
+    assert sorted(p.name for p in a.iterdir()) == [
+        "MANIFEST.json",
+        "arrays.safetensors",
+        "state.json",
+    ]  # no state arrays, no state.safetensors
 
 
 # ---------------------------------------------------------------------------- retention
@@ -152,6 +158,12 @@ DAMAGE = {
     "flipped byte in state": (lambda run: _flip_byte(run / NEWEST / "state.json", 10), "checksum"),
     "missing manifest": (lambda run: (run / NEWEST / "MANIFEST.json").unlink(), "is missing"),
     "missing arrays": (lambda run: (run / NEWEST / "arrays.safetensors").unlink(), "missing"),
+    "edited manifest": (
+        lambda run: (run / NEWEST / "MANIFEST.json").write_text(
+            (run / NEWEST / "MANIFEST.json").read_text().replace('"created": "', '"created": "1')
+        ),
+        "fails its own checksum",
+    ),
     "edited last history row": (lambda run: _flip_byte(run / "history.jsonl", -5), "modified"),
 }
 
@@ -251,6 +263,17 @@ def test_an_existing_run_is_never_overwritten_by_create(tmp_path):
         RunStore.create(tmp_path / "run", _cfg(tmp_path))
 
 
+def test_one_writer_at_a_time(tmp_path):
+    _run_with_commits(tmp_path, [0.1, 0.2])
+    first, _ = _resume(tmp_path)
+    assert run_status(tmp_path / "run").state == "running"
+    with pytest.raises(FedmlError, match=r"in use by another fedml process \(pid \d+\)"):
+        _resume(tmp_path)
+    first.close()
+    assert run_status(tmp_path / "run").state == "interrupted"
+    _resume(tmp_path)[0].close()  # free again
+
+
 # ---------------------------------------------------------------------------- status
 def test_status_reports_progress_best_and_damage(tmp_path):
     store = _run_with_commits(tmp_path, [0.4, 0.9, 0.5, 0.6], **{"rounds": 6})
@@ -268,6 +291,8 @@ def test_status_reports_progress_best_and_damage(tmp_path):
 
     store, _ = _resume(tmp_path)  # sets the damaged round 6 aside
     store.commit(6, _arrays(6), _row(6, 0.7), state={}, stop_reason="max rounds")
+    assert run_status(tmp_path / "run").state == "running"  # the store still holds the lock
+    store.close()
     status = run_status(tmp_path / "run")
     assert (status.state, status.stop_reason) == ("finished", "max rounds")
     assert status.set_aside == ["round-000006"] and not any(c.problem for c in status.commits)
