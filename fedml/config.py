@@ -2,7 +2,8 @@
 
 A run is described by `RunConfig`, a tree of small dataclasses. It is loaded from a TOML
 file (sections `[data]`, `[model]`, `[strategy]`, `[client]`, `[simulation]`,
-`[checkpoint]` and top-level keys), overridden by CLI flags given as dotted keys
+`[validation]`, `[participation]`, `[server]`, `[guard]`, `[stop]`, `[checkpoint]` and
+top-level keys), overridden by CLI flags given as dotted keys
 (`client.lr`), and validated in one place. Every problem raises `FedmlError` naming the
 key, the bad value and the fix.
 
@@ -61,6 +62,9 @@ class StrategyConfig:
     min_train_clients: int = 2
     min_evaluate_clients: int = 2
     proximal_mu: float = 0.01
+    adaptive_mu: bool = False
+    mu_step: float = 0.1
+    mu_patience: int = 5
 
 
 @dataclass
@@ -70,6 +74,7 @@ class ClientConfig:
     local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.1
+    lr_decay: float = 1.0
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -83,6 +88,67 @@ class SimulationConfig:
     engine: str = "inprocess"
     clients: int = 10
     stragglers: float = 0.0
+    dropout: float = 0.0
+
+
+@dataclass
+class ValidationConfig:
+    """Screening of client updates before aggregation (see fedml/validation.py):
+    reject an update whose norm exceeds `norm_factor` x the round's median (0: off);
+    clip accepted updates to L2 norm `clip_norm` (0: off)."""
+
+    norm_factor: float = 10.0
+    clip_norm: float = 0.0
+
+
+@dataclass
+class ParticipationConfig:
+    """When a round counts: at least `min_replies` updates aggregated, replies arriving
+    within `timeout` seconds (0: wait for all). Too few: `on_too_few` = retry (up to
+    `max_retries`, then stop), skip (keep the global model, go on) or stop."""
+
+    min_replies: int = 1
+    timeout: float = 0.0
+    on_too_few: str = "retry"
+    max_retries: int = 2
+
+
+@dataclass
+class ServerOptConfig:
+    """Server-side optimiser on the aggregated update (FedAvgM): w += lr * v with
+    v = momentum * v + (aggregate - w). lr 1, momentum 0 is plain averaging."""
+
+    lr: float = 1.0
+    momentum: float = 0.0
+
+
+@dataclass
+class GuardConfig:
+    """Divergence guard: a round whose `metric` ("auto": server, else federated, else
+    train loss) is NaN/inf or above `factor` x the best loss (0: NaN/inf only) is rolled
+    back and retried with the client lr multiplied by `lr_factor`, at most
+    `max_retries` times per round; then the run stops ("diverged")."""
+
+    metric: str = "auto"
+    factor: float = 10.0
+    lr_factor: float = 0.5
+    max_retries: int = 3
+
+
+@dataclass
+class StopConfig:
+    """When to stop before `rounds`: early stopping on `metric` ("" off; mode max/min/
+    auto) after `patience` rounds without an improvement above `min_delta`, restoring
+    the best round's model at the end when `restore_best`; a `target` such as
+    "server.accuracy >= 0.95" ("" off); a wall-clock budget `max_seconds` (0 off)."""
+
+    metric: str = ""
+    mode: str = "auto"
+    patience: int = 5
+    min_delta: float = 0.0
+    restore_best: bool = True
+    target: str = ""
+    max_seconds: float = 0.0
 
 
 @dataclass
@@ -109,6 +175,11 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    server: ServerOptConfig = field(default_factory=ServerOptConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     # ----------------------------------------------------------------- conversions
@@ -273,6 +344,18 @@ def validate(cfg: RunConfig) -> None:
         0.0 <= sim.stragglers <= 1.0,
         f"simulation.stragglers must be a fraction in [0, 1], got {sim.stragglers}.",
     )
+    _check(
+        0.0 <= sim.dropout < 1.0,
+        f"simulation.dropout must be a fraction in [0, 1), got {sim.dropout}.",
+    )
+    _check(
+        cfg.validation.norm_factor == 0.0 or cfg.validation.norm_factor > 1.0,
+        f"validation.norm_factor must be 0 (off) or above 1, got {cfg.validation.norm_factor}.",
+    )
+    _check(
+        cfg.validation.clip_norm >= 0.0,
+        f"validation.clip_norm must be >= 0 (0: off), got {cfg.validation.clip_norm}.",
+    )
 
     strategy = cfg.strategy
     _check(
@@ -313,7 +396,11 @@ def validate(cfg: RunConfig) -> None:
     _check(
         client.weight_decay >= 0.0, f"client.weight_decay must be >= 0, got {client.weight_decay}."
     )
+    _check(
+        0.0 < client.lr_decay <= 1.0, f"client.lr_decay must be in (0, 1], got {client.lr_decay}."
+    )
     _validate_checkpoint(cfg.checkpoint)
+    _validate_controls(cfg)
     _check(
         client.device in ("auto", "cpu", "cuda")
         or (client.device.startswith("cuda:") and client.device[5:].isdigit()),
@@ -323,24 +410,95 @@ def validate(cfg: RunConfig) -> None:
 
 def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
     _check(checkpoint.keep >= 1, f"checkpoint.keep must be at least 1, got {checkpoint.keep}.")
-    source, _, metric = checkpoint.monitor.partition(".")
-    _check(
-        checkpoint.monitor == "auto" or (source in MONITORED_SOURCES and metric != ""),
-        f"checkpoint.monitor '{checkpoint.monitor}' is not a history metric. Use auto or "
-        f"<source>.<metric> with source one of {', '.join(MONITORED_SOURCES)} "
-        "(e.g. server.accuracy, evaluate.loss).",
-    )
+    _metric_name("checkpoint.monitor", checkpoint.monitor, allow_auto=True)
     _check(
         checkpoint.mode in ("auto", "max", "min"),
         f"checkpoint.mode '{checkpoint.mode}' is unknown. Use auto, max or min.",
     )
 
 
+def _metric_name(key: str, value: str, allow_auto: bool) -> None:
+    source, _, metric = value.partition(".")
+    _check(
+        (allow_auto and value == "auto") or (source in MONITORED_SOURCES and metric != ""),
+        f"{key} '{value}' is not a history metric. Use "
+        + ("auto or " if allow_auto else "")
+        + f"<source>.<metric> with source one of {', '.join(MONITORED_SOURCES)} "
+        "(e.g. server.accuracy, evaluate.loss).",
+    )
+
+
+def _validate_controls(cfg: RunConfig) -> None:
+    from fedml.controls import Target
+
+    s = cfg.strategy
+    _check(
+        not s.adaptive_mu or s.name.lower() == "fedprox",
+        f"strategy.adaptive_mu adapts FedProx's mu; strategy.name is '{s.name}'. "
+        "Use strategy.name = 'fedprox' or turn adaptive_mu off.",
+    )
+    _check(s.mu_step > 0.0, f"strategy.mu_step must be > 0, got {s.mu_step}.")
+    _check(s.mu_patience >= 1, f"strategy.mu_patience must be >= 1, got {s.mu_patience}.")
+
+    p = cfg.participation
+    _check(p.min_replies >= 1, f"participation.min_replies must be >= 1, got {p.min_replies}.")
+    _check(
+        p.min_replies <= cfg.simulation.clients,
+        f"participation.min_replies is {p.min_replies} but the federation has only "
+        f"{cfg.simulation.clients} clients; lower it or raise simulation.clients.",
+    )
+    _check(p.timeout >= 0.0, f"participation.timeout must be >= 0 (0: off), got {p.timeout}.")
+    _check(
+        p.on_too_few in ("retry", "skip", "stop"),
+        f"participation.on_too_few '{p.on_too_few}' is unknown. Use retry, skip or stop.",
+    )
+    _check(p.max_retries >= 0, f"participation.max_retries must be >= 0, got {p.max_retries}.")
+
+    _check(cfg.server.lr > 0.0, f"server.lr must be > 0, got {cfg.server.lr}.")
+    _check(
+        0.0 <= cfg.server.momentum < 1.0,
+        f"server.momentum must be in [0, 1), got {cfg.server.momentum}.",
+    )
+
+    g = cfg.guard
+    _metric_name("guard.metric", g.metric, allow_auto=True)
+    _check(
+        g.factor == 0.0 or g.factor > 1.0,
+        f"guard.factor must be 0 (NaN/inf only) or above 1, got {g.factor}.",
+    )
+    _check(0.0 < g.lr_factor <= 1.0, f"guard.lr_factor must be in (0, 1], got {g.lr_factor}.")
+    _check(g.max_retries >= 0, f"guard.max_retries must be >= 0, got {g.max_retries}.")
+
+    stop = cfg.stop
+    if stop.metric:
+        _metric_name("stop.metric", stop.metric, allow_auto=True)
+    _check(
+        stop.mode in ("auto", "max", "min"),
+        f"stop.mode '{stop.mode}' is unknown. Use auto, max or min.",
+    )
+    _check(stop.patience >= 1, f"stop.patience must be >= 1, got {stop.patience}.")
+    _check(stop.min_delta >= 0.0, f"stop.min_delta must be >= 0, got {stop.min_delta}.")
+    _check(
+        stop.max_seconds >= 0.0, f"stop.max_seconds must be >= 0 (0: off), got {stop.max_seconds}."
+    )
+    if stop.target:
+        target = Target.parse(stop.target)
+        _metric_name("stop.target", target.metric, allow_auto=False)
+
+
 # ------------------------------------------------------------------------------ resume
 # Keys a resumed run may change: they decide where, how long and what is kept, never
 # what is learned. Every other key is the experiment itself.
 RESUMABLE_KEYS = frozenset(
-    {"rounds", "out", "client.device", "checkpoint.keep", "checkpoint.monitor", "checkpoint.mode"}
+    {
+        "rounds",
+        "out",
+        "client.device",
+        "checkpoint.keep",
+        "checkpoint.monitor",
+        "checkpoint.mode",
+        "stop.max_seconds",
+    }
 )
 
 
@@ -377,7 +535,8 @@ def resume_config(stored: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     if changed:
         raise FedmlError(
             "A resumed run keeps the experiment stored in its directory; these options "
-            f"would change it: {'; '.join(changed)}. Only --rounds (to extend the run) "
-            "and --device may change on resume. Start a new run (--out) to change the rest."
+            f"would change it: {'; '.join(changed)}. Only --rounds and --max-seconds (to "
+            "extend the run) and --device may change on resume. Start a new run (--out) "
+            "to change the rest."
         )
     return probe

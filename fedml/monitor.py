@@ -13,6 +13,7 @@ from typing import Any
 
 MONITORED_SOURCES = ("server", "evaluate", "train")
 AUTO_ORDER = ("server.accuracy", "evaluate.accuracy", "train.loss")
+LOSS_ORDER = ("server.loss", "evaluate.loss", "train.loss")
 
 
 @dataclass(frozen=True)
@@ -21,16 +22,22 @@ class Monitor:
 
     metric: str = "auto"
     mode: str = "auto"
+    auto: tuple[str, ...] = AUTO_ORDER
 
     def name(self, row: dict[str, Any]) -> str | None:
         """The metric this row is judged by (None when the row has none of them)."""
-        candidates = AUTO_ORDER if self.metric == "auto" else (self.metric,)
-        return next((m for m in candidates if _lookup(row, m) is not None), None)
+        candidates = self.auto if self.metric == "auto" else (self.metric,)
+        return next((m for m in candidates if _raw(row, m) is not None), None)
+
+    def raw(self, row: dict[str, Any]) -> float | None:
+        """The monitored value as recorded, NaN and inf included; None when absent."""
+        name = self.name(row)
+        return None if name is None else _raw(row, name)
 
     def value(self, row: dict[str, Any]) -> float | None:
         """The monitored value of a history row; None when absent or not finite."""
-        name = self.name(row)
-        return None if name is None else _lookup(row, name)
+        value = self.raw(row)
+        return value if value is not None and math.isfinite(value) else None
 
     def maximise(self, name: str) -> bool:
         if self.mode != "auto":
@@ -52,9 +59,9 @@ class Monitor:
         return best_row
 
 
-def _lookup(row: dict[str, Any], name: str) -> float | None:
+def _raw(row: dict[str, Any], name: str) -> float | None:
     group, _, metric = name.partition(".")
     value = (row.get(group) or {}).get(metric)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)

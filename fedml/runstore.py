@@ -4,11 +4,15 @@ Layout (a public format, documented in README):
 
     config.toml              the resolved RunConfig
     history.jsonl            one JSON object per completed round (append-only)
-    model.safetensors        the latest committed global model (a hard link into its commit)
-    commits/round-000012/    one commit per round; the newest `checkpoint.keep` and the
-                             best by `checkpoint.monitor` are kept
+    model.safetensors        the run's global model: a hard link to the latest commit's
+                             arrays, or, once early stopping ended the run with
+                             `stop.restore_best`, to the best round's
+    commits/round-000012/    one commit per round; the newest `checkpoint.keep`, the
+                             best by `checkpoint.monitor` and the early-stopping best
+                             round are kept
         arrays.safetensors   the global model (torch state-dict names, in model order)
-        state.json           round, stop reason, experiment identity, component state
+        state.json           round, stop reason, experiment identity, component state,
+                             the rounds it pins (keep_round, model_round)
         state.safetensors    the arrays that component state references (if any)
         nodes.safetensors    per-node Flower `Context.state` (Flower's protobuf bytes)
         MANIFEST.json        SHA-256 and size of every file above and of the
@@ -148,6 +152,8 @@ class Checkpoint:
     stop_reason: str | None
     experiment: dict[str, Any]
     path: Path
+    keep_round: int | None = None
+    model_round: int | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,8 @@ class RunStore:
         self._background: ThreadPoolExecutor | None = None
         self._staged: tuple[int, Future] | None = None
         self._lock_handle: IO[str] | None = None
+        self._pinned: set[int] = set()  # rounds kept whatever the retention says
+        self.model_round: int | None = None  # the round model.safetensors holds
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -311,6 +319,8 @@ class RunStore:
             stop_reason=state.get("stop_reason"),
             experiment=state["experiment"],
             path=commit,
+            keep_round=state.get("keep_round"),
+            model_round=state.get("model_round"),
         )
 
     def latest_valid(self) -> tuple[Checkpoint | None, list[CommitCheck]]:
@@ -373,7 +383,8 @@ class RunStore:
             )
         self._truncate_history(checkpoint)
         if checkpoint is not None:
-            self._link_model(checkpoint.path)
+            self._pin(checkpoint.keep_round, checkpoint.model_round)
+            self._link_model(self._model_commit(checkpoint.path, checkpoint.model_round))
         else:
             (self.path / MODEL).unlink(missing_ok=True)
         if cfg.to_toml() != self.cfg.to_toml():
@@ -433,6 +444,13 @@ class RunStore:
         _write_synced(staging / ARRAYS_FILE, data)
         return _digest(data)
 
+    def discard_staged(self) -> None:
+        """Forget the staged model file (its round was rolled back): wait for the
+        background write so nothing races the next write of that round."""
+        if self._staged is not None:
+            self._staged[1].result()
+            self._staged = None
+
     def _staging_dir(self, server_round: int) -> Path:
         return self.path / COMMITS / f".{commit_name(server_round)}.tmp"
 
@@ -444,9 +462,13 @@ class RunStore:
         state: dict[str, Any],
         node_states: dict[int, RecordDict] | None = None,
         stop_reason: str | None = None,
+        keep_round: int | None = None,
+        model_round: int | None = None,
     ) -> Path:
         """Persist a completed round (see the module docstring for the order of writes).
-        `arrays` must be what was passed to `stage` for this round, if it was staged."""
+        `arrays` must be what was passed to `stage` for this round, if it was staged.
+        `keep_round` is a round retention must keep (early stopping's best so far);
+        `model_round` makes model.safetensors that (kept) round's model instead."""
         staged_round, future = self._staged or (None, None)
         self._staged = None
         if future is not None and staged_round == server_round:
@@ -454,7 +476,8 @@ class RunStore:
         else:
             arrays_digest = self._write_arrays(server_round, arrays)
         self._append_history(row)
-        files = self._state_files(server_round, state, node_states, stop_reason)
+        pins = {"keep_round": keep_round, "model_round": model_round}
+        files = self._state_files(server_round, state, node_states, stop_reason, pins)
         manifest = {
             "format": FORMAT,
             "round": server_round,
@@ -467,9 +490,27 @@ class RunStore:
         }
         manifest["sha256"] = _manifest_digest(manifest)
         final = self._publish(server_round, files, manifest)
-        self._link_model(final)
+        self._pin(keep_round, model_round)
+        self._link_model(self._model_commit(final, model_round))
         self._prune()
         return final
+
+    def _pin(self, *rounds: int | None) -> None:
+        self._pinned = {r for r in rounds if r is not None}
+
+    def _model_commit(self, commit: Path, model_round: int | None) -> Path:
+        """The commit whose arrays model.safetensors should hold."""
+        self.model_round = _commit_round(commit)
+        if model_round is None:
+            return commit
+        chosen = commit.parent / commit_name(model_round)
+        if not (chosen / ARRAYS_FILE).is_file():
+            log.warning(
+                "round %d is no longer kept; model.safetensors is the last round's", model_round
+            )
+            return commit
+        self.model_round = model_round
+        return chosen
 
     def _state_files(
         self,
@@ -477,6 +518,7 @@ class RunStore:
         state: dict[str, Any],
         node_states: dict[int, RecordDict] | None,
         stop_reason: str | None,
+        pins: dict[str, int | None],
     ) -> dict[str, bytes]:
         """state.json, plus state.safetensors and nodes.safetensors when there is content."""
         from safetensors.numpy import save
@@ -488,6 +530,7 @@ class RunStore:
             "stop_reason": stop_reason,
             "experiment": experiment_identity(self.cfg),
             "components": document,
+            **{name: value for name, value in pins.items() if value is not None},
         }
         files = {STATE_FILE: json.dumps(state_json, sort_keys=True).encode()}
         if state_arrays:
@@ -544,8 +587,9 @@ class RunStore:
         os.replace(staging, target)
 
     def kept_rounds(self, committed: list[int]) -> set[int]:
-        """The newest `checkpoint.keep` rounds of `committed` plus the best one."""
-        keep = set(sorted(committed)[-self.cfg.checkpoint.keep :])
+        """The newest `checkpoint.keep` rounds of `committed`, the best one, and the
+        pinned ones."""
+        keep = set(sorted(committed)[-self.cfg.checkpoint.keep :]) | self._pinned
         best = self.best_row([r for r in self._rows if r.get("round") in set(committed)])
         if best is not None:
             keep.add(best["round"])

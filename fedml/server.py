@@ -3,12 +3,17 @@
 One loop serves every engine (in-process, Flower's Simulation Runtime, real SuperNodes):
 it only talks to a Flower `Grid` and a Flower `Strategy`.
 
-    for round r in (last committed round + 1)..rounds:
-        messages = strategy.configure_train(r, arrays, config, grid)
-        replies  = grid.send_and_receive(messages)         # stragglers shaped here
-        arrays, train_metrics = strategy.aggregate_train(r, replies)
-        evaluate = federated (strategy.configure/aggregate_evaluate) + centralized
-        store.commit(r, arrays, history row, component state, node state)
+    for round r in (last committed round + 1).. until a control says stop:
+        repeat (a retry re-samples clients):
+            messages = strategy.configure_train(r, arrays, config with lr/mu, grid)
+            replies  = grid.send_and_receive(messages)      # dropout, stragglers, timeout
+            aggregate = strategy.aggregate_train(r, screened replies)   # streamed
+            too few updates?      -> retry | skip | stop      (participation)
+            arrays' = server optimiser(arrays, aggregate)    (FedAvgM)
+            evaluate arrays' (federated + centralised)
+            loss diverged?        -> roll back, lower lr, retry | stop   (guard)
+        stop = early stop | target | time budget | max rounds | None
+        store.commit(r, arrays', history row, component state, node state)
 
 Resume is the same loop started from a checkpoint: no second code path.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +33,15 @@ from flwr.serverapp.strategy import Strategy
 
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
+from fedml.controls import EXTENSIBLE_STOPS, Controls
 from fedml.data import Federation, federation_for
 from fedml.models import model_for
 from fedml.runstore import Checkpoint, RunStore, default_run_path
+from fedml.validation import Tally, UpdateValidator
 
 log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
-STOP_MAX_ROUNDS = "max rounds"
 
 
 @dataclass
@@ -48,6 +54,7 @@ class RunSummary:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
     stop_reason: str | None = None
+    model_round: int | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -74,14 +81,14 @@ class CentralEvaluator:
         return {"loss": loss, "accuracy": accuracy}
 
 
-def train_config(cfg: RunConfig) -> ConfigRecord:
-    """The local-training settings every train message carries."""
+def train_config(cfg: RunConfig, lr: float) -> ConfigRecord:
+    """The local-training settings every train message carries (`lr`: this round's)."""
     c = cfg.client
     return ConfigRecord(
         {
             "local-epochs": c.local_epochs,
             "batch-size": c.batch_size,
-            "lr": c.lr,
+            "lr": lr,
             "optimizer": c.optimizer,
             "momentum": c.momentum,
             "weight-decay": c.weight_decay,
@@ -96,6 +103,7 @@ class Experiment:
     cfg: RunConfig
     strategy: Strategy
     evaluator: CentralEvaluator
+    validator: UpdateValidator
 
     @classmethod
     def prepare(cls, cfg: RunConfig) -> Experiment:
@@ -103,7 +111,8 @@ class Experiment:
         `FedmlError` while the run directory does not exist yet."""
         from strategies import build_strategy
 
-        return cls(cfg, build_strategy(cfg), CentralEvaluator(cfg, federation_for(cfg)))
+        validator = UpdateValidator(cfg.validation.norm_factor, cfg.validation.clip_norm)
+        return cls(cfg, build_strategy(cfg), CentralEvaluator(cfg, federation_for(cfg)), validator)
 
 
 def run_experiment(
@@ -113,19 +122,22 @@ def run_experiment(
     on_round: RoundCallback | None = None,
     checkpoint: Checkpoint | None = None,
 ) -> RunSummary:
-    """Run rounds up to `cfg.rounds` on `grid`, committing each one to `store`.
+    """Play rounds on `grid` until a control stops the run, committing each to `store`.
 
     With a `checkpoint` the run continues after its round: global arrays, component
-    state (strategy, scenarios) and per-node state come from the commit, so the rounds
-    that follow are the ones an uninterrupted run would have played.
+    state (strategy, scenarios, controls) and per-node state come from the commit, so the
+    rounds that follow are the ones an uninterrupted run would have played.
     """
-    from simulations.scenarios import Stragglers
+    from simulations.scenarios import Dropout, Stragglers
 
     started = time.perf_counter()
     cfg, evaluator = experiment.cfg, experiment.evaluator
+    controls = Controls(cfg)
     components: dict[str, Any] = {
         "strategy": experiment.strategy,
         "stragglers": Stragglers(cfg.simulation.stragglers, seed=cfg.seed + 1),
+        "dropout": Dropout(cfg.simulation.dropout, seed=cfg.seed + 2),
+        "controls": controls,
     }
     arrays = from_state_dict(evaluator.model.state_dict())
     if checkpoint is not None:
@@ -133,18 +145,23 @@ def run_experiment(
         restore_components(components, checkpoint.state)
         if hasattr(grid, "load_node_states"):
             grid.load_node_states(checkpoint.node_states)
-    done = checkpoint.round if checkpoint else 0
     history = store.rows
-    stop_reason = checkpoint.stop_reason if checkpoint and done >= cfg.rounds else None
+    elapsed = sum(row.get("seconds", 0.0) for row in history)
+    stop_reason = _still_stopped(checkpoint, cfg, elapsed)
+    server_round = checkpoint.round if checkpoint else 0
 
     try:
-        for server_round in range(done + 1, cfg.rounds + 1):
+        while stop_reason is None:
+            server_round += 1
             round_start = time.perf_counter()
-            arrays, row = train_round(server_round, arrays, grid, experiment, components)
-            store.stage(server_round, arrays)  # the model file is written during evaluation
-            row.update(evaluate_round(server_round, arrays, grid, experiment))
+            arrays, row, stop_reason = play_round(
+                server_round, arrays, grid, experiment, components, store
+            )
             row["seconds"] = round(time.perf_counter() - round_start, 4)
-            stop_reason = STOP_MAX_ROUNDS if server_round == cfg.rounds else None
+            elapsed += row["seconds"]
+            stop_reason = stop_reason or controls.end_of_round(row, elapsed)
+            if stop_reason:
+                row["stop"] = stop_reason
             store.commit(
                 server_round,
                 arrays,
@@ -152,6 +169,8 @@ def run_experiment(
                 state=capture_components(components),
                 node_states=grid.node_states() if hasattr(grid, "node_states") else None,
                 stop_reason=stop_reason,
+                keep_round=controls.best_round,
+                model_round=controls.model_round() if stop_reason else None,
             )
             history.append(row)
             if on_round:
@@ -165,7 +184,66 @@ def run_experiment(
         history,
         resumed_from=checkpoint.round if checkpoint else None,
         stop_reason=stop_reason,
+        model_round=store.model_round,
     )
+
+
+def _still_stopped(checkpoint: Checkpoint | None, cfg: RunConfig, elapsed: float) -> str | None:
+    """The stop reason of a resumed run that has nothing left to do, else None. A run
+    stopped by the round limit or the time budget goes on when those were raised."""
+    if checkpoint is None or checkpoint.stop_reason is None:
+        return None
+    reason = checkpoint.stop_reason
+    if reason not in EXTENSIBLE_STOPS:
+        return reason
+    more_rounds = checkpoint.round < cfg.rounds
+    budget = cfg.stop.max_seconds
+    more_time = budget == 0 or elapsed < budget
+    return None if more_rounds and more_time else reason
+
+
+def play_round(
+    server_round: int,
+    arrays: ArrayRecord,
+    grid: Grid,
+    experiment: Experiment,
+    components: dict[str, Any],
+    store: RunStore,
+) -> tuple[ArrayRecord, dict[str, Any], str | None]:
+    """Play one round, retrying it as the controls say. Returns the global arrays after
+    the round, its history row, and a stop reason when the round ended the run."""
+    controls: Controls = components["controls"]
+    retries: list[str] = []
+    while True:
+        lr, mu = controls.client_lr(server_round), controls.proximal_mu()
+        if mu is not None:
+            experiment.strategy.proximal_mu = mu
+        aggregate, row = train_round(server_round, arrays, grid, experiment, components, lr)
+        counts = row["clients"]
+        verdict = controls.judge_participation(
+            counts["aggregated"], counts["replied"], row["rejected"].get("non-finite", 0)
+        )
+        if verdict is None and aggregate is not None:
+            new_arrays, velocity = controls.optimizer.step(arrays, aggregate)
+            store.stage(server_round, new_arrays)  # the model file is written meanwhile
+            row.update(evaluate_round(server_round, new_arrays, grid, experiment))
+            verdict = controls.judge_loss(row)
+            if verdict is None:
+                controls.accept(row, velocity)
+                if retries:
+                    row["retries"] = retries
+                return new_arrays, row, None
+            store.discard_staged()
+        retries.append(verdict.reason or verdict.action)
+        if verdict.action == "retry":
+            log.warning("round %d: %s; retrying the round", server_round, verdict.reason)
+            continue
+        # skipped or stopped: the global model stays as it was before the round
+        discarded = {k: row[k] for k in ("round", "lr", "clients", "rejected") if k in row}
+        if "mu" in row:
+            discarded["mu"] = row["mu"]
+        discarded.update(retries=retries, discarded=verdict.reason)
+        return arrays, discarded, verdict.stop
 
 
 def train_round(
@@ -174,31 +252,57 @@ def train_round(
     grid: Grid,
     experiment: Experiment,
     components: dict[str, Any],
-) -> tuple[ArrayRecord, dict[str, Any]]:
-    """Configure, send, aggregate. Returns the new global arrays and the round's history
-    row so far (round, train metrics, client counts)."""
+    lr: float,
+) -> tuple[ArrayRecord | None, dict[str, Any]]:
+    """Configure, send, screen, aggregate one training attempt. Replies stream from the
+    grid through the validator into the strategy's aggregation, so the server never
+    holds more than a few clients' arrays. Returns the aggregate (None when no update
+    was aggregated) and the round's history row so far."""
     cfg, strategy = experiment.cfg, experiment.strategy
-    messages = list(strategy.configure_train(server_round, arrays, train_config(cfg), grid))
-    straggler_ids = components["stragglers"].apply(messages, cfg.client.local_epochs)
-    replies = list(grid.send_and_receive(messages))
-    ok = [m for m in replies if not m.has_error()]
+    messages = list(strategy.configure_train(server_round, arrays, train_config(cfg, lr), grid))
+    to_send, dropped = components["dropout"].apply(messages)
+    straggler_ids = components["stragglers"].apply(to_send, cfg.client.local_epochs)
     keeps_partial_work = getattr(strategy, "keeps_partial_work", False)
-    kept = (
-        ok if keeps_partial_work else [m for m in ok if m.metadata.src_node_id not in straggler_ids]
+    timeout = cfg.participation.timeout or None
+    tally, kept = Tally(), _Kept()
+    replies = grid.send_and_receive(to_send, timeout=timeout)
+    screened = experiment.validator.screen(replies, arrays, tally)
+    unless_stragglers = (
+        screened
+        if keeps_partial_work
+        else (m for m in screened if m.metadata.src_node_id not in straggler_ids)
     )
-    new_arrays, train_metrics = strategy.aggregate_train(server_round, kept)
-    row = {
-        "round": server_round,
-        "train": _with_examples(train_metrics, kept),
-        "clients": {
-            "sampled": len(messages),
-            "replied": len(ok),
-            "failed": len(messages) - len(ok),
-            "stragglers": len(straggler_ids),
-            "aggregated": len(kept),
-        },
+    aggregate, train_metrics = strategy.aggregate_train(server_round, kept.count(unless_stragglers))
+    row: dict[str, Any] = {"round": server_round, "lr": lr}
+    if hasattr(strategy, "proximal_mu"):
+        row["mu"] = strategy.proximal_mu
+    row["train"] = _with_examples(train_metrics, kept.examples)
+    row["clients"] = {
+        "sampled": len(messages),
+        "dropped": len(dropped),
+        "replied": tally.replied,
+        "failed": tally.failed + len(dropped),
+        "timed_out": len(to_send) - tally.replied - tally.failed,
+        "rejected": sum(tally.rejected.values()),
+        "stragglers": len(straggler_ids),
+        "aggregated": kept.messages,
     }
-    return (arrays if new_arrays is None else new_arrays), row
+    row["rejected"] = dict(sorted(tally.rejected.items()))
+    return (aggregate if kept.messages else None), row
+
+
+class _Kept:
+    """Counts the messages (and their examples) that a stream hands to aggregation."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.examples = 0
+
+    def count(self, stream: Iterable[Message]) -> Iterator[Message]:
+        for message in stream:
+            self.messages += 1
+            self.examples += _num_examples(message)
+            yield message
 
 
 def evaluate_round(
@@ -208,15 +312,22 @@ def evaluate_round(
     experiment: Experiment,
 ) -> dict[str, Any]:
     """Federated and centralised evaluation of the new global arrays: the history row's
-    "evaluate" and "server" entries."""
+    "evaluate" and "server" entries (and "evaluate_rejected" when replies were bad)."""
     strategy = experiment.strategy
     messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(messages))
+    timeout = experiment.cfg.participation.timeout or None
+    tally = Tally()
+    replies = experiment.validator.screen_evaluation(
+        grid.send_and_receive(messages, timeout=timeout), tally
+    )
     metrics = strategy.aggregate_evaluate(server_round, replies)
-    return {
-        "evaluate": _with_examples(metrics, [m for m in replies if not m.has_error()]),
+    result: dict[str, Any] = {
+        "evaluate": _with_examples(metrics, sum(_num_examples(m) for m in replies)),
         "server": experiment.evaluator(arrays),
     }
+    if tally.rejected:
+        result["evaluate_rejected"] = dict(sorted(tally.rejected.items()))
+    return result
 
 
 def capture_components(components: dict[str, Any]) -> dict[str, Any]:
@@ -243,14 +354,15 @@ def restore_components(components: dict[str, Any], state: dict[str, Any]) -> Non
             )
 
 
-def _with_examples(metrics: MetricRecord | None, replies: list[Message]) -> dict[str, Any] | None:
+def _num_examples(message: Message) -> int:
+    return int(next(iter(message.content.metric_records.values())).get("num-examples", 0))
+
+
+def _with_examples(metrics: MetricRecord | None, examples: int) -> dict[str, Any] | None:
     """Aggregated metrics plus the total example count of the replies behind them."""
     if metrics is None:
         return None
-    total = sum(
-        int(next(iter(m.content.metric_records.values())).get("num-examples", 0)) for m in replies
-    )
-    return {**{k: v for k, v in metrics.items()}, "num-examples": total}
+    return {**{k: v for k, v in metrics.items()}, "num-examples": examples}
 
 
 # ------------------------------------------------------------------------ the ServerApp

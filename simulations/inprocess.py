@@ -1,7 +1,7 @@
 """The in-process engine: a Flower `Grid` that runs a ClientApp inside this process.
 
 No Ray, no SuperLink, no polling: `send_and_receive` calls the ClientApp once per message
-and returns the replies. Each virtual node keeps one Flower `Context` for the whole run
+and yields each reply as it is made. Each virtual node keeps one Flower `Context` for the whole run
 (node config `partition-id`/`num-partitions`, like Flower's Simulation Runtime), so
 per-client state in `context.state` survives across rounds, and across a resume: the
 run store commits `node_states()` each round and `load_node_states` puts it back. A
@@ -11,8 +11,9 @@ ClientApp that raises produces an error reply, exactly as a failing SuperNode wo
 from __future__ import annotations
 
 import itertools
+import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from logging import getLogger
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -91,10 +92,24 @@ class InProcessGrid(Grid):
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Deliver every message and return every reply (calls run to completion, so
-        `timeout` cannot cut one short in-process)."""
-        return self.pull_messages(self.push_messages(messages))
+    ) -> Iterator[Message]:
+        """Deliver the messages one by one, yielding each reply as it is made, so the
+        caller can fold it in and let it go (memory O(one reply), not O(all replies)).
+
+        With a `timeout` (seconds from this call), a reply finished after the deadline is
+        dropped and messages not yet delivered by then are never delivered, as a real
+        Grid returns only the replies that arrived in time. A call in progress is not
+        interrupted (it runs in this thread).
+        """
+        message_ids = self.push_messages(messages)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for message_id in message_ids:
+            message = self._outbox.pop(message_id)
+            if deadline is not None and time.monotonic() >= deadline:
+                continue
+            reply = self._deliver(message)
+            if deadline is None or time.monotonic() <= deadline:
+                yield reply
 
     # -- per-node state (the run store commits it) -----------------------------------
     def node_states(self) -> dict[int, RecordDict]:

@@ -9,7 +9,7 @@ Replies are folded in one at a time, so memory is O(model size), not O(clients x
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, MetricRecord
 
 from fedml.arrays import from_numpy, record_of, to_numpy
 
@@ -56,6 +56,41 @@ class WeightedMean:
                 mean = np.rint(mean)
             averaged[key] = from_numpy(np.require(mean.astype(dtype), requirements="C"))
         return record_of(averaged)
+
+
+class MetricMean:
+    """Running example-weighted mean of MetricRecords, key by key.
+
+    Each metric is averaged over the replies that report it (a key missing from some
+    replies is not dragged towards zero, as a mean over all weights would do). The
+    weighting key itself is left out, as in Flower's `aggregate_metricrecords`.
+    """
+
+    def __init__(self, weight_key: str) -> None:
+        self.weight_key = weight_key
+        self._sums: dict[str, float | list[float]] = {}
+        self._weights: dict[str, float] = {}
+
+    def add(self, metrics: MetricRecord, weight: float) -> None:
+        for key, value in metrics.items():
+            if key == self.weight_key:
+                continue
+            if isinstance(value, list):
+                current = self._sums.get(key, [0.0] * len(value))
+                self._sums[key] = [c + v * weight for c, v in zip(current, value, strict=True)]
+            else:
+                self._sums[key] = self._sums.get(key, 0.0) + value * weight
+            self._weights[key] = self._weights.get(key, 0.0) + weight
+
+    def result(self) -> MetricRecord:
+        averaged: dict[str, float | list[float]] = {}
+        for key, total in self._sums.items():
+            weight = self._weights[key]
+            if isinstance(total, list):
+                averaged[key] = [t / weight for t in total]
+            else:
+                averaged[key] = total / weight
+        return MetricRecord(averaged)
 
 
 def weighted_mean(records: list[tuple[ArrayRecord, float]]) -> ArrayRecord:

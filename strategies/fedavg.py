@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
 from fedml.statefile import rng_state, set_rng_state
-from strategies.aggregate import WeightedMean
+from strategies.aggregate import MetricMean, WeightedMean
 
 log = getLogger(__name__)
 
@@ -28,8 +28,11 @@ class FedAvg(FlowerFedAvg):
 
     - client sampling uses the strategy's own `random.Random(seed)`, so a run with the
       same seed samples the same clients (Flower's uses the global `random` module);
-    - aggregation streams replies into a float64 running sum and casts each array back to
-      its dtype: integer buffers stay integers (rounded mean), float32 stays float32.
+    - aggregation streams: each reply is folded into a float64 running sum as it comes
+      (memory O(model size) however many clients reply) and each array is cast back to
+      its dtype: integer buffers stay integers (rounded mean), float32 stays float32;
+    - metrics are averaged key by key over the replies that report each key, so replies
+      with different metric names do not make the round fail.
 
     `keeps_partial_work` tells the round loop what to do with stragglers (clients that
     ran fewer local epochs than asked): FedAvg drops them, as in the FedProx paper.
@@ -83,18 +86,36 @@ class FedAvg(FlowerFedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Example-weighted mean of the replies' arrays and metrics (error replies skipped)."""
-        contents = [msg.content for msg in replies if not msg.has_error()]
-        if not contents:
+        """Example-weighted mean of the replies' arrays and metrics (error replies
+        skipped), folding each reply in as `replies` yields it."""
+        mean, metrics = WeightedMean(), MetricMean(self.weighted_by_key)
+        for reply in replies:
+            if reply.has_error():
+                continue
+            content = reply.content
+            validate_message_reply_consistency([content], self.weighted_by_key, True)
+            weight = float(next(iter(content.metric_records.values()))[self.weighted_by_key])
+            mean.add(next(iter(content.array_records.values())), weight)
+            metrics.add(next(iter(content.metric_records.values())), weight)
+        if not mean.count:
             return None, None
-        validate_message_reply_consistency(contents, self.weighted_by_key, check_arrayrecord=True)
-        mean = WeightedMean()
-        for content in contents:
-            arrays = next(iter(content.array_records.values()))
-            metrics = next(iter(content.metric_records.values()))
-            mean.add(arrays, float(metrics[self.weighted_by_key]))
-        log.info("aggregate_train: %d replies", len(contents))
-        return mean.result(), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        log.info("aggregate_train: %d replies", mean.count)
+        return mean.result(), metrics.result()
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of the evaluation replies' metrics (errors skipped)."""
+        metrics, count = MetricMean(self.weighted_by_key), 0
+        for reply in replies:
+            if reply.has_error():
+                continue
+            content = reply.content
+            validate_message_reply_consistency([content], self.weighted_by_key, False)
+            record = next(iter(content.metric_records.values()))
+            metrics.add(record, float(record[self.weighted_by_key]))
+            count += 1
+        return metrics.result() if count else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

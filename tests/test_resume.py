@@ -33,9 +33,24 @@ def _crash_at(server_round: int):
     return on_round
 
 
-def _overrides(tmp_path: Path, name: str, strategy: str = "fedavg") -> dict:
+# Every stateful convergence control on at once (early stopping that does not fire
+# within 5 rounds, so its state is carried but the run goes the distance).
+CONTROLS = {
+    "strategy.adaptive_mu": True,
+    "strategy.mu_patience": 1,
+    "server.momentum": 0.5,
+    "client.lr_decay": 0.9,
+    "simulation.dropout": 0.2,
+    "validation.clip_norm": 5.0,
+    "stop.metric": "server.accuracy",
+    "stop.patience": 10,
+}
+
+
+def _overrides(tmp_path: Path, name: str, strategy: str = "fedavg", **extra) -> dict:
     """Sampling, stragglers and pruning all on: every RNG and state path is exercised."""
     return {
+        **extra,
         "rounds": 5,
         "simulation.clients": 6,
         "strategy.name": strategy,
@@ -53,19 +68,22 @@ def _metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
-def _assert_identical_runs(a: Path, b: Path) -> None:
-    assert _metrics(a) == _metrics(b)
+def _assert_identical_runs(a: Path, b: Path, histories: bool = True) -> None:
+    if histories:
+        assert _metrics(a) == _metrics(b)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     last = sorted(p.name for p in (a / "commits").iterdir())[-1]
     assert same_commit(a / "commits" / last, b / "commits" / last)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
-def test_a_run_resumed_after_each_crash_equals_the_straight_run(tmp_path, strategy):
-    straight = simulate(load_config(None, _overrides(tmp_path, "straight", strategy)))
+@pytest.mark.parametrize(
+    ("strategy", "extra"), [("fedavg", {}), ("fedprox", {}), ("fedprox", CONTROLS)]
+)
+def test_a_run_resumed_after_each_crash_equals_the_straight_run(tmp_path, strategy, extra):
+    straight = simulate(load_config(None, _overrides(tmp_path, "straight", strategy, **extra)))
     assert straight.stop_reason == "max rounds"
 
-    cfg = load_config(None, _overrides(tmp_path, "resumed", strategy))
+    cfg = load_config(None, _overrides(tmp_path, "resumed", strategy, **extra))
     with pytest.raises(Crash):
         simulate(cfg, on_round=_crash_at(1))
     for crash_round in (2, 4):
@@ -87,7 +105,11 @@ def test_extending_a_finished_run_equals_running_longer_from_the_start(tmp_path)
     summary = simulate(cfg, resume=store)
     assert summary.resumed_from == 3 and summary.rounds == 5
     assert "rounds = 5" in (tmp_path / "short" / "config.toml").read_text()
-    _assert_identical_runs(tmp_path / "long", tmp_path / "short")
+    # the history keeps the record that the run had stopped at round 3
+    extended = _metrics(tmp_path / "short")
+    assert extended[2].pop("stop") == "max rounds"
+    assert extended == _metrics(tmp_path / "long")
+    _assert_identical_runs(tmp_path / "long", tmp_path / "short", histories=False)
 
 
 def _counting_client_app() -> ClientApp:

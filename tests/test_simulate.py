@@ -41,9 +41,13 @@ def test_default_run_reaches_90_percent_on_digits(tmp_path):
             "sampled": 10,
             "replied": 10,
             "failed": 0,
+            "dropped": 0,
+            "timed_out": 0,
+            "rejected": 0,
             "stragglers": 0,
             "aggregated": 10,
         }
+        assert row["rejected"] == {}
     assert rows[0]["train"]["num-examples"] == 1150  # 80% of the 1437 training digits
     assert load_config(tmp_path / "run" / "config.toml") == cfg
     model = load_file(tmp_path / "run" / "model.safetensors")

@@ -1,0 +1,197 @@
+"""Checks every client reply before it can reach aggregation.
+
+One broken or hostile site must not end or poison a run. A training reply is rejected
+(counted, never aggregated) when:
+
+- "malformed": it has no single ArrayRecord, or no single MetricRecord;
+- "num-examples": its "num-examples" is missing, not a number, not finite or not > 0;
+- "metrics": a metric is not a finite number (or a list of them);
+- "keys": its arrays are not exactly the global model's keys;
+- "shape": an array's shape or dtype differs from the global model's;
+- "non-finite": an array holds NaN or inf;
+- "norm": its update norm ||w - w_global|| exceeds `norm_factor` times the median norm
+  of the round's other valid updates that arrived before it (the first three are judged
+  against each other; with fewer than three valid updates there is no norm check, as a
+  median of fewer means little).
+
+With `clip_norm > 0` each accepted update is then scaled down to that L2 norm
+(w_global + (w - w_global) * min(1, clip / ||w - w_global||)).
+
+Screening streams: replies go through one at a time and at most two wait for the norm
+check, so the server holds O(model size) of client arrays, not O(clients x model size).
+Evaluation replies (metrics only) get the malformed / num-examples / metrics checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, RecordDict
+
+from fedml.arrays import from_numpy, record_of, to_numpy
+
+NORM_SAMPLE = 3  # valid updates needed before the norm check starts
+
+
+@dataclass
+class Tally:
+    """What happened to one round's replies: counted as they stream past."""
+
+    replied: int = 0
+    failed: int = 0
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class UpdateValidator:
+    """Screens one round's replies against the global arrays that were sent out."""
+
+    norm_factor: float = 10.0
+    clip_norm: float = 0.0
+    weight_key: str = "num-examples"
+
+    # -- training replies ------------------------------------------------------------------
+    def screen(
+        self, replies: Iterable[Message], global_arrays: ArrayRecord, tally: Tally
+    ) -> Iterator[Message]:
+        """Yield the replies that may be aggregated (clipped if asked), counting every
+        reply in `tally`; error replies count as failed."""
+        reference = {k: to_numpy(v) for k, v in global_arrays.items()}
+        norms: list[float] = []  # norms of the valid updates so far
+        waiting: list[tuple[Message, dict[str, np.ndarray], float]] = []
+        for reply in replies:
+            if reply.has_error():
+                tally.failed += 1
+                continue
+            tally.replied += 1
+            problem, arrays = self._check_train(reply.content, reference)
+            if problem:
+                tally.rejected[problem] += 1
+                continue
+            norm = _update_norm(arrays, reference)
+            norms.append(norm)
+            if self.norm_factor <= 0:
+                yield self._accept(reply, arrays, norm, reference, tally)
+            elif len(norms) < NORM_SAMPLE:
+                waiting.append((reply, arrays, norm))
+            else:
+                if waiting:  # the first updates, judged against each other
+                    for index, (early, early_arrays, early_norm) in enumerate(waiting):
+                        if self._outsized(early_norm, norms[:index] + norms[index + 1 :], tally):
+                            continue
+                        yield self._accept(early, early_arrays, early_norm, reference, tally)
+                    waiting.clear()
+                if not self._outsized(norm, norms[:-1], tally):
+                    yield self._accept(reply, arrays, norm, reference, tally)
+        for early, early_arrays, early_norm in waiting:  # too few for a norm check
+            yield self._accept(early, early_arrays, early_norm, reference, tally)
+
+    def _outsized(self, norm: float, others: list[float], tally: Tally) -> bool:
+        median = float(np.median(others))
+        if median > 0 and norm > self.norm_factor * median:
+            tally.rejected["norm"] += 1
+            return True
+        return False
+
+    def _check_train(
+        self, content: RecordDict, reference: dict[str, np.ndarray]
+    ) -> tuple[str | None, dict[str, np.ndarray]]:
+        if len(content.array_records) != 1:
+            return "malformed", {}
+        problem = self._check_metrics(content)
+        if problem:
+            return problem, {}
+        record = next(iter(content.array_records.values()))
+        if set(record.keys()) != set(reference):
+            return "keys", {}
+        arrays = {k: to_numpy(record[k]) for k in reference}
+        for key, values in arrays.items():
+            if values.shape != reference[key].shape or values.dtype != reference[key].dtype:
+                return "shape", {}
+            if values.dtype.kind in "fc" and not np.isfinite(values).all():
+                return "non-finite", {}
+        return None, arrays
+
+    def _check_metrics(self, content: RecordDict) -> str | None:
+        """The checks every reply gets: one MetricRecord, a usable weight, finite
+        metric values."""
+        if len(content.metric_records) != 1:
+            return "malformed"
+        metrics = next(iter(content.metric_records.values()))
+        if not _positive_number(metrics.get(self.weight_key)):
+            return "num-examples"
+        if not all(_finite_metric(value) for value in metrics.values()):
+            return "metrics"
+        return None
+
+    def _accept(
+        self,
+        reply: Message,
+        arrays: dict[str, np.ndarray],
+        norm: float,
+        reference: dict[str, np.ndarray],
+        tally: Tally,
+    ) -> Message:
+        tally.accepted += 1
+        if self.clip_norm <= 0 or norm <= self.clip_norm:
+            return reply
+        scale = self.clip_norm / norm
+        clipped = {
+            k: from_numpy(
+                (reference[k] + (v - reference[k]) * scale).astype(v.dtype)
+                if v.dtype.kind == "f"
+                else v
+            )
+            for k, v in arrays.items()
+        }
+        key = next(iter(reply.content.array_records))
+        reply.content[key] = record_of(clipped)
+        return reply
+
+    # -- evaluation replies ----------------------------------------------------------------
+    def screen_evaluation(self, replies: Iterable[Message], tally: Tally) -> list[Message]:
+        """The evaluation replies that may be aggregated; the rest counted in `tally`."""
+        valid: list[Message] = []
+        for reply in replies:
+            if reply.has_error():
+                tally.failed += 1
+                continue
+            tally.replied += 1
+            problem = self._check_metrics(reply.content)
+            if problem:
+                tally.rejected[problem] += 1
+                continue
+            tally.accepted += 1
+            valid.append(reply)
+        return valid
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _finite_metric(value: object) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(
+        not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) for v in values
+    )
+
+
+def _update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """L2 norm of w - w_global over the floating-point arrays, in float64."""
+    total = 0.0
+    for key, values in arrays.items():
+        if values.dtype.kind == "f":
+            delta = values.astype(np.float64) - reference[key].astype(np.float64)
+            total += float(np.dot(delta.ravel(), delta.ravel()))
+    return math.sqrt(total)

@@ -1,0 +1,180 @@
+"""Update validation: every reject reason, the norm check, clipping, streaming."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedml.validation import Tally, UpdateValidator
+from simulations.inprocess import InProcessGrid
+
+GLOBAL = {"w": np.zeros((4, 3), dtype=np.float32), "steps": np.array(5, dtype=np.int64)}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _update(scale: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """A global model moved by a random direction of norm `scale`."""
+    direction = np.random.default_rng(seed).normal(size=(4, 3))
+    w = (direction / np.linalg.norm(direction) * scale).astype(np.float32)
+    return {"w": w, "steps": np.array(7, dtype=np.int64)}
+
+
+def _content(arrays: dict[str, np.ndarray] | None, metrics: dict | None = None) -> RecordDict:
+    content = RecordDict()
+    if arrays is not None:
+        content["arrays"] = _record(arrays)
+    content["metrics"] = MetricRecord(
+        metrics if metrics is not None else {"loss": 0.5, "num-examples": 10}
+    )
+    return content
+
+
+def _replies(contents: list[RecordDict | Exception]) -> list[Message]:
+    """Real reply Messages (node i answers with contents[i-1]; an Exception raises)."""
+
+    def client(msg: Message, context) -> Message:
+        content = contents[msg.metadata.dst_node_id - 1]
+        if isinstance(content, Exception):
+            raise content
+        return Message(content=content, reply_to=msg)
+
+    grid = InProcessGrid(client, num_nodes=len(contents), run_config={})
+    requests = [
+        Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN)
+        for n in range(1, len(contents) + 1)
+    ]
+    return list(grid.send_and_receive(requests))
+
+
+def _screen(validator: UpdateValidator, replies: list[Message]) -> tuple[list[int], Tally]:
+    tally = Tally()
+    accepted = validator.screen(replies, _record(GLOBAL), tally)
+    return [m.metadata.src_node_id for m in accepted], tally
+
+
+HONEST = [_content(_update(1.0 + 0.1 * i, seed=i)) for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (_content(None), "malformed"),
+        (_content(_update(1.0), {"loss": 0.5}), "num-examples"),
+        (_content(_update(1.0), {"loss": 0.5, "num-examples": 0}), "num-examples"),
+        (_content(_update(1.0), {"loss": 0.5, "num-examples": float("nan")}), "num-examples"),
+        (_content(_update(1.0), {"loss": float("inf"), "num-examples": 10}), "metrics"),
+        (_content({"w": GLOBAL["w"]}), "keys"),
+        (_content({**_update(1.0), "extra": np.ones(2, dtype=np.float32)}), "keys"),
+        (_content({**_update(1.0), "w": np.zeros((3, 4), dtype=np.float32)}), "shape"),
+        (_content({**_update(1.0), "w": np.zeros((4, 3), dtype=np.float64)}), "shape"),
+        (_content({**_update(1.0), "w": np.full((4, 3), np.nan, dtype=np.float32)}), "non-finite"),
+    ],
+)
+def test_each_bad_reply_is_rejected_with_its_reason(bad, reason):
+    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, bad]))
+    assert accepted == [1, 2, 3, 4]
+    assert tally.rejected == {reason: 1}
+    assert (tally.replied, tally.failed, tally.accepted) == (5, 0, 4)
+
+
+def test_error_replies_count_as_failed():
+    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, RuntimeError("down")]))
+    assert accepted == [1, 2, 3, 4]
+    assert (tally.replied, tally.failed, sum(tally.rejected.values())) == (4, 1, 0)
+
+
+@pytest.mark.parametrize("position", [0, 1, 2, 5])
+def test_a_million_times_larger_update_is_rejected_wherever_it_arrives(position):
+    contents = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(6)]
+    contents.insert(position, _content(_update(1e6, seed=99)))
+    accepted, tally = _screen(UpdateValidator(norm_factor=10.0), _replies(contents))
+    hostile = position + 1
+    assert accepted == [n for n in range(1, 8) if n != hostile]
+    assert tally.rejected == {"norm": 1}
+
+
+@given(
+    norms=st.lists(st.floats(1.0, 2.0), min_size=3, max_size=12),
+    position=st.integers(0, 12),
+    factor=st.floats(1e3, 1e9),
+)
+def test_norm_check_keeps_every_similar_update_and_drops_the_outlier(norms, position, factor):
+    """Updates within 2x of each other all pass a 10x check; one >= 1000x the largest
+    never does, whatever its place in the stream."""
+    contents = [_content(_update(n, seed=i)) for i, n in enumerate(norms)]
+    position = min(position, len(contents))
+    contents.insert(position, _content(_update(2.0 * factor, seed=99)))
+    accepted, tally = _screen(UpdateValidator(norm_factor=10.0), _replies(contents))
+    assert accepted == [n for n in range(1, len(contents) + 1) if n != position + 1]
+    assert tally.rejected == {"norm": 1}
+
+
+def test_with_fewer_than_three_valid_updates_there_is_no_norm_check():
+    replies = _replies([_content(_update(1.0)), _content(_update(1e6, seed=1))])
+    accepted, tally = _screen(UpdateValidator(norm_factor=10.0), replies)
+    assert accepted == [1, 2] and not tally.rejected
+
+
+def test_norm_factor_zero_turns_the_norm_check_off():
+    contents = [*HONEST, _content(_update(1e6, seed=9))]
+    accepted, tally = _screen(UpdateValidator(norm_factor=0.0), _replies(contents))
+    assert accepted == [1, 2, 3, 4, 5] and not tally.rejected
+
+
+def test_clipping_scales_large_updates_to_the_clip_norm_and_keeps_small_ones():
+    validator = UpdateValidator(norm_factor=0.0, clip_norm=2.0)
+    small, large = _update(1.5, seed=1), _update(8.0, seed=2)
+    replies = _replies([_content(small), _content(large)])
+    tally = Tally()
+    out = {
+        m.metadata.src_node_id: m.content["arrays"]
+        for m in validator.screen(replies, _record(GLOBAL), tally)
+    }
+    np.testing.assert_array_equal(out[1]["w"].numpy(), small["w"])
+    clipped = out[2]["w"].numpy()
+    assert np.linalg.norm(clipped.astype(np.float64)) == pytest.approx(2.0, rel=1e-6)
+    np.testing.assert_allclose(clipped, large["w"] * (2.0 / 8.0), rtol=1e-6)
+    assert out[2]["steps"].numpy() == 7  # integer buffers are not scaled
+    assert clipped.dtype == np.float32
+
+
+def test_screening_streams_holding_at_most_three_replies():
+    """The validator yields the first accepted update after at most three replies were
+    produced, and each later one right after it arrives."""
+    produced: list[int] = []
+    replies = _replies([_content(_update(1.0 + 0.1 * i, seed=i)) for i in range(8)])
+
+    def source():
+        for reply in replies:
+            produced.append(reply.metadata.src_node_id)
+            yield reply
+
+    seen_when_yielded = [
+        len(produced) for _ in UpdateValidator().screen(source(), _record(GLOBAL), Tally())
+    ]
+    assert seen_when_yielded == [3, 3, 3, 4, 5, 6, 7, 8]
+
+
+def test_evaluation_replies_are_screened_on_their_metrics():
+    good: Callable[[float], RecordDict] = lambda a: _content(  # noqa: E731
+        None, {"loss": 0.3, "accuracy": a, "num-examples": 5}
+    )
+    contents = [
+        good(0.9),
+        _content(None, {"loss": float("nan"), "accuracy": 0.1, "num-examples": 5}),
+        _content(None, {"loss": 0.3, "num-examples": -1}),
+        RecordDict(),
+        good(0.7),
+    ]
+    tally = Tally()
+    valid = UpdateValidator().screen_evaluation(_replies(contents), tally)
+    assert [m.metadata.src_node_id for m in valid] == [1, 5]
+    assert tally.rejected == {"metrics": 1, "num-examples": 1, "malformed": 1}
