@@ -73,6 +73,30 @@ def simulate(
     lr: Annotated[float | None, Opt(help="Client learning rate.")] = None,
     proximal_mu: Annotated[float | None, Opt(help="FedProx proximal weight mu.")] = None,
     stragglers: Annotated[float | None, Opt(help="Fraction of clients doing partial work.")] = None,
+    dropout: Annotated[
+        float | None, Opt(help="Fraction of sampled clients failing each round.")
+    ] = None,
+    lr_decay: Annotated[float | None, Opt(help="Client lr factor per round (0-1].")] = None,
+    server_lr: Annotated[float | None, Opt(help="Server learning rate on the update.")] = None,
+    server_momentum: Annotated[
+        float | None, Opt(help="Server momentum on the update (FedAvgM).")
+    ] = None,
+    min_replies: Annotated[
+        int | None, Opt(help="Updates a round needs to count (else participation policy).")
+    ] = None,
+    round_timeout: Annotated[
+        float | None, Opt(help="Seconds to wait for replies per phase (0: all).")
+    ] = None,
+    early_stop: Annotated[
+        str | None, Opt(help="Early-stopping metric, e.g. server.loss (with --patience).")
+    ] = None,
+    patience: Annotated[int | None, Opt(help="Rounds without improvement before stopping.")] = None,
+    target: Annotated[
+        str | None, Opt(help='Stop when reached, e.g. "server.accuracy >= 0.95".')
+    ] = None,
+    max_seconds: Annotated[
+        float | None, Opt(help="Wall-clock budget for the rounds, in seconds (0: none).")
+    ] = None,
     seed: Annotated[int | None, Opt(help="Seed for every random choice of the run.")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N.")] = None,
     out: Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp>).")] = None,
@@ -86,8 +110,12 @@ def simulate(
 
     Example: fedml simulate --strategy fedprox --dataset synthetic --rounds 30
 
-    Resume: fedml simulate --resume runs/exp1 [--rounds 40]  (the run keeps its stored
-    config; only --rounds, to extend it, and --device may change)
+    Controls: fedml simulate --rounds 100 --early-stop server.loss --patience 5
+    --target "server.accuracy >= 0.95" --server-momentum 0.9 --dropout 0.3
+
+    Resume: fedml simulate --resume runs/exp1 [--rounds 40] [--max-seconds 3600] (the
+    run keeps its stored config; only --rounds and --max-seconds, to extend it, and
+    --device may change)
     """
     from fedml.config import load_config
 
@@ -104,6 +132,16 @@ def simulate(
         "client.lr": lr,
         "strategy.proximal_mu": proximal_mu,
         "simulation.stragglers": stragglers,
+        "simulation.dropout": dropout,
+        "client.lr_decay": lr_decay,
+        "server.lr": server_lr,
+        "server.momentum": server_momentum,
+        "participation.min_replies": min_replies,
+        "participation.timeout": round_timeout,
+        "stop.metric": early_stop,
+        "stop.patience": patience,
+        "stop.target": target,
+        "stop.max_seconds": max_seconds,
         "seed": seed,
         "client.device": device,
         "out": str(out) if out is not None else None,

@@ -22,7 +22,13 @@ def _describe(row: dict[str, Any]) -> str:
     elif row.get("evaluate"):
         parts.append(f"fed acc {row['evaluate']['accuracy']:.4f}")
     clients = row["clients"]
-    parts.append(f"clients {clients['replied']}/{clients['sampled']}")
+    parts.append(f"clients {clients['aggregated']}/{clients['sampled']}")
+    if clients.get("rejected"):
+        parts.append(f"rejected {clients['rejected']}")
+    if row.get("retries"):
+        parts.append(f"retried {len(row['retries'])}x ({row['retries'][-1]})")
+    if row.get("stop"):
+        parts.append(f"stop: {row['stop']}")
     return ", ".join(parts)
 
 
@@ -64,6 +70,12 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         table.add_row("resumed after", f"round {summary.resumed_from}")
     if summary.stop_reason:
         table.add_row("stopped", summary.stop_reason)
+    if "discarded" in final:  # the last round changed nothing: report the model kept
+        final = next((r for r in reversed(summary.history) if "discarded" not in r), final)
+    restored = summary.model_round is not None and summary.model_round != final.get("round")
+    if restored:
+        table.add_row("model", f"round {summary.model_round} (best, restored)")
+        final = next((r for r in summary.history if r["round"] == summary.model_round), final)
     for source, label in (("server", "test (server)"), ("evaluate", "federated eval")):
         metrics = final.get(source)
         if metrics:

@@ -49,6 +49,10 @@ def test_default_run_directory_is_timestamped_under_runs(tmp_path):
         (["--dataset", "npz:/no/such/place"], "does not exist"),
         (["--strategy", "fedprx"], "Did you mean 'fedprox'"),
         (["nonexistent.toml"], "Config file nonexistent.toml does not exist"),
+        (["--target", "accuracy > 0.9"], "stop.target 'accuracy > 0.9' is not a condition"),
+        (["--early-stop", "accuracy"], "stop.metric 'accuracy' is not a history metric"),
+        (["--dropout", "1"], "simulation.dropout must be a fraction in [0, 1)"),
+        (["--min-replies", "20"], "participation.min_replies is 20"),
     ],
 )
 def test_bad_input_is_one_clear_error_exit_2(tmp_path, args, fragment):
@@ -78,5 +82,37 @@ def test_help_lists_every_simulate_flag():
         "--seed",
         "--device",
         "--out",
+        "--dropout",
+        "--lr-decay",
+        "--server-lr",
+        "--server-momentum",
+        "--min-replies",
+        "--round-timeout",
+        "--early-stop",
+        "--patience",
+        "--target",
+        "--max-seconds",
     ):
         assert flag in result.stdout
+
+
+def test_controls_from_the_command_line_stop_the_run_and_say_why(tmp_path):
+    out = tmp_path / "run"
+    result = _run(
+        "simulate",
+        "--rounds", "40",
+        "--early-stop", "server.loss",
+        "--patience", "1",
+        "--target", "server.accuracy >= 0.999",
+        "--server-momentum", "0.5",
+        "--dropout", "0.2",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert rows[-1]["stop"] == "early stop" and len(rows) < 40
+    assert all(row["clients"]["dropped"] == 2 for row in rows)
+    assert "early stop" in result.stdout
+    best = min(rows, key=lambda row: row["server"]["loss"])
+    if best["round"] != rows[-1]["round"]:
+        assert f"round {best['round']} (best, restored)" in result.stdout

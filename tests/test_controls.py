@@ -79,7 +79,7 @@ def test_target_conditions(text, value, reached):
     "text", ["accuracy >= 0.9", "server.accuracy => 0.9", "server.accuracy >= high", "x.y >= 1"]
 )
 def test_malformed_targets_are_config_errors(text):
-    with pytest.raises(FedmlError, match="stop.target"):
+    with pytest.raises(FedmlError, match=r"stop\.target"):
         load_config(None, {"stop.target": text})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import time
 import weakref
@@ -330,7 +331,7 @@ def test_adaptive_mu_in_the_history_follows_the_train_loss(tmp_path):
     rows = simulate(cfg).history
     # round r trains with the mu left by rounds 1..r-1 (the first comparison is 2 vs 1)
     mu, decreases, expected = 0.2, 0, [0.2, 0.2]
-    for before, after in zip(rows, rows[1:], strict=False):
+    for before, after in itertools.pairwise(rows):
         if after["train"]["loss"] > before["train"]["loss"]:
             mu, decreases = mu + 0.1, 0
         else:
