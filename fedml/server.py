@@ -220,10 +220,11 @@ def play_round(
             experiment.strategy.proximal_mu = mu
         aggregate, row = train_round(server_round, arrays, grid, experiment, components, lr)
         counts = row["clients"]
+        aggregated = counts["aggregated"] if aggregate is not None else 0
         verdict = controls.judge_participation(
-            counts["aggregated"], counts["replied"], row["rejected"].get("non-finite", 0)
+            aggregated, counts["replied"], row["rejected"].get("non-finite", 0)
         )
-        if verdict is None and aggregate is not None:
+        if verdict is None:
             new_arrays, velocity = controls.optimizer.step(arrays, aggregate)
             store.stage(server_round, new_arrays)  # the model file is written meanwhile
             row.update(evaluate_round(server_round, new_arrays, grid, experiment))
