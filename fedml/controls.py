@@ -250,10 +250,10 @@ class ServerOptimizer:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What happens after a round attempt: accept it, retry it, skip it (keep the old
-    global model and go on), or stop the run (`stop` names the reason)."""
+    """What happens to a round attempt that cannot be accepted: retry it, skip it (keep
+    the old global model and go on), or stop the run (`stop` names the reason)."""
 
-    action: str  # "accept" | "retry" | "skip" | "stop"
+    action: str  # "retry" | "skip" | "stop"
     reason: str | None = None
     stop: str | None = None
 
@@ -325,7 +325,6 @@ class Controls:
     # -- after an accepted round ---------------------------------------------------------
     def accept(self, row: dict[str, Any], velocity: dict[str, np.ndarray]) -> None:
         """Fold an accepted round into the controls' state."""
-        self.attempts = 0
         self.guard.accept(row)
         self.optimizer.accept(velocity)
         if self.mu:

@@ -240,9 +240,7 @@ def play_round(
             log.warning("round %d: %s; retrying the round", server_round, verdict.reason)
             continue
         # skipped or stopped: the global model stays as it was before the round
-        discarded = {k: row[k] for k in ("round", "lr", "clients", "rejected") if k in row}
-        if "mu" in row:
-            discarded["mu"] = row["mu"]
+        discarded = {k: row[k] for k in ("round", "lr", "mu", "clients", "rejected") if k in row}
         discarded.update(retries=retries, discarded=verdict.reason)
         return arrays, discarded, verdict.stop
 

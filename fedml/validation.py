@@ -64,11 +64,7 @@ class UpdateValidator:
         reference = {k: to_numpy(v) for k, v in global_arrays.items()}
         norms: list[float] = []  # norms of the valid updates so far
         waiting: list[tuple[Message, dict[str, np.ndarray], float]] = []
-        for reply in replies:
-            if reply.has_error():
-                tally.failed += 1
-                continue
-            tally.replied += 1
+        for reply in _answered(replies, tally):
             problem, arrays = self._check_train(reply.content, reference)
             if problem:
                 tally.rejected[problem] += 1
@@ -157,11 +153,7 @@ class UpdateValidator:
     def screen_evaluation(self, replies: Iterable[Message], tally: Tally) -> list[Message]:
         """The evaluation replies that may be aggregated; the rest counted in `tally`."""
         valid: list[Message] = []
-        for reply in replies:
-            if reply.has_error():
-                tally.failed += 1
-                continue
-            tally.replied += 1
+        for reply in _answered(replies, tally):
             problem = self._check_metrics(reply.content)
             if problem:
                 tally.rejected[problem] += 1
@@ -171,20 +163,26 @@ class UpdateValidator:
         return valid
 
 
+def _answered(replies: Iterable[Message], tally: Tally) -> Iterator[Message]:
+    """The replies that carry content; error replies are counted as failed."""
+    for reply in replies:
+        if reply.has_error():
+            tally.failed += 1
+            continue
+        tally.replied += 1
+        yield reply
+
+
+def _finite_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
 def _positive_number(value: object) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and value > 0
-    )
+    return _finite_number(value) and value > 0  # type: ignore[operator]
 
 
 def _finite_metric(value: object) -> bool:
-    values = value if isinstance(value, list) else [value]
-    return all(
-        not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) for v in values
-    )
+    return all(map(_finite_number, value if isinstance(value, list) else [value]))
 
 
 def _update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
