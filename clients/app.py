@@ -7,6 +7,11 @@ model and default training settings; each train message's "config" may override 
 settings ("local-epochs", "batch-size", "lr", "optimizer", "momentum", "weight-decay",
 "proximal-mu"), so a stock Flower strategy that sends only "server-round" works too.
 
+With `dp.mode = "sample"` training is DP-SGD (clients/privacy.py): the reply's metrics
+add "dp-epsilon" and "dp-delta" (what this client has spent so far), and a client whose
+budget would be exceeded replies with an error of code `fedml.privacy.DECLINED_CODE`
+saying why, instead of training.
+
 Replies follow Flower's conventions: "arrays" (the trained state dict) and "metrics"
 (`loss`, `num-examples`; evaluation adds `accuracy`).
 """
@@ -19,14 +24,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
-from clients.trainer import TrainSettings, evaluate, resolve_device, train_local
+from clients.trainer import TrainResult, TrainSettings, evaluate, resolve_device, train_local
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
 from fedml.models import model_for
+from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
 
 app = ClientApp()
 
@@ -103,17 +117,60 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     model = job.model(msg.content["arrays"])
     device = resolve_device(job.cfg.client.device)
-    generator = torch.Generator().manual_seed(
-        _derive_seed(job.cfg.seed, int(config.get("server-round", 0)), job.partition_id)
-    )
-    result = train_local(model, job.train, job.settings(config), device, generator)
+    server_round = int(config.get("server-round", 0))
+    seed = _derive_seed(job.cfg.seed, server_round, job.partition_id)
+    settings = job.settings(config)
+    privacy: dict[str, float] = {}
+    if job.cfg.dp.mode == "sample":
+        from clients.privacy import PrivacyBudgetExhausted
+
+        try:
+            result, privacy = _train_private(
+                job, context, model, settings, device, server_round, seed
+            )
+        except PrivacyBudgetExhausted as exc:
+            return Message(Error(code=DECLINED_CODE, reason=str(exc)), reply_to=msg)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        result = train_local(model, job.train, settings, device, generator)
+    metrics = {"loss": result.loss, "num-examples": result.num_examples, **privacy}
     content = RecordDict(
-        {
-            "arrays": from_state_dict(model.state_dict()),
-            "metrics": MetricRecord({"loss": result.loss, "num-examples": result.num_examples}),
-        }
+        {"arrays": from_state_dict(model.state_dict()), "metrics": MetricRecord(metrics)}
     )
     return Message(content=content, reply_to=msg)
+
+
+def _train_private(
+    job: LocalJob,
+    context: Context,
+    model: torch.nn.Module,
+    settings: TrainSettings,
+    device: torch.device,
+    server_round: int,
+    seed: int,
+) -> tuple[TrainResult, dict[str, float]]:
+    """DP-SGD for one round against the node's privacy ledger, which is updated and
+    saved; returns the result and the privacy metrics of the reply. Raises
+    `PrivacyBudgetExhausted` (without training) when the round would exceed the budget."""
+    from clients import privacy
+
+    dp = job.cfg.dp
+    ledger = privacy.load_ledger(context)
+    plan = privacy.plan_round(dp, ledger, len(job.train), settings, job.cfg.rounds)
+    privacy.check_budget(dp, plan, server_round)
+    # Reproducible noise only for simulated nodes; a real site draws from OS entropy.
+    noise_seed = seed if "partition-id" in context.node_config else None
+    result, history = privacy.train_private(
+        model, job.train, settings, device, plan, dp.max_grad_norm, noise_seed
+    )
+    ledger = privacy.PrivacyLedger(history, [*ledger.rounds, server_round], plan.noise_multiplier)
+    privacy.save_ledger(context, ledger)
+    epsilon = (
+        plan.epsilon_after
+        if tuple(history) == plan.history_after
+        else ledger.epsilon(dp.accountant, plan.delta)
+    )
+    return result, {EPSILON_KEY: epsilon, DELTA_KEY: plan.delta}
 
 
 @app.evaluate()

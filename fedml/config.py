@@ -2,7 +2,7 @@
 
 A run is described by `RunConfig`, a tree of small dataclasses. It is loaded from a TOML
 file (sections `[data]`, `[model]`, `[strategy]`, `[client]`, `[simulation]`,
-`[validation]`, `[participation]`, `[server]`, `[guard]`, `[stop]`, `[checkpoint]` and
+`[validation]`, `[participation]`, `[server]`, `[guard]`, `[stop]`, `[dp]`, `[checkpoint]` and
 top-level keys), overridden by CLI flags given as dotted keys
 (`client.lr`), and validated in one place. Every problem raises `FedmlError` naming the
 key, the bad value and the fix.
@@ -32,6 +32,8 @@ DATASETS = ("digits", "breast-cancer", "synthetic", "npz:<dir>")
 MODELS = ("logreg", "mlp", "cnn", "<module>:<factory>")
 OPTIMIZERS = ("sgd", "adam")
 ENGINES = ("inprocess",)
+DP_MODES = ("off", "sample", "user-fixed", "user-adaptive")
+ACCOUNTANTS = ("rdp", "prv")
 
 
 @dataclass
@@ -152,6 +154,33 @@ class StopConfig:
 
 
 @dataclass
+class DPConfig:
+    """Differential privacy (see clients/privacy.py and fedml/privacy.py).
+
+    `mode`: "off"; "sample" (example-level DP-SGD at every client with Opacus, each
+    client keeping a privacy ledger); "user-fixed" / "user-adaptive" (client-level DP:
+    Flower's server-side clipping wrappers add Gaussian noise to the aggregate).
+    The noise is `noise_multiplier`, or derived up front from `target_epsilon` for
+    `rounds` rounds (0: use noise_multiplier). `delta` 0 means 1/(10 n) rounded down to
+    a power of ten (n: a client's training examples; for user level, the clients).
+    `max_epsilon` is the budget a client (sample) or the run (user) may not exceed
+    (0: target_epsilon when set, else none). `max_grad_norm` clips per-example
+    gradients (sample); `clip_norm` clips client updates (user; the initial norm when
+    adaptive). `fix_model` lets Opacus replace layers it cannot train privately
+    (BatchNorm -> GroupNorm) instead of refusing the model."""
+
+    mode: str = "off"
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 0.0
+    delta: float = 0.0
+    max_epsilon: float = 0.0
+    accountant: str = "rdp"
+    clip_norm: float = 1.0
+    fix_model: bool = False
+
+
+@dataclass
 class CheckpointConfig:
     """What the run directory keeps: the newest `keep` commits plus the best one by
     `monitor` (a history metric such as "server.accuracy" or "evaluate.loss"; "auto"
@@ -180,6 +209,7 @@ class RunConfig:
     server: ServerOptConfig = field(default_factory=ServerOptConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     stop: StopConfig = field(default_factory=StopConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     # ----------------------------------------------------------------- conversions
@@ -401,6 +431,7 @@ def validate(cfg: RunConfig) -> None:
     )
     _validate_checkpoint(cfg.checkpoint)
     _validate_controls(cfg)
+    _validate_dp(cfg.dp)
     _check(
         client.device in ("auto", "cpu", "cuda")
         or (client.device.startswith("cuda:") and client.device[5:].isdigit()),
@@ -484,6 +515,39 @@ def _validate_controls(cfg: RunConfig) -> None:
     if stop.target:
         target = Target.parse(stop.target)
         _metric_name("stop.target", target.metric, allow_auto=False)
+
+
+def _validate_dp(dp: DPConfig) -> None:
+    _check(
+        dp.mode in DP_MODES, f"dp.mode '{dp.mode}' is unknown. Use one of: {', '.join(DP_MODES)}."
+    )
+    if dp.mode == "off":
+        return
+    _check(
+        dp.accountant in ACCOUNTANTS,
+        f"dp.accountant '{dp.accountant}' is unknown. Use one of: {', '.join(ACCOUNTANTS)}.",
+    )
+    _check(
+        dp.target_epsilon >= 0.0,
+        f"dp.target_epsilon must be > 0 (0: use dp.noise_multiplier), got {dp.target_epsilon}.",
+    )
+    _check(
+        dp.target_epsilon > 0.0 or dp.noise_multiplier > 0.0,
+        f"dp.noise_multiplier must be > 0, got {dp.noise_multiplier}. Set it, or set "
+        "dp.target_epsilon to derive it.",
+    )
+    _check(
+        0.0 <= dp.delta < 1.0,
+        f"dp.delta must be in (0, 1) (0: 1/(10 n) rounded down to a power of ten), got {dp.delta}.",
+    )
+    _check(dp.max_epsilon >= 0.0, f"dp.max_epsilon must be >= 0 (0: none), got {dp.max_epsilon}.")
+    _check(
+        dp.max_epsilon == 0.0 or dp.target_epsilon <= dp.max_epsilon,
+        f"dp.target_epsilon {dp.target_epsilon} is above the budget dp.max_epsilon "
+        f"{dp.max_epsilon}; lower the target or raise the budget.",
+    )
+    _check(dp.max_grad_norm > 0.0, f"dp.max_grad_norm must be > 0, got {dp.max_grad_norm}.")
+    _check(dp.clip_norm > 0.0, f"dp.clip_norm must be > 0, got {dp.clip_norm}.")
 
 
 # ------------------------------------------------------------------------------ resume

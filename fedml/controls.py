@@ -35,6 +35,7 @@ from fedml.arrays import from_numpy, record_of, to_numpy
 from fedml.config import RunConfig
 from fedml.errors import FedmlError
 from fedml.monitor import LOSS_ORDER, Monitor
+from fedml.privacy import STOP_PRIVACY
 
 STOP_MAX_ROUNDS = "max rounds"
 STOP_EARLY = "early stop"
@@ -290,12 +291,22 @@ class Controls:
         return self.mu.mu if self.mu else None
 
     # -- after an attempt ----------------------------------------------------------------
-    def judge_participation(self, aggregated: int, replies: int, non_finite: int) -> Verdict | None:
+    def judge_participation(
+        self, aggregated: int, replies: int, non_finite: int, declined: int = 0
+    ) -> Verdict | None:
         """None when enough updates were aggregated; else what to do. When most replies
-        were non-finite the clients diverged, which is the guard's business."""
+        were non-finite the clients diverged, which is the guard's business; when clients
+        declined because their privacy budget is spent, the run is over."""
         needed = self.cfg.participation.min_replies
         if aggregated >= needed:
             return None
+        if declined:
+            return Verdict(
+                "stop",
+                f"{aggregated} update(s) aggregated, {needed} needed; {declined} client(s) "
+                "declined: privacy budget spent",
+                STOP_PRIVACY,
+            )
         if non_finite and 2 * non_finite >= replies:
             return self._diverged(f"{non_finite} of {replies} updates were non-finite")
         reason = f"{aggregated} update(s) aggregated, {needed} needed"

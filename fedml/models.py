@@ -82,8 +82,15 @@ def build_model(
 
 
 def model_for(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The run's model (`cfg.model`), initialised from the run seed."""
-    return build_model(cfg.model.name, input_shape, num_classes, cfg.seed, hidden=cfg.model.hidden)
+    """The run's model (`cfg.model`), initialised from the run seed. With example-level
+    DP it is checked (or, with `dp.fix_model`, repaired) for Opacus here, so server and
+    clients build the same architecture and a bad model fails before any training."""
+    model = build_model(cfg.model.name, input_shape, num_classes, cfg.seed, hidden=cfg.model.hidden)
+    if cfg.dp.mode == "sample":
+        from clients.privacy import private_model
+
+        model = private_model(model, cfg.dp.fix_model)
+    return model
 
 
 def _user_model(reference: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

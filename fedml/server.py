@@ -36,6 +36,7 @@ from fedml.config import RunConfig
 from fedml.controls import EXTENSIBLE_STOPS, Controls
 from fedml.data import Federation, federation_for
 from fedml.models import model_for
+from fedml.privacy import PrivacyReport, without_privacy_keys
 from fedml.runstore import Checkpoint, RunStore, default_run_path
 from fedml.validation import Tally, UpdateValidator
 
@@ -106,13 +107,16 @@ class Experiment:
     validator: UpdateValidator
 
     @classmethod
-    def prepare(cls, cfg: RunConfig) -> Experiment:
+    def prepare(cls, cfg: RunConfig, reproducible: bool = True) -> Experiment:
         """Load the data, build the model and the strategy; a user error here raises
-        `FedmlError` while the run directory does not exist yet."""
+        `FedmlError` while the run directory does not exist yet. `reproducible`: DP noise
+        drawn on the server follows the run seed (simulation; a deployment draws secret
+        noise from OS entropy)."""
         from strategies import build_strategy
 
         validator = UpdateValidator(cfg.validation.norm_factor, cfg.validation.clip_norm)
-        return cls(cfg, build_strategy(cfg), CentralEvaluator(cfg, federation_for(cfg)), validator)
+        strategy = build_strategy(cfg, reproducible)
+        return cls(cfg, strategy, CentralEvaluator(cfg, federation_for(cfg)), validator)
 
 
 def run_experiment(
@@ -138,6 +142,9 @@ def run_experiment(
         "stragglers": Stragglers(cfg.simulation.stragglers, seed=cfg.seed + 1),
         "dropout": Dropout(cfg.simulation.dropout, seed=cfg.seed + 2),
         "controls": controls,
+        "privacy": PrivacyReport(
+            cfg.dp.mode, experiment.strategy if cfg.dp.mode.startswith("user") else None
+        ),
     }
     arrays = from_state_dict(evaluator.model.state_dict())
     if checkpoint is not None:
@@ -159,7 +166,13 @@ def run_experiment(
             )
             row["seconds"] = round(time.perf_counter() - round_start, 4)
             elapsed += row["seconds"]
-            stop_reason = stop_reason or controls.end_of_round(row, elapsed)
+            stop_reason = (
+                stop_reason
+                or controls.end_of_round(row, elapsed)
+                or components["privacy"].budget_stop(
+                    len(list(grid.get_node_ids())), cfg.participation.min_replies
+                )
+            )
             if stop_reason:
                 row["stop"] = stop_reason
             store.commit(
@@ -222,7 +235,7 @@ def play_round(
         counts = row["clients"]
         aggregated = counts["aggregated"] if aggregate is not None else 0
         verdict = controls.judge_participation(
-            aggregated, counts["replied"], row["rejected"].get("non-finite", 0)
+            aggregated, counts["replied"], row["rejected"].get("non-finite", 0), counts["declined"]
         )
         if verdict is None:
             new_arrays, velocity = controls.optimizer.step(arrays, aggregate)
@@ -231,6 +244,9 @@ def play_round(
             verdict = controls.judge_loss(row)
             if verdict is None:
                 controls.accept(row, velocity)
+                privacy = components["privacy"].row()
+                if privacy is not None:
+                    row["privacy"] = privacy
                 if retries:
                     row["retries"] = retries
                 return new_arrays, row, None
@@ -263,8 +279,8 @@ def train_round(
     straggler_ids = components["stragglers"].apply(to_send, cfg.client.local_epochs)
     keeps_partial_work = getattr(strategy, "keeps_partial_work", False)
     timeout = cfg.participation.timeout or None
-    tally, kept = Tally(), _Kept()
-    replies = grid.send_and_receive(to_send, timeout=timeout)
+    tally, kept, privacy = Tally(), _Kept(), components["privacy"]
+    replies = privacy.observe(grid.send_and_receive(to_send, timeout=timeout))
     screened = experiment.validator.screen(replies, arrays, tally)
     unless_stragglers = (
         screened
@@ -275,12 +291,13 @@ def train_round(
     row: dict[str, Any] = {"round": server_round, "lr": lr}
     if hasattr(strategy, "proximal_mu"):
         row["mu"] = strategy.proximal_mu
-    row["train"] = _with_examples(train_metrics, kept.examples)
+    row["train"] = without_privacy_keys(_with_examples(train_metrics, kept.examples))
     row["clients"] = {
         "sampled": len(messages),
         "dropped": len(dropped),
         "replied": tally.replied,
-        "failed": tally.failed + len(dropped),
+        "failed": tally.failed - privacy.declined + len(dropped),
+        "declined": privacy.declined,
         "timed_out": len(to_send) - tally.replied - tally.failed,
         "rejected": sum(tally.rejected.values()),
         "stragglers": len(straggler_ids),
@@ -372,6 +389,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under Flower's runtimes (`flwr run`): the same loop as `fedml simulate`."""
     cfg = RunConfig.from_flat(dict(context.run_config))
-    experiment = Experiment.prepare(cfg)
+    experiment = Experiment.prepare(cfg, reproducible=False)
     store = RunStore.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
     run_experiment(grid, experiment, store)

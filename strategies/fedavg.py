@@ -34,11 +34,15 @@ class FedAvg(FlowerFedAvg):
     - metrics are averaged key by key over the replies that report each key, so replies
       with different metric names do not make the round fail.
 
+    With `uniform_weights` every update counts the same (client-level DP needs it: its
+    noise is calibrated to clip_norm / clients); metrics stay example-weighted.
+
     `keeps_partial_work` tells the round loop what to do with stragglers (clients that
     ran fewer local epochs than asked): FedAvg drops them, as in the FedProx paper.
     """
 
     keeps_partial_work = False
+    uniform_weights = False
 
     def __init__(self, *, seed: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -95,7 +99,9 @@ class FedAvg(FlowerFedAvg):
             content = reply.content
             validate_message_reply_consistency([content], self.weighted_by_key, True)
             weight = float(next(iter(content.metric_records.values()))[self.weighted_by_key])
-            mean.add(next(iter(content.array_records.values())), weight)
+            mean.add(
+                next(iter(content.array_records.values())), 1.0 if self.uniform_weights else weight
+            )
             metrics.add(next(iter(content.metric_records.values())), weight)
         if not mean.count:
             return None, None

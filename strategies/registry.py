@@ -14,8 +14,10 @@ from strategies.fedprox import FedProx
 BUILTIN: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx}
 
 
-def build_strategy(cfg: RunConfig) -> Strategy:
-    """The strategy named by `cfg.strategy.name`, configured from the run config."""
+def build_strategy(cfg: RunConfig, reproducible: bool = True) -> Strategy:
+    """The strategy named by `cfg.strategy.name`, configured from the run config; with
+    client-level DP (`dp.mode = "user-*"`), inside Flower's DP wrapper. `reproducible`
+    lets that wrapper's noise follow the run seed (simulation only: see user_dp.py)."""
     name = cfg.strategy.name.lower()
     if name not in BUILTIN:
         close = difflib.get_close_matches(name, BUILTIN, n=1)
@@ -34,4 +36,9 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     )
     if name == "fedprox":
         kwargs["proximal_mu"] = s.proximal_mu
-    return BUILTIN[name](**kwargs)
+    strategy = BUILTIN[name](**kwargs)
+    if cfg.dp.mode.startswith("user"):
+        from strategies.user_dp import wrap_user_dp
+
+        return wrap_user_dp(strategy, cfg, reproducible)
+    return strategy
