@@ -97,6 +97,19 @@ def simulate(
     max_seconds: Annotated[
         float | None, Opt(help="Wall-clock budget for the rounds, in seconds (0: none).")
     ] = None,
+    dp: Annotated[
+        str | None, Opt(help="Differential privacy: off | sample | user-fixed | user-adaptive.")
+    ] = None,
+    noise_multiplier: Annotated[float | None, Opt(help="DP noise multiplier.")] = None,
+    target_epsilon: Annotated[
+        float | None, Opt(help="Derive the DP noise to spend this epsilon over --rounds.")
+    ] = None,
+    max_epsilon: Annotated[
+        float | None, Opt(help="DP budget a client (sample) or the run (user) may not pass.")
+    ] = None,
+    max_grad_norm: Annotated[
+        float | None, Opt(help="Per-example gradient clip norm (DP-SGD).")
+    ] = None,
     seed: Annotated[int | None, Opt(help="Seed for every random choice of the run.")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N.")] = None,
     out: Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp>).")] = None,
@@ -112,6 +125,9 @@ def simulate(
 
     Controls: fedml simulate --rounds 100 --early-stop server.loss --patience 5
     --target "server.accuracy >= 0.95" --server-momentum 0.9 --dropout 0.3
+
+    Privacy: fedml simulate --dp sample --target-epsilon 8 (DP-SGD at every client);
+    fedml simulate --dp user-fixed --noise-multiplier 0.8 (client-level DP)
 
     Resume: fedml simulate --resume runs/exp1 [--rounds 40] [--max-seconds 3600] (the
     run keeps its stored config; only --rounds and --max-seconds, to extend it, and
@@ -142,6 +158,11 @@ def simulate(
         "stop.patience": patience,
         "stop.target": target,
         "stop.max_seconds": max_seconds,
+        "dp.mode": dp,
+        "dp.noise_multiplier": noise_multiplier,
+        "dp.target_epsilon": target_epsilon,
+        "dp.max_epsilon": max_epsilon,
+        "dp.max_grad_norm": max_grad_norm,
         "seed": seed,
         "client.device": device,
         "out": str(out) if out is not None else None,

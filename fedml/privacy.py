@@ -127,11 +127,11 @@ class PrivacyReport:
         if self.mode == "sample":
             if not self.epsilon:
                 return None
-            values = list(self.epsilon.values())
+            values = [self.epsilon[node] for node in sorted(self.epsilon)]
             return {
                 "level": "sample",
                 "epsilon_max": max(values),
-                "epsilon_mean": sum(values) / len(values),
+                "epsilon_mean": math.fsum(values) / len(values),
                 "delta": max(self.delta.values()),
                 "clients": len(values),
                 "exhausted": len(self.exhausted),

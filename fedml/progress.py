@@ -25,11 +25,22 @@ def _describe(row: dict[str, Any]) -> str:
     parts.append(f"clients {clients['aggregated']}/{clients['sampled']}")
     if clients.get("rejected"):
         parts.append(f"rejected {clients['rejected']}")
+    if clients.get("declined"):
+        parts.append(f"declined {clients['declined']} (privacy budget)")
+    if row.get("privacy"):
+        parts.append(_epsilon(row["privacy"]))
     if row.get("retries"):
         parts.append(f"retried {len(row['retries'])}x ({row['retries'][-1]})")
     if row.get("stop"):
         parts.append(f"stop: {row['stop']}")
     return ", ".join(parts)
+
+
+def _epsilon(privacy: dict[str, Any]) -> str:
+    """'epsilon 3.2' (client level) or 'epsilon max 3.2 mean 2.9' (example level)."""
+    if privacy["level"] == "user":
+        return f"client-level epsilon {privacy['epsilon']:.3g}"
+    return f"epsilon max {privacy['epsilon_max']:.3g} mean {privacy['epsilon_mean']:.3g}"
 
 
 def run_with_progress(
@@ -82,6 +93,9 @@ def print_summary(summary: RunSummary, console: Console) -> None:
             table.add_row(label, f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}")
     if final.get("train"):
         table.add_row("train loss", f"{final['train']['loss']:.4f}")
+    privacy = next((r["privacy"] for r in reversed(summary.history) if r.get("privacy")), None)
+    if privacy:
+        table.add_row("privacy", f"{_epsilon(privacy)} (delta {privacy['delta']:g})")
     table.add_row("wall time", f"{summary.seconds:.1f} s")
     table.add_row("run directory", str(summary.run_dir))
     console.print(table)

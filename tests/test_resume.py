@@ -76,8 +76,21 @@ def _assert_identical_runs(a: Path, b: Path, histories: bool = True) -> None:
     assert same_commit(a / "commits" / last, b / "commits" / last)
 
 
+# Differential privacy: the clients' ledgers (example level) and the wrapper's clip norm,
+# accountant and noise RNG (client level) are state that must survive a crash.
+SAMPLE_DP = {"dp.mode": "sample", "dp.noise_multiplier": 1.0}
+USER_DP = {"dp.mode": "user-adaptive", "dp.noise_multiplier": 0.2, "dp.clip_norm": 0.5}
+
+
 @pytest.mark.parametrize(
-    ("strategy", "extra"), [("fedavg", {}), ("fedprox", {}), ("fedprox", CONTROLS)]
+    ("strategy", "extra"),
+    [
+        ("fedavg", {}),
+        ("fedprox", {}),
+        ("fedprox", CONTROLS),
+        ("fedprox", SAMPLE_DP),
+        ("fedavg", USER_DP),
+    ],
 )
 def test_a_run_resumed_after_each_crash_equals_the_straight_run(tmp_path, strategy, extra):
     straight = simulate(load_config(None, _overrides(tmp_path, "straight", strategy, **extra)))
