@@ -34,8 +34,9 @@ HistoryEntry = tuple[float, float, int]
 
 
 def default_delta(population: int) -> float:
-    """1 / (10 n) rounded down to a power of ten: well below 1/n, as DP needs."""
-    return 10.0 ** math.floor(math.log10(1.0 / (10 * max(population, 1))))
+    """1 / (10 n) rounded down to a power of ten: well below 1/n, as DP needs.
+    (10^-k for the smallest k with 10^k >= 10 n, in exact integer arithmetic.)"""
+    return 10.0 ** -len(str(10 * max(population, 1) - 1))
 
 
 def with_steps(
