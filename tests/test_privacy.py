@@ -56,7 +56,9 @@ def test_ledger_round_trips_through_context_record_and_json(history, rounds, noi
     assert PrivacyLedger.from_json(ledger.to_json(), Path("ledger.json")) == ledger
 
 
-@pytest.mark.parametrize(("n", "delta"), [(115, 1e-4), (9, 1e-2), (10, 1e-2), (11, 1e-3), (100_000, 1e-6)])
+@pytest.mark.parametrize(
+    ("n", "delta"), [(115, 1e-4), (9, 1e-2), (10, 1e-2), (11, 1e-3), (100_000, 1e-6)]
+)
 def test_default_delta_is_below_one_over_ten_n_at_a_power_of_ten(n, delta):
     assert default_delta(n) == pytest.approx(delta)
     assert default_delta(n) <= 1 / (10 * n)
@@ -172,9 +174,8 @@ def test_fedprox_under_dp_pulls_the_weights_towards_the_global_model():
         client_privacy.train_private(
             model, _shard(128), s, torch.device("cpu"), _plan(128, s, 0.5), 1.0, seed=2
         )
-        return sum(
-            float((p.detach() - q).norm() ** 2) for p, q in zip(model.parameters(), start, strict=True)
-        )
+        pairs = zip(model.parameters(), start, strict=True)
+        return sum(float((p.detach() - q).norm() ** 2) for p, q in pairs)
 
     assert distance(1.0) < 0.6 * distance(0.0)
 
