@@ -163,6 +163,15 @@ class PrivacyReport:
         self.exhausted = {int(n) for n in state["exhausted"]}
 
 
+def describe_privacy(privacy: dict[str, Any], with_delta: bool = True) -> str:
+    """A history row's "privacy" entry in words, for the terminal."""
+    if privacy["level"] == "user":
+        text = f"client-level epsilon {privacy['epsilon']:.3g}"
+    else:
+        text = f"epsilon max {privacy['epsilon_max']:.3g} mean {privacy['epsilon_mean']:.3g}"
+    return f"{text} (delta {privacy['delta']:g})" if with_delta else text
+
+
 def without_privacy_keys(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     """Aggregated train metrics minus the per-client privacy keys (an average of
     epsilons means nothing; the "privacy" entry reports them properly)."""

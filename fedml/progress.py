@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedml.config import RunConfig
+from fedml.privacy import describe_privacy
 from fedml.runstore import RunStore
 from fedml.server import RunSummary
 
@@ -28,19 +29,12 @@ def _describe(row: dict[str, Any]) -> str:
     if clients.get("declined"):
         parts.append(f"declined {clients['declined']} (privacy budget)")
     if row.get("privacy"):
-        parts.append(_epsilon(row["privacy"]))
+        parts.append(describe_privacy(row["privacy"], with_delta=False))
     if row.get("retries"):
         parts.append(f"retried {len(row['retries'])}x ({row['retries'][-1]})")
     if row.get("stop"):
         parts.append(f"stop: {row['stop']}")
     return ", ".join(parts)
-
-
-def _epsilon(privacy: dict[str, Any]) -> str:
-    """'epsilon 3.2' (client level) or 'epsilon max 3.2 mean 2.9' (example level)."""
-    if privacy["level"] == "user":
-        return f"client-level epsilon {privacy['epsilon']:.3g}"
-    return f"epsilon max {privacy['epsilon_max']:.3g} mean {privacy['epsilon_mean']:.3g}"
 
 
 def run_with_progress(
@@ -95,7 +89,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         table.add_row("train loss", f"{final['train']['loss']:.4f}")
     privacy = next((r["privacy"] for r in reversed(summary.history) if r.get("privacy")), None)
     if privacy:
-        table.add_row("privacy", f"{_epsilon(privacy)} (delta {privacy['delta']:g})")
+        table.add_row("privacy", describe_privacy(privacy))
     table.add_row("wall time", f"{summary.seconds:.1f} s")
     table.add_row("run directory", str(summary.run_dir))
     console.print(table)

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedml.errors import FedmlError
+from fedml.privacy import describe_privacy
 from fedml.runstore import CONFIG, RunStatus, run_status
 
 
@@ -50,6 +51,8 @@ def print_status(status: RunStatus, console: Console) -> None:
         table.add_row("last commit", f"round {intact[-1].round} at {status.last_commit_time}")
         table.add_row("commits kept", ", ".join(str(c.round) for c in status.commits))
     table.add_row("best round", _best_text(status))
+    if status.privacy:
+        table.add_row("privacy", describe_privacy(status.privacy))
     for check in status.commits:
         if check.problem:
             table.add_row("[red]damaged[/]", f"{check.path.name}: {check.problem}")
@@ -77,7 +80,8 @@ def _best_text(status: RunStatus) -> str:
 
 def _experiment_text(status: RunStatus) -> str:
     cfg = status.cfg
+    dp = "" if cfg.dp.mode == "off" else f", DP {cfg.dp.mode}"
     return (
         f"{cfg.strategy.name}, {cfg.model.name} on {cfg.data.dataset} "
-        f"({cfg.data.partition}), {cfg.simulation.clients} clients, seed {cfg.seed}"
+        f"({cfg.data.partition}), {cfg.simulation.clients} clients, seed {cfg.seed}{dp}"
     )

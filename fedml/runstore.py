@@ -676,6 +676,7 @@ class RunStatus:
     best: dict[str, Any] | None
     best_metric: str | None
     set_aside: list[str]
+    privacy: dict[str, Any] | None  # the newest committed row's "privacy" entry
 
     running: bool
 
@@ -704,7 +705,9 @@ def run_status(path: Path) -> RunStatus:
         stop_reason = json.loads((newest / STATE_FILE).read_bytes()).get("stop_reason")
     committed = {c.round for c in intact}
     monitor = Monitor(store.cfg.checkpoint.monitor, store.cfg.checkpoint.mode)
-    best = monitor.best([r for r in _read_rows(path) if r.get("round") in committed])
+    rows = [r for r in _read_rows(path) if r.get("round") in committed]
+    best = monitor.best(rows)
+    privacy = next((r["privacy"] for r in reversed(rows) if r.get("privacy")), None)
     damaged_root = path / DAMAGED
     return RunStatus(
         path=path,
@@ -716,6 +719,7 @@ def run_status(path: Path) -> RunStatus:
         best=best,
         best_metric=monitor.name(best) if best else None,
         set_aside=sorted(p.name for p in damaged_root.iterdir()) if damaged_root.is_dir() else [],
+        privacy=privacy,
         running=is_locked(path),
     )
 

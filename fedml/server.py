@@ -7,12 +7,14 @@ it only talks to a Flower `Grid` and a Flower `Strategy`.
         repeat (a retry re-samples clients):
             messages = strategy.configure_train(r, arrays, config with lr/mu, grid)
             replies  = grid.send_and_receive(messages)      # dropout, stragglers, timeout
+            (privacy report notes each client's epsilon, or its refusal to train)
             aggregate = strategy.aggregate_train(r, screened replies)   # streamed
-            too few updates?      -> retry | skip | stop      (participation)
+            too few updates?      -> retry | skip | stop      (participation;
+                                     stop "privacy budget" when clients declined)
             arrays' = server optimiser(arrays, aggregate)    (FedAvgM)
             evaluate arrays' (federated + centralised)
             loss diverged?        -> roll back, lower lr, retry | stop   (guard)
-        stop = early stop | target | time budget | max rounds | None
+        stop = early stop | target | time budget | max rounds | privacy budget | None
         store.commit(r, arrays', history row, component state, node state)
 
 Resume is the same loop started from a checkpoint: no second code path.

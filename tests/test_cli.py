@@ -116,3 +116,27 @@ def test_controls_from_the_command_line_stop_the_run_and_say_why(tmp_path):
     best = min(rows, key=lambda row: row["server"]["loss"])
     if best["round"] != rows[-1]["round"]:
         assert f"round {best['round']} (best, restored)" in result.stdout
+
+
+def test_dp_flags_run_dp_sgd_and_the_run_reports_its_epsilon(tmp_path):
+    out = tmp_path / "run"
+    result = _run(
+        "simulate",
+        "--rounds", "2",
+        "--clients", "3",
+        "--local-epochs", "1",
+        "--dp", "sample",
+        "--target-epsilon", "5",
+        "--max-grad-norm", "2.0",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    spent = rows[-1]["privacy"]["epsilon_max"]
+    assert 4.9 <= spent <= 5.0
+    assert f"epsilon max {spent:.3g}" in result.stdout
+    shown = _run("runs", str(out))
+    assert "DP sample" in shown.stdout and f"epsilon max {spent:.3g}" in shown.stdout
+    bad = _run("simulate", "--dp", "central", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "dp.mode 'central' is unknown" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -196,6 +196,19 @@ def test_huge_noise_moves_the_weights_far_more_than_little_noise():
     assert change(100.0) > 10 * change(0.01)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dp_training_on_cuda_keeps_model_noise_and_data_on_the_gpu():
+    settings = _settings()
+    model = nn.Sequential(nn.Linear(8, 2))
+    plan = _plan(100, settings)
+    device = torch.device("cuda")
+    result, history = client_privacy.train_private(
+        model, _shard(100), settings, device, plan, 1.0, seed=1
+    )
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert tuple(history) == plan.history_after and math.isfinite(result.loss)
+
+
 # ------------------------------------------------------------------------ models
 def _batchnorm_model(input_shape, num_classes):
     return nn.Sequential(

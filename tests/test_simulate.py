@@ -41,6 +41,7 @@ def test_default_run_reaches_90_percent_on_digits(tmp_path):
             "sampled": 10,
             "replied": 10,
             "failed": 0,
+            "declined": 0,
             "dropped": 0,
             "timed_out": 0,
             "rejected": 0,
