@@ -267,12 +267,17 @@ def train_private(
     depends only on the public global model (post-processing, no privacy cost).
     """
     from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     model.to(device).train()
     x, y = to_tensors(shard, device)
     sampling = noise_generator(torch.device("cpu"), None if seed is None else seed + 1)
-    loader = DataLoader(TensorDataset(x, y), batch_size=settings.batch_size, generator=sampling)
+    loader = DataLoader(
+        _GatheredTensors(x, y),
+        batch_size=settings.batch_size,
+        generator=sampling,
+        collate_fn=_as_batch,
+    )
     with warnings.catch_warnings():
         # Documented choices, not news for every round: the noise RNG (noise_generator),
         # and the backward hook Opacus puts on a first layer whose input needs no grad.
@@ -292,6 +297,21 @@ def train_private(
         loss, steps = _dp_epochs(dp_model, optimizer, loader, model, settings)
         dp_model.cleanup()
     return TrainResult(loss, len(y), steps), [tuple(e) for e in engine.accountant.history]
+
+
+class _GatheredTensors(torch.utils.data.TensorDataset):
+    """A TensorDataset whose batches are gathered by one indexing operation per tensor
+    (`__getitems__`), not one item at a time and stacked: the shard is already a tensor
+    on the device."""
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.tensors[0].device)
+        return [tensor[index] for tensor in self.tensors]
+
+
+def _as_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gathered batch is already collated."""
+    return batch
 
 
 def _dp_epochs(
