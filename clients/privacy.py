@@ -58,8 +58,9 @@ class PrivacyBudgetExhausted(Exception):
 class PrivacyLedger:
     """What one client has spent: the accountant history and the rounds it trained in.
 
-    `noise_multiplier` is fixed at the first training when it is derived from a target
-    epsilon, so later rounds (and a resumed run) use the noise the plan was made for.
+    `noise_multiplier` is the noise of its latest round; with a target epsilon, that is
+    the noise derived at its first training, which later rounds (and a resumed run) reuse
+    so that the plan holds.
     """
 
     history: list[HistoryEntry] = field(default_factory=list)
@@ -132,7 +133,6 @@ class RoundPlan:
     sample_rate: float
     steps: int
     delta: float
-    epsilon_before: float
     epsilon_after: float
     history_before: tuple[HistoryEntry, ...]
     history_after: tuple[HistoryEntry, ...]
@@ -146,13 +146,15 @@ def plan_round(
     planned_rounds: int,
 ) -> RoundPlan:
     """What this round will spend. Opacus samples each batch with probability
-    q = 1 / ceil(n / batch_size) and takes ceil(n / batch_size) steps per epoch."""
+    q = 1 / ceil(n / batch_size) and takes ceil(n / batch_size) steps per epoch. With a
+    target epsilon the noise is derived for `planned_rounds` rounds at the client's first
+    training and read back from the ledger afterwards."""
     batches = math.ceil(num_examples / settings.batch_size)
     sample_rate, steps = 1.0 / batches, settings.epochs * batches
     delta = dp.delta or default_delta(num_examples)
-    noise = ledger.noise_multiplier or dp.noise_multiplier
-    if dp.target_epsilon > 0 and not ledger.noise_multiplier:
-        noise = noise_for_target(
+    noise = dp.noise_multiplier
+    if dp.target_epsilon > 0:  # derived once, then kept in the ledger
+        noise = ledger.noise_multiplier or noise_for_target(
             dp.target_epsilon, delta, sample_rate, planned_rounds * steps, dp.accountant
         )
     after = tuple(ledger.projected(noise, sample_rate, steps))
@@ -161,7 +163,6 @@ def plan_round(
         sample_rate=sample_rate,
         steps=steps,
         delta=delta,
-        epsilon_before=ledger.epsilon(dp.accountant, delta),
         epsilon_after=epsilon_of(after, dp.accountant, delta),
         history_before=tuple(ledger.history),
         history_after=after,
@@ -179,7 +180,8 @@ def check_budget(dp: DPConfig, plan: RoundPlan, server_round: int) -> None:
     if plan.epsilon_after > limit:
         raise PrivacyBudgetExhausted(
             f"privacy budget: round {server_round} would raise this client's epsilon from "
-            f"{plan.epsilon_before:.4g} to {plan.epsilon_after:.4g} (delta "
+            f"{epsilon_of(plan.history_before, dp.accountant, plan.delta):.4g} to "
+            f"{plan.epsilon_after:.4g} (delta "
             f"{plan.delta:g}), above its budget {limit:g}; the client declines to train"
         )
 

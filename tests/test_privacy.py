@@ -85,7 +85,7 @@ def test_plan_derives_noise_once_and_projects_the_epsilon():
     plan = plan_round(dp, PrivacyLedger(), 100, _settings(), planned_rounds=5)
     assert (plan.sample_rate, plan.steps) == (0.25, 8)  # ceil(100/32) = 4 batches x 2 epochs
     assert plan.delta == 1e-3
-    assert plan.epsilon_before == 0.0
+    assert plan.history_before == ()
     assert plan.history_after == ((plan.noise_multiplier, 0.25, 8),)
     # the noise was planned for 5 rounds: 5 rounds spend the target, not more
     five = epsilon_of(((plan.noise_multiplier, 0.25, 40),), "rdp", 1e-3)
@@ -94,6 +94,11 @@ def test_plan_derives_noise_once_and_projects_the_epsilon():
     kept = plan_round(dp, PrivacyLedger(list(plan.history_after), [1], 2.5), 100, _settings(), 5)
     assert kept.noise_multiplier == 2.5
     assert kept.history_after == ((plan.noise_multiplier, 0.25, 8), (2.5, 0.25, 8))
+    # an explicit noise multiplier is used as given, whatever the ledger recorded
+    given = DPConfig(mode="sample", noise_multiplier=1.3)
+    assert (
+        plan_round(given, PrivacyLedger([], [], 2.5), 100, _settings(), 5).noise_multiplier == 1.3
+    )
 
 
 def test_budget_check_declines_the_round_that_would_exceed_it():

@@ -193,3 +193,11 @@ def test_a_model_dp_sgd_cannot_train_fails_before_the_run_directory_exists(tmp_p
         assert fixed.final["privacy"]["clients"] == 4
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_adaptive_clipping_with_too_much_noise_for_its_clients_is_refused_up_front(tmp_path):
+    # Flower's adaptive clipping spends part of the noise on the clipped count; with 4
+    # sampled clients the noise multiplier must stay below 4 / 10.
+    with pytest.raises(FedmlError, match=r"dp\.mode 'user-adaptive' with noise multiplier 1 and 4"):
+        _run(tmp_path, "adaptive", rounds=1, **{"dp.mode": "user-adaptive"})
+    assert not (tmp_path / "adaptive").exists()
