@@ -44,6 +44,8 @@ def test_preset_by_name():
     cfg = load_config(Path("fedprox-synthetic"))
     assert cfg.strategy.name == "fedprox"
     assert cfg.data.dataset == "synthetic:1,1"
+    dp = load_config(Path("digits-dp")).dp
+    assert (dp.mode, dp.target_epsilon, dp.max_epsilon) == ("sample", 8.0, 0.0)
 
 
 @pytest.mark.parametrize(
