@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedml.errors import FedmlError
 
@@ -28,7 +29,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(exc: FedmlError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -57,7 +58,10 @@ def simulate(
     config: Annotated[
         Path | None, typer.Argument(help="TOML run config; defaults when omitted.")
     ] = None,
-    strategy: Annotated[str | None, Opt(help="Aggregation strategy: fedavg | fedprox.")] = None,
+    strategy: Annotated[
+        str | None,
+        Opt(help="Aggregation strategy: a name from `fedml strategies`, or module:Class."),
+    ] = None,
     rounds: Annotated[int | None, Opt(help="Number of federated rounds.")] = None,
     clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
     fraction_train: Annotated[
@@ -214,6 +218,30 @@ def runs(
         show_runs(path, console)
     except FedmlError as exc:
         _fail(exc)
+
+
+@app.command()
+def strategies() -> None:
+    """List every strategy `--strategy` accepts: built-ins and installed plugins (the
+    entry-point group `fedml.strategies`), with their origin and summary. Any other
+    strategy class can be named directly as module:Class.
+
+    Example: fedml strategies
+    """
+    from rich.table import Table
+
+    from strategies.registry import available, summary
+
+    table = Table(title="strategies", title_justify="left")
+    for column in ("name", "origin", "class", "summary"):
+        table.add_column(column)
+    for entry in available().values():
+        try:
+            text = escape(summary(entry.load()))
+        except FedmlError as exc:
+            text = f"[red]cannot be loaded[/]: {escape(str(exc))}"
+        table.add_row(entry.name, entry.origin, entry.reference, text)
+    console.print(table)
 
 
 def main() -> None:

@@ -56,7 +56,10 @@ class ModelConfig:
 
 @dataclass
 class StrategyConfig:
-    """Aggregation strategy and client sampling."""
+    """Aggregation strategy and client sampling. `name` is a built-in strategy, a plugin
+    registered under the entry-point group `fedml.strategies`, or `module:Class`. Keys of
+    `[strategy]` that are not fields here are the strategy's own keyword arguments
+    (`options`), checked against its constructor when it is built."""
 
     name: str = "fedavg"
     fraction_train: float = 1.0
@@ -67,6 +70,7 @@ class StrategyConfig:
     adaptive_mu: bool = False
     mu_step: float = 0.1
     mu_patience: int = 5
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -216,12 +220,18 @@ class RunConfig:
     def to_flat(self) -> dict[str, bool | int | float | str]:
         """Flat dotted-key form, Flower's `UserConfig` shape."""
         flat: dict[str, Any] = {}
-        for key, value in dataclasses.asdict(self).items():
+        for key, value in self.to_tables().items():
             if isinstance(value, dict):
                 flat.update({f"{key}.{k}": v for k, v in value.items()})
             else:
                 flat[key] = value
         return flat
+
+    def to_tables(self) -> dict[str, Any]:
+        """The config as TOML tables; the strategy's options sit in `[strategy]`."""
+        tables = dataclasses.asdict(self)
+        tables["strategy"].update(tables["strategy"].pop("options"))
+        return tables
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
@@ -230,7 +240,7 @@ class RunConfig:
 
     def to_toml(self) -> str:
         """The resolved config as TOML text (what a run directory stores)."""
-        return tomli_w.dumps(dataclasses.asdict(self))
+        return tomli_w.dumps(self.to_tables())
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -267,6 +277,7 @@ def with_overrides(base: RunConfig, flat: dict[str, Any]) -> RunConfig:
     cfg = dataclasses.replace(
         base, **{f.name: dataclasses.replace(getattr(base, f.name)) for f in _sections()}
     )
+    cfg.strategy.options = dict(base.strategy.options)
     for key, value in flat.items():
         _assign(cfg, key, value)
     validate(cfg)
@@ -304,12 +315,29 @@ def _assign(cfg: RunConfig, key: str, value: Any) -> None:
     section_name, _, name = key.rpartition(".")
     target: Any = getattr(cfg, section_name, None) if section_name else cfg
     hints = _field_types(type(target)) if target is not None else {}
+    if isinstance(target, StrategyConfig) and (name not in hints or name == "options"):
+        cfg.strategy.options[name] = _option(key, value)
+        return
     if target is None or name not in hints or dataclasses.is_dataclass(hints[name]):
         close = difflib.get_close_matches(key, _known_keys(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise FedmlError(f"Unknown config key '{key}'.{hint}")
     expected = hints[name]
     setattr(target, name, _coerce(key, value, expected))
+
+
+def _option(key: str, value: Any) -> Any:
+    """A strategy option: a TOML scalar or a list of scalars (what Flower's UserConfig
+    and a run directory's config.toml can carry)."""
+    scalars = (bool, int, float, str)
+    if isinstance(value, scalars) or (
+        isinstance(value, list) and all(isinstance(v, scalars) for v in value)
+    ):
+        return value
+    raise FedmlError(
+        f"Config key '{key}' is a strategy option and must be a number, string, boolean or "
+        f"a list of them, got {type(value).__name__}."
+    )
 
 
 def _coerce(key: str, value: Any, expected: type) -> Any:

@@ -2,6 +2,6 @@
 
 from strategies.fedavg import FedAvg
 from strategies.fedprox import FedProx
-from strategies.registry import BUILTIN, build_strategy
+from strategies.registry import BUILTIN, available, build_strategy, resolve
 
-__all__ = ["BUILTIN", "FedAvg", "FedProx", "build_strategy"]
+__all__ = ["BUILTIN", "FedAvg", "FedProx", "available", "build_strategy", "resolve"]

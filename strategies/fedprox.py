@@ -11,7 +11,9 @@ from strategies.fedavg import FedAvg
 
 
 class FedProx(FedAvg):
-    """FedAvg that sends `config["proximal-mu"]`; clients minimise
+    """FedProx (Li et al., 2020): FedAvg plus a proximal term mu at the clients.
+
+    It sends `config["proximal-mu"]`; clients minimise
 
         loss(w) + (mu / 2) * ||w - w_global||^2
 

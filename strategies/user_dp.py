@@ -145,6 +145,11 @@ def wrap_user_dp(inner: FedAvg, cfg: RunConfig, reproducible: bool) -> UserLevel
         noise = noise_for_target(
             dp.target_epsilon, delta, NO_AMPLIFICATION, cfg.rounds, dp.accountant
         )
+    if not isinstance(inner, FedAvg):
+        raise FedmlError(
+            f"dp.mode '{dp.mode}' needs a strategy built on fedml's FedAvg (it averages "
+            f"clipped updates with equal weights); '{cfg.strategy.name}' is not one."
+        )
     inner.uniform_weights = True
     try:
         if dp.mode == "user-fixed":
