@@ -253,6 +253,9 @@ def play_round(
                     row["retries"] = retries
                 return new_arrays, row, None
             store.discard_staged()
+        discard = getattr(experiment.strategy, "discard_attempt", None)
+        if callable(discard):  # the strategy undoes what aggregating this attempt changed
+            discard()
         retries.append(verdict.reason or verdict.action)
         if verdict.action == "retry":
             log.warning("round %d: %s; retrying the round", server_round, verdict.reason)

@@ -30,12 +30,14 @@ from flwr.serverapp.strategy import Strategy
 
 from fedml.config import RunConfig
 from fedml.errors import FedmlError
+from strategies.catalog import CATALOG
 
 ENTRY_POINT_GROUP = "fedml.strategies"
 
 BUILTIN: dict[str, str] = {
     "fedavg": "strategies.fedavg:FedAvg",
     "fedprox": "strategies.fedprox:FedProx",
+    **CATALOG,
 }
 
 
