@@ -36,6 +36,12 @@ class FedAvg(SeededSampling, FlowerFedAvg):
 
     `keeps_partial_work` tells the round loop what to do with stragglers (clients that
     ran fewer local epochs than asked): FedAvg drops them, as in the FedProx paper.
+
+    Plugins (strategies/registry.py has the whole contract): subclass this (or Flower's
+    `Strategy`), take your options as keyword arguments (they come from the run
+    config's `[strategy]` table), keep cross-round state in `state_dict()` /
+    `load_state_dict()` (committed every round), and register the class under the
+    entry-point group `fedml.strategies` or name it as `module:Class`.
     """
 
     keeps_partial_work = False

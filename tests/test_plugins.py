@@ -57,6 +57,16 @@ def test_an_installed_plugin_is_listed_with_its_origin(installed_plugin):
     assert listing.returncode == 0, listing.stderr
     assert "fedavg-clipped" in listing.stdout and "plugin" in listing.stdout
     assert "fedavg" in listing.stdout and "built-in" in listing.stdout
+    config = installed_plugin.parent / "run.toml"
+    config.write_text('[strategy]\nname = "fedavg-clipped"\nclip_norm = 0.5\n')
+    out = installed_plugin.parent / "cli-run"
+    run = subprocess.run(
+        [*FEDML, "simulate", str(config), "--rounds", "1", "--clients", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "clip_norm = 0.5" in (out / "config.toml").read_text()
+    assert len((out / "history.jsonl").read_text().splitlines()) == 1
 
 
 def _update_norm(run: Path, cfg) -> float:
@@ -160,3 +170,32 @@ def test_client_level_dp_refuses_a_strategy_that_is_not_fedavg_based(monkeypatch
     cfg = load_config(None, {"strategy.name": "median", "dp.mode": "user-fixed"})
     with pytest.raises(FedmlError, match="needs a strategy built on fedml's FedAvg"):
         build_strategy(cfg)
+
+
+def test_a_stateless_plugin_resumes_and_says_its_state_restarts(tmp_path, caplog):
+    """Flower's stock FedAvg, named as module:Class: no state_dict(), so resume warns
+    (its sampling uses Flower's global RNG, which fedml cannot restore)."""
+    from simulations.engine import open_resume
+
+    overrides = {
+        "rounds": 2,
+        "simulation.clients": 3,
+        "client.local_epochs": 1,
+        "strategy.name": "flwr.serverapp.strategy:FedAvg",
+        "out": str(tmp_path / "run"),
+    }
+
+    class Crash(Exception):
+        pass
+
+    def crash(row):
+        raise Crash
+
+    with pytest.raises(Crash):
+        simulate(load_config(None, overrides), on_round=crash)
+    store, cfg = open_resume(tmp_path / "run", {})
+    with caplog.at_level("WARNING"):
+        summary = simulate(cfg, resume=store)
+    assert summary.resumed_from == 1 and summary.rounds == 2
+    assert "strategy FedAvg has no committed state" in caplog.text
+    assert "its internal state restarts on resume" in caplog.text
