@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
 )
 
 from fedml.config import RunConfig
@@ -135,7 +136,7 @@ class UserDPAdaptive(UserLevelAccounting, DifferentialPrivacyServerSideAdaptiveC
     """Flower's server-side adaptive-clipping DP wrapper, accounted and resumable."""
 
 
-def wrap_user_dp(inner: FedAvg, cfg: RunConfig, reproducible: bool) -> UserLevelAccounting:
+def wrap_user_dp(inner: Strategy, cfg: RunConfig, reproducible: bool) -> UserLevelAccounting:
     """`inner` inside the user-level DP wrapper that `cfg.dp.mode` names."""
     dp, s = cfg.dp, cfg.strategy
     sampled = max(int(cfg.simulation.clients * s.fraction_train), s.min_train_clients)
