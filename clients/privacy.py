@@ -40,7 +40,14 @@ from torch import nn
 
 from clients.trainer import TrainResult, TrainSettings, make_optimizer, to_tensors
 from fedml.errors import FedmlError
-from fedml.privacy import HistoryEntry, default_delta, epsilon_of, noise_for_target, with_steps
+from fedml.privacy import (
+    HistoryEntry,
+    budget,
+    default_delta,
+    epsilon_of,
+    noise_for_target,
+    with_steps,
+)
 
 if TYPE_CHECKING:
     from fedml.config import DPConfig
@@ -167,11 +174,6 @@ def plan_round(
         history_before=tuple(ledger.history),
         history_after=after,
     )
-
-
-def budget(dp: DPConfig) -> float:
-    """The epsilon a client may not exceed: `dp.max_epsilon`, else the target, else none."""
-    return dp.max_epsilon or dp.target_epsilon or math.inf
 
 
 def check_budget(dp: DPConfig, plan: RoundPlan, server_round: int) -> None:

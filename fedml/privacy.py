@@ -17,11 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Message
 
 from fedml.errors import FedmlError
+from fedml.validation import finite_number
+
+if TYPE_CHECKING:  # for a type hint only
+    from fedml.config import DPConfig
 
 DECLINED_CODE = 4001  # Error.code of a client that declines to train: budget spent
 EPSILON_KEY = "dp-epsilon"
@@ -37,6 +41,12 @@ def default_delta(population: int) -> float:
     """1 / (10 n) rounded down to a power of ten: well below 1/n, as DP needs.
     (10^-k for the smallest k with 10^k >= 10 n, in exact integer arithmetic.)"""
     return 10.0 ** -len(str(10 * max(population, 1) - 1))
+
+
+def budget(dp: DPConfig) -> float:
+    """The epsilon that may not be exceeded: `dp.max_epsilon`, else the target, else
+    none (a client's budget at example level, the run's at client level)."""
+    return dp.max_epsilon or dp.target_epsilon or math.inf
 
 
 def with_steps(
@@ -119,7 +129,7 @@ class PrivacyReport:
             elif reply.content.metric_records:
                 metrics = next(iter(reply.content.metric_records.values()))
                 epsilon, delta = metrics.get(EPSILON_KEY), metrics.get(DELTA_KEY)
-                if _finite(epsilon) and _finite(delta):
+                if finite_number(epsilon) and finite_number(delta):
                     self.epsilon[node], self.delta[node] = float(epsilon), float(delta)
             yield reply
 
@@ -178,7 +188,3 @@ def without_privacy_keys(metrics: dict[str, Any] | None) -> dict[str, Any] | Non
     if metrics is None:
         return None
     return {k: v for k, v in metrics.items() if k not in PRIVACY_KEYS}
-
-
-def _finite(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)

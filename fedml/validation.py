@@ -173,16 +173,16 @@ def _answered(replies: Iterable[Message], tally: Tally) -> Iterator[Message]:
         yield reply
 
 
-def _finite_number(value: object) -> bool:
+def finite_number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def _positive_number(value: object) -> bool:
-    return _finite_number(value) and value > 0  # type: ignore[operator]
+    return finite_number(value) and value > 0  # type: ignore[operator]
 
 
 def _finite_metric(value: object) -> bool:
-    return all(map(_finite_number, value if isinstance(value, list) else [value]))
+    return all(map(finite_number, value if isinstance(value, list) else [value]))
 
 
 def _update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:

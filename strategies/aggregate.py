@@ -49,12 +49,7 @@ class WeightedMean:
         averaged: dict[str, Array] = {}
         for key, total in self._sums.items():
             mean = np.asarray(total / self.total_weight)  # 0-d stays an array
-            dtype = self._dtypes[key]
-            if not np.issubdtype(dtype, np.floating) and not np.issubdtype(
-                dtype, np.complexfloating
-            ):
-                mean = np.rint(mean)
-            averaged[key] = from_numpy(np.require(mean.astype(dtype), requirements="C"))
+            averaged[key] = from_numpy(cast_like(mean, self._dtypes[key]))
         return record_of(averaged)
 
 
@@ -91,6 +86,14 @@ class MetricMean:
             else:
                 averaged[key] = total / weight
         return MetricRecord(averaged)
+
+
+def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`values` as a C-contiguous array of `dtype`, rounded to the nearest integer first
+    when `dtype` is not a floating type (so a mean of int64 buffers stays int64)."""
+    if not np.issubdtype(dtype, np.floating) and not np.issubdtype(dtype, np.complexfloating):
+        values = np.rint(values)
+    return np.require(values.astype(dtype), requirements="C")
 
 
 def weighted_mean(records: list[tuple[ArrayRecord, float]]) -> ArrayRecord:

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import FedYogi as FlowerFedYogi
 from flwr.serverapp.strategy import Krum as FlowerKrum
 
 from fedml.arrays import from_numpy, record_of, to_numpy
+from strategies.aggregate import cast_like
 from strategies.sampling import SeededSampling
 
 
@@ -73,10 +74,7 @@ class CatalogAdapter(SeededSampling):
         cast = {}
         for key, array in arrays.items():
             values = to_numpy(array)
-            dtype = self._dtypes.get(key, values.dtype)
-            if dtype.kind in "iub" and values.dtype.kind == "f":
-                values = np.rint(values)
-            cast[key] = from_numpy(np.require(values.astype(dtype), requirements="C"))
+            cast[key] = from_numpy(cast_like(values, self._dtypes.get(key, values.dtype)))
         return record_of(cast)
 
     def discard_attempt(self) -> None:

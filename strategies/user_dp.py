@@ -22,6 +22,7 @@ What Flower leaves to us, and this module adds:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from flwr.serverapp.strategy import (
 
 from fedml.config import RunConfig
 from fedml.errors import FedmlError
-from fedml.privacy import default_delta, epsilon_of, noise_for_target, with_steps
+from fedml.privacy import budget, default_delta, epsilon_of, noise_for_target, with_steps
 from strategies.fedavg import FedAvg
 
 NO_AMPLIFICATION = 1.0  # the sample rate at which every release is accounted
@@ -51,11 +52,11 @@ class UserLevelAccounting:
     reproducible: bool
     dp_history: list[tuple[float, float, int]]
 
-    def _setup(self, cfg: RunConfig, noise: float, reproducible: bool) -> None:
+    def _setup(self, cfg: RunConfig, noise: float, delta: float, reproducible: bool) -> None:
         self.planned_noise = noise
         self.dp_accountant = cfg.dp.accountant
-        self.dp_delta = cfg.dp.delta or default_delta(cfg.simulation.clients)
-        self.dp_budget = cfg.dp.max_epsilon or cfg.dp.target_epsilon or float("inf")
+        self.dp_delta = delta
+        self.dp_budget = budget(cfg.dp)
         self.reproducible = reproducible
         self.dp_history = []
         if reproducible:
@@ -93,7 +94,7 @@ class UserLevelAccounting:
 
     def next_release_exceeds(self) -> bool:
         """Would one more full release take epsilon past the budget?"""
-        if self.dp_budget == float("inf"):
+        if self.dp_budget == math.inf:
             return False
         nxt = with_steps(self.dp_history, self.planned_noise, NO_AMPLIFICATION, 1)
         return epsilon_of(tuple(nxt), self.dp_accountant, self.dp_delta) > self.dp_budget
@@ -162,5 +163,5 @@ def wrap_user_dp(inner: Strategy, cfg: RunConfig, reproducible: bool) -> UserLev
             f"dp.mode '{dp.mode}' with noise multiplier {noise:.4g} and {sampled} sampled "
             f"clients: {exc}"
         ) from exc
-    wrapper._setup(cfg, noise, reproducible)
+    wrapper._setup(cfg, noise, delta, reproducible)
     return wrapper
