@@ -121,6 +121,16 @@ def simulate(
         Path | None,
         Opt(help="Continue the run in this directory from its last intact commit."),
     ] = None,
+    report: Annotated[
+        bool, Opt(help="Write plots and CSV files to RUN_DIR/report when the run ends.")
+    ] = True,
+    tensorboard: Annotated[
+        Path | None, Opt(help="Also log every round as TensorBoard scalars under DIR.")
+    ] = None,
+    mlflow: Annotated[
+        str | None,
+        Opt(help="Also log every round to MLflow: a SQLite file (mlflow.db) or tracking URI."),
+    ] = None,
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Show Flower's own log lines.")] = False,
 ) -> None:
     """Run a federated experiment on this machine (in-process engine).
@@ -136,6 +146,9 @@ def simulate(
     Resume: fedml simulate --resume runs/exp1 [--rounds 40] [--max-seconds 3600] (the
     run keeps its stored config; only --rounds and --max-seconds, to extend it, and
     --device may change)
+
+    Tracking: fedml simulate --tensorboard tb --mlflow mlflow.db (plots and CSV files
+    go to RUN_DIR/report unless --no-report)
     """
     from fedml.config import load_config
 
@@ -176,6 +189,7 @@ def simulate(
         store = None
         if resume is None:
             cfg = load_config(config, overrides)
+            cfg = _with_run_dir(cfg)
         else:
             from simulations.engine import open_resume
 
@@ -183,12 +197,52 @@ def simulate(
             store, cfg = open_resume(resume, overrides)
         from fedml.progress import run_with_progress
 
-        summary = run_with_progress(cfg, console, resume=store)
+        trackers = _open_trackers(Path(cfg.out), cfg, tensorboard, mlflow)
+        try:
+            summary = run_with_progress(cfg, console, resume=store, on_round=trackers)
+        finally:
+            trackers.close()
     except FedmlError as exc:
         _fail(exc)
     from fedml.progress import print_summary
 
-    print_summary(summary, console)
+    report_dir = _report_run(summary.run_dir) if report else None
+    print_summary(summary, console, trackers=trackers.active, report_dir=report_dir)
+
+
+def _with_run_dir(cfg: Any) -> Any:
+    """`cfg` with its run directory chosen (runs/<timestamp> unless --out), so that
+    trackers know the run's name before it starts."""
+    from fedml.config import with_overrides
+    from fedml.runstore import default_run_path
+
+    return cfg if cfg.out else with_overrides(cfg, {"out": str(default_run_path())})
+
+
+def _open_trackers(run_dir: Path, cfg: Any, tensorboard: Path | None, mlflow: str | None) -> Any:
+    """The trackers asked for; their packages are imported only then."""
+    from fedml.trackers import MLflowTracker, TensorBoardTracker, Trackers
+
+    chosen: list[Any] = []
+    if tensorboard is not None:
+        chosen.append(TensorBoardTracker(tensorboard, run_dir))
+    if mlflow is not None:
+        chosen.append(MLflowTracker(mlflow, run_dir, cfg))
+    return Trackers(run_dir, chosen)
+
+
+def _report_run(run_dir: Path) -> Path | None:
+    """The end-of-run report's folder. A failure here is a warning, not an error: the
+    run itself is saved, and `fedml report` can draw it later."""
+    from fedml.report import write_report
+
+    try:
+        return write_report([run_dir], run_dir / "report").out
+    except FedmlError as exc:
+        err_console.print(
+            f"[yellow]warning:[/] no report: {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
+        return None
 
 
 def _check_resume_arguments(resume: Path, config: Path | None, out: Path | None) -> None:
@@ -218,6 +272,31 @@ def runs(
         show_runs(path, console)
     except FedmlError as exc:
         _fail(exc)
+
+
+@app.command()
+def report(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Run directories, or folders of runs, to overlay.")
+    ],
+    out: Annotated[Path, Opt(help="Folder for the PNG plots and CSV files.")] = Path("report"),
+) -> None:
+    """Plot runs and tabulate them: accuracy, loss, clients, epsilon (with DP) and
+    seconds per round as PNG files, several runs overlaid on the same axes, plus
+    summary.csv (one row per run) and rounds.csv (one row per run and round).
+
+    Example: fedml report runs/fedavg runs/fedprox --out report/
+    """
+    from fedml.report import write_report
+
+    try:
+        written = write_report(paths, out)
+    except FedmlError as exc:
+        _fail(exc)
+    for reason in written.skipped:
+        err_console.print(f"[yellow]skipped:[/] {escape(reason)}", highlight=False)
+    for path in written.files:
+        console.print(str(path), highlight=False)
 
 
 @app.command()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -11,7 +13,10 @@ from rich.table import Table
 from fedml.config import RunConfig
 from fedml.privacy import describe_privacy
 from fedml.runstore import RunStore
-from fedml.server import RunSummary
+from fedml.server import RoundCallback, RunSummary
+
+if TYPE_CHECKING:  # a type hint only: trackers import their packages when asked for
+    from fedml.trackers import Tracker
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -38,15 +43,28 @@ def _describe(row: dict[str, Any]) -> str:
 
 
 def run_with_progress(
-    cfg: RunConfig, console: Console, resume: RunStore | None = None
+    cfg: RunConfig,
+    console: Console,
+    resume: RunStore | None = None,
+    on_round: RoundCallback | None = None,
 ) -> RunSummary:
     """Run (or resume) the simulation with a progress bar on a terminal, plain lines
-    otherwise."""
+    otherwise; `on_round` also receives each committed row (trackers)."""
     from simulations.engine import simulate
+
+    def also(show: RoundCallback) -> RoundCallback:
+        def both(row: dict[str, Any]) -> None:
+            show(row)
+            if on_round is not None:
+                on_round(row)
+
+        return both
 
     if not console.is_terminal:
         return simulate(
-            cfg, on_round=lambda row: console.print(_describe(row), highlight=False), resume=resume
+            cfg,
+            on_round=also(lambda row: console.print(_describe(row), highlight=False)),
+            resume=resume,
         )
     columns = (
         TextColumn("[bold]federated rounds"),
@@ -61,11 +79,17 @@ def run_with_progress(
         def advance(row: dict[str, Any]) -> None:
             progress.update(task, completed=row["round"], description=_describe(row))
 
-        return simulate(cfg, on_round=advance, resume=resume)
+        return simulate(cfg, on_round=also(advance), resume=resume)
 
 
-def print_summary(summary: RunSummary, console: Console) -> None:
-    """A one-screen table: rounds, final metrics, wall time, run directory."""
+def print_summary(
+    summary: RunSummary,
+    console: Console,
+    trackers: Sequence[Tracker] = (),
+    report_dir: Path | None = None,
+) -> None:
+    """A one-screen table: rounds, final metrics, wall time, run directory, and where
+    the report and the trackers are."""
     final = summary.final
     table = Table(title="fedml run summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -92,4 +116,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         table.add_row("privacy", describe_privacy(privacy))
     table.add_row("wall time", f"{summary.seconds:.1f} s")
     table.add_row("run directory", str(summary.run_dir))
+    if report_dir is not None:
+        table.add_row("report", str(report_dir))
+    for tracker in trackers:
+        table.add_row(tracker.name, str(tracker.where))
     console.print(table)

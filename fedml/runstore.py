@@ -677,6 +677,7 @@ class RunStatus:
     best_metric: str | None
     set_aside: list[str]
     privacy: dict[str, Any] | None  # the newest committed row's "privacy" entry
+    rows: list[dict[str, Any]]  # history rows up to the newest intact commit
 
     running: bool
 
@@ -705,8 +706,8 @@ def run_status(path: Path) -> RunStatus:
         stop_reason = json.loads((newest / STATE_FILE).read_bytes()).get("stop_reason")
     committed = {c.round for c in intact}
     monitor = Monitor(store.cfg.checkpoint.monitor, store.cfg.checkpoint.mode)
-    rows = [r for r in _read_rows(path) if r.get("round") in committed]
-    best = monitor.best(rows)
+    rows = [r for r in read_history(path) if r["round"] <= rounds_done]
+    best = monitor.best([r for r in rows if r["round"] in committed])
     privacy = next((r["privacy"] for r in reversed(rows) if r.get("privacy")), None)
     damaged_root = path / DAMAGED
     return RunStatus(
@@ -720,6 +721,7 @@ def run_status(path: Path) -> RunStatus:
         best_metric=monitor.name(best) if best else None,
         set_aside=sorted(p.name for p in damaged_root.iterdir()) if damaged_root.is_dir() else [],
         privacy=privacy,
+        rows=rows,
         running=is_locked(path),
     )
 
@@ -739,8 +741,9 @@ def is_locked(path: Path) -> bool:
     return False
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """History rows that parse (a damaged tail is skipped, not fatal, for reporting)."""
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """History rows that parse as rows (a damaged tail is skipped, not fatal, for
+    reporting: the commits, verified separately, say what is real)."""
     rows = []
     try:
         lines = (path / HISTORY).read_text(encoding="utf-8", errors="replace").splitlines()
@@ -748,9 +751,12 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         return []
     for line in lines:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             break
+        if not isinstance(row, dict) or type(row.get("round")) is not int:
+            break
+        rows.append(row)
     return rows
 
 

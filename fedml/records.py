@@ -1,0 +1,50 @@
+"""A history row as flat scalar series: the one per-round record that the report's
+plots and CSV files and the experiment trackers (TensorBoard, MLflow) all read.
+
+A history row nests its numbers by source (`{"server": {"accuracy": 0.9}, ...}`);
+`flatten` turns it into `{"server/accuracy": 0.9, ...}`, one key per series. The
+slash groups related series in TensorBoard and MLflow, and names a column in CSV.
+Non-numbers (the stop reason, the names of retries) are not series and are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# Keys that identify a row rather than measure it.
+NOT_SERIES = frozenset({"round"})
+
+# The series the report plots, and how a legend names them.
+SERVER_ACCURACY = "server/accuracy"
+SERVER_LOSS = "server/loss"
+FEDERATED_ACCURACY = "evaluate/accuracy"
+FEDERATED_LOSS = "evaluate/loss"
+TRAIN_LOSS = "train/loss"
+EPSILON_MAX = "privacy/epsilon_max"
+EPSILON_MEAN = "privacy/epsilon_mean"
+SECONDS = "seconds"
+
+
+def flatten(row: dict[str, Any]) -> dict[str, float]:
+    """Every finite number in `row` under its slash-joined path, except the round.
+
+    Booleans are left out (they are flags, not measurements); so are NaN and
+    infinities, which neither a CSV reader nor a tracker handles alike.
+    """
+    flat: dict[str, float] = {}
+    _collect({k: v for k, v in row.items() if k not in NOT_SERIES}, "", flat)
+    return flat
+
+
+def _collect(node: dict[str, Any], path: str, flat: dict[str, float]) -> None:
+    for key in sorted(node):
+        value, name = node[key], f"{path}{key}"
+        if isinstance(value, dict):
+            _collect(value, f"{name}/", flat)
+        elif _is_number(value) and math.isfinite(value):
+            flat[name] = value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
