@@ -129,8 +129,9 @@ class TensorBoardTracker:
 
 class MLflowTracker:
     """One MLflow run per run directory, in the experiment "fedml": the config as
-    params, the series as metrics. `store` is a SQLite file (created when missing) or a
-    tracking URI. View with `mlflow ui --backend-store-uri sqlite:///PATH`."""
+    params (what a resume changes, as tags "resumed.<key>"), the series as metrics.
+    `store` is a SQLite file (created when missing) or a tracking URI. View with
+    `mlflow ui --backend-store-uri sqlite:///PATH`."""
 
     name = "MLflow"
 
@@ -174,6 +175,12 @@ class MLflowTracker:
         if found:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
+            # params cannot change in MLflow: what a resume changed (more rounds, more
+            # time, another device) becomes a tag "resumed.<key>"
+            logged = found[0].data.params
+            for k, v in sorted(self.cfg.to_flat().items()):
+                if k in logged and logged[k] != str(v):
+                    self.client.set_tag(self.run_id, f"resumed.{k}", str(v))
             steps = [m.step for m in self.client.get_metric_history(self.run_id, SECONDS)]
             self.last_round = max(steps, default=0)
             return

@@ -92,6 +92,9 @@ def test_help_lists_every_simulate_flag():
         "--patience",
         "--target",
         "--max-seconds",
+        "--no-report",
+        "--tensorboard",
+        "--mlflow",
     ):
         assert flag in result.stdout
 
@@ -140,3 +143,42 @@ def test_dp_flags_run_dp_sgd_and_the_run_reports_its_epsilon(tmp_path):
     bad = _run("simulate", "--dp", "central", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "dp.mode 'central' is unknown" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_simulate_writes_a_report_and_feeds_the_trackers_asked_for(tmp_path):
+    out, logs, db = tmp_path / "run", tmp_path / "tb", tmp_path / "mlflow.db"
+    result = _run(
+        "simulate", "--rounds", "2", "--clients", "3", "--local-epochs", "1",
+        "--out", str(out), "--tensorboard", str(logs), "--mlflow", str(db),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shown = " ".join(result.stdout.split())
+    assert f"report │ {out / 'report'}" in shown
+    assert f"TensorBoard │ {logs / 'run'}" in shown and f"MLflow │ sqlite:///{db}" in shown
+    assert sorted(p.name for p in (out / "report").iterdir()) == [
+        "accuracy.png", "clients.png", "loss.png", "rounds.csv", "summary.csv", "time.png",
+    ]  # fmt: skip
+    assert any((logs / "run").glob("events.out.tfevents.*")) and db.is_file()
+    quiet = _run(
+        "simulate", "--rounds", "1", "--clients", "2", "--local-epochs", "1",
+        "--out", str(tmp_path / "quiet"), "--no-report",
+    )  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr
+    assert not (tmp_path / "quiet" / "report").exists() and "│ report" not in quiet.stdout
+
+
+def test_report_overlays_runs_and_explains_what_it_cannot_plot(tmp_path):
+    for name in ("a", "b"):
+        done = _run(
+            "simulate", "--rounds", "2", "--clients", "2", "--local-epochs", "1",
+            "--out", str(tmp_path / "runs" / name), "--no-report",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    result = _run("report", str(tmp_path / "runs"), "--out", str(tmp_path / "cmp"))
+    assert result.returncode == 0, result.stderr
+    assert str(tmp_path / "cmp" / "accuracy.png") in result.stdout
+    summary = (tmp_path / "cmp" / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary] == ["run", "a", "b"]
+    missing = _run("report", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "neither a run directory" in missing.stderr
+    assert "Traceback" not in missing.stderr
