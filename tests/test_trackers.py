@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -158,3 +159,21 @@ def test_an_unusable_mlflow_store_is_a_clear_error_before_the_run(tmp_path):
     db = tmp_path / "a-file" / "mlflow.db"
     with pytest.raises(FedmlError, match="Cannot record to MLflow at sqlite:///"):
         MLflowTracker(str(db), tmp_path / "run", _config(tmp_path / "run", 1))
+
+
+def test_the_cli_imports_tracker_packages_only_when_asked_and_matplotlib_only_to_report(
+    tmp_path,
+):
+    code = (
+        "import sys; from fedml.cli import app; "
+        "args = ['simulate', '--rounds', '1', '--clients', '2', '--local-epochs', '1', "
+        f"'--no-report', '--out', {str(tmp_path / 'run')!r}]; "
+        "app(args, standalone_mode=False); "
+        "loaded = [m for m in ('mlflow', 'tensorboard', 'torch.utils.tensorboard', "
+        "'matplotlib') if m in sys.modules]; "
+        "print('loaded:', loaded)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert "loaded: []" in result.stdout, result.stdout + result.stderr
