@@ -1,10 +1,14 @@
 """The fedml ClientApp: local training and evaluation on a node's private shard.
 
-Which shard a node holds comes from its Flower node config: `partition-id` (set by the
-in-process engine and by Flower's Simulation Runtime) selects a client of the configured
-dataset. The run config (`context.run_config`, fedml's flat RunConfig) names the dataset,
-model and default training settings; each train message's "config" may override the
-settings ("local-epochs", "batch-size", "lr", "optimizer", "momentum", "weight-decay",
+Which shard a node holds comes from its Flower node config: `data-path` (set by `fedml
+client` at a data site) names the site's prepared data (`fedml.data.site`); otherwise
+`partition-id` (set by the in-process engine and by Flower's Simulation Runtime) selects
+a client of the configured dataset. A site's node config may also set `device` (over
+the run config's `client.device`) and `privacy-ledger` (the site's ledger file).
+
+The run config (`context.run_config`, fedml's flat RunConfig) names the dataset, model
+and default training settings; each train message's "config" may override the settings
+("num-classes", "local-epochs", "batch-size", "lr", "optimizer", "momentum", "weight-decay",
 "proximal-mu"), so a stock Flower strategy that sends only "server-round" works too.
 
 With `dp.mode = "sample"` training is DP-SGD (clients/privacy.py): the reply's metrics
@@ -18,8 +22,10 @@ Replies follow Flower's conventions: "arrays" (the trained state dict) and "metr
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,19 +56,26 @@ class LocalJob:
     """One node's view of the run: its data split, its model, its device."""
 
     cfg: RunConfig
-    partition_id: int
+    partition_id: int | None  # a simulated client's index; None at a data site
     train: Shard
     val: Shard
     input_shape: tuple[int, ...]
-    num_classes: int
+    num_classes: int  # a site's guess from its labels; the server's "num-classes" wins
+    device: str
 
     @classmethod
     def from_context(cls, context: Context) -> LocalJob:
         """The job for this node and run (kept per process: a node loads its data once)."""
-        if "partition-id" not in context.node_config:
-            raise ValueError("node config has no 'partition-id': this node holds no data")
         run_config = tuple(sorted(context.run_config.items()))
-        return _local_job(run_config, int(context.node_config["partition-id"]))
+        node = context.node_config
+        if "data-path" in node:
+            return _site_job(run_config, str(node["data-path"]), str(node.get("device", "")))
+        if "partition-id" not in node:
+            raise ValueError(
+                "node config has neither 'data-path' (a data site: start it with fedml "
+                "client --data) nor 'partition-id' (a simulated client): it holds no data"
+            )
+        return _local_job(run_config, int(node["partition-id"]))
 
     @classmethod
     def load(cls, cfg: RunConfig, pid: int) -> LocalJob:
@@ -71,11 +84,33 @@ class LocalJob:
         train, val = split_validation(
             federation.client(pid), cfg.data.val_fraction, seed=_derive_seed(cfg.seed, pid)
         )
-        return cls(cfg, pid, train, val, federation.input_shape, federation.num_classes)
+        return cls(
+            cfg,
+            pid,
+            train,
+            val,
+            federation.input_shape,
+            federation.num_classes,
+            cfg.client.device,
+        )
 
-    def model(self, arrays: ArrayRecord) -> torch.nn.Module:
-        """The configured model holding the received global weights."""
-        model = model_for(self.cfg, self.input_shape, self.num_classes)
+    @classmethod
+    def load_site(cls, cfg: RunConfig, folder: Path, device: str) -> LocalJob:
+        """A data site's job: its prepared data (memory-mapped), split like a simulated
+        client's, on the site's device when its node config names one."""
+        from fedml.data.site import load_prepared
+
+        shard = load_prepared(folder)
+        train, val = split_validation(shard, cfg.data.val_fraction, seed=_derive_seed(cfg.seed))
+        num_classes = int(shard.y.max()) + 1
+        device = device or cfg.client.device
+        return cls(cfg, None, train, val, shard.x.shape[1:], num_classes, device)
+
+    def model(self, arrays: ArrayRecord, config: ConfigRecord) -> torch.nn.Module:
+        """The configured model holding the received global weights. Its output size is
+        the server's "num-classes" (a site may not hold every class), else the job's."""
+        num_classes = int(config.get("num-classes", self.num_classes))
+        model = model_for(self.cfg, self.input_shape, num_classes)
         model.load_state_dict(to_state_dict(arrays), strict=True)
         return model
 
@@ -96,7 +131,7 @@ class LocalJob:
 @lru_cache(maxsize=8)
 def _run_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
     """Parse (and validate) the flat run config once per process, not once per message."""
-    return RunConfig.from_flat(dict(items))
+    return RunConfig.from_run_config(dict(items))[0]
 
 
 @lru_cache(maxsize=256)
@@ -104,6 +139,11 @@ def _local_job(run_config: tuple[tuple[str, Any], ...], pid: int) -> LocalJob:
     """Jobs of the most recently served nodes, so a virtual client's shard is not
     re-materialised every round (bounded: memory stays below 256 shards)."""
     return LocalJob.load(_run_config(run_config), pid)
+
+
+@lru_cache(maxsize=4)
+def _site_job(run_config: tuple[tuple[str, Any], ...], folder: str, device: str) -> LocalJob:
+    return LocalJob.load_site(_run_config(run_config), Path(folder), device)
 
 
 def _derive_seed(*parts: int) -> int:
@@ -115,10 +155,14 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local shard; reply with the new weights."""
     job = LocalJob.from_context(context)
     config = msg.content["config"]
-    model = job.model(msg.content["arrays"])
-    device = resolve_device(job.cfg.client.device)
+    model = job.model(msg.content["arrays"], config)
+    device = resolve_device(job.device)
     server_round = int(config.get("server-round", 0))
-    seed = _derive_seed(job.cfg.seed, server_round, job.partition_id)
+    seed = (  # simulated clients follow the run seed; a data site draws from OS entropy
+        _derive_seed(job.cfg.seed, server_round, job.partition_id)
+        if job.partition_id is not None
+        else secrets.randbits(63)
+    )
     settings = job.settings(config)
     privacy: dict[str, float] = {}
     if job.cfg.dp.mode == "sample":
@@ -174,7 +218,8 @@ def _train_private(
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
     job = LocalJob.from_context(context)
-    model = job.model(msg.content["arrays"])
-    loss, accuracy = evaluate(model, job.val, resolve_device(job.cfg.client.device))
+    config = msg.content.config_records.get("config", ConfigRecord())
+    model = job.model(msg.content["arrays"], config)
+    loss, accuracy = evaluate(model, job.val, resolve_device(job.device))
     metrics = MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": len(job.val)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

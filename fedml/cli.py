@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -297,6 +298,200 @@ def report(
         err_console.print(f"[yellow]skipped:[/] {escape(reason)}", highlight=False)
     for path in written.files:
         console.print(str(path), highlight=False)
+
+
+@app.command()
+def server(
+    config: Annotated[
+        Path | None, typer.Argument(help="TOML run config or preset; defaults when omitted.")
+    ] = None,
+    pki: Annotated[
+        Path | None, Opt(help="PKI folder from `fedml certs init` (TLS, site keys).")
+    ] = None,
+    insecure: Annotated[
+        bool, Opt(help="No TLS, no site authentication: local experiments only.")
+    ] = False,
+    host: Annotated[
+        str, Opt(help="Address the SuperLink binds (0.0.0.0: reachable by other machines).")
+    ] = "127.0.0.1",
+    port: Annotated[int, Opt(help="The SuperLink's port (sites connect here).")] = 8000,
+    wait_for_sites: Annotated[
+        float, Opt(help="Seconds to wait for every registered site before round 1.")
+    ] = 300.0,
+    sites: Annotated[
+        int, Opt(help="With --insecure: sites to wait for before round 1 (0: none).")
+    ] = 0,
+    strategy: Annotated[
+        str | None, Opt(help="Aggregation strategy (see `fedml strategies`).")
+    ] = None,
+    rounds: Annotated[int | None, Opt(help="Number of federated rounds.")] = None,
+    min_replies: Annotated[
+        int | None, Opt(help="Updates a round needs to count (else participation policy).")
+    ] = None,
+    round_timeout: Annotated[
+        float | None, Opt(help="Seconds to wait for replies per phase (0: all).")
+    ] = None,
+    max_seconds: Annotated[
+        float | None, Opt(help="Wall-clock budget for the rounds, in seconds (0: none).")
+    ] = None,
+    out: Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp>).")] = None,
+    resume: Annotated[
+        Path | None, Opt(help="Continue the run in this directory from its last commit.")
+    ] = None,
+    report: Annotated[bool, Opt(help="Write plots and CSV files to RUN_DIR/report.")] = True,
+) -> None:
+    """Run a federation for real: a Flower SuperLink (TLS and site authentication on)
+    running the fedml ServerApp; sites join with `fedml client`. Writes the same run
+    directory as `fedml simulate`.
+
+    Example: fedml server run.toml --pki pki --host 0.0.0.0 --port 8000
+
+    Resume after a crash: fedml server --resume runs/exp1 --pki pki [--rounds 40]
+    """
+    from fedml.config import load_config
+    from fedml.deploy.server import ServerOptions, serve
+    from fedml.progress import describe_row
+
+    overrides: dict[str, Any] = {
+        "strategy.name": strategy,
+        "rounds": rounds,
+        "participation.min_replies": min_replies,
+        "participation.timeout": round_timeout,
+        "stop.max_seconds": max_seconds,
+        "out": str(out) if out is not None else None,
+    }
+    options = ServerOptions(pki, insecure, host, port, wait_for_sites, sites)
+    if insecure:
+        err_console.print(
+            "[yellow]warning:[/] --insecure: no TLS and no site authentication; anyone who "
+            "reaches the port can join or listen. For local experiments only."
+        )
+    try:
+        if resume is None:
+            cfg = _with_run_dir(load_config(config, overrides))
+        else:
+            from simulations.engine import open_resume
+
+            _check_resume_arguments(resume, config, out)
+            store, cfg = open_resume(resume, overrides)
+            store.close()
+        started = time.perf_counter()
+        status = serve(
+            cfg,
+            options,
+            resume=resume is not None,
+            on_round=lambda row: console.print(describe_row(row), highlight=False),
+            on_status=lambda text: console.print(text, highlight=False),
+        )
+    except FedmlError as exc:
+        _fail(exc)
+    from fedml.progress import print_summary
+    from fedml.server import RunSummary
+
+    report_dir = _report_run(status.path) if report else None
+    summary = RunSummary(
+        status.path,
+        status.rounds_done,
+        time.perf_counter() - started,
+        status.rows,
+        resumed_from=None,
+        stop_reason=status.stop_reason,
+        model_round=status.model_round,
+    )
+    print_summary(summary, console, report_dir=report_dir)
+
+
+@app.command()
+def client(
+    superlink: Annotated[str, Opt(help="The SuperLink's HOST:PORT.")],
+    data: Annotated[Path, Opt(help="The site's data: .npz (x, y), a folder of .npz, or .csv.")],
+    pki: Annotated[
+        Path | None, Opt(help="The site's folder from `fedml certs add-node` (ca.crt, node.key).")
+    ] = None,
+    insecure: Annotated[
+        bool, Opt(help="No TLS, no authentication: local experiments only.")
+    ] = False,
+    device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N (default: the run's).")] = "",
+    label_column: Annotated[str, Opt(help="The label column of a CSV file.")] = "label",
+    state_dir: Annotated[
+        Path, Opt(help="The site's own folder: prepared data, privacy ledger, logs.")
+    ] = Path("fedml-site"),
+    port: Annotated[
+        int, Opt(help="The SuperNode's local port (distinct per node on one machine).")
+    ] = 9094,
+) -> None:
+    """Join a federation from a data site: a Flower SuperNode whose ClientApp trains on
+    the site's private data. Only model updates and metrics leave the site.
+
+    Example: fedml client --superlink server.example.org:8000 --data /site/shard.npz
+    --pki hospital-a
+    """
+    from fedml.deploy.client import ClientOptions, run_site
+
+    if insecure:
+        err_console.print("[yellow]warning:[/] --insecure: no TLS and no authentication.")
+    options = ClientOptions(superlink, data, pki, insecure, device, state_dir, label_column, port)
+    try:
+        run_site(options, lambda text: console.print(text, highlight=False))
+    except FedmlError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
+certs = typer.Typer(
+    help="Keys and certificates for a deployment: a private CA, the SuperLink's TLS "
+    "certificate, one authentication key per site.",
+    no_args_is_help=True,
+)
+app.add_typer(certs, name="certs")
+
+
+@certs.command("init")
+def certs_init(
+    directory: Annotated[Path, typer.Argument(help="PKI folder to create (stays on the server).")],
+    host: Annotated[
+        list[str] | None,
+        Opt(help="A name or IP the sites use to reach the SuperLink (repeat the option)."),
+    ] = None,
+    days: Annotated[int, Opt(help="Days the SuperLink certificate stays valid.")] = 365,
+    force: Annotated[bool, Opt(help="Replace existing files.")] = False,
+) -> None:
+    """Create a private CA and the SuperLink's TLS certificate (default hosts: localhost,
+    127.0.0.1, ::1). Private keys are written 0600; nothing is overwritten without --force.
+
+    Example: fedml certs init pki --host superlink.example.org --host 10.0.0.5
+    """
+    from fedml.pki import init_pki
+
+    try:
+        written = init_pki(directory, host, days=days, force=force)
+    except FedmlError as exc:
+        _fail(exc)
+    for path in written:
+        console.print(str(path), highlight=False)
+
+
+@certs.command("add-node")
+def certs_add_node(
+    name: Annotated[str, typer.Argument(help="The site's name, e.g. hospital-a.")],
+    pki: Annotated[Path, Opt(help="PKI folder made by `fedml certs init`.")] = Path("pki"),
+    force: Annotated[bool, Opt(help="Replace the site's existing key.")] = False,
+) -> None:
+    """Create a site's authentication key pair: PKI/nodes/NAME.pub (the SuperLink lets it
+    in) and PKI/sites/NAME/ (ca.crt and node.key: copy this folder to the site).
+
+    Example: fedml certs add-node hospital-a --pki pki
+    """
+    from fedml.pki import add_node
+
+    try:
+        written = add_node(pki, name, force=force)
+    except FedmlError as exc:
+        _fail(exc)
+    for path in written:
+        console.print(str(path), highlight=False)
+    console.print(f"copy {pki / 'sites' / name} to the site; keep the rest here", highlight=False)
 
 
 @app.command()

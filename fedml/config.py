@@ -35,6 +35,10 @@ ENGINES = ("inprocess",)
 DP_MODES = ("off", "sample", "user-fixed", "user-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 
+# A Flower run-config key that is not a RunConfig key: `fedml server --resume` sets it
+# to tell the ServerApp to continue the run directory `out` from its newest commit.
+RESUME_KEY = "deploy.resume"
+
 
 @dataclass
 class DataConfig:
@@ -237,6 +241,14 @@ class RunConfig:
     def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
         """Build and validate a config from dotted keys; unknown keys are an error."""
         return with_overrides(cls(), flat)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> tuple[RunConfig, bool]:
+        """The config in a Flower run config (`Context.run_config`), and whether it asks
+        to resume: `fedml server --resume` adds the key `RESUME_KEY` to it."""
+        flat = dict(run_config)
+        resume = bool(flat.pop(RESUME_KEY, False))
+        return cls.from_flat(flat), resume
 
     def to_toml(self) -> str:
         """The resolved config as TOML text (what a run directory stores)."""

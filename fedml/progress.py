@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # a type hint only: trackers import their packages when asked
     from fedml.trackers import Tracker
 
 
-def _describe(row: dict[str, Any]) -> str:
+def describe_row(row: dict[str, Any]) -> str:
+    """One history row as the progress line shows it."""
     parts = [f"round {row['round']}"]
     if row.get("train"):
         parts.append(f"train loss {row['train']['loss']:.4f}")
@@ -63,7 +64,7 @@ def run_with_progress(
     if not console.is_terminal:
         return simulate(
             cfg,
-            on_round=also(lambda row: console.print(_describe(row), highlight=False)),
+            on_round=also(lambda row: console.print(describe_row(row), highlight=False)),
             resume=resume,
         )
     columns = (
@@ -77,7 +78,7 @@ def run_with_progress(
         task = progress.add_task("starting", total=cfg.rounds)
 
         def advance(row: dict[str, Any]) -> None:
-            progress.update(task, completed=row["round"], description=_describe(row))
+            progress.update(task, completed=row["round"], description=describe_row(row))
 
         return simulate(cfg, on_round=also(advance), resume=resume)
 

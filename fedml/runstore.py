@@ -678,6 +678,7 @@ class RunStatus:
     set_aside: list[str]
     privacy: dict[str, Any] | None  # the newest committed row's "privacy" entry
     rows: list[dict[str, Any]]  # history rows up to the newest intact commit
+    model_round: int | None  # the round model.safetensors holds when not the last (best)
 
     running: bool
 
@@ -698,12 +699,13 @@ def run_status(path: Path) -> RunStatus:
     store = RunStore.open(path)
     checks = [store.check(c) for c in store.commit_dirs()]
     intact = [c for c in checks if c.problem is None]
-    rounds_done, created, stop_reason = 0, None, None
+    rounds_done, created, stop_reason, model_round = 0, None, None, None
     if intact:
         newest = intact[-1].path
         rounds_done = intact[-1].round
         created = json.loads((newest / MANIFEST).read_bytes()).get("created")
-        stop_reason = json.loads((newest / STATE_FILE).read_bytes()).get("stop_reason")
+        state = json.loads((newest / STATE_FILE).read_bytes())
+        stop_reason, model_round = state.get("stop_reason"), state.get("model_round")
     committed = {c.round for c in intact}
     monitor = Monitor(store.cfg.checkpoint.monitor, store.cfg.checkpoint.mode)
     rows = [r for r in read_history(path) if r["round"] <= rounds_done]
@@ -722,6 +724,7 @@ def run_status(path: Path) -> RunStatus:
         set_aside=sorted(p.name for p in damaged_root.iterdir()) if damaged_root.is_dir() else [],
         privacy=privacy,
         rows=rows,
+        model_round=model_round,
         running=is_locked(path),
     )
 

@@ -71,6 +71,7 @@ class CentralEvaluator:
         from clients.trainer import resolve_device
 
         self.test = federation.test
+        self.num_classes = federation.num_classes
         self.device = resolve_device(cfg.client.device)
         self.model = model_for(cfg, federation.input_shape, federation.num_classes)
 
@@ -84,11 +85,13 @@ class CentralEvaluator:
         return {"loss": loss, "accuracy": accuracy}
 
 
-def train_config(cfg: RunConfig, lr: float) -> ConfigRecord:
-    """The local-training settings every train message carries (`lr`: this round's)."""
+def train_config(cfg: RunConfig, lr: float, num_classes: int) -> ConfigRecord:
+    """The local-training settings every train message carries (`lr`: this round's;
+    `num_classes`: the model's output size, which a site cannot tell from its own data)."""
     c = cfg.client
     return ConfigRecord(
         {
+            "num-classes": num_classes,
             "local-epochs": c.local_epochs,
             "batch-size": c.batch_size,
             "lr": lr,
@@ -279,7 +282,8 @@ def train_round(
     holds more than a few clients' arrays. Returns the aggregate (None when no update
     was aggregated) and the round's history row so far."""
     cfg, strategy = experiment.cfg, experiment.strategy
-    messages = list(strategy.configure_train(server_round, arrays, train_config(cfg, lr), grid))
+    settings = train_config(cfg, lr, experiment.evaluator.num_classes)
+    messages = list(strategy.configure_train(server_round, arrays, settings, grid))
     to_send, dropped = components["dropout"].apply(messages)
     straggler_ids = components["stragglers"].apply(to_send, cfg.client.local_epochs)
     keeps_partial_work = getattr(strategy, "keeps_partial_work", False)
@@ -335,7 +339,8 @@ def evaluate_round(
     """Federated and centralised evaluation of the new global arrays: the history row's
     "evaluate" and "server" entries (and "evaluate_rejected" when replies were bad)."""
     strategy = experiment.strategy
-    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+    settings = ConfigRecord({"num-classes": experiment.evaluator.num_classes})
+    messages = list(strategy.configure_evaluate(server_round, arrays, settings, grid))
     timeout = experiment.cfg.participation.timeout or None
     tally = Tally()
     replies = experiment.validator.screen_evaluation(
@@ -393,7 +398,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under Flower's runtimes (`flwr run`): the same loop as `fedml simulate`."""
-    cfg = RunConfig.from_flat(dict(context.run_config))
+    cfg, resume = RunConfig.from_run_config(dict(context.run_config))
     experiment = Experiment.prepare(cfg, reproducible=False)
-    store = RunStore.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
-    run_experiment(grid, experiment, store)
+    checkpoint = None
+    if resume:
+        store = RunStore.open(Path(cfg.out))
+        checkpoint, _ = store.resume(cfg)
+    else:
+        store = RunStore.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
+    run_experiment(grid, experiment, store, checkpoint=checkpoint)

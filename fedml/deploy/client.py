@@ -1,0 +1,187 @@
+"""`fedml client`: a Flower SuperNode at a data site, training on the site's own data.
+
+Before it starts the SuperNode it checks, each with one clear error:
+- the data (`--data`: .npz, a folder of them, or a CSV with a label column), which it
+  prepares once as memory-mapped arrays in the site's state folder (`fedml.data.site`);
+- the requested device;
+- the site's PKI folder (`ca.crt`, `node.key` from `fedml certs add-node`);
+- that the SuperLink answers at HOST:PORT, and that its TLS certificate is one the
+  site's `ca.crt` vouches for.
+Then it runs `flower-supernode` (telemetry off, no runtime installs) until it exits or is
+stopped, with the node config our ClientApp reads: `data-path` (the prepared data),
+`privacy-ledger` (the site's lifetime DP ledger file) and `device`. A SuperLink that
+refuses the site's key ends it with an error saying so. What leaves the site: model
+updates and metrics, never examples.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedml.deploy.processes import Child, flower_command, flower_env, port_open, split_address
+from fedml.errors import FedmlError
+
+DATA_FOLDER = "data"
+LEDGER_FILE = "privacy-ledger.json"
+REFUSED_MARK = "Failed to activate SuperNode"  # Flower's log line when auth fails
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How to run a site's SuperNode."""
+
+    superlink: str  # HOST:PORT of the SuperLink
+    data: Path
+    pki: Path | None  # the site's folder (PKI/sites/NAME); None only when insecure
+    insecure: bool = False
+    device: str = ""  # "" keeps the run config's client.device
+    state_dir: Path = Path("fedml-site")
+    label_column: str = "label"
+    port: int = 9094  # the SuperNode's local Runtime API port (one per node on a machine)
+    join_timeout: float = 60.0  # seconds to wait for the SuperLink, or while it refuses the key
+
+
+def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
+    """Every check, and the data prepared; returns the SuperNode's command line."""
+    from fedml.data.site import prepare_site
+
+    host, port = split_address(options.superlink)
+    folder, shard = prepare_site(
+        options.data, options.state_dir / DATA_FOLDER, options.label_column
+    )
+    classes = sorted({int(c) for c in shard.y})
+    say(
+        f"site data: {len(shard)} examples of {tuple(shard.x.shape[1:])} features, "
+        f"labels {classes[0]}..{classes[-1]} (prepared in {folder})"
+    )
+    if options.device:
+        from clients.trainer import resolve_device
+
+        say(f"device: {resolve_device(options.device)}")
+    node_config = {
+        "data-path": str(folder.resolve()),
+        "privacy-ledger": str((options.state_dir / LEDGER_FILE).resolve()),
+    }
+    if options.device:
+        node_config["device"] = options.device
+    command = [
+        *flower_command("flower-supernode"),
+        "--superlink", options.superlink,
+        "--port", str(options.port),
+        "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items()),
+    ]  # fmt: skip
+    _wait_for_superlink(host, port, options.join_timeout, say)
+    if options.insecure:
+        return [*command, "--insecure"]
+    if options.pki is None:
+        raise FedmlError(
+            "fedml client needs --pki SITE_DIR (the sites/NAME folder from `fedml certs "
+            "add-node`), or --insecure for a local experiment."
+        )
+    from fedml.pki import site_files
+
+    files = site_files(options.pki)
+    _check_certificate(host, port, files.ca_cert)
+    return [
+        *command,
+        "--root-certificates", str(files.ca_cert.resolve()),
+        "--auth-supernode-private-key", str(files.node_key.resolve()),
+    ]  # fmt: skip
+
+
+def _wait_for_superlink(host: str, port: int, timeout: float, say: Callable[[str], None]) -> None:
+    """Until the SuperLink accepts connections (the server may still be starting)."""
+    deadline = time.monotonic() + timeout
+    if port_open(host, port, timeout=5):
+        return
+    say(f"waiting up to {timeout:.0f} s for the SuperLink at {host}:{port}")
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        if port_open(host, port, timeout=5):
+            return
+    raise FedmlError(
+        f"Cannot reach the SuperLink at {host}:{port}: nothing answered for {timeout:.0f} s. "
+        "Check the address, that `fedml server` is running, and the firewall between."
+    )
+
+
+def _check_certificate(host: str, port: int, ca_cert: Path) -> None:
+    """A TLS handshake with the SuperLink, verified against the site's CA certificate."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        with (
+            socket.create_connection((host, port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return
+    except ssl.SSLCertVerificationError as exc:
+        raise FedmlError(
+            f"The SuperLink at {host}:{port} presented a certificate that {ca_cert} does not "
+            f"vouch for ({exc.verify_message}). Get the current ca.crt from the server's "
+            "operator, and make sure the certificate names this host (fedml certs init --host)."
+        ) from exc
+    except ssl.SSLError as exc:
+        raise FedmlError(
+            f"TLS with the SuperLink at {host}:{port} failed ({exc.reason}). Is it running "
+            "without TLS (--insecure)? Then this site must use --insecure too."
+        ) from exc
+    except OSError as exc:
+        raise FedmlError(f"Cannot reach the SuperLink at {host}:{port}: {exc}.") from exc
+
+
+def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
+    """Check everything, then run the SuperNode until it exits or we are stopped. A key
+    the SuperLink refuses is retried for `options.join_timeout` seconds (the server
+    registers its sites just after it starts), then it is an error."""
+    command = prepare(options, say)
+    options.state_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + options.join_timeout
+    log = options.state_dir / "supernode.log"
+    while True:
+        offset = log.stat().st_size if log.exists() else 0  # this attempt's lines only
+        supernode = Child("SuperNode", command, log, flower_env())
+        say(f"SuperNode started (log: {log}); Ctrl-C stops it")
+        refused = _run_until_exit(supernode, offset)
+        if not refused:
+            break
+        if time.monotonic() >= deadline:
+            raise FedmlError(
+                f"The SuperLink at {options.superlink} refused this site's key (for "
+                f"{options.join_timeout:.0f} s). Ask its operator to add the site (fedml "
+                "certs add-node NAME) and restart fedml server, then use the sites/NAME "
+                "folder it made as --pki."
+            )
+        say("the SuperLink refused this site's key (not registered yet?); retrying in 5 s")
+        time.sleep(5)
+    code = supernode.process.returncode
+    if code not in (0, -signal.SIGTERM):
+        raise FedmlError(
+            f"The SuperNode exited with code {code}. Its log ({supernode.log}) ends "
+            f"with:\n{supernode.tail()}"
+        )
+
+
+def _run_until_exit(supernode: Child, start: int) -> bool:
+    """Wait for the SuperNode to exit (stopping it on the way out); whether it was
+    because the SuperLink refused its key (its log after byte `start` says so)."""
+    try:
+        while supernode.alive():
+            time.sleep(0.5)
+            if REFUSED_MARK in _log_since(supernode.log, start):
+                break
+    finally:
+        supernode.stop()
+    return REFUSED_MARK in _log_since(supernode.log, start)
+
+
+def _log_since(log: Path, offset: int) -> str:
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read().decode("utf-8", errors="replace")

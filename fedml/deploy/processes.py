@@ -1,0 +1,152 @@
+"""Child processes of a deployment (SuperLink, SuperNode, the `flwr` CLI): started with
+Flower's telemetry, update checks and runtime installs off, logged to a file, waited
+on with a bound, and stopped with their whole process group."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedml.errors import FedmlError
+
+# What everything we start runs with: no phoning home, no installing code at run time.
+QUIET_FLOWER = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def flower_env(flower_home: Path | None = None) -> dict[str, str]:
+    """The environment for a Flower process: ours, Flower's chatter off, and
+    `FLWR_HOME` (Flower's config and installed apps) when given."""
+    env = {**os.environ, **QUIET_FLOWER, "PYTHONUNBUFFERED": "1"}
+    if flower_home is not None:
+        env["FLWR_HOME"] = str(flower_home)
+    return env
+
+
+def flower_command(name: str) -> list[str]:
+    """The command line of a Flower console script installed next to this Python."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise FedmlError(f"Flower's `{name}` command is not installed; pip install 'flwr>=1.42'.")
+    return [found]
+
+
+class Child:
+    """One started process with its own process group and log file."""
+
+    def __init__(self, name: str, command: list[str], log: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_handle = log.open("ab")
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own group: stop() reaches its children too
+            preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after `grace` seconds."""
+        if self.alive():
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.process.pid, signal.SIGKILL)
+                self.process.wait(grace)
+        _signal_group(self.process.pid, signal.SIGKILL)  # children that outlived it
+        self._log_handle.close()
+
+    def tail(self, lines: int = 15) -> str:
+        """The end of the log, for an error message."""
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, be SIGKILLed when the process that started
+    us dies, even by SIGKILL (no orphaned SuperLink holding the port and the run). Flower's
+    own children (ServerApp, ClientApp processes) watch their parent themselves."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # the name in <sys/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def run_quietly(command: list[str], env: dict[str, str], timeout: float) -> str:
+    """Run a short Flower CLI command; its output, or a FedmlError with it."""
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise FedmlError(f"`{' '.join(command[:3])}` did not answer in {timeout:.0f} s.") from exc
+    if done.returncode != 0:
+        raise FedmlError(
+            f"`{' '.join(command[:3])}` failed (exit {done.returncode}): "
+            f"{(done.stdout + done.stderr).strip()[-800:]}"
+        )
+    return done.stdout
+
+
+def wait_for_port(host: str, port: int, child: Child, timeout: float) -> None:
+    """Until `host:port` accepts connections; a clear error when `child` dies first or
+    the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise FedmlError(
+                f"The {child.name} exited (code {child.process.returncode}) before listening "
+                f"on {host}:{port}. Its log ({child.log}) ends with:\n{child.tail()}"
+            )
+        if port_open(host, port):
+            return
+        time.sleep(0.2)
+    raise FedmlError(f"The {child.name} did not listen on {host}:{port} within {timeout:.0f} s.")
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to `host:port` succeeds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:port`) as a pair, or a clear error."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise FedmlError(f"{address!r} is not HOST:PORT (e.g. superlink.example.org:8000).")
+    return host.strip("[]"), int(port)

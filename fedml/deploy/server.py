@@ -1,0 +1,301 @@
+"""`fedml server`: a Flower SuperLink plus our ServerApp run, writing a run directory.
+
+What it does, in order (every user error surfaces before anything is started):
+
+1. checks the config (loading the server's test data and building model and strategy,
+   exactly as the ServerApp will) and the PKI files;
+2. writes a Flower App bundle folder holding only `pyproject.toml`: the components
+   (`fedml.server:app`, `clients.app:app`) and the resolved config as the app's config.
+   The bundle carries no code: the SuperLink and every site run the fedml they have
+   installed;
+3. starts `flower-superlink` with TLS, SuperNode authentication, no telemetry and no
+   runtime dependency installation (or, with `insecure`, none of the first two);
+4. registers every site key in `PKI/nodes/*.pub` and waits (bounded) until those sites
+   are online;
+5. submits the run with `flwr run` (Flower's supported entry point) and follows it: each
+   round the ServerApp commits to the run directory is passed to `on_round`;
+6. stops the SuperLink however it ends (Ctrl-C included).
+
+The SuperLink keeps no state of its own (in memory): resume is our run store's job.
+`resume=True` makes the ServerApp continue the run directory from its newest intact
+commit, as `fedml simulate --resume` does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedml.config import RESUME_KEY, RunConfig
+from fedml.deploy.processes import (
+    Child,
+    flower_command,
+    flower_env,
+    run_quietly,
+    wait_for_port,
+)
+from fedml.errors import FedmlError
+from fedml.runstore import COMMIT_PREFIX, COMMITS, CONFIG, RunStatus, read_history, run_status
+
+CONNECTION = "fedml"  # the SuperLink connection's name in the generated Flower config
+APP_NAME = "fedml-app"
+LOGS = "logs"
+
+RoundCallback = Callable[[dict[str, Any]], None]
+StatusCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How to run the SuperLink."""
+
+    pki: Path | None  # folder made by `fedml certs init`; None only when insecure
+    insecure: bool = False  # no TLS, no node authentication: local experiments only
+    host: str = "127.0.0.1"  # address the SuperLink binds; 0.0.0.0 for remote sites
+    port: int = 8000
+    wait_for_sites: float = 300.0  # seconds to wait for the registered sites before round 1
+    sites: int = 0  # sites to wait for without authentication (with it: every key)
+
+
+def serve(
+    cfg: RunConfig,
+    options: ServerOptions,
+    resume: bool = False,
+    on_round: RoundCallback | None = None,
+    on_status: StatusCallback | None = None,
+) -> RunStatus:
+    """Run (or, with `resume`, continue) `cfg` on a SuperLink until the run ends; return
+    the run directory's status. `cfg.out` names the run directory."""
+    from fedml.server import Experiment
+
+    say = on_status or (lambda text: None)
+    run_dir = Path(cfg.out).resolve()
+    if not resume and (run_dir / CONFIG).exists():
+        raise FedmlError(
+            f"{run_dir} already holds a run. Continue it with `fedml server --resume "
+            f"{run_dir}`, or choose another --out directory."
+        )
+    Experiment.prepare(cfg, reproducible=False)  # config, data, model, strategy: checked
+    node_keys = _node_keys(options)
+    cfg = _with_out(cfg, run_dir)
+    work = Path(tempfile.mkdtemp(prefix="fedml-server-"))
+    children: list[Child] = []
+    try:
+        env = flower_env(work / "flwr-home")
+        _write_flower_config(work / "flwr-home", options)
+        app_dir = write_app(work / "app", cfg, resume)
+        logs = run_dir / LOGS
+        superlink = _start_superlink(options, logs, env)
+        children.append(superlink)
+        say(f"SuperLink listening on {options.host}:{options.port} (log: {superlink.log})")
+        for key in node_keys:
+            run_quietly(
+                [*flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
+                env,
+                timeout=60,
+            )
+        expected = len(node_keys) if node_keys else options.sites
+        _wait_for_sites(expected, options.wait_for_sites, env, superlink, say)
+        start_round = run_status(run_dir).rounds_done if resume else 0
+        say(f"run submitted; rounds are committed to {run_dir}")
+        flwr_run = Child(
+            "flwr run",
+            [*flower_command("flwr"), "run", str(app_dir), CONNECTION, "--stream"],
+            logs / "run.log",
+            env,
+        )
+        children.append(flwr_run)
+        _follow(run_dir, flwr_run, superlink, start_round, on_round)
+    finally:
+        for child in reversed(children):
+            child.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    status = run_status(run_dir)
+    if status.stop_reason is None:
+        raise FedmlError(
+            f"The run stopped before it finished ({status.rounds_done} round(s) committed). "
+            f"The ServerApp's log is {run_dir / LOGS / 'run.log'}; continue with `fedml "
+            f"server --resume {run_dir}`."
+        )
+    return status
+
+
+def _node_keys(options: ServerOptions) -> list[Path]:
+    if options.insecure:
+        return []
+    if options.pki is None:
+        raise FedmlError(
+            "fedml server needs --pki DIR (made by `fedml certs init`), or --insecure for a "
+            "local experiment without TLS and node authentication."
+        )
+    from fedml.pki import server_files
+
+    keys = server_files(options.pki).node_keys
+    if not keys:
+        raise FedmlError(
+            f"{options.pki}/nodes holds no site keys, so no site could connect. Add one per "
+            "site: fedml certs add-node NAME --pki " + str(options.pki)
+        )
+    return keys
+
+
+def _with_out(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    from fedml.config import with_overrides
+
+    return with_overrides(cfg, {"out": str(run_dir)})
+
+
+def write_app(folder: Path, cfg: RunConfig, resume: bool) -> Path:
+    """A Flower App folder: `pyproject.toml` naming our components, with the resolved
+    config as the app's config (and the resume flag). No code travels with it."""
+    import tomli_w
+
+    config: dict[str, Any] = {k: v for k, v in cfg.to_flat().items() if v is not None}
+    config[RESUME_KEY] = resume
+    project = {
+        "project": {
+            "name": APP_NAME,
+            "version": "1.0.0",
+            "description": "fedml run (config only; the code is the installed fedml)",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedml",
+                    "components": {
+                        "serverapp": "fedml.server:app",
+                        "clientapp": "clients.app:app",
+                    },
+                    "config": config,
+                }
+            }
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+    return folder
+
+
+def _write_flower_config(home: Path, options: ServerOptions) -> None:
+    """Flower's CLI config with one SuperLink connection, to the local SuperLink."""
+    import tomli_w
+
+    connection: dict[str, Any] = {"address": f"{_local_host(options.host)}:{options.port}"}
+    if options.insecure:
+        connection["insecure"] = True
+    else:
+        assert options.pki is not None
+        connection["root-certificates"] = str((options.pki / "ca.crt").resolve())
+    home.mkdir(parents=True, exist_ok=True)
+    text = tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
+    (home / "config.toml").write_text(text, encoding="utf-8")
+
+
+def _local_host(host: str) -> str:
+    """Where this machine reaches a SuperLink bound to `host` (its certificate names
+    localhost and 127.0.0.1 as well, see fedml.pki)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _start_superlink(options: ServerOptions, logs: Path, env: dict[str, str]) -> Child:
+    command = [
+        *flower_command("flower-superlink"),
+        "--host", options.host,
+        "--port", str(options.port),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if options.insecure:
+        command.append("--insecure")
+    else:
+        assert options.pki is not None
+        pki = options.pki.resolve()
+        command += [
+            "--ssl-ca-certfile", str(pki / "ca.crt"),
+            "--ssl-certfile", str(pki / "server.crt"),
+            "--ssl-keyfile", str(pki / "server.key"),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
+    superlink = Child("SuperLink", command, logs / "superlink.log", env)
+    try:
+        wait_for_port(_local_host(options.host), options.port, superlink, timeout=60)
+    except FedmlError:
+        superlink.stop()
+        raise
+    return superlink
+
+
+def _wait_for_sites(
+    expected: int, timeout: float, env: dict[str, str], superlink: Child, say: StatusCallback
+) -> None:
+    """Until `expected` sites are online or `timeout` passes (then the strategy's own
+    minimum decides when round 1 starts)."""
+    if expected <= 0:
+        return
+    deadline, shown = time.monotonic() + timeout, -1
+    while True:
+        online = _online_sites(env)
+        if online != shown:
+            say(f"sites online: {online} of {expected}")
+            shown = online
+        if online >= expected:
+            return
+        if time.monotonic() >= deadline:
+            say(f"waited {timeout:.0f} s for the sites; starting with {online} online")
+            return
+        if not superlink.alive():
+            raise FedmlError(f"The SuperLink exited; its log ends with:\n{superlink.tail()}")
+        time.sleep(1.0)
+
+
+def _online_sites(env: dict[str, str]) -> int:
+    out = run_quietly(
+        [*flower_command("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
+        env,
+        timeout=60,
+    )
+    try:
+        nodes = json.loads(out[out.index("{") :]).get("nodes", [])
+    except ValueError:
+        return 0
+    return sum(1 for node in nodes if node.get("status") == "online")
+
+
+def _follow(
+    run_dir: Path,
+    flwr_run: Child,
+    superlink: Child,
+    start_round: int,
+    on_round: RoundCallback | None,
+) -> None:
+    """Pass each newly committed history row to `on_round` until `flwr run` ends."""
+    shown = start_round
+    while True:
+        finished = not flwr_run.alive()
+        committed = _newest_commit(run_dir)
+        for row in read_history(run_dir):
+            if shown < row["round"] <= committed:
+                shown = row["round"]
+                if on_round is not None:
+                    on_round(row)
+        if finished:
+            return
+        if not superlink.alive():
+            raise FedmlError(f"The SuperLink exited; its log ends with:\n{superlink.tail()}")
+        time.sleep(0.5)
+
+
+def _newest_commit(run_dir: Path) -> int:
+    rounds = [
+        int(p.name[len(COMMIT_PREFIX) :])
+        for p in (run_dir / COMMITS).glob(f"{COMMIT_PREFIX}*")
+        if p.name[len(COMMIT_PREFIX) :].isdigit()
+    ]
+    return max(rounds, default=0)
