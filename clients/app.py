@@ -4,7 +4,8 @@ Which shard a node holds comes from its Flower node config: `data-path` (set by 
 client` at a data site) names the site's prepared data (`fedml.data.site`); otherwise
 `partition-id` (set by the in-process engine and by Flower's Simulation Runtime) selects
 a client of the configured dataset. A site's node config may also set `device` (over
-the run config's `client.device`) and `privacy-ledger` (the site's ledger file).
+the run config's `client.device`), `privacy-ledger` (the site's ledger file) and
+`label-column` (of a CSV `data-path`).
 
 The run config (`context.run_config`, fedml's flat RunConfig) names the dataset, model
 and default training settings; each train message's "config" may override the settings
@@ -45,6 +46,7 @@ from clients.trainer import TrainResult, TrainSettings, evaluate, resolve_device
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
+from fedml.data.site import DEFAULT_LABEL_COLUMN
 from fedml.models import model_for
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
 
@@ -69,7 +71,12 @@ class LocalJob:
         run_config = tuple(sorted(context.run_config.items()))
         node = context.node_config
         if "data-path" in node:
-            return _site_job(run_config, str(node["data-path"]), str(node.get("device", "")))
+            return _site_job(
+                run_config,
+                str(node["data-path"]),
+                str(node.get("device", "")),
+                str(node.get("label-column", DEFAULT_LABEL_COLUMN)),
+            )
         if "partition-id" not in node:
             raise ValueError(
                 "node config has neither 'data-path' (a data site: start it with fedml "
@@ -95,12 +102,17 @@ class LocalJob:
         )
 
     @classmethod
-    def load_site(cls, cfg: RunConfig, folder: Path, device: str) -> LocalJob:
-        """A data site's job: its prepared data (memory-mapped), split like a simulated
-        client's, on the site's device when its node config names one."""
-        from fedml.data.site import load_prepared
+    def load_site(
+        cls, cfg: RunConfig, path: Path, device: str, label_column: str = DEFAULT_LABEL_COLUMN
+    ) -> LocalJob:
+        """A data site's job: its data split like a simulated client's, on the site's
+        device when its node config names one. `path` is the folder `fedml client`
+        prepared (memory-mapped), or the site's own file (read every time: a plain
+        `flower-supernode --node-config 'data-path=...'` works, just slower)."""
+        from fedml.data.site import X_FILE, load_prepared, read_site_data
 
-        shard = load_prepared(folder)
+        is_prepared = (path / X_FILE).is_file()
+        shard = load_prepared(path) if is_prepared else read_site_data(path, label_column)
         train, val = split_validation(shard, cfg.data.val_fraction, seed=_derive_seed(cfg.seed))
         num_classes = int(shard.y.max()) + 1
         device = device or cfg.client.device
@@ -142,8 +154,10 @@ def _local_job(run_config: tuple[tuple[str, Any], ...], pid: int) -> LocalJob:
 
 
 @lru_cache(maxsize=4)
-def _site_job(run_config: tuple[tuple[str, Any], ...], folder: str, device: str) -> LocalJob:
-    return LocalJob.load_site(_run_config(run_config), Path(folder), device)
+def _site_job(
+    run_config: tuple[tuple[str, Any], ...], path: str, device: str, label_column: str
+) -> LocalJob:
+    return LocalJob.load_site(_run_config(run_config), Path(path), device, label_column)
 
 
 def _derive_seed(*parts: int) -> int:

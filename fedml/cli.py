@@ -419,6 +419,9 @@ def client(
     port: Annotated[
         int, Opt(help="The SuperNode's local port (distinct per node on one machine).")
     ] = 9094,
+    join_timeout: Annotated[
+        float, Opt(help="Seconds to wait for the SuperLink, or while it refuses the key.")
+    ] = 60.0,
 ) -> None:
     """Join a federation from a data site: a Flower SuperNode whose ClientApp trains on
     the site's private data. Only model updates and metrics leave the site.
@@ -430,7 +433,9 @@ def client(
 
     if insecure:
         err_console.print("[yellow]warning:[/] --insecure: no TLS and no authentication.")
-    options = ClientOptions(superlink, data, pki, insecure, device, state_dir, label_column, port)
+    options = ClientOptions(
+        superlink, data, pki, insecure, device, state_dir, label_column, port, join_timeout
+    )
     try:
         run_site(options, lambda text: console.print(text, highlight=False))
     except FedmlError as exc:

@@ -23,6 +23,8 @@ Resume is the same loop started from a checkpoint: no second code path.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -398,6 +400,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under Flower's runtimes (`flwr run`): the same loop as `fedml simulate`."""
+    _exit_with_parent()
     cfg, resume = RunConfig.from_run_config(dict(context.run_config))
     experiment = Experiment.prepare(cfg, reproducible=False)
     checkpoint = None
@@ -407,3 +410,20 @@ def main(grid: Grid, context: Context) -> None:
     else:
         store = RunStore.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
     run_experiment(grid, experiment, store, checkpoint=checkpoint)
+
+
+def _exit_with_parent(interval: float = 1.0) -> None:
+    """End this process as soon as the process that started it is gone (the SuperLink
+    was killed): an orphaned ServerApp would otherwise hold the run directory's lock,
+    waiting on a SuperLink that no longer exists, and block `fedml server --resume`.
+    Exiting at any instant is safe: every commit is atomic, so at most the round in
+    progress is lost (the same as a crash)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        log.error("the SuperLink that started this ServerApp is gone; exiting")
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -17,7 +17,7 @@ updates and metrics, never examples.
 from __future__ import annotations
 
 import json
-import signal
+import math
 import socket
 import ssl
 import time
@@ -31,6 +31,7 @@ from fedml.errors import FedmlError
 DATA_FOLDER = "data"
 LEDGER_FILE = "privacy-ledger.json"
 REFUSED_MARK = "Failed to activate SuperNode"  # Flower's log line when auth fails
+QUICK_EXIT, MAX_QUICK_EXITS = 15.0, 5  # seconds; exits that short in a row: give up
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class ClientOptions:
     state_dir: Path = Path("fedml-site")
     label_column: str = "label"
     port: int = 9094  # the SuperNode's local Runtime API port (one per node on a machine)
-    join_timeout: float = 60.0  # seconds to wait for the SuperLink, or while it refuses the key
+    join_timeout: float = 60.0  # seconds to wait for the SuperLink, or while it refuses us
 
 
 def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
@@ -101,7 +102,8 @@ def _wait_for_superlink(host: str, port: int, timeout: float, say: Callable[[str
     deadline = time.monotonic() + timeout
     if port_open(host, port, timeout=5):
         return
-    say(f"waiting up to {timeout:.0f} s for the SuperLink at {host}:{port}")
+    bound = f" up to {timeout:.0f} s" if math.isfinite(timeout) else ""
+    say(f"waiting{bound} for the SuperLink at {host}:{port}")
     while time.monotonic() < deadline:
         time.sleep(1.0)
         if port_open(host, port, timeout=5):
@@ -137,35 +139,49 @@ def _check_certificate(host: str, port: int, ca_cert: Path) -> None:
 
 
 def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
-    """Check everything, then run the SuperNode until it exits or we are stopped. A key
-    the SuperLink refuses is retried for `options.join_timeout` seconds (the server
-    registers its sites just after it starts), then it is an error."""
+    """Check everything, then keep the site's SuperNode running until we are stopped.
+
+    A SuperNode ends when its SuperLink goes away for good or restarts (a restarted
+    SuperLink no longer knows the node); the site then waits for the SuperLink and
+    starts a new SuperNode, so `fedml server --resume` finds its sites again. A key the
+    SuperLink refuses is retried for `options.join_timeout` seconds (the server
+    registers its sites just after it starts), then it is an error; so is a SuperNode
+    that keeps failing right after it starts."""
+    host, port = split_address(options.superlink)
     command = prepare(options, say)
     options.state_dir.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + options.join_timeout
     log = options.state_dir / "supernode.log"
+    refused_since: float | None = None
+    quick_exits = 0
     while True:
         offset = log.stat().st_size if log.exists() else 0  # this attempt's lines only
+        started = time.monotonic()
         supernode = Child("SuperNode", command, log, flower_env())
         say(f"SuperNode started (log: {log}); Ctrl-C stops it")
         refused = _run_until_exit(supernode, offset)
-        if not refused:
-            break
-        if time.monotonic() >= deadline:
+        if refused:
+            refused_since = refused_since or started
+            if time.monotonic() - refused_since >= options.join_timeout:
+                raise FedmlError(
+                    f"The SuperLink at {options.superlink} refused this site's key (for "
+                    f"{options.join_timeout:.0f} s). Ask its operator to add the site (fedml "
+                    "certs add-node NAME) and restart fedml server, then use the sites/NAME "
+                    "folder it made as --pki."
+                )
+            say("the SuperLink refused this site's key (not registered yet?); retrying in 5 s")
+            time.sleep(5)
+            continue
+        refused_since = None
+        quick_exits = quick_exits + 1 if time.monotonic() - started < QUICK_EXIT else 0
+        if quick_exits >= MAX_QUICK_EXITS:
             raise FedmlError(
-                f"The SuperLink at {options.superlink} refused this site's key (for "
-                f"{options.join_timeout:.0f} s). Ask its operator to add the site (fedml "
-                "certs add-node NAME) and restart fedml server, then use the sites/NAME "
-                "folder it made as --pki."
+                f"The SuperNode keeps exiting right after it starts (code "
+                f"{supernode.process.returncode}). Its log ({log}) ends with:\n"
+                f"{supernode.tail()}"
             )
-        say("the SuperLink refused this site's key (not registered yet?); retrying in 5 s")
-        time.sleep(5)
-    code = supernode.process.returncode
-    if code not in (0, -signal.SIGTERM):
-        raise FedmlError(
-            f"The SuperNode exited with code {code}. Its log ({supernode.log}) ends "
-            f"with:\n{supernode.tail()}"
-        )
+        say("the SuperNode stopped (the SuperLink went away or restarted); reconnecting")
+        _wait_for_superlink(host, port, math.inf, say)
+        time.sleep(2)
 
 
 def _run_until_exit(supernode: Child, start: int) -> bool:

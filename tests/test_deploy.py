@@ -1,0 +1,204 @@
+"""Deployment on loopback: real `fedml server` and `fedml client` processes, a Flower
+SuperLink with TLS and SuperNode authentication, each site with its own shard file.
+
+Every process is started in its own session and killed by process group when the test
+ends, pass or fail; every wait is bounded; ports are picked free on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedml.config import load_config
+from fedml.data import federation_for
+from fedml.pki import add_node, init_pki
+from fedml.runstore import is_locked
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Fleet:
+    """The processes one test starts, each logged to a file, all killed at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fedml.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+            start_new_session=True,
+        )
+        self.started[name] = process
+        return process
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and everything in its group (a machine going down)."""
+        process = self.started[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}:\n{self.log(n)[-3000:]}" for n in self.started)
+
+    def close(self) -> None:
+        for name in self.started:
+            self.kill(name)
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    started = Fleet(tmp_path)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str, fleet: Fleet) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{fleet.logs()}")
+
+
+def _committed(run: Path, server_round: int) -> bool:
+    return (run / "commits" / f"round-{server_round:06d}").is_dir()
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def _shards(root: Path, count: int) -> list[Path]:
+    """Each site's private shard: client i of the digits federation, as an .npz file."""
+    federation = federation_for(load_config(None, {"simulation.clients": count}))
+    paths = []
+    for i in range(count):
+        shard = federation.client(i)
+        path = root / f"site-{i}.npz"
+        np.savez(path, x=shard.x, y=shard.y)
+        paths.append(path)
+    return paths
+
+
+def _pki(root: Path, sites: list[str]) -> Path:
+    pki = root / "pki"
+    init_pki(pki)
+    for name in sites:
+        add_node(pki, name)
+    return pki
+
+
+def _client(fleet: Fleet, name: str, superlink: str, data: Path, pki: Path, *extra: str):
+    return fleet.start(
+        f"client-{name}",
+        "client",
+        "--superlink", superlink,
+        "--data", str(data),
+        "--pki", str(pki / "sites" / name),
+        "--state-dir", str(fleet.root / f"state-{name}"),
+        "--port", str(_free_port()),
+        *extra,
+    )  # fmt: skip
+
+
+def _server(fleet: Fleet, name: str, pki: Path, port: int, *args: str):
+    return fleet.start(
+        name,
+        "server",
+        "--pki", str(pki),
+        "--port", str(port),
+        "--wait-for-sites", "180",
+        "--no-report",
+        *args,
+    )  # fmt: skip
+
+
+def test_three_sites_with_tls_and_node_auth_train_and_a_dead_site_does_not_stop_the_run(
+    tmp_path, fleet
+):
+    pki = _pki(tmp_path, ["a", "b", "c", "intruder"])
+    (pki / "nodes" / "intruder.pub").unlink()  # a key signed by nobody the server knows
+    data = _shards(tmp_path, 3)
+    port, run = _free_port(), tmp_path / "run"
+    server = _server(
+        fleet, "server", pki, port,
+        "--rounds", "3", "--min-replies", "2", "--round-timeout", "45", "--out", str(run),
+    )  # fmt: skip
+    superlink = f"127.0.0.1:{port}"
+    for name, shard in zip("abc", data, strict=True):
+        _client(fleet, name, superlink, shard, pki)
+    intruder = _client(fleet, "intruder", superlink, data[0], pki, "--join-timeout", "10")
+    assert intruder.wait(180) == 2, fleet.log("client-intruder")
+    assert "refused this site's key" in fleet.log("client-intruder")
+
+    _wait(lambda: _committed(run, 1), 300, "round 1", fleet)
+    fleet.kill("client-c")  # a site goes down mid-run
+    assert server.wait(600) == 0, fleet.logs()
+
+    rows = _rows(run)
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert rows[0]["clients"]["replied"] == 3
+    assert rows[-1]["clients"]["replied"] == 2  # the dead site is a failed reply ...
+    lost = rows[-1]["clients"]
+    assert lost["failed"] + lost["timed_out"] == 1
+    assert rows[-1]["stop"] == "max rounds"  # ... and the run went on
+    assert rows[-1]["server"]["accuracy"] > 0.5  # it learned from the sites' data
+    assert (run / "model.safetensors").is_file()
+    assert "round 3" in fleet.log("server") and "fedml run summary" in fleet.log("server")
+    # authentication was on (the intruder was refused); TLS too: each site verified
+    # the SuperLink's certificate against its ca.crt before joining, and nothing ran
+    # with --insecure
+    assert all("--insecure" not in fleet.log(n) for n in fleet.started)
+
+
+def test_a_killed_server_resumes_from_its_last_commit_and_finishes(tmp_path, fleet):
+    pki = _pki(tmp_path, ["a", "b"])
+    data = _shards(tmp_path, 2)
+    port, run = _free_port(), tmp_path / "run"
+    _server(fleet, "server", pki, port, "--rounds", "4", "--out", str(run))
+    for name, shard in zip("ab", data, strict=True):
+        _client(fleet, name, f"127.0.0.1:{port}", shard, pki)
+    _wait(lambda: _committed(run, 2), 400, "round 2", fleet)
+    fleet.kill("server")  # the server machine goes down
+    _wait(lambda: not is_locked(run), 60, "the ServerApp to let go of the run", fleet)
+    done = _rows(run)[-1]["round"]
+    assert done in (2, 3)
+
+    resumed = _server(fleet, "resumed", pki, port, "--resume", str(run))
+    assert resumed.wait(600) == 0, fleet.logs()
+    rows = _rows(run)
+    assert [row["round"] for row in rows] == [1, 2, 3, 4]
+    assert rows[-1]["stop"] == "max rounds"
+    assert rows[-1]["server"]["accuracy"] > rows[0]["server"]["accuracy"]

@@ -1,0 +1,180 @@
+"""A data site's shard: .npz, folders of them and CSV files, prepared once and mapped,
+the ClientApp's view of it, and `fedml client`'s checks before it starts anything."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord
+
+from clients.app import LocalJob
+from fedml.arrays import from_state_dict
+from fedml.config import load_config
+from fedml.data.site import X_FILE, load_prepared, prepare_site, read_site_data
+from fedml.deploy.client import _check_certificate
+from fedml.errors import FedmlError
+from fedml.models import model_for
+from fedml.pki import add_node, init_pki
+
+
+def _npz(path, n=20, features=4, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = rng.integers(0, classes, size=n)
+    np.savez(path, x=x, y=y)
+    return x, y
+
+
+def test_an_npz_shard_is_prepared_once_and_then_memory_mapped(tmp_path):
+    x, y = _npz(tmp_path / "shard.npz")
+    folder, shard = prepare_site(tmp_path / "shard.npz", tmp_path / "state")
+    assert isinstance(shard.x, np.memmap) and isinstance(shard.y, np.memmap)
+    np.testing.assert_array_equal(shard.x, x)
+    np.testing.assert_array_equal(shard.y, y)
+    written = (folder / X_FILE).stat().st_mtime_ns
+    prepare_site(tmp_path / "shard.npz", tmp_path / "state")
+    assert (folder / X_FILE).stat().st_mtime_ns == written  # not parsed or written again
+    x2, _ = _npz(tmp_path / "shard.npz", seed=1)  # the site's data changed
+    os.utime(tmp_path / "shard.npz", ns=(written + 10**9, written + 10**9))
+    _, again = prepare_site(tmp_path / "shard.npz", tmp_path / "state")
+    np.testing.assert_array_equal(again.x, x2)
+
+
+def test_a_folder_of_npz_files_is_one_shard_in_name_order(tmp_path):
+    (tmp_path / "site").mkdir()
+    x1, y1 = _npz(tmp_path / "site" / "b.npz", n=5, seed=2)
+    x0, y0 = _npz(tmp_path / "site" / "a.npz", n=7, seed=1)
+    shard = read_site_data(tmp_path / "site")
+    np.testing.assert_array_equal(shard.x, np.concatenate([x0, x1]))
+    np.testing.assert_array_equal(shard.y, np.concatenate([y0, y1]))
+
+
+def test_a_csv_with_a_label_column_anywhere(tmp_path):
+    path = tmp_path / "site.csv"
+    path.write_text("age,outcome,bmi\n50,1,22.5\n61,0,30.25\n\n45,2,19\n")
+    shard = read_site_data(path, label_column="outcome")
+    np.testing.assert_array_equal(shard.x, [[50, 22.5], [61, 30.25], [45, 19]])
+    np.testing.assert_array_equal(shard.y, [1, 0, 2])
+    assert shard.x.dtype == np.float32 and shard.y.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("a,b\n1,2\n", "has no column 'label' (columns: a, b)"),
+        ("a,label\n1,0\nx,1\n", "line 3: 'x' is not a number"),
+        ("a,label\n1,0.5\n", "line 2: label '0.5' is not an integer class"),
+        ("a,label\n1,-1\n", "label '-1' is not an integer class"),
+        ("a,label\n1,0\n1,2,3\n", "line 3: 3 cells where the header has 2"),
+        ("a,label\n", "has a header but no examples"),
+        ("", "is empty"),
+        ("a,label\nnan,1\n", "NaN or infinite"),
+    ],
+)
+def test_a_malformed_csv_is_one_clear_error(tmp_path, text, fragment):
+    path = tmp_path / "site.csv"
+    path.write_text(text)
+    with pytest.raises(FedmlError) as error:
+        read_site_data(path)
+    assert fragment in str(error.value)
+
+
+def test_missing_and_unsupported_data_are_clear_errors(tmp_path):
+    with pytest.raises(FedmlError, match="does not exist"):
+        read_site_data(tmp_path / "nowhere.npz")
+    (tmp_path / "data.parquet").write_bytes(b"x")
+    with pytest.raises(FedmlError, match=r"neither an \.npz file"):
+        read_site_data(tmp_path / "data.parquet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FedmlError, match=r"holds no \.npz files"):
+        read_site_data(tmp_path / "empty")
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 2)), y=np.zeros(2, dtype=np.int64))
+    with pytest.raises(FedmlError, match="one label per row"):
+        read_site_data(tmp_path / "bad.npz")
+    with pytest.raises(FedmlError, match="does not hold prepared site data"):
+        load_prepared(tmp_path / "empty")
+
+
+def test_a_site_job_builds_the_servers_model_even_without_every_class(tmp_path):
+    """A site that holds only classes 0..2 still trains the server's 10-class model:
+    the model's size comes from the server's "num-classes"."""
+    _npz(tmp_path / "shard.npz", n=30, features=64, classes=3)
+    folder, _ = prepare_site(tmp_path / "shard.npz", tmp_path / "state")
+    cfg = load_config(None, {"model.name": "logreg"})
+    job = LocalJob.load_site(cfg, folder, device="cpu")
+    assert job.partition_id is None and job.num_classes == 3
+    assert len(job.train) + len(job.val) == 30
+    global_model = model_for(cfg, (64,), 10)
+    model = job.model(from_state_dict(global_model.state_dict()), ConfigRecord({"num-classes": 10}))
+    assert model(np_tensor(job.train.x[:2])).shape == (2, 10)
+    # a plain SuperNode may name the site's file itself: the same examples, parsed
+    direct = LocalJob.load_site(cfg, tmp_path / "shard.npz", device="cpu")
+    np.testing.assert_array_equal(direct.train.x, job.train.x)
+
+
+def np_tensor(array):
+    import torch
+
+    return torch.as_tensor(np.asarray(array))
+
+
+def _tls_server(cert, key):
+    """A TLS listener on a free loopback port that completes handshakes; its port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        with listener:
+            listener.settimeout(10)
+            try:
+                raw, _ = listener.accept()
+                with context.wrap_socket(raw, server_side=True):
+                    pass
+            except (OSError, ssl.SSLError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return port
+
+
+def test_a_superlink_certificate_from_another_ca_is_refused_before_joining(tmp_path):
+    init_pki(tmp_path / "ours")
+    init_pki(tmp_path / "theirs")
+    port = _tls_server(tmp_path / "theirs/server.crt", tmp_path / "theirs/server.key")
+    with pytest.raises(FedmlError, match="does not vouch for"):
+        _check_certificate("127.0.0.1", port, tmp_path / "ours/ca.crt")
+    port = _tls_server(tmp_path / "ours/server.crt", tmp_path / "ours/server.key")
+    _check_certificate("127.0.0.1", port, tmp_path / "ours/ca.crt")  # ours: accepted
+
+
+def test_fedml_client_errors_before_it_starts_anything(tmp_path):
+    init_pki(tmp_path / "pki")
+    add_node(tmp_path / "pki", "a")
+    _npz(tmp_path / "shard.npz")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+
+    def client(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "fedml.cli", "client", "--superlink", f"127.0.0.1:{free}",
+             "--pki", str(tmp_path / "pki/sites/a"), "--state-dir", str(tmp_path / "state"),
+             "--join-timeout", "1", *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    unreachable = client("--data", str(tmp_path / "shard.npz"))
+    assert unreachable.returncode == 2
+    assert "Cannot reach the SuperLink" in unreachable.stderr
+    missing = client("--data", str(tmp_path / "none.npz"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert "Traceback" not in unreachable.stderr + missing.stderr
