@@ -178,3 +178,18 @@ def test_fedml_client_errors_before_it_starts_anything(tmp_path):
     missing = client("--data", str(tmp_path / "none.npz"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert "Traceback" not in unreachable.stderr + missing.stderr
+
+
+def test_a_site_clientapp_process_loads_no_heavy_package_it_does_not_use(tmp_path):
+    """Every message to a SuperNode starts a fresh process: importing the ClientApp and
+    loading a prepared site job must not pull in scikit-learn, Opacus or plotting."""
+    _npz(tmp_path / "shard.npz")
+    folder, _ = prepare_site(tmp_path / "shard.npz", tmp_path / "state")
+    code = (
+        "import sys; from clients.app import LocalJob; from fedml.config import load_config; "
+        f"LocalJob.load_site(load_config(None, {{}}), __import__('pathlib').Path({str(folder)!r}),"
+        " 'cpu'); print([m for m in ('sklearn', 'opacus', 'matplotlib', 'mlflow') "
+        "if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
