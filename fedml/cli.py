@@ -351,6 +351,7 @@ def server(
     from fedml.config import load_config
     from fedml.deploy.server import ServerOptions, serve
     from fedml.progress import describe_row
+    from fedml.runstore import run_status
 
     overrides: dict[str, Any] = {
         "strategy.name": strategy,
@@ -366,6 +367,7 @@ def server(
             "[yellow]warning:[/] --insecure: no TLS and no site authentication; anyone who "
             "reaches the port can join or listen. For local experiments only."
         )
+    cfg: Any = None
     try:
         if resume is None:
             cfg = _with_run_dir(load_config(config, overrides))
@@ -376,6 +378,7 @@ def server(
             store, cfg = open_resume(resume, overrides)
             store.close()
         started = time.perf_counter()
+        resumed_from = run_status(resume).rounds_done if resume is not None else None
         status = serve(
             cfg,
             options,
@@ -385,6 +388,13 @@ def server(
         )
     except FedmlError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print(
+            "stopped: the SuperLink is down. Continue with `fedml server --resume "
+            f"{cfg.out if cfg is not None else 'RUN_DIR'} --pki ...`",
+            highlight=False,
+        )
+        raise typer.Exit(code=130) from None
     from fedml.progress import print_summary
     from fedml.server import RunSummary
 
@@ -394,7 +404,7 @@ def server(
         status.rounds_done,
         time.perf_counter() - started,
         status.rows,
-        resumed_from=None,
+        resumed_from=resumed_from,
         stop_reason=status.stop_reason,
         model_round=status.model_round,
     )
