@@ -193,3 +193,26 @@ def test_a_site_clientapp_process_loads_no_heavy_package_it_does_not_use(tmp_pat
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_a_sites_supernode_gets_its_data_ledger_and_device_through_the_node_config(tmp_path):
+    from fedml.deploy.client import ClientOptions, prepare
+
+    _npz(tmp_path / "shard.npz")
+    listener = socket.create_server(("127.0.0.1", 0))  # stands in for a SuperLink
+    with listener:
+        port = listener.getsockname()[1]
+        options = ClientOptions(
+            f"127.0.0.1:{port}", tmp_path / "shard.npz", None, insecure=True,
+            device="cpu", state_dir=tmp_path / "site", port=9999,
+        )  # fmt: skip
+        said: list[str] = []
+        command = prepare(options, said.append)
+    node_config = command[command.index("--node-config") + 1]
+    assert node_config == (
+        f'data-path="{tmp_path / "site" / "data"}" '
+        f'privacy-ledger="{tmp_path / "site" / "privacy-ledger.json"}" device="cpu"'
+    )
+    assert command[-1] == "--insecure" and command[command.index("--port") + 1] == "9999"
+    assert said[0].startswith("site data: 20 examples of (4,) features, labels 0..2")
+    assert (tmp_path / "site" / "data" / X_FILE).is_file()
