@@ -170,10 +170,13 @@ def test_three_sites_with_tls_and_node_auth_train_and_a_dead_site_does_not_stop_
     rows = _rows(run)
     assert [row["round"] for row in rows] == [1, 2, 3]
     assert rows[0]["clients"]["replied"] == 3
-    assert rows[-1]["clients"]["replied"] == 2  # the dead site is a failed reply ...
-    lost = rows[-1]["clients"]
-    assert lost["failed"] + lost["timed_out"] == 1
-    assert rows[-1]["stop"] == "max rounds"  # ... and the run went on
+    # after the kill the dead site is a failed or timed-out reply, or no longer sampled
+    # once the SuperLink has noticed it is offline; every message is accounted for ...
+    for row in rows[1:]:
+        counts = row["clients"]
+        assert counts["sampled"] == counts["replied"] + counts["failed"] + counts["timed_out"]
+    assert rows[-1]["clients"]["replied"] == rows[-1]["clients"]["aggregated"] == 2
+    assert rows[-1]["stop"] == "max rounds"  # ... and the run went on to its last round
     assert rows[-1]["server"]["accuracy"] > 0.5  # it learned from the sites' data
     assert (run / "model.safetensors").is_file()
     assert "round 3" in fleet.log("server") and "fedml run summary" in fleet.log("server")
