@@ -116,6 +116,10 @@ def serve(
         for child in reversed(children):
             child.stop()
         shutil.rmtree(work, ignore_errors=True)
+    if not (run_dir / CONFIG).exists():
+        log = run_dir / LOGS / "run.log"
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
+        raise FedmlError(f"The run did not start. `flwr run` ({log}) ends with:\n{tail}")
     status = run_status(run_dir)
     if status.stop_reason is None:
         raise FedmlError(
