@@ -216,3 +216,19 @@ def test_a_sites_supernode_gets_its_data_ledger_and_device_through_the_node_conf
     assert command[-1] == "--insecure" and command[command.index("--port") + 1] == "9999"
     assert said[0].startswith("site data: 20 examples of (4,) features, labels 0..2")
     assert (tmp_path / "site" / "data" / X_FILE).is_file()
+
+
+def test_the_refusal_watch_finds_a_line_written_in_pieces_and_reads_each_byte_once(tmp_path):
+    from fedml.deploy.client import REFUSED_MARK, _LogWatch
+
+    log = tmp_path / "supernode.log"
+    log.write_text("old attempt: " + REFUSED_MARK + "\n")
+    watch = _LogWatch(log, log.stat().st_size)  # only what this attempt writes counts
+    assert not watch.saw(REFUSED_MARK)
+    with log.open("a") as handle:
+        handle.write("ERROR: " + REFUSED_MARK[:9])
+    assert not watch.saw(REFUSED_MARK)
+    with log.open("a") as handle:
+        handle.write(REFUSED_MARK[9:] + ".\n")
+    assert watch.saw(REFUSED_MARK)
+    assert watch.offset == log.stat().st_size

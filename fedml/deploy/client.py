@@ -186,18 +186,33 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
 
 def _run_until_exit(supernode: Child, start: int) -> bool:
     """Wait for the SuperNode to exit (stopping it on the way out); whether it was
-    because the SuperLink refused its key (its log after byte `start` says so)."""
+    because the SuperLink refused its key (its log after byte `start` says so). The log
+    is read incrementally: a site runs for days."""
+    reader = _LogWatch(supernode.log, start)
     try:
         while supernode.alive():
             time.sleep(0.5)
-            if REFUSED_MARK in _log_since(supernode.log, start):
+            if reader.saw(REFUSED_MARK):
                 break
     finally:
         supernode.stop()
-    return REFUSED_MARK in _log_since(supernode.log, start)
+    return reader.saw(REFUSED_MARK)
 
 
-def _log_since(log: Path, offset: int) -> str:
-    with log.open("rb") as handle:
-        handle.seek(offset)
-        return handle.read().decode("utf-8", errors="replace")
+class _LogWatch:
+    """Whether a text has appeared in a growing log since a byte offset, reading each
+    new byte once."""
+
+    def __init__(self, log: Path, offset: int) -> None:
+        self.log, self.offset, self.tail, self.found = log, offset, "", False
+
+    def saw(self, text: str) -> bool:
+        if not self.found:
+            with self.log.open("rb") as handle:
+                handle.seek(self.offset)
+                new = handle.read()
+            self.offset += len(new)
+            window = self.tail + new.decode("utf-8", errors="replace")
+            self.found = text in window
+            self.tail = window[-len(text) :]
+        return self.found
