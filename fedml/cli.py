@@ -48,6 +48,29 @@ def _quiet_flower(verbose: bool) -> None:
 
 Opt = typer.Option
 
+# Options `fedml simulate` and `fedml server` share: one declaration, one help text.
+StrategyOpt = Annotated[
+    str | None,
+    Opt(help="Aggregation strategy: a name from `fedml strategies`, or module:Class."),
+]
+RoundsOpt = Annotated[int | None, Opt(help="Number of federated rounds.")]
+MinRepliesOpt = Annotated[
+    int | None, Opt(help="Updates a round needs to count (else participation policy).")
+]
+RoundTimeoutOpt = Annotated[
+    float | None, Opt(help="Seconds to wait for replies per phase (0: all).")
+]
+MaxSecondsOpt = Annotated[
+    float | None, Opt(help="Wall-clock budget for the rounds, in seconds (0: none).")
+]
+OutOpt = Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp>).")]
+ResumeOpt = Annotated[
+    Path | None, Opt(help="Continue the run in this directory from its last intact commit.")
+]
+ReportOpt = Annotated[
+    bool, Opt(help="Write plots and CSV files to RUN_DIR/report when the run ends.")
+]
+
 
 @app.callback()
 def root() -> None:
@@ -59,11 +82,8 @@ def simulate(
     config: Annotated[
         Path | None, typer.Argument(help="TOML run config; defaults when omitted.")
     ] = None,
-    strategy: Annotated[
-        str | None,
-        Opt(help="Aggregation strategy: a name from `fedml strategies`, or module:Class."),
-    ] = None,
-    rounds: Annotated[int | None, Opt(help="Number of federated rounds.")] = None,
+    strategy: StrategyOpt = None,
+    rounds: RoundsOpt = None,
     clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
     fraction_train: Annotated[
         float | None, Opt(help="Fraction of clients sampled per round.")
@@ -86,12 +106,8 @@ def simulate(
     server_momentum: Annotated[
         float | None, Opt(help="Server momentum on the update (FedAvgM).")
     ] = None,
-    min_replies: Annotated[
-        int | None, Opt(help="Updates a round needs to count (else participation policy).")
-    ] = None,
-    round_timeout: Annotated[
-        float | None, Opt(help="Seconds to wait for replies per phase (0: all).")
-    ] = None,
+    min_replies: MinRepliesOpt = None,
+    round_timeout: RoundTimeoutOpt = None,
     early_stop: Annotated[
         str | None, Opt(help="Early-stopping metric, e.g. server.loss (with --patience).")
     ] = None,
@@ -99,9 +115,7 @@ def simulate(
     target: Annotated[
         str | None, Opt(help='Stop when reached, e.g. "server.accuracy >= 0.95".')
     ] = None,
-    max_seconds: Annotated[
-        float | None, Opt(help="Wall-clock budget for the rounds, in seconds (0: none).")
-    ] = None,
+    max_seconds: MaxSecondsOpt = None,
     dp: Annotated[
         str | None, Opt(help="Differential privacy: off | sample | user-fixed | user-adaptive.")
     ] = None,
@@ -117,14 +131,9 @@ def simulate(
     ] = None,
     seed: Annotated[int | None, Opt(help="Seed for every random choice of the run.")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N.")] = None,
-    out: Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp>).")] = None,
-    resume: Annotated[
-        Path | None,
-        Opt(help="Continue the run in this directory from its last intact commit."),
-    ] = None,
-    report: Annotated[
-        bool, Opt(help="Write plots and CSV files to RUN_DIR/report when the run ends.")
-    ] = True,
+    out: OutOpt = None,
+    resume: ResumeOpt = None,
+    report: ReportOpt = True,
     tensorboard: Annotated[
         Path | None, Opt(help="Also log every round as TensorBoard scalars under DIR.")
     ] = None,
@@ -321,24 +330,14 @@ def server(
     sites: Annotated[
         int, Opt(help="With --insecure: sites to wait for before round 1 (0: none).")
     ] = 0,
-    strategy: Annotated[
-        str | None, Opt(help="Aggregation strategy (see `fedml strategies`).")
-    ] = None,
-    rounds: Annotated[int | None, Opt(help="Number of federated rounds.")] = None,
-    min_replies: Annotated[
-        int | None, Opt(help="Updates a round needs to count (else participation policy).")
-    ] = None,
-    round_timeout: Annotated[
-        float | None, Opt(help="Seconds to wait for replies per phase (0: all).")
-    ] = None,
-    max_seconds: Annotated[
-        float | None, Opt(help="Wall-clock budget for the rounds, in seconds (0: none).")
-    ] = None,
-    out: Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp>).")] = None,
-    resume: Annotated[
-        Path | None, Opt(help="Continue the run in this directory from its last commit.")
-    ] = None,
-    report: Annotated[bool, Opt(help="Write plots and CSV files to RUN_DIR/report.")] = True,
+    strategy: StrategyOpt = None,
+    rounds: RoundsOpt = None,
+    min_replies: MinRepliesOpt = None,
+    round_timeout: RoundTimeoutOpt = None,
+    max_seconds: MaxSecondsOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = None,
+    report: ReportOpt = True,
 ) -> None:
     """Run a federation for real: a Flower SuperLink (TLS and site authentication on)
     running the fedml ServerApp; sites join with `fedml client`. Writes the same run

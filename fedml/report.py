@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedml import records
 from fedml.errors import FedmlError
-from fedml.runstore import CONFIG, RunStatus, run_status
+from fedml.runstore import RunStatus, find_runs, run_status
 
 if TYPE_CHECKING:  # for type hints only: matplotlib is imported when a report is drawn
     from matplotlib.axes import Axes
@@ -89,19 +89,6 @@ class Report:
     out: Path
     files: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-
-
-def find_runs(path: Path) -> list[Path]:
-    """`path` itself when it is a run directory, else the run directories inside it."""
-    if (path / CONFIG).is_file():
-        return [path]
-    runs = sorted(p for p in path.iterdir() if (p / CONFIG).is_file()) if path.is_dir() else []
-    if not runs:
-        raise FedmlError(
-            f"{path} is neither a run directory nor a folder of runs (no {CONFIG} found). "
-            "Pass a `fedml simulate --out` directory or its parent (default: runs)."
-        )
-    return runs
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[RunSeries], list[str]]:

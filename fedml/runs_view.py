@@ -7,9 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedml.errors import FedmlError
 from fedml.privacy import describe_privacy
-from fedml.runstore import CONFIG, RunStatus, run_status
+from fedml.runstore import CONFIG, RunStatus, find_runs, run_status
 
 
 def show_runs(path: Path, console: Console) -> None:
@@ -17,12 +16,7 @@ def show_runs(path: Path, console: Console) -> None:
     if (path / CONFIG).is_file():
         print_status(run_status(path), console)
         return
-    runs = sorted(p for p in path.iterdir() if (p / CONFIG).is_file()) if path.is_dir() else []
-    if not runs:
-        raise FedmlError(
-            f"{path} is neither a run directory nor a folder of runs (no {CONFIG} found). "
-            "Pass a `fedml simulate --out` directory or its parent (default: runs)."
-        )
+    runs = find_runs(path)
     table = Table(title=f"runs in {path}", title_justify="left")
     for column in ("run", "status", "rounds", "best", "experiment"):
         table.add_column(column)

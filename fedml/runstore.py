@@ -247,15 +247,11 @@ class RunStore:
     # -- commits ------------------------------------------------------------------------
     def commit_dirs(self) -> list[Path]:
         """Commit directories, oldest first (names only; not verified)."""
-        root = self.path / COMMITS
-        if not root.is_dir():
-            return []
-        found = [p for p in root.iterdir() if p.is_dir() and _commit_round(p) is not None]
-        return sorted(found, key=lambda p: _commit_round(p) or 0)
+        return list_commit_dirs(self.path)
 
     def check(self, commit: Path) -> CommitCheck:
         """Verify one commit: manifest, every file's size and SHA-256, history prefix."""
-        server_round = _commit_round(commit) or 0
+        server_round = commit_round(commit) or 0
         try:
             self._read_verified(commit)
         except _Damaged as exc:
@@ -274,7 +270,7 @@ class RunStore:
             raise _Damaged(f"{MANIFEST} is not a fedml format-{FORMAT} manifest")
         if manifest.get("sha256") != _manifest_digest(manifest):
             raise _Damaged(f"{MANIFEST} fails its own checksum (modified)")
-        if manifest.get("round") != _commit_round(commit):
+        if manifest.get("round") != commit_round(commit):
             raise _Damaged(f"{MANIFEST} names round {manifest.get('round')}")
         files: dict[str, bytes] = {}
         for name, expected in manifest.get("files", {}).items():
@@ -331,7 +327,7 @@ class RunStore:
             try:
                 return self.load(commit), damaged
             except _Damaged as exc:
-                damaged.append(CommitCheck(commit, _commit_round(commit) or 0, str(exc)))
+                damaged.append(CommitCheck(commit, commit_round(commit) or 0, str(exc)))
         if damaged:
             details = "; ".join(f"{c.path.name}: {c.problem}" for c in damaged)
             raise FedmlError(
@@ -500,7 +496,7 @@ class RunStore:
 
     def _model_commit(self, commit: Path, model_round: int | None) -> Path:
         """The commit whose arrays model.safetensors should hold."""
-        self.model_round = _commit_round(commit)
+        self.model_round = commit_round(commit)
         if model_round is None:
             return commit
         chosen = commit.parent / commit_name(model_round)
@@ -603,7 +599,7 @@ class RunStore:
         """Rename commits no longer kept out of the way (instant), then delete them in
         the background: freeing a large model's blocks is not on the round's clock.
         A crash mid-delete leaves `.prune-*` folders that resume removes."""
-        commits = {_commit_round(p): p for p in self.commit_dirs()}
+        commits = {commit_round(p): p for p in self.commit_dirs()}
         keep = self.kept_rounds([r for r in commits if r is not None])
         doomed = []
         for server_round, commit in commits.items():
@@ -772,7 +768,31 @@ class _Damaged(Exception):
     """A commit failed verification (internal: callers get `CommitCheck` or FedmlError)."""
 
 
-def _commit_round(path: Path) -> int | None:
+def list_commit_dirs(run_dir: Path) -> list[Path]:
+    """The commit directories of the run at `run_dir`, oldest first (names only; not
+    verified)."""
+    root = run_dir / COMMITS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and commit_round(p) is not None]
+    return sorted(found, key=lambda p: commit_round(p) or 0)
+
+
+def find_runs(path: Path) -> list[Path]:
+    """`path` itself when it is a run directory, else the run directories inside it."""
+    if (path / CONFIG).is_file():
+        return [path]
+    runs = sorted(p for p in path.iterdir() if (p / CONFIG).is_file()) if path.is_dir() else []
+    if not runs:
+        raise FedmlError(
+            f"{path} is neither a run directory nor a folder of runs (no {CONFIG} found). "
+            "Pass a `fedml simulate --out` directory or its parent (default: runs)."
+        )
+    return runs
+
+
+def commit_round(path: Path) -> int | None:
+    """The round a commit directory's name says (None for anything else)."""
     name = path.name
     if not name.startswith(COMMIT_PREFIX) or not name[len(COMMIT_PREFIX) :].isdigit():
         return None

@@ -41,7 +41,14 @@ from fedml.deploy.processes import (
     wait_for_port,
 )
 from fedml.errors import FedmlError
-from fedml.runstore import COMMIT_PREFIX, COMMITS, CONFIG, RunStatus, read_history, run_status
+from fedml.runstore import (
+    CONFIG,
+    RunStatus,
+    commit_round,
+    list_commit_dirs,
+    read_history,
+    run_status,
+)
 
 CONNECTION = "fedml"  # the SuperLink connection's name in the generated Flower config
 APP_NAME = "fedml-app"
@@ -117,9 +124,9 @@ def serve(
             child.stop()
         shutil.rmtree(work, ignore_errors=True)
     if not (run_dir / CONFIG).exists():
-        log = run_dir / LOGS / "run.log"
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
-        raise FedmlError(f"The run did not start. `flwr run` ({log}) ends with:\n{tail}")
+        raise FedmlError(
+            f"The run did not start. `flwr run` ({flwr_run.log}) ends with:\n{flwr_run.tail()}"
+        )
     status = run_status(run_dir)
     if status.stop_reason is None:
         raise FedmlError(
@@ -297,9 +304,5 @@ def _follow(
 
 
 def _newest_commit(run_dir: Path) -> int:
-    rounds = [
-        int(p.name[len(COMMIT_PREFIX) :])
-        for p in (run_dir / COMMITS).glob(f"{COMMIT_PREFIX}*")
-        if p.name[len(COMMIT_PREFIX) :].isdigit()
-    ]
-    return max(rounds, default=0)
+    commits = list_commit_dirs(run_dir)
+    return (commit_round(commits[-1]) or 0) if commits else 0
