@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -34,7 +33,14 @@ import numpy as np
 
 from fedml.config import load_config
 from fedml.data import federation_for
-from fedml.deploy.processes import Child, flower_command, flower_env, run_quietly, wait_for_port
+from fedml.deploy.processes import (
+    Child,
+    flower_command,
+    flower_env,
+    free_port,
+    run_quietly,
+    wait_for_port,
+)
 
 STOCK_APP = """
 import json, time
@@ -74,12 +80,6 @@ def main(grid, context):
     seconds = time.perf_counter() - start
     Path(context.run_config["out"]).write_text(json.dumps({"seconds": seconds}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stock_seconds_per_round(work: Path, sites: int, rounds: int) -> float:

@@ -18,7 +18,12 @@ budget would be exceeded replies with an error of code `fedml.privacy.DECLINED_C
 saying why, instead of training.
 
 Replies follow Flower's conventions: "arrays" (the trained state dict) and "metrics"
-(`loss`, `num-examples`; evaluation adds `accuracy`).
+(`loss`, `num-examples`; evaluation adds `accuracy`). A train reply adds the ConfigRecord
+"device" (`device`: where it trained, e.g. "cpu" or "cuda:0"; `name`: the GPU's name).
+
+Under the Ray engine the app also answers Flower query messages with its partition-id,
+and its `carry_node_state` mod takes the node's state from (and returns it in) each
+message (see simulations/virtual_nodes.py).
 """
 
 from __future__ import annotations
@@ -49,8 +54,10 @@ from fedml.data import Shard, federation_for, split_validation
 from fedml.data.site import DEFAULT_LABEL_COLUMN
 from fedml.models import model_for
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
+from fedml.records import DEVICE_RECORD
+from simulations.virtual_nodes import PARTITION_KEY, carry_node_state
 
-app = ClientApp()
+app = ClientApp(mods=[carry_node_state])
 
 
 @dataclass(frozen=True)
@@ -193,9 +200,21 @@ def train(msg: Message, context: Context) -> Message:
         result = train_local(model, job.train, settings, device, generator)
     metrics = {"loss": result.loss, "num-examples": result.num_examples, **privacy}
     content = RecordDict(
-        {"arrays": from_state_dict(model.state_dict()), "metrics": MetricRecord(metrics)}
+        {
+            "arrays": from_state_dict(model.state_dict()),
+            "metrics": MetricRecord(metrics),
+            DEVICE_RECORD: device_record(device),
+        }
     )
     return Message(content=content, reply_to=msg)
+
+
+def device_record(device: torch.device) -> ConfigRecord:
+    """Where this client trained: the device, and the GPU's name on CUDA."""
+    record = ConfigRecord({"device": str(device)})
+    if device.type == "cuda":
+        record["name"] = torch.cuda.get_device_name(device)
+    return record
 
 
 def _train_private(
@@ -237,3 +256,13 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     loss, accuracy = evaluate(model, job.val, resolve_device(job.device))
     metrics = MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": len(job.val)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which simulated client this node is (its node config's partition-id): the Ray
+    engine numbers nodes by it, so both engines sample the same clients."""
+    if PARTITION_KEY not in context.node_config:
+        raise ValueError("this node is not a simulated client: its node config has no partition-id")
+    pid = int(context.node_config[PARTITION_KEY])
+    return Message(RecordDict({"metrics": MetricRecord({PARTITION_KEY: pid})}), reply_to=msg)

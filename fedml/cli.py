@@ -131,6 +131,16 @@ def simulate(
     ] = None,
     seed: Annotated[int | None, Opt(help="Seed for every random choice of the run.")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N.")] = None,
+    engine: Annotated[
+        str | None, Opt(help="inprocess (one process) | ray (Flower's Simulation Runtime).")
+    ] = None,
+    num_cpus: Annotated[int | None, Opt(help="Ray: CPUs each client reserves.")] = None,
+    num_gpus: Annotated[
+        float | None, Opt(help="Ray: GPUs each client reserves (0.25: four share one).")
+    ] = None,
+    ray_address: Annotated[
+        str | None, Opt(help="Ray: join this Ray cluster (e.g. ray://head:10001).")
+    ] = None,
     out: OutOpt = None,
     resume: ResumeOpt = None,
     report: ReportOpt = True,
@@ -143,9 +153,13 @@ def simulate(
     ] = None,
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Show Flower's own log lines.")] = False,
 ) -> None:
-    """Run a federated experiment on this machine (in-process engine).
+    """Run a federated experiment with simulated clients: in this process (default), or
+    on Flower's Simulation Runtime (Ray) with --engine ray.
 
     Example: fedml simulate --strategy fedprox --dataset synthetic --rounds 30
+
+    Scale out: fedml simulate --engine ray --clients 100 --num-gpus 0.25 (four clients
+    share a GPU; --ray-address joins a running Ray cluster)
 
     Controls: fedml simulate --rounds 100 --early-stop server.loss --patience 5
     --target "server.accuracy >= 0.95" --server-momentum 0.9 --dropout 0.3
@@ -155,7 +169,7 @@ def simulate(
 
     Resume: fedml simulate --resume runs/exp1 [--rounds 40] [--max-seconds 3600] (the
     run keeps its stored config; only --rounds and --max-seconds, to extend it, and
-    --device may change)
+    --device and the engine options may change)
 
     Tracking: fedml simulate --tensorboard tb --mlflow mlflow.db (plots and CSV files
     go to RUN_DIR/report unless --no-report)
@@ -192,6 +206,10 @@ def simulate(
         "dp.max_grad_norm": max_grad_norm,
         "seed": seed,
         "client.device": device,
+        "simulation.engine": engine,
+        "simulation.num_cpus": num_cpus,
+        "simulation.num_gpus": num_gpus,
+        "simulation.ray_address": ray_address,
         "out": str(out) if out is not None else None,
     }
     _quiet_flower(verbose)

@@ -31,13 +31,16 @@ from fedml.monitor import MONITORED_SOURCES
 DATASETS = ("digits", "breast-cancer", "synthetic", "npz:<dir>")
 MODELS = ("logreg", "mlp", "cnn", "<module>:<factory>")
 OPTIMIZERS = ("sgd", "adam")
-ENGINES = ("inprocess",)
+ENGINES = ("inprocess", "ray")
 DP_MODES = ("off", "sample", "user-fixed", "user-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 
-# A Flower run-config key that is not a RunConfig key: `fedml server --resume` sets it
-# to tell the ServerApp to continue the run directory `out` from its newest commit.
+# Flower run-config keys that are not RunConfig keys. `fedml server --resume` and
+# `fedml simulate --engine ray --resume` set RESUME_KEY to tell the ServerApp to continue
+# the run directory `out` from its newest commit; the Ray engine sets SIMULATED_KEY to
+# tell it that its nodes are Flower's simulated SuperNodes (see simulations/virtual_nodes).
 RESUME_KEY = "deploy.resume"
+SIMULATED_KEY = "deploy.simulated"
 
 
 @dataclass
@@ -99,6 +102,11 @@ class SimulationConfig:
     clients: int = 10
     stragglers: float = 0.0
     dropout: float = 0.0
+    # Ray engine only: resources each ClientApp reserves (a GPU fraction lets several
+    # clients share one device), and the address of a Ray cluster to join ("": start one).
+    num_cpus: int = 1
+    num_gpus: float = 0.0
+    ray_address: str = ""
 
 
 @dataclass
@@ -243,16 +251,27 @@ class RunConfig:
         return with_overrides(cls(), flat)
 
     @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> tuple[RunConfig, bool]:
-        """The config in a Flower run config (`Context.run_config`), and whether it asks
-        to resume: `fedml server --resume` adds the key `RESUME_KEY` to it."""
+    def from_run_config(cls, run_config: dict[str, Any]) -> tuple[RunConfig, LaunchFlags]:
+        """The config in a Flower run config (`Context.run_config`), and how our
+        launchers started the run (the keys `RESUME_KEY` and `SIMULATED_KEY`)."""
         flat = dict(run_config)
-        resume = bool(flat.pop(RESUME_KEY, False))
-        return cls.from_flat(flat), resume
+        flags = LaunchFlags(
+            resume=bool(flat.pop(RESUME_KEY, False)),
+            simulated=bool(flat.pop(SIMULATED_KEY, False)),
+        )
+        return cls.from_flat(flat), flags
 
     def to_toml(self) -> str:
         """The resolved config as TOML text (what a run directory stores)."""
         return tomli_w.dumps(self.to_tables())
+
+
+@dataclass(frozen=True)
+class LaunchFlags:
+    """What `fedml server` / the Ray engine tell the ServerApp beside the config."""
+
+    resume: bool = False  # continue the run directory `out` from its newest commit
+    simulated: bool = False  # the nodes are Flower's simulated SuperNodes (Ray engine)
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -417,6 +436,15 @@ def validate(cfg: RunConfig) -> None:
     _check(
         0.0 <= sim.dropout < 1.0,
         f"simulation.dropout must be a fraction in [0, 1), got {sim.dropout}.",
+    )
+    _check(
+        sim.num_cpus >= 1,
+        f"simulation.num_cpus (whole CPUs per Ray client) must be at least 1, got {sim.num_cpus}.",
+    )
+    _check(
+        sim.num_gpus >= 0.0,
+        f"simulation.num_gpus (GPUs per Ray client, e.g. 0.25 to share one GPU by four "
+        f"clients) must be 0 or more, got {sim.num_gpus}.",
     )
     _check(
         cfg.validation.norm_factor == 0.0 or cfg.validation.norm_factor > 1.0,
@@ -602,6 +630,10 @@ RESUMABLE_KEYS = frozenset(
         "checkpoint.monitor",
         "checkpoint.mode",
         "stop.max_seconds",
+        "simulation.engine",  # where a run computes is not what it computes
+        "simulation.num_cpus",
+        "simulation.num_gpus",
+        "simulation.ray_address",
     }
 )
 

@@ -25,6 +25,16 @@ EPSILON_MAX = "privacy/epsilon_max"
 EPSILON_MEAN = "privacy/epsilon_mean"
 SECONDS = "seconds"
 
+# A train reply's ConfigRecord naming where the client trained ("device": "cpu" or
+# "cuda:N", "name": the GPU's name); a history row counts the replies per device under
+# "devices" (series `devices/<device>`).
+DEVICE_RECORD = "device"
+
+
+def device_label(record: dict[str, Any]) -> str:
+    """How a history row names a device record: `cpu`, or `cuda:0 NVIDIA H100 ...`."""
+    return " ".join(str(record[k]) for k in ("device", "name") if record.get(k))
+
 
 def flatten(row: dict[str, Any]) -> dict[str, float]:
     """Every finite number in `row` under its slash-joined path, except the round.

@@ -41,6 +41,7 @@ from fedml.controls import EXTENSIBLE_STOPS, Controls
 from fedml.data import Federation, federation_for
 from fedml.models import model_for
 from fedml.privacy import PrivacyReport, without_privacy_keys
+from fedml.records import DEVICE_RECORD, device_label
 from fedml.runstore import Checkpoint, RunStore, default_run_path
 from fedml.validation import Tally, UpdateValidator
 
@@ -290,8 +291,8 @@ def train_round(
     straggler_ids = components["stragglers"].apply(to_send, cfg.client.local_epochs)
     keeps_partial_work = getattr(strategy, "keeps_partial_work", False)
     timeout = cfg.participation.timeout or None
-    tally, kept, privacy = Tally(), _Kept(), components["privacy"]
-    replies = privacy.observe(grid.send_and_receive(to_send, timeout=timeout))
+    tally, kept, privacy, devices = Tally(), _Kept(), components["privacy"], _Devices()
+    replies = privacy.observe(devices.count(grid.send_and_receive(to_send, timeout=timeout)))
     screened = experiment.validator.screen(replies, arrays, tally)
     unless_stragglers = (
         screened
@@ -315,7 +316,26 @@ def train_round(
         "aggregated": kept.messages,
     }
     row["rejected"] = dict(sorted(tally.rejected.items()))
+    if devices.replies:
+        row["devices"] = dict(sorted(devices.replies.items()))
     return (aggregate if kept.messages else None), row
+
+
+class _Devices:
+    """Counts the train replies per device they say they trained on."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, int] = {}
+
+    def count(self, stream: Iterable[Message]) -> Iterator[Message]:
+        for message in stream:
+            record = (
+                message.content.config_records.get(DEVICE_RECORD) if message.has_content() else None
+            )
+            if record is not None:
+                label = device_label(dict(record))
+                self.replies[label] = self.replies.get(label, 0) + 1
+            yield message
 
 
 class _Kept:
@@ -399,12 +419,19 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point under Flower's runtimes (`flwr run`): the same loop as `fedml simulate`."""
+    """Entry point under Flower's runtimes (`flwr run`: `fedml server`, the Ray engine):
+    the same loop as `fedml simulate`."""
     _exit_with_parent()
-    cfg, resume = RunConfig.from_run_config(dict(context.run_config))
-    experiment = Experiment.prepare(cfg, reproducible=False)
+    cfg, flags = RunConfig.from_run_config(dict(context.run_config))
+    # Simulated (the Ray engine): the run seed drives server-side DP noise too, and the
+    # nodes are numbered like the in-process engine's; deployed: secret noise, real nodes.
+    experiment = Experiment.prepare(cfg, reproducible=flags.simulated)
+    if flags.simulated:
+        from simulations.virtual_nodes import SimulatedNodesGrid
+
+        grid = SimulatedNodesGrid(grid, cfg.simulation.clients)
     checkpoint = None
-    if resume:
+    if flags.resume:
         store = RunStore.open(Path(cfg.out))
         checkpoint, _ = store.resume(cfg)
     else:

@@ -20,8 +20,21 @@ def open_resume(path: Path, overrides: dict[str, Any]) -> tuple[RunStore, RunCon
 def simulate(
     cfg: RunConfig, on_round: RoundCallback | None = None, resume: RunStore | None = None
 ) -> RunSummary:
-    """Run `cfg` with the in-process engine: a new run directory, or continue `resume`
-    (opened with `open_resume`) from its newest intact commit."""
+    """Run `cfg` on its engine (`simulation.engine`): a new run directory, or continue
+    `resume` (opened with `open_resume`) from its newest intact commit."""
+    if cfg.simulation.engine == "ray":
+        from simulations.ray_engine import simulate_on_ray
+
+        if resume is not None:
+            resume.close()  # the ServerApp, in the Simulation Runtime, takes the run over
+        return simulate_on_ray(cfg, on_round, resume=resume is not None)
+    return simulate_in_process(cfg, on_round, resume)
+
+
+def simulate_in_process(
+    cfg: RunConfig, on_round: RoundCallback | None = None, resume: RunStore | None = None
+) -> RunSummary:
+    """Run `cfg` with the in-process engine (see `simulate`)."""
     from clients.app import app as client_app
     from simulations.inprocess import InProcessGrid
 

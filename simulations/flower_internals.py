@@ -1,9 +1,10 @@
-"""The two Flower internals the in-process engine needs, wrapped in one place.
+"""The Flower internals our engines need, wrapped in one place.
 
 Flower 1.42 offers no public way to (1) create a `Message` outside a running SuperLink
-or simulation (the constructor reads `TaskIdentity`) or (2) give a message the ID a
-SuperLink would assign. A Flower upgrade that changes either breaks
-`tests/test_flower_internals.py`, not the product silently.
+or simulation (the constructor reads `TaskIdentity`), (2) give a message the ID a
+SuperLink would assign, or (3) change the node a reply says it came from (the Ray
+engine's `SimulatedNodesGrid` renumbers nodes). A Flower upgrade that changes any of them
+breaks `tests/test_engine.py::test_flower_internals_still_work`, not the product silently.
 """
 
 from __future__ import annotations
@@ -23,3 +24,8 @@ def claim_server_identity(run_id: int) -> None:
 def set_message_id(message: Message, message_id: str) -> None:
     """Stamp the ID that a SuperLink assigns when it stores a message."""
     message.metadata.__dict__["_message_id"] = message_id
+
+
+def set_source_node(message: Message, node_id: int) -> None:
+    """Restamp the node a reply came from (Flower's `Metadata` has no setter for it)."""
+    message.metadata.__dict__["_src_node_id"] = node_id

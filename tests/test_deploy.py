@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ import pytest
 
 from fedml.config import load_config
 from fedml.data import federation_for
+from fedml.deploy.processes import free_port
 from fedml.pki import add_node, init_pki
 from fedml.runstore import is_locked
 
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Fleet:
@@ -128,7 +122,7 @@ def _client(fleet: Fleet, name: str, superlink: str, data: Path, pki: Path, *ext
         "--data", str(data),
         "--pki", str(pki / "sites" / name),
         "--state-dir", str(fleet.root / f"state-{name}"),
-        "--port", str(_free_port()),
+        "--port", str(free_port()),
         *extra,
     )  # fmt: skip
 
@@ -151,7 +145,7 @@ def test_three_sites_with_tls_and_node_auth_train_and_a_dead_site_does_not_stop_
     pki = _pki(tmp_path, ["a", "b", "c", "intruder"])
     (pki / "nodes" / "intruder.pub").unlink()  # a key signed by nobody the server knows
     data = _shards(tmp_path, 3)
-    port, run = _free_port(), tmp_path / "run"
+    port, run = free_port(), tmp_path / "run"
     server = _server(
         fleet, "server", pki, port,
         "--rounds", "3", "--min-replies", "2", "--round-timeout", "45", "--out", str(run),
@@ -189,7 +183,7 @@ def test_three_sites_with_tls_and_node_auth_train_and_a_dead_site_does_not_stop_
 def test_a_killed_server_resumes_from_its_last_commit_and_finishes(tmp_path, fleet):
     pki = _pki(tmp_path, ["a", "b"])
     data = _shards(tmp_path, 2)
-    port, run = _free_port(), tmp_path / "run"
+    port, run = free_port(), tmp_path / "run"
     _server(fleet, "server", pki, port, "--rounds", "4", "--out", str(run))
     for name, shard in zip("ab", data, strict=True):
         _client(fleet, name, f"127.0.0.1:{port}", shard, pki)
@@ -223,7 +217,7 @@ def test_a_run_that_never_starts_is_a_clear_error_with_flowers_words(tmp_path, m
 
     monkeypatch.setattr(deploy_server, "write_app", broken_app)
     cfg = load_config(None, {"rounds": 1, "out": str(tmp_path / "run")})
-    options = deploy_server.ServerOptions(None, insecure=True, port=_free_port())
+    options = deploy_server.ServerOptions(None, insecure=True, port=free_port())
     with pytest.raises(FedmlError, match="The run did not start") as error:
         deploy_server.serve(cfg, options)
     assert "run.log" in str(error.value)

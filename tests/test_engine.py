@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from simulations.flower_internals import claim_server_identity, set_message_id
+from simulations.flower_internals import claim_server_identity, set_message_id, set_source_node
 from simulations.inprocess import InProcessGrid
 
 
@@ -15,6 +15,9 @@ def test_flower_internals_still_work():
     assert message.metadata.run_id == 42 and message.metadata.dst_node_id == 3
     set_message_id(message, "abc")
     assert message.metadata.message_id == "abc"
+    reply = Message(RecordDict(), reply_to=message)
+    set_source_node(reply, 7)
+    assert reply.metadata.src_node_id == 7
 
 
 def _counting_app() -> ClientApp:

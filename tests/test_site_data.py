@@ -19,6 +19,7 @@ from fedml.arrays import from_state_dict
 from fedml.config import load_config
 from fedml.data.site import X_FILE, load_prepared, prepare_site, read_site_data
 from fedml.deploy.client import _check_certificate
+from fedml.deploy.processes import free_port
 from fedml.errors import FedmlError
 from fedml.models import model_for
 from fedml.pki import add_node, init_pki
@@ -160,9 +161,7 @@ def test_fedml_client_errors_before_it_starts_anything(tmp_path):
     init_pki(tmp_path / "pki")
     add_node(tmp_path / "pki", "a")
     _npz(tmp_path / "shard.npz")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        free = sock.getsockname()[1]
+    free = free_port()
 
     def client(*args):
         return subprocess.run(

@@ -22,8 +22,13 @@ QUIET_FLOWER = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 def flower_env(flower_home: Path | None = None) -> dict[str, str]:
     """The environment for a Flower process: ours, Flower's chatter off, and
-    `FLWR_HOME` (Flower's config and installed apps) when given."""
-    env = {**os.environ, **QUIET_FLOWER, "PYTHONUNBUFFERED": "1"}
+    `FLWR_HOME` (Flower's config and installed apps) when given. This Python's scripts
+    folder goes first on `PATH`: Flower starts its own helpers (`flower-superexec`,
+    `flwr-serverapp`, `flwr-simulation`) by name, and they must be this installation's
+    even when its virtual environment is not activated."""
+    scripts = str(Path(sys.executable).parent)
+    path = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+    env = {**os.environ, **QUIET_FLOWER, "PYTHONUNBUFFERED": "1", "PATH": path}
     if flower_home is not None:
         env["FLWR_HOME"] = str(flower_home)
     return env
@@ -142,6 +147,13 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -30,9 +30,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fedml.config import RESUME_KEY, RunConfig
+from fedml.config import RunConfig
+from fedml.deploy.launch import (
+    CONNECTION,
+    LOGS,
+    RoundCallback,
+    finished_status,
+    follow_rounds,
+    submit,
+    write_app,
+    write_flower_config,
+)
 from fedml.deploy.processes import (
     Child,
     flower_command,
@@ -41,20 +50,8 @@ from fedml.deploy.processes import (
     wait_for_port,
 )
 from fedml.errors import FedmlError
-from fedml.runstore import (
-    CONFIG,
-    RunStatus,
-    commit_round,
-    list_commit_dirs,
-    read_history,
-    run_status,
-)
+from fedml.runstore import CONFIG, RunStatus, run_status
 
-CONNECTION = "fedml"  # the SuperLink connection's name in the generated Flower config
-APP_NAME = "fedml-app"
-LOGS = "logs"
-
-RoundCallback = Callable[[dict[str, Any]], None]
 StatusCallback = Callable[[str], None]
 
 
@@ -95,7 +92,9 @@ def serve(
     children: list[Child] = []
     try:
         env = flower_env(work / "flwr-home")
-        _write_flower_config(work / "flwr-home", options)
+        address = f"{_local_host(options.host)}:{options.port}"
+        ca = None if options.insecure or options.pki is None else options.pki / "ca.crt"
+        write_flower_config(work / "flwr-home", address, ca)
         app_dir = write_app(work / "app", cfg, resume)
         logs = run_dir / LOGS
         superlink = _start_superlink(options, logs, env)
@@ -111,30 +110,14 @@ def serve(
         _wait_for_sites(expected, options.wait_for_sites, env, superlink, say)
         start_round = run_status(run_dir).rounds_done if resume else 0
         say(f"run submitted; rounds are committed to {run_dir}")
-        flwr_run = Child(
-            "flwr run",
-            [*flower_command("flwr"), "run", str(app_dir), CONNECTION, "--stream"],
-            logs / "run.log",
-            env,
-        )
+        flwr_run = submit(app_dir, logs, env)
         children.append(flwr_run)
-        _follow(run_dir, flwr_run, superlink, start_round, on_round)
+        follow_rounds(run_dir, flwr_run, superlink, start_round, on_round)
     finally:
         for child in reversed(children):
             child.stop()
         shutil.rmtree(work, ignore_errors=True)
-    if not (run_dir / CONFIG).exists():
-        raise FedmlError(
-            f"The run did not start. `flwr run` ({flwr_run.log}) ends with:\n{flwr_run.tail()}"
-        )
-    status = run_status(run_dir)
-    if status.stop_reason is None:
-        raise FedmlError(
-            f"The run stopped before it finished ({status.rounds_done} round(s) committed). "
-            f"The ServerApp's log is {run_dir / LOGS / 'run.log'}; continue with `fedml "
-            f"server --resume {run_dir}`."
-        )
-    return status
+    return finished_status(run_dir, flwr_run, f"fedml server --resume {run_dir}")
 
 
 def _node_keys(options: ServerOptions) -> list[Path]:
@@ -160,54 +143,6 @@ def _with_out(cfg: RunConfig, run_dir: Path) -> RunConfig:
     from fedml.config import with_overrides
 
     return with_overrides(cfg, {"out": str(run_dir)})
-
-
-def write_app(folder: Path, cfg: RunConfig, resume: bool) -> Path:
-    """A Flower App folder: `pyproject.toml` naming our components, with the resolved
-    config as the app's config (and the resume flag). No code travels with it."""
-    import tomli_w
-
-    config: dict[str, Any] = {k: v for k, v in cfg.to_flat().items() if v is not None}
-    config[RESUME_KEY] = resume
-    project = {
-        "project": {
-            "name": APP_NAME,
-            "version": "1.0.0",
-            "description": "fedml run (config only; the code is the installed fedml)",
-            "license": "Apache-2.0",
-            "dependencies": [],
-        },
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": "fedml",
-                    "components": {
-                        "serverapp": "fedml.server:app",
-                        "clientapp": "clients.app:app",
-                    },
-                    "config": config,
-                }
-            }
-        },
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
-    return folder
-
-
-def _write_flower_config(home: Path, options: ServerOptions) -> None:
-    """Flower's CLI config with one SuperLink connection, to the local SuperLink."""
-    import tomli_w
-
-    connection: dict[str, Any] = {"address": f"{_local_host(options.host)}:{options.port}"}
-    if options.insecure:
-        connection["insecure"] = True
-    else:
-        assert options.pki is not None
-        connection["root-certificates"] = str((options.pki / "ca.crt").resolve())
-    home.mkdir(parents=True, exist_ok=True)
-    text = tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
-    (home / "config.toml").write_text(text, encoding="utf-8")
 
 
 def _local_host(host: str) -> str:
@@ -277,32 +212,3 @@ def _online_sites(env: dict[str, str]) -> int:
     except ValueError:
         return 0
     return sum(1 for node in nodes if node.get("status") == "online")
-
-
-def _follow(
-    run_dir: Path,
-    flwr_run: Child,
-    superlink: Child,
-    start_round: int,
-    on_round: RoundCallback | None,
-) -> None:
-    """Pass each newly committed history row to `on_round` until `flwr run` ends."""
-    shown = start_round
-    while True:
-        finished = not flwr_run.alive()
-        committed = _newest_commit(run_dir)
-        for row in read_history(run_dir):
-            if shown < row["round"] <= committed:
-                shown = row["round"]
-                if on_round is not None:
-                    on_round(row)
-        if finished:
-            return
-        if not superlink.alive():
-            raise FedmlError(f"The SuperLink exited; its log ends with:\n{superlink.tail()}")
-        time.sleep(0.5)
-
-
-def _newest_commit(run_dir: Path) -> int:
-    commits = list_commit_dirs(run_dir)
-    return (commit_round(commits[-1]) or 0) if commits else 0

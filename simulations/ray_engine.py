@@ -1,0 +1,115 @@
+"""The Ray engine: the same ServerApp and ClientApp on Flower's Simulation Runtime.
+
+`fedml simulate --engine ray` goes through Flower's supported entry point: it starts a
+local `flower-superlink --simulation` (loopback only, a free port, no telemetry, no
+runtime dependency installation) and submits the run with `flwr run`, whose federation
+config sets the virtual SuperNodes (`simulation.clients`) and each ClientApp's Ray
+resources (`simulation.num_cpus`, `simulation.num_gpus`; a GPU fraction lets several
+clients share one device). With `simulation.ray_address` the Runtime joins that Ray
+cluster (Ray reads `RAY_ADDRESS`) instead of starting Ray on this machine.
+
+The ServerApp writes the usual run directory (its logs under `RUN_DIR/logs`), and numbers
+the simulated nodes like the in-process engine (simulations/virtual_nodes.py), so the
+same seed plays the same rounds on both engines, and a run may be resumed on either.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from fedml.config import RunConfig, with_overrides
+from fedml.deploy.launch import (
+    LOGS,
+    RoundCallback,
+    finished_status,
+    follow_rounds,
+    submit,
+    write_app,
+    write_flower_config,
+)
+from fedml.deploy.processes import Child, flower_command, flower_env, free_port, wait_for_port
+from fedml.errors import FedmlError
+from fedml.runstore import CONFIG, default_run_path, run_status
+from fedml.server import Experiment, RunSummary
+
+HOST = "127.0.0.1"
+
+
+def simulate_on_ray(
+    cfg: RunConfig, on_round: RoundCallback | None = None, resume: bool = False
+) -> RunSummary:
+    """Run `cfg` on Flower's Simulation Runtime until it ends, or continue its run
+    directory `cfg.out` (checked by `open_resume`) with `resume`."""
+    require_ray()
+    Experiment.prepare(cfg)  # config, data, model, strategy: errors before anything starts
+    run_dir = Path(cfg.out or default_run_path()).resolve()
+    if not resume and (run_dir / CONFIG).exists():
+        raise FedmlError(
+            f"{run_dir} already holds a run. Continue it with `fedml simulate --resume "
+            f"{run_dir}`, or choose another --out directory."
+        )
+    cfg = with_overrides(cfg, {"out": str(run_dir)})
+    started = time.perf_counter()
+    start_round = run_status(run_dir).rounds_done if resume else 0
+    work = Path(tempfile.mkdtemp(prefix="fedml-ray-"))
+    children: list[Child] = []
+    try:
+        port = free_port()
+        env = flower_env(work / "flwr-home")
+        if cfg.simulation.ray_address:
+            env["RAY_ADDRESS"] = cfg.simulation.ray_address
+        write_flower_config(work / "flwr-home", f"{HOST}:{port}", None)
+        app_dir = write_app(work / "app", cfg, resume, simulated=True)
+        logs = run_dir / LOGS
+        superlink = Child(
+            "SuperLink",
+            [
+                *flower_command("flower-superlink"),
+                "--simulation", "--insecure", "--host", HOST, "--port", str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+            logs / "superlink.log",
+            env,
+        )  # fmt: skip
+        children.append(superlink)
+        wait_for_port(HOST, port, superlink, timeout=60)
+        flwr_run = submit(app_dir, logs, env, federation_config(cfg))
+        children.append(flwr_run)
+        follow_rounds(run_dir, flwr_run, superlink, start_round, on_round)
+    finally:
+        for child in reversed(children):
+            child.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    status = finished_status(run_dir, flwr_run, f"fedml simulate --resume {run_dir}")
+    return RunSummary(
+        status.path,
+        status.rounds_done,
+        time.perf_counter() - started,
+        status.rows,
+        resumed_from=start_round if resume else None,
+        stop_reason=status.stop_reason,
+        model_round=status.model_round,
+    )
+
+
+def federation_config(cfg: RunConfig) -> str:
+    """`flwr run --federation-config`: the virtual SuperNodes and each one's resources."""
+    sim = cfg.simulation
+    return (
+        f"num-supernodes={sim.clients} client-resources-num-cpus={sim.num_cpus} "
+        f"client-resources-num-gpus={float(sim.num_gpus)}"
+    )
+
+
+def require_ray() -> None:
+    """A clear error when Flower's simulation extra (Ray) is not installed."""
+    if importlib.util.find_spec("ray") is None:
+        raise FedmlError(
+            "--engine ray needs Ray, which Flower's Simulation Runtime runs on: "
+            "pip install 'fedml-sites[ray]' (or 'flwr[simulation]'). The default "
+            "in-process engine needs nothing more."
+        )
