@@ -24,51 +24,51 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedml.config import RunConfig, load_config
+from fedml.config import load_config
 
 
-def bench_config(clients: int, hidden: int, out: Path) -> RunConfig:
-    return load_config(
-        None,
-        {
-            "data.dataset": "digits",
-            "model.name": "mlp",
-            "model.hidden": hidden,
-            "rounds": 1,
-            "simulation.clients": clients,
-            "client.local_epochs": 1,
-            "client.lr": 0.01,
-            "out": str(out),
-        },
-    )
+def bench_overrides(clients: int, hidden: int) -> dict:
+    return {
+        "data.dataset": "digits",
+        "model.name": "mlp",
+        "model.hidden": hidden,
+        "rounds": 1,
+        "simulation.clients": clients,
+        "client.local_epochs": 1,
+        "client.lr": 0.01,
+    }
 
 
-def child(clients: int, hidden: int) -> None:
-    """Run one round and print the peak RSS of this process as JSON."""
+def child(overrides: dict) -> None:
+    """Run the config and print, as JSON, this process's peak RSS and the rounds."""
     from simulations.engine import simulate
 
     with tempfile.TemporaryDirectory() as tmp:
-        summary = simulate(bench_config(clients, hidden, Path(tmp) / "run"))
+        cfg = load_config(None, {**overrides, "out": str(Path(tmp) / "run")})
+        summary = simulate(cfg)
         model_bytes = (Path(tmp) / "run" / "model.safetensors").stat().st_size
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    row = summary.history[0]
+    rows = summary.history
     print(
         json.dumps(
             {
-                "clients": clients,
-                "aggregated": row["clients"]["aggregated"],
+                "clients": cfg.simulation.clients,
+                "aggregated": rows[0]["clients"]["aggregated"],
                 "peak_mib": peak_kib / 1024,
                 "model_mib": model_bytes / 2**20,
-                "seconds": row["seconds"],
+                "seconds": rows[0]["seconds"],
+                "seconds_per_round": sum(r["seconds"] for r in rows) / len(rows),
+                "rounds": len(rows),
             }
         )
     )
 
 
-def measure(clients: int, hidden: int) -> dict:
+def measure(overrides: dict) -> dict:
+    """`child(overrides)` in a fresh process: its peak is the run's alone."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     result = subprocess.run(
-        [sys.executable, "-m", "bench.memory", "--child", str(clients), "--hidden", str(hidden)],
+        [sys.executable, "-m", "bench.memory", "--child", json.dumps(overrides)],
         capture_output=True,
         text=True,
         env=env,
@@ -81,13 +81,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs=2, default=[10, 500])
     parser.add_argument("--hidden", type=int, default=13333, help="MLP width (75 x hidden params)")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.hidden)
+        child(json.loads(args.child))
         return
 
-    small, large = (measure(n, args.hidden) for n in args.clients)
+    small, large = (measure(bench_overrides(n, args.hidden)) for n in args.clients)
     params = 75 * args.hidden + 10  # 64 inputs -> hidden -> 10 classes
     print(f"one round, MLP with {params / 1e6:.2f}M parameters ({small['model_mib']:.1f} MiB)")
     for result in (small, large):
