@@ -157,7 +157,6 @@ def _rows_close(ours: list[dict], reference: list[dict]) -> None:
     assert len(ours) == len(reference)
     for row, ref in zip(ours, reference, strict=True):
         assert row["round"] == ref["round"] and row["clients"] == ref["clients"]
-        assert row.get("stop") == ref.get("stop")
         for part in ("train", "evaluate", "server"):
             for key, value in ref[part].items():
                 assert math.isclose(row[part][key], value, rel_tol=1e-5), (part, key)
@@ -197,7 +196,7 @@ def test_a_ray_run_resumes_with_its_clients_privacy_ledgers(tmp_path):
     simulate(load_config(None, first))
     store, cfg = open_resume(run, {"rounds": 3})
     summary = simulate(cfg, resume=store)
-    assert summary.resumed_from == 2
+    assert summary.resumed_from == 2 and summary.stop_reason == "max rounds"
     _rows_close(summary.history, reference.history)
     for row, ref in zip(summary.history, reference.history, strict=True):
         assert math.isclose(
