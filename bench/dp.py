@@ -31,7 +31,7 @@ from simulations.engine import simulate
 EPSILONS = (1.0, 3.0, 8.0)
 
 
-def _config(clients: int, rounds: int, out: Path, **dp) -> RunConfig:
+def bench_config(clients: int, rounds: int, out: Path, **dp) -> RunConfig:
     return load_config(
         None, {"rounds": rounds, "simulation.clients": clients, "out": str(out), **dp}
     )
@@ -74,7 +74,7 @@ def trade_off(clients: int, rounds: int, root: Path) -> list[tuple[str, float, f
     for epsilon in (*EPSILONS, None):
         dp = {} if epsilon is None else {"dp.mode": "sample", "dp.target_epsilon": epsilon}
         label = "no DP" if epsilon is None else f"target {epsilon:g}"
-        summary = simulate(_config(clients, rounds, root / label.replace(" ", "-"), **dp))
+        summary = simulate(bench_config(clients, rounds, root / label.replace(" ", "-"), **dp))
         privacy = summary.final.get("privacy")
         spent = privacy["epsilon_max"] if privacy else None
         rows.append((label, summary.final["server"]["accuracy"], spent))
@@ -91,7 +91,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cfg = _config(args.clients, args.rounds, root / "probe")
+        cfg = bench_config(args.clients, args.rounds, root / "probe")
         plain, private = slowdown(cfg, args.repeats)
         n = len(LocalJob.load(cfg, 0).train)
         print(f"local training, client 0 ({n} examples, mlp, {cfg.client.local_epochs} epochs)")

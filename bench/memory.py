@@ -41,12 +41,14 @@ def bench_overrides(clients: int, hidden: int) -> dict:
 
 def child(overrides: dict) -> None:
     """Run the config and print, as JSON, this process's peak RSS and the rounds."""
+    from fedml.data import federation_for
     from simulations.engine import simulate
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, {**overrides, "out": str(Path(tmp) / "run")})
         summary = simulate(cfg)
         model_bytes = (Path(tmp) / "run" / "model.safetensors").stat().st_size
+    pool = federation_for(cfg).pool  # cached: the federation the run used
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     rows = summary.history
     print(
@@ -56,6 +58,7 @@ def child(overrides: dict) -> None:
                 "aggregated": rows[0]["clients"]["aggregated"],
                 "peak_mib": peak_kib / 1024,
                 "model_mib": model_bytes / 2**20,
+                "data_mib": (pool.x.nbytes + pool.y.nbytes) / 2**20 if pool is not None else 0.0,
                 "seconds": rows[0]["seconds"],
                 "seconds_per_round": sum(r["seconds"] for r in rows) / len(rows),
                 "rounds": len(rows),

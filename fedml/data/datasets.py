@@ -174,6 +174,7 @@ def synthetic_federation(
         v = rng.normal(b_shift, 1, dim)
         x = rng.normal(v, np.sqrt(cov_diag), (sizes[k], dim))
         y = np.argmax(x @ w.T + b, axis=1)
+        x = x.astype(np.float32)  # now, not after concatenating: half the peak memory
         n_test = max(1, round(sizes[k] * test_fraction))
         train_x.append(x[n_test:])
         train_y.append(y[n_test:])

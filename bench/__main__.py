@@ -1,0 +1,172 @@
+"""The benchmark suite: one command, every ratio against a baseline measured in the same run.
+
+    python -m bench [--only overhead engines clients commit dp]
+
+| benchmark | measured                                         | baseline (same run)             |
+|-----------|--------------------------------------------------|---------------------------------|
+| overhead  | `fedml simulate`, 50 clients x 5 rounds          | a plain PyTorch loop, same work |
+| engines   | fedml's Ray and in-process engines, 10 x 5 rounds | stock Flower's Ray simulation   |
+| clients   | 1,000 clients, 10% sampled per round, 3 rounds   | 10 clients, all sampled         |
+| commit    | rounds that persist (1M-parameter model)         | the same rounds persisting none |
+| dp        | one client's local training with DP-SGD          | the same training without DP    |
+
+Each benchmark also has its own module with more options and detail (`python -m
+bench.overhead`, `bench.ray`, `bench.memory`, `bench.commit`, `bench.dp`). The whole
+suite takes about two minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SYNTHETIC_MLP = {"data.dataset": "synthetic", "model.name": "mlp", "model.hidden": 64}
+
+
+@dataclass(frozen=True)
+class Result:
+    """One line of the suite's table: what was measured against what, and the ratio."""
+
+    benchmark: str
+    measured: str
+    baseline: str
+    ratio: float
+
+
+def overhead(repeats: int = 3) -> list[Result]:
+    """`fedml simulate` (in-process) vs a plain PyTorch loop doing the same training."""
+    from bench.overhead import bench_config, plain_pytorch, timed
+    from simulations.engine import simulate
+
+    fedml_best = plain_best = float("inf")
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats + 1):  # the first of each side warms up
+            cfg = bench_config(50, 5, Path(tmp) / f"run{repeat}")
+            fedml_wall, _, _ = timed(simulate, cfg)
+            plain_wall, _, _ = timed(plain_pytorch, cfg)
+            if repeat:
+                fedml_best, plain_best = min(fedml_best, fedml_wall), min(plain_best, plain_wall)
+    return [
+        Result(
+            "overhead",
+            f"fedml in-process {fedml_best:.2f} s",
+            f"plain loop {plain_best:.2f} s",
+            fedml_best / plain_best,
+        )
+    ]
+
+
+def engines() -> list[Result]:
+    """fedml's engines vs stock Flower's Ray simulation of the same MLP (wall time)."""
+    from bench.ray import measure
+
+    timings = measure(clients=10, rounds=5)
+    stock = timings["stock Flower, Ray"]
+    baseline = f"stock Flower Ray {stock.wall:.1f} s ({stock.rounds:.1f} s rounds)"
+    return [
+        Result(
+            "engines",
+            f"{name} {timing.wall:.1f} s ({timing.rounds:.1f} s rounds)",
+            baseline,
+            timing.wall / stock.wall,
+        )
+        for name, timing in timings.items()
+        if timing is not stock
+    ]
+
+
+def clients() -> list[Result]:
+    """Peak memory and seconds per round: 1,000 clients (10% per round) vs 10."""
+    from bench.memory import measure
+
+    def run(count: int, fraction: float) -> dict:
+        overrides = {**SYNTHETIC_MLP, "rounds": 3, "simulation.clients": count}
+        return measure({**overrides, "strategy.fraction_train": fraction})
+
+    few, many = run(10, 1.0), run(1000, 0.1)
+
+    def shown(result: dict, what: str) -> str:
+        return (
+            f"{what}: peak RSS {result['peak_mib']:.0f} MiB (data pool "
+            f"{result['data_mib']:.0f} MiB), {result['seconds_per_round']:.2f} s/round"
+        )
+
+    return [
+        Result(
+            "clients",
+            shown(many, "1,000 clients x 10%"),
+            shown(few, "10 clients x 100%"),
+            many["peak_mib"] / few["peak_mib"],
+        )
+    ]
+
+
+def commit() -> list[Result]:
+    """Round time with persistence vs without, 1M-parameter model."""
+    from bench.commit import bench_config, measure
+
+    with tempfile.TemporaryDirectory(dir=".", prefix=".bench-commit-") as tmp:
+        base = measure(bench_config(1_000_000, 4, Path(tmp) / "a"), persist=False)
+        real = measure(bench_config(1_000_000, 4, Path(tmp) / "b"))
+    return [
+        Result(
+            "commit",
+            f"round + commit {real['with commit']:.3f} s (commit {real['commit'] * 1000:.1f} ms)",
+            f"round persisting nothing {base['round']:.3f} s",
+            real["with commit"] / base["round"],
+        )
+    ]
+
+
+def dp(repeats: int = 7) -> list[Result]:
+    """One client's local training: Opacus DP-SGD vs plain."""
+    from bench.dp import bench_config, slowdown
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, private = slowdown(bench_config(4, 15, Path(tmp) / "probe"), repeats)
+    return [
+        Result(
+            "dp",
+            f"DP-SGD {private * 1000:.1f} ms",
+            f"plain {plain * 1000:.1f} ms",
+            private / plain,
+        )
+    ]
+
+
+BENCHMARKS: dict[str, Callable[[], list[Result]]] = {
+    "overhead": overhead,
+    "engines": engines,
+    "clients": clients,
+    "commit": commit,
+    "dp": dp,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    args = parser.parse_args()
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    torch.set_num_threads(1)  # in-process sides alike; avoids thread-pool noise on 2 cores
+    started = time.perf_counter()
+    results: list[Result] = []
+    for name in args.only:
+        print(f"running {name} ...", flush=True)
+        results += BENCHMARKS[name]()
+    print()
+    print(f"{'benchmark':10} {'ratio':>6}  measured  /  baseline (same run)")
+    for result in results:
+        print(f"{result.benchmark:10} {result.ratio:6.2f}  {result.measured}  /  {result.baseline}")
+    print(f"(suite wall time {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
