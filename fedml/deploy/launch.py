@@ -43,7 +43,8 @@ def write_app(folder: Path, cfg: RunConfig, resume: bool, simulated: bool = Fals
 
     config: dict[str, Any] = {k: v for k, v in cfg.to_flat().items() if v is not None}
     config[RESUME_KEY] = resume
-    config[SIMULATED_KEY] = simulated
+    if simulated:
+        config[SIMULATED_KEY] = True
     project = {
         "project": {
             "name": APP_NAME,
