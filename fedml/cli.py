@@ -213,6 +213,7 @@ def simulate(
         "out": str(out) if out is not None else None,
     }
     _quiet_flower(verbose)
+    cfg: Any = None
     try:
         store = None
         if resume is None:
@@ -232,6 +233,14 @@ def simulate(
             trackers.close()
     except FedmlError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        run_dir = cfg.out if cfg is not None else "RUN_DIR"
+        err_console.print(
+            f"stopped: the committed rounds are kept. Continue with `fedml simulate --resume "
+            f"{run_dir}`",
+            highlight=False,
+        )
+        raise typer.Exit(code=130) from None
     from fedml.progress import print_summary
 
     report_dir = _report_run(summary.run_dir) if report else None

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedml.data import load_federation, read_shard, split_validation
-from fedml.data.datasets import Shard, synthetic_federation
+from fedml.data.datasets import Shard, inspect_shard, synthetic_federation
 from fedml.errors import FedmlError
 
 
@@ -101,3 +103,49 @@ def test_npz_errors_name_the_problem(tmp_path):
     np.savez(pickled, x=np.array([{"a": 1}], dtype=object), y=np.array([0]))
     with pytest.raises(FedmlError, match="without pickled objects"):
         read_shard(pickled)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    features=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    dtype=st.sampled_from(["float32", "float64", "int16", "uint8"]),
+    compressed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_inspecting_a_shard_tells_what_reading_it_would(
+    tmp_path_factory, rows, features, dtype, compressed, seed
+):
+    """The npz federation checks shards from their headers and labels alone; what that
+    says equals what reading the whole shard says."""
+    path = tmp_path_factory.mktemp("shard") / "client-0.npz"
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(rows, *features)) * 10).astype(dtype)
+    save = np.savez_compressed if compressed else np.savez
+    save(path, x=x, y=rng.integers(0, 7, rows))
+    shard, info = read_shard(path), inspect_shard(path)
+    assert info.feature_shape == shard.x.shape[1:] and info.max_label == int(shard.y.max())
+
+
+def test_inspecting_a_bad_shard_fails_as_reading_it_does(tmp_path):
+    cases = {
+        "missing.npz": dict(features=np.zeros((3, 2))),
+        "float-labels.npz": dict(x=np.zeros((3, 2)), y=np.array([0.5, 1.0, 2.0])),
+        "one-column.npz": dict(x=np.zeros(3), y=np.array([0, 1, 2])),
+        "short-labels.npz": dict(x=np.zeros((3, 2)), y=np.array([0, 1])),
+        "negative.npz": dict(x=np.zeros((2, 2)), y=np.array([0, -1])),
+        "pickled.npz": dict(x=np.array([{"a": 1}], dtype=object), y=np.array([0])),
+    }
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(FedmlError) as reading:
+            read_shard(tmp_path / name)
+        with pytest.raises(FedmlError) as inspecting:
+            inspect_shard(tmp_path / name)
+        assert str(inspecting.value) == str(reading.value) or (
+            "without pickled objects" in str(inspecting.value)
+            and "without pickled objects" in str(reading.value)
+        ), name
+    (tmp_path / "not-a-zip.npz").write_bytes(b"garbage")
+    with pytest.raises(FedmlError, match=r"not a readable \.npz"):
+        inspect_shard(tmp_path / "not-a-zip.npz")

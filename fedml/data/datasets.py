@@ -9,6 +9,7 @@ federation keeps one array pool and an index list per client.
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -193,24 +194,65 @@ def read_shard(path: Path) -> Shard:
     """Read one `.npz` shard holding `x` (features) and `y` (integer labels); no pickle."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = {"x", "y"} - set(npz.files)
-            if missing:
-                raise FedmlError(
-                    f"{path} lacks array(s) {sorted(missing)}. A shard holds 'x' (features) "
-                    "and 'y' (integer labels)."
-                )
+            _check_members(path, npz.files)
             x, y = npz["x"], npz["y"]
     except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
+    _check_shard(path, x.dtype, x.shape, y)
+    return Shard(x.astype(np.float32, copy=False), y.astype(np.int64, copy=False))
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a federation needs to know of a shard before any client trains on it."""
+
+    feature_shape: tuple[int, ...]
+    max_label: int
+
+
+def inspect_shard(path: Path) -> ShardInfo:
+    """`read_shard`'s checks without reading the features: their shape and type come
+    from the `.npy` header inside the archive; only the labels are loaded."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            _check_members(path, npz.files)
+            y = npz["y"]
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(member)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise _unreadable(path, exc) from exc
+    if dtype.hasobject:
+        raise _unreadable(path, ValueError("'x' holds Python objects"))
+    _check_shard(path, dtype, shape, y)
+    return ShardInfo(tuple(shape[1:]), int(y.max()))
+
+
+def _check_members(path: Path, files: list[str]) -> None:
+    missing = {"x", "y"} - set(files)
+    if missing:
         raise FedmlError(
-            f"{path} is not a readable .npz file without pickled objects: {exc}"
-        ) from exc
-    if not np.issubdtype(x.dtype, np.number) or x.ndim < 2:
+            f"{path} lacks array(s) {sorted(missing)}. A shard holds 'x' (features) "
+            "and 'y' (integer labels)."
+        )
+
+
+def _unreadable(path: Path, exc: Exception) -> FedmlError:
+    return FedmlError(f"{path} is not a readable .npz file without pickled objects: {exc}")
+
+
+def _check_shard(path: Path, x_dtype: np.dtype, x_shape: tuple[int, ...], y: np.ndarray) -> None:
+    if not np.issubdtype(x_dtype, np.number) or len(x_shape) < 2:
         raise FedmlError(f"{path}: 'x' must be a numeric array with one row per example.")
-    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != x_shape[0]:
         raise FedmlError(f"{path}: 'y' must be a 1-D integer array with one label per row of 'x'.")
     if len(y) == 0 or y.min() < 0:
         raise FedmlError(f"{path}: 'y' must be non-empty with labels >= 0.")
-    return Shard(x.astype(np.float32, copy=False), y.astype(np.int64, copy=False))
 
 
 def _npz_federation(directory: Path, num_clients: int, partition_spec: str) -> Federation:
@@ -230,13 +272,13 @@ def _npz_federation(directory: Path, num_clients: int, partition_spec: str) -> F
             f"{num_clients}: it needs client-0.npz .. client-{num_clients - 1}.npz."
         )
     files = tuple(found[i] for i in expected)
-    shards = [read_shard(p) for p in files]
+    shards = [inspect_shard(p) for p in files]  # checked now, read when a client trains
     test_path = directory / "test.npz"
     test = read_shard(test_path) if test_path.exists() else None
-    shapes = {s.x.shape[1:] for s in shards} | ({test.x.shape[1:]} if test else set())
+    shapes = {s.feature_shape for s in shards} | ({test.x.shape[1:]} if test else set())
     if len(shapes) != 1:
         raise FedmlError(f"{directory}: shards disagree on the feature shape: {sorted(shapes)}.")
-    labels = [s.y.max() for s in shards] + ([test.y.max()] if test else [])
+    labels = [s.max_label for s in shards] + ([int(test.y.max())] if test else [])
     return Federation(
         num_clients=num_clients,
         num_classes=int(max(labels)) + 1,
