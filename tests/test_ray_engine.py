@@ -3,9 +3,15 @@ engine, and `SimulatedNodesGrid`, which makes that so (node numbering, node stat
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedml.config import load_config
 from fedml.errors import FedmlError
-from fedml.runstore import RunStore
+from fedml.runstore import RunStore, is_locked, read_history
 from fedml.server import Experiment, run_experiment
 from simulations.engine import open_resume, simulate
 from simulations.flower_internals import claim_server_identity
@@ -202,3 +208,59 @@ def test_a_ray_run_resumes_with_its_clients_privacy_ledgers(tmp_path):
         assert math.isclose(
             row["privacy"]["epsilon_max"], ref["privacy"]["epsilon_max"], rel_tol=1e-9
         )
+
+
+def _ray_processes() -> list[str]:
+    """Command lines of live processes that only the Ray engine starts."""
+    from fedml.deploy.processes import _process_table
+
+    found = []
+    for pid in _process_table():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if any(name in command for name in ("ray::", "raylet", "gcs_server", "flwr-simulation")):
+            found.append(command)
+    return found
+
+
+@pytest.mark.slow
+@requires_ray
+def test_ctrl_c_stops_ray_entirely_and_the_run_continues_in_process(tmp_path):
+    """Ctrl-C during a Ray run: exit 130 naming the resume command, no Ray process left
+    behind, and the run continues on the in-process engine where it stopped."""
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "fedml.cli", "simulate", "--engine", "ray", "--clients", "4",
+        "--rounds", "200", "--out", str(run), "--no-report",
+    ]  # fmt: skip
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not read_history(run):
+            assert time.monotonic() < deadline and process.poll() is None, "no round in time"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130
+    assert f"fedml simulate --resume {run}" in " ".join(stderr.split())
+    deadline = time.monotonic() + 15
+    while _ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ray_processes() == []
+    assert not is_locked(run)
+
+    done = len(read_history(run))
+    store, cfg = open_resume(run, {"simulation.engine": "inprocess", "rounds": done + 2})
+    summary = simulate(cfg, resume=store)
+    assert summary.resumed_from is not None and summary.resumed_from <= done
+    rounds = [row["round"] for row in read_history(run)]
+    assert rounds == list(range(1, done + 3))

@@ -72,7 +72,13 @@ class Child:
         return self.process.wait(timeout)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL what is left after `grace` seconds."""
+        """SIGTERM the process group, SIGKILL what is left after `grace` seconds, and
+        every process group its descendants had started: Flower runs its SuperExec in a
+        session of its own, and Ray's workers and agents live in that one, so they would
+        outlive the SuperLink otherwise."""
+        table = _process_table()
+        groups = {self.process.pid} | {table[d][1] for d in descendants(self.pid, table)}
+        groups.discard(os.getpgrp())  # never our own
         if self.alive():
             _signal_group(self.process.pid, signal.SIGTERM)
             try:
@@ -80,7 +86,8 @@ class Child:
             except subprocess.TimeoutExpired:
                 _signal_group(self.process.pid, signal.SIGKILL)
                 self.process.wait(grace)
-        _signal_group(self.process.pid, signal.SIGKILL)  # children that outlived it
+        for group in sorted(groups):  # what outlived it, or was born while it died
+            sweep_group(group)
         self._log_handle.close()
 
     def tail(self, lines: int = 15) -> str:
@@ -101,6 +108,50 @@ def _die_with_parent() -> None:
 
         PR_SET_PDEATHSIG = 1  # the name in <sys/prctl.h>
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def sweep_group(pgid: int, timeout: float = 5.0) -> None:
+    """SIGKILL process group `pgid` until no live process is left in it (bounded). One
+    signal is not always enough: a dying Ray head may still be starting its agents."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _signal_group(pgid, signal.SIGKILL)
+        if not group_members(pgid) or time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid`."""
+    return [pid for pid, (_, group, _) in _process_table().items() if group == pgid]
+
+
+def descendants(pid: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
+    """The children of `pid` in `table` (`_process_table()`), theirs, and so on."""
+    children: dict[int, list[int]] = {}
+    for child, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, state) of every live (not zombie) process,
+    from Linux's /proc; elsewhere empty, so the sweeps above do nothing more."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        if state != "Z":
+            table[int(stat.parent.name)] = (int(parent), int(group), state)
+    return table
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
