@@ -59,9 +59,7 @@ def simulate_on_ray(
     children: list[Child] = []
     try:
         port = free_port()
-        env = flower_env(work / "flwr-home")
-        if cfg.simulation.ray_address:
-            env["RAY_ADDRESS"] = cfg.simulation.ray_address
+        env = runtime_env(cfg, work / "flwr-home")
         write_flower_config(work / "flwr-home", f"{HOST}:{port}", None)
         app_dir = write_app(work / "app", cfg, resume, simulated=True)
         logs = run_dir / LOGS
@@ -94,6 +92,15 @@ def simulate_on_ray(
         stop_reason=status.stop_reason,
         model_round=status.model_round,
     )
+
+
+def runtime_env(cfg: RunConfig, flower_home: Path) -> dict[str, str]:
+    """The SuperLink's environment, which the Simulation Runtime inherits: Flower's
+    chatter off, and `RAY_ADDRESS` when the run joins a Ray cluster (Ray reads it)."""
+    env = flower_env(flower_home)
+    if cfg.simulation.ray_address:
+        env["RAY_ADDRESS"] = cfg.simulation.ray_address
+    return env
 
 
 def federation_config(cfg: RunConfig) -> str:

@@ -53,6 +53,9 @@ def test_default_run_directory_is_timestamped_under_runs(tmp_path):
         (["--early-stop", "accuracy"], "stop.metric 'accuracy' is not a history metric"),
         (["--dropout", "1"], "simulation.dropout must be a fraction in [0, 1)"),
         (["--min-replies", "20"], "participation.min_replies is 20"),
+        (["--engine", "dask"], "simulation.engine 'dask' is unknown. Use one of: inprocess, ray"),
+        (["--engine", "ray", "--num-cpus", "0"], "simulation.num_cpus (whole CPUs per Ray"),
+        (["--engine", "ray", "--num-gpus", "-0.5"], "simulation.num_gpus (GPUs per Ray client"),
     ],
 )
 def test_bad_input_is_one_clear_error_exit_2(tmp_path, args, fragment):
@@ -95,6 +98,10 @@ def test_help_lists_every_simulate_flag():
         "--no-report",
         "--tensorboard",
         "--mlflow",
+        "--engine",
+        "--num-cpus",
+        "--num-gpus",
+        "--ray-address",
     ):
         assert flag in result.stdout
 

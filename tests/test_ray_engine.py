@@ -145,6 +145,12 @@ def test_engine_options_are_checked_and_reach_flowers_federation_config(monkeypa
     with pytest.raises(FedmlError, match=r"simulation\.engine .dask. is unknown"):
         load_config(None, {"simulation.engine": "dask"})
 
+    joined = load_config(None, {"simulation.ray_address": "ray://head:10001"})
+    assert ray_engine.runtime_env(joined, tmp_path)["RAY_ADDRESS"] == "ray://head:10001"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert "RAY_ADDRESS" not in ray_engine.runtime_env(cfg, tmp_path)
+    assert ray_engine.runtime_env(cfg, tmp_path)["FLWR_TELEMETRY_ENABLED"] == "0"
+
     monkeypatch.setattr(ray_engine.importlib.util, "find_spec", lambda name: None)
     ray_cfg = load_config(None, {"simulation.engine": "ray", "out": str(tmp_path / "run")})
     with pytest.raises(FedmlError, match=r"pip install 'fedml-sites\[ray\]'"):
