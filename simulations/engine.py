@@ -25,8 +25,9 @@ def simulate(
     if cfg.simulation.engine == "ray":
         from simulations.ray_engine import simulate_on_ray
 
-        if resume is not None:
-            resume.close()  # the ServerApp, in the Simulation Runtime, takes the run over
+        if resume is not None:  # the in-process engine's checks (lock, damage, config),
+            resume.resume(cfg)  # then the ServerApp, in the Simulation Runtime, takes over
+            resume.close()
         return simulate_on_ray(cfg, on_round, resume=resume is not None)
     return simulate_in_process(cfg, on_round, resume)
 

@@ -151,6 +151,17 @@ def test_engine_options_are_checked_and_reach_flowers_federation_config(monkeypa
     assert "RAY_ADDRESS" not in ray_engine.runtime_env(cfg, tmp_path)
     assert ray_engine.runtime_env(cfg, tmp_path)["FLWR_TELEMETRY_ENABLED"] == "0"
 
+    busy = tmp_path / "busy"
+    simulate(load_config(None, {"rounds": 1, "simulation.clients": 2, "out": str(busy)}))
+    holder = RunStore.open(busy)
+    holder.resume(holder.cfg)  # this process now writes the run
+    try:
+        store, resumed = open_resume(busy, {"rounds": 2, "simulation.engine": "ray"})
+        with pytest.raises(FedmlError, match="in use by another fedml process"):
+            simulate(resumed, resume=store)
+    finally:
+        holder.close()
+
     monkeypatch.setattr(ray_engine.importlib.util, "find_spec", lambda name: None)
     ray_cfg = load_config(None, {"simulation.engine": "ray", "out": str(tmp_path / "run")})
     with pytest.raises(FedmlError, match=r"pip install 'fedml-sites\[ray\]'"):
