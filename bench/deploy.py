@@ -31,15 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.stock import write_local_connection, write_stock_app
 from fedml.config import load_config
 from fedml.data import federation_for
+from fedml.deploy.launch import CONNECTION, start_superlink
 from fedml.deploy.processes import (
     Child,
     flower_command,
     flower_env,
     free_port,
     run_quietly,
-    wait_for_port,
 )
 
 STOCK_APP = """
@@ -84,39 +85,22 @@ def main(grid, context):
 
 def stock_seconds_per_round(work: Path, sites: int, rounds: int) -> float:
     """A trivial stock Flower App on a SuperLink and `sites` SuperNodes."""
-    app = work / "stock-app"
-    app.mkdir()
-    (app / "stock_app.py").write_text(STOCK_APP)
-    (app / "pyproject.toml").write_text(
-        '[project]\nname = "stock-app"\nversion = "1.0.0"\ndescription = "bench"\n'
-        'license = "Apache-2.0"\ndependencies = []\n[tool.flwr.app]\npublisher = "bench"\n'
-        '[tool.flwr.app.components]\nserverapp = "stock_app:server"\n'
-        'clientapp = "stock_app:client"\n[tool.flwr.app.config]\n'
-        f'sites = {sites}\nrounds = {rounds}\nout = "{work / "stock.json"}"\n'
-    )
+    config = {"sites": sites, "rounds": rounds, "out": str(work / "stock.json")}
+    app = write_stock_app(work / "stock-app", STOCK_APP, config)
     port, home = free_port(), work / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
-    )
+    write_local_connection(home, port)
     env = flower_env(home)
     children = []
     try:
-        command = [
-            *flower_command("flower-superlink"), "--insecure", "--port", str(port),
-            "--disable-runtime-dependency-installation",
-        ]  # fmt: skip
-        superlink = Child("SuperLink", command, work / "stock-superlink.log", env)
-        children.append(superlink)
-        wait_for_port("127.0.0.1", port, superlink, timeout=60)
+        log = work / "stock-superlink.log"
+        children.append(start_superlink("127.0.0.1", port, log, env, ["--insecure"]))
         for i in range(sites):
             command = [
                 *flower_command("flower-supernode"), "--insecure",
                 "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
             ]  # fmt: skip
             children.append(Child("SuperNode", command, work / f"stock-supernode-{i}.log", env))
-        run_quietly([*flower_command("flwr"), "run", str(app), "local", "--stream"], env, 900)
+        run_quietly([*flower_command("flwr"), "run", str(app), CONNECTION, "--stream"], env, 900)
         return json.loads((work / "stock.json").read_text())["seconds"] / rounds
     finally:
         for child in reversed(children):

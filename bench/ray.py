@@ -27,15 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.stock import write_local_connection, write_stock_app
 from fedml.config import RunConfig, load_config
-from fedml.deploy.processes import (
-    Child,
-    flower_command,
-    flower_env,
-    free_port,
-    run_quietly,
-    wait_for_port,
-)
+from fedml.deploy.launch import CONNECTION, start_superlink
+from fedml.deploy.processes import flower_command, flower_env, free_port, run_quietly
 
 LR, BATCH, EPOCHS = 0.05, 32, 1
 
@@ -125,35 +120,20 @@ def bench_config(clients: int, rounds: int, out: Path, engine: str) -> RunConfig
 
 def stock(work: Path, clients: int, rounds: int) -> Timing:
     """The stock Flower App on `flower-superlink --simulation`."""
-    app = work / "stock-app"
-    app.mkdir(parents=True)
     settings = f"LR, BATCH, EPOCHS = {LR!r}, {BATCH}, {EPOCHS}\n"
-    (app / "stock_app.py").write_text(settings + STOCK_APP)
-    (app / "pyproject.toml").write_text(
-        '[project]\nname = "stock-app"\nversion = "1.0.0"\ndescription = "bench"\n'
-        'license = "Apache-2.0"\ndependencies = []\n[tool.flwr.app]\npublisher = "bench"\n'
-        '[tool.flwr.app.components]\nserverapp = "stock_app:server"\n'
-        'clientapp = "stock_app:client"\n[tool.flwr.app.config]\n'
-        f'rounds = {rounds}\nout = "{work / "stock.json"}"\n'
-    )
+    config = {"rounds": rounds, "out": str(work / "stock.json")}
+    app = write_stock_app(work / "stock-app", settings + STOCK_APP, config)
     port, home = free_port(), work / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
-    )
+    write_local_connection(home, port)
     env = flower_env(home)
     started = time.perf_counter()
-    command = [
-        *flower_command("flower-superlink"), "--simulation", "--insecure",
-        "--port", str(port), "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
-    superlink = Child("SuperLink", command, work / "stock-superlink.log", env)
+    superlink = start_superlink(
+        "127.0.0.1", port, work / "stock-superlink.log", env, ["--simulation", "--insecure"]
+    )
     try:
-        wait_for_port("127.0.0.1", port, superlink, timeout=60)
         federation = f"num-supernodes={clients} client-resources-num-cpus=1"
         run_quietly(
-            [*flower_command("flwr"), "run", str(app), "local", "--stream",
+            [*flower_command("flwr"), "run", str(app), CONNECTION, "--stream",
              "--federation-config", federation],
             env,
             900,

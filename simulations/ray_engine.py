@@ -27,11 +27,12 @@ from fedml.deploy.launch import (
     RoundCallback,
     finished_status,
     follow_rounds,
+    start_superlink,
     submit,
     write_app,
     write_flower_config,
 )
-from fedml.deploy.processes import Child, flower_command, flower_env, free_port, wait_for_port
+from fedml.deploy.processes import Child, flower_env, free_port
 from fedml.errors import FedmlError
 from fedml.runstore import CONFIG, default_run_path, run_status
 from fedml.server import Experiment, RunSummary
@@ -63,18 +64,10 @@ def simulate_on_ray(
         write_flower_config(work / "flwr-home", f"{HOST}:{port}", None)
         app_dir = write_app(work / "app", cfg, resume, simulated=True)
         logs = run_dir / LOGS
-        superlink = Child(
-            "SuperLink",
-            [
-                *flower_command("flower-superlink"),
-                "--simulation", "--insecure", "--host", HOST, "--port", str(port),
-                "--disable-runtime-dependency-installation",
-            ],
-            logs / "superlink.log",
-            env,
-        )  # fmt: skip
+        superlink = start_superlink(
+            HOST, port, logs / "superlink.log", env, ["--simulation", "--insecure"]
+        )
         children.append(superlink)
-        wait_for_port(HOST, port, superlink, timeout=60)
         flwr_run = submit(app_dir, logs, env, federation_config(cfg))
         children.append(flwr_run)
         follow_rounds(run_dir, flwr_run, superlink, start_round, on_round)

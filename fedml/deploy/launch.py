@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedml.config import RESUME_KEY, SIMULATED_KEY, RunConfig
-from fedml.deploy.processes import Child, flower_command
+from fedml.deploy.processes import Child, flower_command, wait_for_port
 from fedml.errors import FedmlError
 from fedml.runstore import (
     CONFIG,
@@ -84,6 +84,34 @@ def write_flower_config(home: Path, address: str, root_certificates: Path | None
     home.mkdir(parents=True, exist_ok=True)
     text = tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
     (home / "config.toml").write_text(text, encoding="utf-8")
+
+
+def start_superlink(
+    host: str, port: int, log: Path, env: dict[str, str], options: list[str]
+) -> Child:
+    """`flower-superlink` bound to `host:port` with `options` (TLS or `--insecure`,
+    `--simulation`, ...) and never installing dependencies at run time; returned once it
+    listens (reached at `local_host(host)`), stopped and an error if it does not."""
+    command = [
+        *flower_command("flower-superlink"),
+        "--host", host,
+        "--port", str(port),
+        "--disable-runtime-dependency-installation",
+        *options,
+    ]  # fmt: skip
+    superlink = Child("SuperLink", command, log, env)
+    try:
+        wait_for_port(local_host(host), port, superlink, timeout=60)
+    except FedmlError:
+        superlink.stop()
+        raise
+    return superlink
+
+
+def local_host(host: str) -> str:
+    """Where this machine reaches a SuperLink bound to `host` (its certificate names
+    localhost and 127.0.0.1 as well, see fedml.pki)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def submit(

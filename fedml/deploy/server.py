@@ -2,19 +2,25 @@
 
 What it does, in order (every user error surfaces before anything is started):
 
-1. checks the config (loading the server's test data and building model and strategy,
-   exactly as the ServerApp will) and the PKI files;
+1. checks that HOST:PORT is free, the config (loading the server's test data and
+   building model and strategy, exactly as the ServerApp will) and the PKI files;
 2. writes a Flower App bundle folder holding only `pyproject.toml`: the components
    (`fedml.server:app`, `clients.app:app`) and the resolved config as the app's config.
    The bundle carries no code: the SuperLink and every site run the fedml they have
-   installed;
-3. starts `flower-superlink` with TLS, SuperNode authentication, no telemetry and no
-   runtime dependency installation (or, with `insecure`, none of the first two);
-4. registers every site key in `PKI/nodes/*.pub` and waits (bounded) until those sites
+   installed (and a site refuses any other app, see fedml.deploy.site_task);
+3. starts `flower-superlink` on 127.0.0.1 and a private port, with TLS, SuperNode
+   authentication, no telemetry and no runtime dependency installation (or, with
+   `insecure`, none of the first two);
+4. starts the front (fedml.deploy.front) on HOST:PORT, the only address sites (or
+   anyone else) can reach: it forwards the Fleet API and nothing else, so the Control
+   API (`flwr run`, `flwr stop`, `flwr supernode register`, ...) answers on this machine
+   only;
+5. registers every site key in `PKI/nodes/*.pub` and waits (bounded) until those sites
    are online;
-5. submits the run with `flwr run` (Flower's supported entry point) and follows it: each
+6. submits the run with `flwr run` (Flower's supported entry point) and follows it: each
    round the ServerApp commits to the run directory is passed to `on_round`;
-6. stops the SuperLink however it ends (Ctrl-C included).
+7. stops the SuperLink and the front however it ends (Ctrl-C and SIGTERM included) and
+   removes its work folder; a folder left by a SIGKILLed server is swept at the next start.
 
 The SuperLink keeps no state of its own (in memory): resume is our run store's job.
 `resume=True` makes the ServerApp continue the run directory from its newest intact
@@ -23,8 +29,13 @@ commit, as `fedml simulate --resume` does.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +49,8 @@ from fedml.deploy.launch import (
     RoundCallback,
     finished_status,
     follow_rounds,
+    local_host,
+    start_superlink,
     submit,
     write_app,
     write_flower_config,
@@ -46,6 +59,7 @@ from fedml.deploy.processes import (
     Child,
     flower_command,
     flower_env,
+    free_port,
     run_quietly,
     wait_for_port,
 )
@@ -53,6 +67,9 @@ from fedml.errors import FedmlError
 from fedml.runstore import CONFIG, RunStatus, run_status
 
 StatusCallback = Callable[[str], None]
+WORK_PREFIX = "fedml-server-"  # the work folder in the temporary directory
+OWNER_FILE = "owner.pid"  # in it: the pid of the fedml server that made it
+PRIVATE_HOST = "127.0.0.1"  # where the SuperLink itself listens
 
 
 @dataclass(frozen=True)
@@ -85,39 +102,106 @@ def serve(
             f"{run_dir} already holds a run. Continue it with `fedml server --resume "
             f"{run_dir}`, or choose another --out directory."
         )
+    _check_port_free(options.host, options.port)
     Experiment.prepare(cfg, reproducible=False)  # config, data, model, strategy: checked
     node_keys = _node_keys(options)
     cfg = _with_out(cfg, run_dir)
-    work = Path(tempfile.mkdtemp(prefix="fedml-server-"))
+    sweep_stale_work_folders()
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
+    (work / OWNER_FILE).write_text(str(os.getpid()))
     children: list[Child] = []
     try:
-        env = flower_env(work / "flwr-home")
-        address = f"{_local_host(options.host)}:{options.port}"
-        ca = None if options.insecure or options.pki is None else options.pki / "ca.crt"
-        write_flower_config(work / "flwr-home", address, ca)
-        app_dir = write_app(work / "app", cfg, resume)
-        logs = run_dir / LOGS
-        superlink = _start_superlink(options, logs, env)
-        children.append(superlink)
-        say(f"SuperLink listening on {options.host}:{options.port} (log: {superlink.log})")
-        for key in node_keys:
-            run_quietly(
-                [*flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
-                env,
-                timeout=60,
+        with _sigterm_as_interrupt():
+            env = flower_env(work / "flwr-home")
+            private_port = free_port()
+            ca = None if options.insecure or options.pki is None else options.pki / "ca.crt"
+            write_flower_config(work / "flwr-home", f"{PRIVATE_HOST}:{private_port}", ca)
+            app_dir = write_app(work / "app", cfg, resume)
+            logs = run_dir / LOGS
+            superlink = _start_superlink(options, private_port, logs, env)
+            children.append(superlink)
+            front = _start_front(options, private_port, logs, env)
+            children.append(front)
+            say(
+                f"listening on {options.host}:{options.port} for sites (Fleet API only; "
+                f"logs: {logs})"
             )
-        expected = len(node_keys) if node_keys else options.sites
-        _wait_for_sites(expected, options.wait_for_sites, env, superlink, say)
-        start_round = run_status(run_dir).rounds_done if resume else 0
-        say(f"run submitted; rounds are committed to {run_dir}")
-        flwr_run = submit(app_dir, logs, env)
-        children.append(flwr_run)
-        follow_rounds(run_dir, flwr_run, superlink, start_round, on_round)
+            for key in node_keys:
+                run_quietly(
+                    [*flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
+                    env,
+                    timeout=60,
+                )
+            expected = len(node_keys) if node_keys else options.sites
+            _wait_for_sites(expected, options.wait_for_sites, env, superlink, say)
+            start_round = run_status(run_dir).rounds_done if resume else 0
+            say(f"run submitted; rounds are committed to {run_dir}")
+            flwr_run = submit(app_dir, logs, env)
+            children.append(flwr_run)
+            follow_rounds(run_dir, flwr_run, superlink, start_round, on_round)
     finally:
         for child in reversed(children):
             child.stop()
         shutil.rmtree(work, ignore_errors=True)
     return finished_status(run_dir, flwr_run, f"fedml server --resume {run_dir}")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One clear error, before anything starts, when HOST:PORT is taken (by another
+    fedml server, say) or cannot be bound here."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise FedmlError(
+                f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Another program "
+                "(another fedml server?) may use that port: stop it or choose --port; "
+                "--host must be an address of this machine (0.0.0.0 for all)."
+            ) from exc
+
+
+def sweep_stale_work_folders() -> list[Path]:
+    """Remove work folders of fedml servers that no longer run (SIGKILLed); returns them."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(WORK_PREFIX + "*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being made
+        if owner != os.getpid() and not _alive(owner):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a service manager stopping us) ends the run like Ctrl-C: children
+    stopped, work folder removed, the run left resumable."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if sys.platform == "win32":
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _node_keys(options: ServerOptions) -> list[Path]:
@@ -145,37 +229,51 @@ def _with_out(cfg: RunConfig, run_dir: Path) -> RunConfig:
     return with_overrides(cfg, {"out": str(run_dir)})
 
 
-def _local_host(host: str) -> str:
-    """Where this machine reaches a SuperLink bound to `host` (its certificate names
-    localhost and 127.0.0.1 as well, see fedml.pki)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def _start_superlink(options: ServerOptions, logs: Path, env: dict[str, str]) -> Child:
-    command = [
-        *flower_command("flower-superlink"),
-        "--host", options.host,
-        "--port", str(options.port),
-        "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
+def _start_superlink(options: ServerOptions, port: int, logs: Path, env: dict[str, str]) -> Child:
+    """The SuperLink on 127.0.0.1:`port`: nothing outside this machine reaches it."""
     if options.insecure:
-        command.append("--insecure")
+        security = ["--insecure"]
     else:
-        assert options.pki is not None
-        pki = options.pki.resolve()
-        command += [
+        pki = _pki(options)
+        security = [
             "--ssl-ca-certfile", str(pki / "ca.crt"),
             "--ssl-certfile", str(pki / "server.crt"),
             "--ssl-keyfile", str(pki / "server.key"),
             "--enable-supernode-auth",
         ]  # fmt: skip
-    superlink = Child("SuperLink", command, logs / "superlink.log", env)
+    return start_superlink(PRIVATE_HOST, port, logs / "superlink.log", env, security)
+
+
+def _start_front(
+    options: ServerOptions, private_port: int, logs: Path, env: dict[str, str]
+) -> Child:
+    """The front on the public HOST:PORT, forwarding the Fleet API to the SuperLink."""
+    command = [
+        sys.executable, "-m", "fedml.deploy.front",
+        "--host", options.host, "--port", str(options.port),
+    ]  # fmt: skip
+    if options.insecure:
+        command += ["--backend", f"http://{PRIVATE_HOST}:{private_port}"]
+    else:
+        pki = _pki(options)
+        command += [
+            "--backend", f"https://{PRIVATE_HOST}:{private_port}",
+            "--certfile", str(pki / "server.crt"),
+            "--keyfile", str(pki / "server.key"),
+            "--cafile", str(pki / "ca.crt"),
+        ]  # fmt: skip
+    front = Child("front", command, logs / "front.log", env)
     try:
-        wait_for_port(_local_host(options.host), options.port, superlink, timeout=60)
+        wait_for_port(local_host(options.host), options.port, front, timeout=60)
     except FedmlError:
-        superlink.stop()
+        front.stop()
         raise
-    return superlink
+    return front
+
+
+def _pki(options: ServerOptions) -> Path:
+    assert options.pki is not None
+    return options.pki.resolve()
 
 
 def _wait_for_sites(
