@@ -458,6 +458,13 @@ def client(
     join_timeout: Annotated[
         float, Opt(help="Seconds to wait for the SuperLink, or while it refuses the key.")
     ] = 60.0,
+    allow_model: Annotated[
+        list[str] | None,
+        Opt(
+            help="A module:factory model this site agrees to build (repeatable); "
+            "built-in models are always allowed, nothing else is."
+        ),
+    ] = None,
 ) -> None:
     """Join a federation from a data site: a Flower SuperNode whose ClientApp trains on
     the site's private data. Only model updates and metrics leave the site.
@@ -470,7 +477,16 @@ def client(
     if insecure:
         err_console.print("[yellow]warning:[/] --insecure: no TLS and no authentication.")
     options = ClientOptions(
-        superlink, data, pki, insecure, device, state_dir, label_column, port, join_timeout
+        superlink,
+        data,
+        pki,
+        insecure,
+        device,
+        state_dir,
+        label_column,
+        port,
+        join_timeout,
+        tuple(allow_model or ()),
     )
     try:
         run_site(options, lambda text: console.print(text, highlight=False))

@@ -1,17 +1,22 @@
 """`fedml client`: a Flower SuperNode at a data site, training on the site's own data.
 
-Before it starts the SuperNode it checks, each with one clear error:
+Before it starts the SuperNode it checks, each with one clear error, its own things
+first and the network last:
+- the site's PKI folder (`ca.crt`, `node.key` from `fedml certs add-node`);
+- that the SuperNode's local port is free on this machine;
 - the data (`--data`: .npz, a folder of them, or a CSV with a label column), which it
   prepares once as memory-mapped arrays in the site's state folder (`fedml.data.site`);
 - the requested device;
-- the site's PKI folder (`ca.crt`, `node.key` from `fedml certs add-node`);
-- that the SuperLink answers at HOST:PORT, and that its TLS certificate is one the
-  site's `ca.crt` vouches for.
-Then it runs `flower-supernode` (telemetry off, no runtime installs) until it exits or is
-stopped, with the node config our ClientApp reads: `data-path` (the prepared data),
-`privacy-ledger` (the site's lifetime DP ledger file) and `device`. A SuperLink that
-refuses the site's key ends it with an error saying so. What leaves the site: model
-updates and metrics, never examples.
+- that the SuperLink answers at HOST:PORT, and that it speaks what the site expects:
+  TLS with a certificate the site's `ca.crt` vouches for, or (with `--insecure`) no TLS.
+Then it runs `flower-supernode --isolation process` (telemetry off, no runtime installs)
+until it exits or is stopped, with the node config our ClientApp reads: `data-path`
+(the prepared data), `privacy-ledger` (the site's lifetime DP ledger file), `device`
+and `allowed-models`. Beside it runs fedml's site executor (fedml.deploy.site_executor),
+the only thing that starts app code here: it runs fedml's installed ClientApp and
+refuses any other app a run carries (fedml.deploy.app_check), even from a compromised
+server. A SuperLink that refuses the site's key ends it with an error saying so. What
+leaves the site: model updates and metrics, never examples.
 """
 
 from __future__ import annotations
@@ -20,16 +25,19 @@ import json
 import math
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedml.deploy.app_check import ALLOWED_MODELS_KEY
 from fedml.deploy.processes import Child, flower_command, flower_env, port_open, split_address
 from fedml.errors import FedmlError
 
 DATA_FOLDER = "data"
 LEDGER_FILE = "privacy-ledger.json"
+LOCAL_HOST = "127.0.0.1"  # the SuperNode's Runtime API: this machine only
 REFUSED_MARK = "Failed to activate SuperNode"  # Flower's log line when auth fails
 QUICK_EXIT, MAX_QUICK_EXITS = 15.0, 5  # seconds; exits that short in a row: give up
 
@@ -47,6 +55,7 @@ class ClientOptions:
     label_column: str = "label"
     port: int = 9094  # the SuperNode's local Runtime API port (one per node on a machine)
     join_timeout: float = 60.0  # seconds to wait for the SuperLink, or while it refuses us
+    allowed_models: tuple[str, ...] = ()  # module:factory models this site agrees to build
 
 
 def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
@@ -54,6 +63,8 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
     from fedml.data.site import prepare_site
 
     host, port = split_address(options.superlink)
+    security = _security_options(options)
+    _check_local_port(options.port)
     folder, shard = prepare_site(
         options.data, options.state_dir / DATA_FOLDER, options.label_column
     )
@@ -72,15 +83,30 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
     }
     if options.device:
         node_config["device"] = options.device
+    if options.allowed_models:
+        node_config[ALLOWED_MODELS_KEY] = ",".join(options.allowed_models)
     command = [
         *flower_command("flower-supernode"),
         "--superlink", options.superlink,
+        "--host", LOCAL_HOST,
         "--port", str(options.port),
+        "--isolation", "process",  # app code is started by fedml's site executor only
         "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items()),
     ]  # fmt: skip
     _wait_for_superlink(host, port, options.join_timeout, say)
     if options.insecure:
-        return [*command, "--insecure"]
+        _check_plain(host, port)
+    else:
+        assert options.pki is not None
+        _check_certificate(host, port, options.pki / "ca.crt")
+    return [*command, *security]
+
+
+def _security_options(options: ClientOptions) -> list[str]:
+    """The SuperNode's TLS and authentication options, from the site's PKI folder
+    (checked here, before anything else: a site's own files come first)."""
+    if options.insecure:
+        return ["--insecure"]
     if options.pki is None:
         raise FedmlError(
             "fedml client needs --pki SITE_DIR (the sites/NAME folder from `fedml certs "
@@ -89,12 +115,24 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
     from fedml.pki import site_files
 
     files = site_files(options.pki)
-    _check_certificate(host, port, files.ca_cert)
     return [
-        *command,
         "--root-certificates", str(files.ca_cert.resolve()),
         "--auth-supernode-private-key", str(files.node_key.resolve()),
     ]  # fmt: skip
+
+
+def _check_local_port(port: int) -> None:
+    """The SuperNode's local Runtime API port must be free on this machine."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((LOCAL_HOST, port))
+        except OSError as exc:
+            raise FedmlError(
+                f"Port {port} on this machine is in use ({exc.strerror or exc}); another "
+                "fedml client (or SuperNode) may be running here. Give each site on one "
+                "machine its own --port."
+            ) from exc
 
 
 def _wait_for_superlink(host: str, port: int, timeout: float, say: Callable[[str], None]) -> None:
@@ -138,6 +176,26 @@ def _check_certificate(host: str, port: int, ca_cert: Path) -> None:
         raise FedmlError(f"Cannot reach the SuperLink at {host}:{port}: {exc}.") from exc
 
 
+def _check_plain(host: str, port: int) -> None:
+    """With --insecure: the SuperLink must not expect TLS (a site speaking plain HTTP to a
+    TLS server would retry forever)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            pass
+    except (ssl.SSLError, OSError):
+        return  # no TLS handshake: a plain HTTP server, as expected
+    raise FedmlError(
+        f"The SuperLink at {host}:{port} speaks TLS, but this site was started with "
+        "--insecure. Use --pki SITE_DIR (the sites/NAME folder from the server's operator) "
+        "instead."
+    )
+
+
 def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
     """Check everything, then keep the site's SuperNode running until we are stopped.
 
@@ -157,8 +215,12 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
         offset = log.stat().st_size if log.exists() else 0  # this attempt's lines only
         started = time.monotonic()
         supernode = Child("SuperNode", command, log, flower_env())
+        executor = _start_executor(options, supernode)
         say(f"SuperNode started (log: {log}); Ctrl-C stops it")
-        refused = _run_until_exit(supernode, offset)
+        try:
+            refused = _run_until_exit(supernode, executor, offset)
+        finally:
+            executor.stop()
         if refused:
             refused_since = refused_since or started
             if time.monotonic() - refused_since >= options.join_timeout:
@@ -184,13 +246,22 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
         time.sleep(2)
 
 
-def _run_until_exit(supernode: Child, start: int) -> bool:
-    """Wait for the SuperNode to exit (stopping it on the way out); whether it was
-    because the SuperLink refused its key (its log after byte `start` says so). The log
-    is read incrementally: a site runs for days."""
+def _start_executor(options: ClientOptions, supernode: Child) -> Child:
+    """fedml's site executor for this SuperNode (its log: STATE_DIR/executor.log)."""
+    command = [
+        sys.executable, "-m", "fedml.deploy.site_executor",
+        "--runtime-api-address", f"{LOCAL_HOST}:{options.port}",
+    ]  # fmt: skip
+    return Child("site executor", command, options.state_dir / "executor.log", flower_env())
+
+
+def _run_until_exit(supernode: Child, executor: Child, start: int) -> bool:
+    """Wait for the SuperNode (or its executor) to exit, stopping the SuperNode on the
+    way out; whether it was because the SuperLink refused its key (its log after byte
+    `start` says so). The log is read incrementally: a site runs for days."""
     reader = _LogWatch(supernode.log, start)
     try:
-        while supernode.alive():
+        while supernode.alive() and executor.alive():
             time.sleep(0.5)
             if reader.saw(REFUSED_MARK):
                 break

@@ -1,0 +1,71 @@
+"""The Flower internals a data site's executor and tasks use: the SuperNode's local
+Runtime API client and the helpers `flwr-clientapp` itself uses to pull a task's input
+and push its reply. Flower has no public API for running a task outside
+`flwr-clientapp`, so they are wrapped here, in one place, and pinned by
+tests/test_site.py: a Flower upgrade that moves them breaks that test, not a site.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime import run_clientapp as _clientapp
+
+COMPLETED, FAILED = SubStatus.COMPLETED, SubStatus.FAILED
+
+
+def connect(address: str, token: str | None = None) -> RuntimeHttpClient:
+    """A client of the SuperNode's Runtime API on this machine (plain HTTP on
+    loopback, as Flower's own executor uses it), as a task (`token`) or the executor."""
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
+def acquire_clientapp_task(client: RuntimeHttpClient) -> str | None:
+    """The token of the next ClientApp task waiting at the SuperNode, or None."""
+    response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    return response.token if response.HasField("task") and response.token else None
+
+
+def start_heartbeat(client: RuntimeHttpClient) -> HeartbeatSender:
+    """Tell the SuperNode, while the task runs, that it is alive."""
+    sender = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    sender.start()
+    return sender
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+    """The task's message, context, run and app bundle (nothing is installed)."""
+    return _clientapp.pull_task_input(client)
+
+
+def push_reply(client: RuntimeHttpClient, reply: Message, context: Context) -> None:
+    _clientapp.push_message(client, reply, context)
+
+
+def push_task_output(
+    client: RuntimeHttpClient, context: Context | None, status: str, details: str
+) -> None:
+    _clientapp.push_task_output(client, context, status, details)
+
+
+def exit_with_parent(pid: int) -> None:
+    """End this process when `pid` (the site executor) ends."""
+    start_parent_process_monitor(pid)

@@ -1,0 +1,106 @@
+"""One task at a data site: check the run's app, then run fedml's installed ClientApp.
+
+`fedml client` runs its SuperNode with `--isolation process`, so the SuperNode starts
+no app code itself; fedml's site executor (fedml.deploy.site_executor) takes each task
+from the SuperNode's local Runtime API and starts this module in a fresh process for it
+(one process per message, as Flower's `flwr-clientapp` does). This replaces
+`flwr-clientapp`, which would install the run's app bundle and import the ClientApp
+named in it. Here:
+
+1. the task's message, context, run and app bundle are pulled from the SuperNode
+   (Flower's own Runtime API client and helpers, fedml.deploy.flower_runtime);
+2. the bundle, the run config and the message are checked (fedml.deploy.app_check)
+   before anything of them is imported; the bundle is never unpacked or installed;
+3. a refused task gets an error reply with code `APP_REFUSED_CODE` saying why (the
+   site logs it too) and the site goes on serving; an accepted one runs
+   `clients.app:app`, imported from the fedml installed at the site;
+4. the reply and the task's status go back to the SuperNode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
+
+from fedml.deploy.app_check import (
+    ALLOWED_MODELS_KEY,
+    config_refusal,
+    fab_refusal,
+    message_refusal,
+)
+
+APP_REFUSED_CODE = ErrorCode.INVALID_FAB  # error reply: the site refused the run's app
+APP_FAILED_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION  # error reply: the ClientApp raised
+
+log = logging.getLogger("fedml.site")
+
+
+def refusal(message: Message, run_config: dict, node_config: dict, fab: bytes) -> str | None:
+    """Why this site does not run this task, or None."""
+    allowed = [m for m in str(node_config.get(ALLOWED_MODELS_KEY, "")).split(",") if m]
+    return (
+        fab_refusal(fab)
+        or config_refusal(run_config, allowed)
+        or message_refusal(list(message.content.keys()) if message.has_content() else [])
+    )
+
+
+def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> int:
+    """Serve one task; the process's exit code (0: a reply was sent)."""
+    from fedml.deploy import flower_runtime as runtime
+
+    if parent_pid is not None:
+        runtime.exit_with_parent(parent_pid)
+    client = runtime.connect(runtime_api_address, token)
+    heartbeat = runtime.start_heartbeat(client)
+    context, reply, status, details = None, None, runtime.FAILED, "the task did not start"
+    try:
+        message, context, run, fab = runtime.pull_task_input(client)
+        why = refusal(message, dict(context.run_config), dict(context.node_config), fab.content)
+        if why is not None:
+            details = f"fedml site refused run {run.run_id} ({run.fab_id}): {why}"
+            log.error(details)
+            reply = Message(Error(code=APP_REFUSED_CODE, reason=details), reply_to=message)
+        else:
+            reply = _run_clientapp(message, context)
+            status, details = runtime.COMPLETED, ""
+    except Exception as exc:  # whatever happens, the SuperNode hears of it
+        log.exception("the task failed")
+        details = f"{type(exc).__name__}: {exc}"
+    finally:
+        if reply is not None and context is not None:
+            runtime.push_reply(client, reply, context)
+        runtime.push_task_output(client, context, status, details)
+        heartbeat.stop()
+        client.close()
+    return 0 if reply is not None else 1
+
+
+def _run_clientapp(message: Message, context: Context) -> Message:
+    """fedml's ClientApp, as installed at this site; its failure is an error reply."""
+    from clients.app import app
+
+    try:
+        return app(message=message, context=context)
+    except Exception as exc:  # reported to the server, as Flower does
+        log.exception("fedml's ClientApp raised")
+        reason = f"{type(exc).__name__}: {exc}"
+        return Message(Error(code=APP_FAILED_CODE, reason=reason), reply_to=message)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run one fedml task at a data site.")
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--parent-pid", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
+    raise SystemExit(run_task(args.runtime_api_address, args.token, args.parent_pid))
+
+
+if __name__ == "__main__":
+    main()
