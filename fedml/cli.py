@@ -401,7 +401,7 @@ def server(
             from simulations.engine import open_resume
 
             _check_resume_arguments(resume, config, out)
-            store, cfg = open_resume(resume, overrides)
+            store, cfg = open_resume(resume, overrides, deployed=True)
             store.close()
         started = time.perf_counter()
         resumed_from = run_status(resume).rounds_done if resume is not None else None

@@ -53,7 +53,7 @@ def print_status(status: RunStatus, console: Console) -> None:
     if status.set_aside:
         table.add_row("set aside", f"damaged/: {', '.join(status.set_aside)}")
     if status.state == "interrupted":
-        table.add_row("resume with", f"fedml simulate --resume {status.path}")
+        table.add_row("resume with", status.resume_command)
     if status.state == "running":
         table.add_row("", "a fedml process is writing this run now")
     console.print(table)

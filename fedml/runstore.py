@@ -73,6 +73,7 @@ HISTORY = "history.jsonl"
 MODEL = "model.safetensors"
 COMMITS = "commits"
 DAMAGED = "damaged"
+DEPLOYED = "deployed"  # marker: the run was started by `fedml server` (real sites)
 LOCK = ".lock"
 MANIFEST = "MANIFEST.json"
 ARRAYS_FILE = "arrays.safetensors"
@@ -215,8 +216,9 @@ class RunStore:
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path, cfg: RunConfig) -> RunStore:
-        """Start a new run directory; refuse one that already holds a run."""
+    def create(cls, path: Path, cfg: RunConfig, deployed: bool = False) -> RunStore:
+        """Start a new run directory; refuse one that already holds a run. `deployed`:
+        its sites are real (`fedml server`), so it resumes only that way (`DEPLOYED`)."""
         if (path / CONFIG).exists() or any((path / COMMITS).glob(f"{COMMIT_PREFIX}*")):
             raise FedmlError(
                 f"{path} already holds a run. Resume it with `fedml simulate --resume {path}`, "
@@ -230,6 +232,8 @@ class RunStore:
         store = cls(path, cfg)
         store._lock()
         atomic_write(path / HISTORY, b"")
+        if deployed:
+            atomic_write(path / DEPLOYED, b"started by fedml server; resume with it\n")
         atomic_write(path / CONFIG, cfg.to_toml().encode())  # last: marks a run
         return store
 
@@ -243,6 +247,11 @@ class RunStore:
                 "directory of an earlier `fedml simulate`."
             )
         return cls(path, load_config(path / CONFIG, {"out": str(path)}))
+
+    @property
+    def deployed(self) -> bool:
+        """Whether `fedml server` started this run (its sites are real)."""
+        return (self.path / DEPLOYED).is_file()
 
     # -- commits ------------------------------------------------------------------------
     def commit_dirs(self) -> list[Path]:
@@ -677,6 +686,14 @@ class RunStatus:
     model_round: int | None  # the round model.safetensors holds when not the last (best)
 
     running: bool
+    deployed: bool = False  # started by `fedml server`: resumed by it only
+
+    @property
+    def resume_command(self) -> str:
+        """How to continue this run."""
+        if self.deployed:
+            return f"fedml server --resume {self.path} --pki PKI_DIR"
+        return f"fedml simulate --resume {self.path}"
 
     @property
     def state(self) -> str:
@@ -722,6 +739,7 @@ def run_status(path: Path) -> RunStatus:
         rows=rows,
         model_round=model_round,
         running=is_locked(path),
+        deployed=store.deployed,
     )
 
 

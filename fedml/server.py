@@ -435,7 +435,8 @@ def main(grid: Grid, context: Context) -> None:
         store = RunStore.open(Path(cfg.out))
         checkpoint, _ = store.resume(cfg)
     else:
-        store = RunStore.create(Path(cfg.out) if cfg.out else default_run_path(), cfg)
+        path = Path(cfg.out) if cfg.out else default_run_path()
+        store = RunStore.create(path, cfg, deployed=not flags.simulated)
     run_experiment(grid, experiment, store, checkpoint=checkpoint)
 
 

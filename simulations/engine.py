@@ -6,14 +6,30 @@ from pathlib import Path
 from typing import Any
 
 from fedml.config import RunConfig, resume_config
+from fedml.errors import FedmlError
 from fedml.runstore import RunStore, default_run_path
 from fedml.server import Experiment, RoundCallback, RunSummary, run_experiment
 
 
-def open_resume(path: Path, overrides: dict[str, Any]) -> tuple[RunStore, RunConfig]:
+def open_resume(
+    path: Path, overrides: dict[str, Any], deployed: bool = False
+) -> tuple[RunStore, RunConfig]:
     """The run directory at `path` and the config to continue it with: the stored
-    config plus the resumable overrides (any other change is refused)."""
+    config plus the resumable overrides (any other change is refused). `deployed`: the
+    caller is `fedml server`; a run continues only the way it started (real sites or
+    simulated clients), never silently as the other."""
     store = RunStore.open(path)
+    if store.deployed and not deployed:
+        raise FedmlError(
+            f"{path} was started by `fedml server` with real sites; resuming it as a "
+            f"simulation would train on other data. Continue it with `fedml server --resume "
+            f"{path} --pki PKI_DIR`."
+        )
+    if deployed and not store.deployed:
+        raise FedmlError(
+            f"{path} is a simulation (fedml simulate); continue it with `fedml simulate "
+            f"--resume {path}`, or start a new deployed run with `fedml server --out DIR`."
+        )
     return store, resume_config(store.cfg, overrides)
 
 
