@@ -24,6 +24,12 @@ from fedml.statefile import rng_state, set_rng_state
 
 log = getLogger(__name__)
 
+# The longest a round waits for enough connected nodes. A deployed site that died is not
+# coming back (Flower marks it offline about a minute after its last heartbeat), so the
+# round then goes on with the nodes it has, and the participation rules (min_replies,
+# retry/skip/stop) judge whether their replies are enough. Flower's own wait is endless.
+NODE_WAIT_SECONDS = 60.0
+
 
 class SeededSampling:
     """Mixin for a Flower strategy (it reads the strategy's `fraction_*`,
@@ -36,6 +42,7 @@ class SeededSampling:
     min_available_nodes: int
     arrayrecord_key: str
     configrecord_key: str
+    node_wait: float = NODE_WAIT_SECONDS
 
     def __init__(self, *, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -64,10 +71,19 @@ class SeededSampling:
 
     def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         """Sample max(minimum, fraction * connected) nodes with the strategy's RNG,
-        waiting (1 s steps, as Flower does) until enough nodes are connected."""
+        waiting (1 s steps, as Flower does) until enough nodes are connected, but at
+        most `node_wait` seconds: then every connected node is sampled."""
         nodes = sorted(grid.get_node_ids())
         size = max(int(len(nodes) * fraction), minimum)
+        deadline = time.monotonic() + self.node_wait
         while len(nodes) < max(size, self.min_available_nodes):
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "%d node(s) connected, %d wanted; waited %.0f s, going on with them",
+                    len(nodes), size, self.node_wait,
+                )  # fmt: skip
+                size = len(nodes)
+                break
             log.info("Waiting for nodes: %d connected, %d needed", len(nodes), size)
             time.sleep(1)
             nodes = sorted(grid.get_node_ids())

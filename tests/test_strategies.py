@@ -110,3 +110,22 @@ def test_stragglers_get_fewer_epochs_in_their_own_config():
             assert epochs == 20
     assert shared["config"]["local-epochs"] == 20  # the shared record is untouched
     assert Stragglers(0.0, seed=0).apply(messages, 20) == set()
+
+
+def test_a_round_waits_for_missing_nodes_only_so_long_then_samples_those_connected():
+    """A deployed site that died never comes back: sampling must not wait forever for
+    `min_train_nodes` (Flower's own wait is endless); it waits `node_wait`, then goes on
+    with every connected node, and the participation rules judge the round."""
+    import time
+
+    grid = _grid(1)  # one site left of two
+    strategy = FedAvg(min_train_nodes=2, min_evaluate_nodes=2, seed=0)
+    strategy.node_wait = 1.5
+    started = time.monotonic()
+    nodes = [
+        m.metadata.dst_node_id for m in strategy.configure_train(1, _arrays(), ConfigRecord(), grid)
+    ]
+    assert nodes == list(grid.get_node_ids())
+    assert 1.5 <= time.monotonic() - started < 10
+    empty = _grid(0)  # nobody connected: nothing sampled, the round fails by the rules
+    assert list(strategy.configure_evaluate(1, _arrays(), ConfigRecord(), empty)) == []
