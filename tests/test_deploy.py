@@ -139,16 +139,61 @@ def _server(fleet: Fleet, name: str, pki: Path, port: int, *args: str):
     )  # fmt: skip
 
 
-def test_three_sites_with_tls_and_node_auth_train_and_a_dead_site_does_not_stop_the_run(
+def _attack_from_outside(root: Path, port: int, pki: Path, rogue_key: Path, run_id: str):
+    """What an outsider holding only ca.crt tries with the stock `flwr` CLI against the
+    public port: each command's exit code and output."""
+    home = root / "attacker-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "target"\n[superlink.target]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{pki / "ca.crt"}"\n'
+    )
+    app = root / "evil-app"
+    app.mkdir()
+    (app / "evil.py").write_text(
+        f"open({str(root / 'evil-ran')!r}, 'w').write('ran')\n"
+        "from flwr.clientapp import ClientApp\nfrom flwr.serverapp import ServerApp\n"
+        "server = ServerApp()\nclient = ClientApp()\n"
+    )
+    (app / "pyproject.toml").write_text(
+        '[project]\nname = "evil"\nversion = "1.0.0"\ndescription = ""\nlicense = "MIT"\n'
+        'dependencies = []\n[tool.flwr.app]\npublisher = "mallory"\n'
+        '[tool.flwr.app.components]\nserverapp = "evil:server"\nclientapp = "evil:client"\n'
+    )
+    env = {**ENV, "FLWR_HOME": str(home)}
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    attempts = {
+        "ls": [flwr, "ls", "target"],
+        "supernode ls": [flwr, "supernode", "ls", "target"],
+        "supernode register": [flwr, "supernode", "register", str(rogue_key), "target"],
+        "run": [flwr, "run", str(app), "target"],
+        "stop": [flwr, "stop", run_id, "target"],
+    }
+    results = {}
+    for name, command in attempts.items():
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        results[name] = (done.returncode, done.stdout + done.stderr)
+    import httpx  # the Runtime API, which only the ServerApp should ever reach
+
+    reply = httpx.post(
+        f"https://127.0.0.1:{port}/v1/runtime/acquire-task", verify=str(pki / "ca.crt")
+    )
+    results["runtime api"] = (reply.status_code, reply.text)
+    return results
+
+
+def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_dead_site_does_not_stop_the_run(  # noqa: E501
     tmp_path, fleet
 ):
     pki = _pki(tmp_path, ["a", "b", "c", "intruder"])
-    (pki / "nodes" / "intruder.pub").unlink()  # a key signed by nobody the server knows
+    rogue_key = tmp_path / "rogue.pub"
+    (pki / "nodes" / "intruder.pub").rename(rogue_key)  # a key the server does not know
     data = _shards(tmp_path, 3)
     port, run = free_port(), tmp_path / "run"
     server = _server(
-        fleet, "server", pki, port,
-        "--rounds", "3", "--min-replies", "2", "--round-timeout", "45", "--out", str(run),
+        fleet, "server", pki, port, "--rounds", "3", "--min-replies", "2", "--out", str(run)
     )  # fmt: skip
     superlink = f"127.0.0.1:{port}"
     for name, shard in zip("abc", data, strict=True):
@@ -158,12 +203,27 @@ def test_three_sites_with_tls_and_node_auth_train_and_a_dead_site_does_not_stop_
     assert "refused this site's key" in fleet.log("client-intruder")
 
     _wait(lambda: _committed(run, 1), 300, "round 1", fleet)
-    fleet.kill("client-c")  # a site goes down mid-run
+    run_id = (run / "logs" / "run.log").read_text().split("Successfully started run ")[1].split()[0]
+    attempts = _attack_from_outside(tmp_path, port, pki, rogue_key, run_id)
+    assert attempts.pop("runtime api")[0] == 403
+    for name, (code, output) in attempts.items():
+        assert code != 0 and "403 Forbidden" in output, (name, code, output)
+    assert not (tmp_path / "evil-ran").exists()  # no code of theirs ran anywhere
+    refused = (run / "logs" / "front.log").read_text()
+    for path in ["control/list-runs", "control/list-nodes", "control/start-run", "runtime/"]:
+        assert f"refused POST /v1/{path}" in refused
+
+    killed_at = time.monotonic()
+    fleet.kill("client-c")  # a site goes down mid-run (no --round-timeout given)
     assert server.wait(600) == 0, fleet.logs()
+    # Flower marks the dead site offline about a minute after its last heartbeat; its
+    # message is then a failed reply, and no round waits for it to come back
+    assert time.monotonic() - killed_at < 240, fleet.logs()
 
     rows = _rows(run)
     assert [row["round"] for row in rows] == [1, 2, 3]
     assert rows[0]["clients"]["replied"] == 3
+    assert all(row["clients"]["sampled"] <= 3 for row in rows)  # the real sites only
     # after the kill the dead site is a failed or timed-out reply, or no longer sampled
     # once the SuperLink has noticed it is offline; every message is accounted for ...
     for row in rows[1:]:
