@@ -42,12 +42,23 @@ def to_numpy(array: Array) -> np.ndarray:
     if (
         array.stype != SType.NUMPY
         or dtype.hasobject
-        or offset <= 0
+        or offset != _npy_header_end(array.data)  # bytes missing or extra: NumPy judges
         or _C_ORDER not in array.data[: min(offset, _HEADER_SEARCH)]
     ):
         return array.numpy()
     flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=offset)
     return flat.reshape(array.shape).copy()
+
+
+def _npy_header_end(data: bytes) -> int:
+    """Where the values start in .npy bytes, as the header's own length field says
+    (format 1: a 2-byte length after the 8-byte magic; 2 and 3: 4 bytes); -1 if the
+    bytes do not start like a .npy file."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 12:
+        return -1
+    if data[6] == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    return 12 + int.from_bytes(data[8:12], "little")
 
 
 def from_numpy(values: np.ndarray) -> Array:

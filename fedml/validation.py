@@ -3,7 +3,11 @@
 One broken or hostile site must not end or poison a run. A training reply is rejected
 (counted, never aggregated) when:
 
-- "malformed": it has no single ArrayRecord, or no single MetricRecord;
+- "malformed": it has no single ArrayRecord, or no single MetricRecord, or an array
+  that does not decode as a plain NumPy array (an object dtype, another serialisation
+  type, a damaged header, a shape or dtype its bytes do not hold). Shape and dtype are
+  compared with the global model's from the array's metadata before any byte is
+  decoded, so an absurd shape is never allocated;
 - "num-examples": its "num-examples" is missing, not a number, not finite or not > 0;
 - "metrics": a metric is not a finite number (or a list of them);
 - "keys": its arrays are not exactly the global model's keys;
@@ -30,7 +34,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common.constant import SType
 
 from fedml.arrays import from_numpy, record_of, to_numpy
 
@@ -105,12 +110,17 @@ class UpdateValidator:
         record = next(iter(content.array_records.values()))
         if set(record.keys()) != set(reference):
             return "keys", {}
-        arrays = {k: to_numpy(record[k]) for k in reference}
-        for key, values in arrays.items():
-            if values.shape != reference[key].shape or values.dtype != reference[key].dtype:
+        arrays = {}
+        for key, expected in reference.items():
+            array = record[key]
+            if tuple(array.shape) != expected.shape or array.dtype != str(expected.dtype):
                 return "shape", {}
+            values = _decoded(array, expected)
+            if values is None:
+                return "malformed", {}
             if values.dtype.kind in "fc" and not np.isfinite(values).all():
                 return "non-finite", {}
+            arrays[key] = values
         return None, arrays
 
     def _check_metrics(self, content: RecordDict) -> str | None:
@@ -161,6 +171,20 @@ class UpdateValidator:
             tally.accepted += 1
             valid.append(reply)
         return valid
+
+
+def _decoded(array: Array, expected: np.ndarray) -> np.ndarray | None:
+    """The array's values, when its bytes are a plain NumPy array of the expected shape
+    and dtype; None for anything else (never an exception: a reply is untrusted)."""
+    if array.stype != SType.NUMPY:
+        return None
+    try:
+        values = to_numpy(array)
+    except Exception:  # whatever a damaged or hostile payload makes NumPy raise
+        return None
+    if values.shape != expected.shape or values.dtype != expected.dtype:
+        return None
+    return values
 
 
 def _answered(replies: Iterable[Message], tally: Tally) -> Iterator[Message]:

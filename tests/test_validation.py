@@ -85,6 +85,37 @@ def test_each_bad_reply_is_rejected_with_its_reason(bad, reason):
     assert (tally.replied, tally.failed, tally.accepted) == (5, 0, 4)
 
 
+def _hostile(**fields) -> RecordDict:
+    """An honest reply whose array "w" is replaced by one with hostile `fields`
+    (dtype, shape, stype, data), as a site may send over the wire."""
+    honest = Array(_update(1.0)["w"])
+    values = {"dtype": honest.dtype, "shape": honest.shape, "stype": honest.stype}
+    values["data"] = honest.data
+    values.update(fields)
+    content = _content(_update(1.0))
+    content["arrays"]["w"] = Array(**values)
+    return content
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        # pickle bytes behind an object dtype: never decoded (NumPy would refuse anyway)
+        (_hostile(dtype="object", data=b"\x93NUMPY\x01\x00" + b"\x80\x04K\x01."), "shape"),
+        (_hostile(stype="torch.raw"), "malformed"),
+        (_hostile(data=b"\x93NUMPY\x01\x00{'descr': garbage" + b"\x00" * 64), "malformed"),
+        (_hostile(data=b""), "malformed"),
+        (_hostile(data=Array(_update(1.0)["w"]).data[:-8]), "malformed"),  # bytes cut short
+        (_hostile(shape=(2**40, 2**40)), "shape"),  # compared before anything is allocated
+        (_hostile(dtype="float64"), "shape"),
+    ],
+)
+def test_an_array_that_does_not_decode_is_rejected_never_raised(bad, reason):
+    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, bad]))
+    assert accepted == [1, 2, 3, 4]
+    assert tally.rejected == {reason: 1}
+
+
 def test_error_replies_count_as_failed():
     accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, RuntimeError("down")]))
     assert accepted == [1, 2, 3, 4]
