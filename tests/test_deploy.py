@@ -211,7 +211,7 @@ def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_de
     assert not (tmp_path / "evil-ran").exists()  # no code of theirs ran anywhere
     refused = (run / "logs" / "front.log").read_text()
     for path in ["control/list-runs", "control/list-nodes", "control/start-run", "runtime/"]:
-        assert f"refused POST /v1/{path}" in refused
+        assert f"refused POST '/v1/{path}" in refused
 
     killed_at = time.monotonic()
     fleet.kill("client-c")  # a site goes down mid-run (no --round-timeout given)

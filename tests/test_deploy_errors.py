@@ -167,9 +167,62 @@ def test_the_front_answers_health_and_refuses_everything_but_the_fleet_api():
             response = client.request(method, path)
             assert response.status_code == 403 and response.text == REFUSED, (method, path)
         assert client.post("/v1/fleet/pull-messages").status_code == 502
+        forged = {"x-forwarded-for": "10.0.0.1"}  # dropped, never believed
+        assert client.post("/v1/fleet/pull-messages", headers=forged).status_code == 502
     paths = fleet_paths()
     assert "/v1/fleet/pull-messages" in paths and "/v1/fleet/push-messages" in paths
     assert all(p.startswith("/v1/fleet/") for p in paths)
+
+
+def _signed(key_file: Path, age: float = 0.0) -> dict[str, str]:
+    """The headers a SuperNode with this private key sends (Flower's node auth)."""
+    import base64
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    key = serialization.load_ssh_private_key(key_file.read_bytes(), password=None)
+    stamp = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age)).isoformat()
+    return {
+        "flwr-public-key": base64.b64encode(public_key_to_bytes(key.public_key())).decode(),
+        "flwr-timestamp": stamp,
+        "flwr-signature": base64.b64encode(sign_message(key, stamp.encode())).decode(),
+    }
+
+
+def test_with_node_auth_the_front_lets_through_only_calls_signed_by_a_registered_site(site):
+    from starlette.testclient import TestClient
+
+    from fedml.deploy.front import MAX_BODY_BYTES, make_front, registered_keys
+    from fedml.pki import add_node
+
+    pki = site / "pki"
+    add_node(pki, "rogue")
+    (pki / "nodes" / "rogue.pub").unlink()  # a key the server never registered
+    keys = registered_keys(pki / "nodes")
+    assert len(keys) == 1
+    backend = f"http://127.0.0.1:{free_port()}"  # down: a forwarded call is a 502
+    path = "/v1/fleet/pull-messages"
+    with TestClient(make_front(backend, verify=False, tls=True, node_keys=keys)) as client:
+        assert (
+            client.post(path, headers=_signed(pki / "sites" / "a" / "node.key")).status_code == 502
+        )
+        for headers in [
+            {},
+            _signed(pki / "sites" / "rogue" / "node.key"),
+            _signed(pki / "sites" / "a" / "node.key", age=3600),  # a replayed old call
+            {**_signed(pki / "sites" / "a" / "node.key"), "flwr-signature": "AAAA"},
+        ]:
+            assert client.post(path, headers=headers, content=b"x").status_code == 401
+        # an unregistered site trying to join hears what the SuperLink would say
+        join = client.post(
+            "/v1/fleet/activate-node", headers=_signed(pki / "sites" / "rogue" / "node.key")
+        )
+        assert join.status_code == 412 and "Failed to activate SuperNode" in join.text
+        too_large = {**_signed(pki / "sites" / "a" / "node.key")}
+        too_large["content-length"] = str(MAX_BODY_BYTES + 1)
+        assert client.post(path, headers=too_large).status_code == 413
 
 
 def test_stale_work_folders_of_dead_servers_are_swept_and_live_ones_kept():

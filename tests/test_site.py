@@ -170,6 +170,31 @@ def _evil_app(folder: Path, out: Path) -> Path:
     return folder
 
 
+def _assert_other_local_processes_cannot_take_tasks(runtime_api: str) -> None:
+    """Without the site executor's secret, the SuperNode hands out no task."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    deadline = time.monotonic() + 60
+    while True:  # the Runtime API is up shortly after the SuperNode starts
+        client = RuntimeHttpClient.from_server_address(
+            server_address=runtime_api, insecure=True, root_certificates=None, interceptors=[]
+        )
+        try:
+            client.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
+        except httpx.HTTPStatusError as exc:
+            assert exc.response.status_code in (401, 403)
+            return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the SuperNode's Runtime API never came up"
+            time.sleep(0.5)
+            continue
+        finally:
+            client.close()
+        raise AssertionError("a process without the secret was answered")
+
+
 def _site_shard(path: Path) -> Path:
     """One site's private data: client 0 of the digits federation."""
     import numpy as np
@@ -205,6 +230,7 @@ def test_a_site_refuses_a_foreign_app_without_importing_it_and_still_serves_fedm
     superlink = start_superlink("127.0.0.1", port, tmp_path / "superlink.log", env, ["--insecure"])
     site_log = tmp_path / "site.log"
     state = tmp_path / "site-state"
+    site_port = free_port()
     site = None
     try:
         with site_log.open("wb") as log:
@@ -213,12 +239,13 @@ def test_a_site_refuses_a_foreign_app_without_importing_it_and_still_serves_fedm
                     sys.executable, "-m", "fedml.cli", "client", "--insecure",
                     "--superlink", f"127.0.0.1:{port}",
                     "--data", str(_site_shard(tmp_path / "site.npz")),
-                    "--state-dir", str(state), "--port", str(free_port()),
+                    "--state-dir", str(state), "--port", str(site_port),
                 ],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
         logs = [site_log, state / "supernode.log", state / "executor.log", superlink.log]
         _wait_for(lambda: "SuperNode started" in site_log.read_text(), 120, "the site", logs)
+        _assert_other_local_processes_cannot_take_tasks(f"127.0.0.1:{site_port}")
 
         evil = _evil_app(tmp_path / "evil" / "app", tmp_path / "loot.json")
         run_quietly([*flower_command("flwr"), "run", str(evil), CONNECTION, "--stream"], env, 300)

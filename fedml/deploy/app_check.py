@@ -35,6 +35,7 @@ BUILTIN_MODELS = frozenset({"logreg", "mlp", "cnn"})
 MODEL_KEY = "model.name"  # in the flat run config
 ALLOWED_MODELS_KEY = "allowed-models"  # node config: the allowed module:factory, comma-separated
 MAX_FAB_BYTES = 1 << 20  # a config-only app is a few KB
+MAX_FILE_BYTES = 1 << 16  # its pyproject.toml, unpacked (no zip bomb is ever inflated)
 
 
 def fab_refusal(fab: bytes) -> str | None:
@@ -53,6 +54,8 @@ def fab_refusal(fab: bytes) -> str | None:
                 )
             if "pyproject.toml" not in names:
                 return "its app has no pyproject.toml"
+            if bundle.getinfo("pyproject.toml").file_size > MAX_FILE_BYTES:
+                return "its pyproject.toml is larger than any fedml app's"
             project = tomllib.loads(bundle.read("pyproject.toml").decode("utf-8"))
     except (zipfile.BadZipFile, tomllib.TOMLDecodeError, UnicodeDecodeError, KeyError) as exc:
         return f"its app bundle is not a valid Flower app ({exc})"

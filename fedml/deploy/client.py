@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 import socket
 import ssl
 import sys
@@ -38,6 +40,7 @@ from fedml.errors import FedmlError
 DATA_FOLDER = "data"
 LEDGER_FILE = "privacy-ledger.json"
 LOCAL_HOST = "127.0.0.1"  # the SuperNode's Runtime API: this machine only
+SECRET_FILE = "executor.secret"  # in the state folder: the SuperExec secret
 REFUSED_MARK = "Failed to activate SuperNode"  # Flower's log line when auth fails
 QUICK_EXIT, MAX_QUICK_EXITS = 15.0, 5  # seconds; exits that short in a row: give up
 
@@ -208,6 +211,7 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
     host, port = split_address(options.superlink)
     command = prepare(options, say)
     options.state_dir.mkdir(parents=True, exist_ok=True)
+    command += ["--superexec-auth-secret-file", str(_write_secret(options.state_dir).resolve())]
     log = options.state_dir / "supernode.log"
     refused_since: float | None = None
     quick_exits = 0
@@ -215,10 +219,10 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
         offset = log.stat().st_size if log.exists() else 0  # this attempt's lines only
         started = time.monotonic()
         supernode = Child("SuperNode", command, log, flower_env())
-        executor = _start_executor(options, supernode)
+        executor = _start_executor(options)
         say(f"SuperNode started (log: {log}); Ctrl-C stops it")
         try:
-            refused = _run_until_exit(supernode, executor, offset)
+            refused, ended = _run_until_exit(supernode, executor, offset)
         finally:
             executor.stop()
         if refused:
@@ -237,37 +241,56 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
         quick_exits = quick_exits + 1 if time.monotonic() - started < QUICK_EXIT else 0
         if quick_exits >= MAX_QUICK_EXITS:
             raise FedmlError(
-                f"The SuperNode keeps exiting right after it starts (code "
-                f"{supernode.process.returncode}). Its log ({log}) ends with:\n"
-                f"{supernode.tail()}"
+                f"The {ended.name} keeps exiting right after it starts (code "
+                f"{ended.process.returncode}). Its log ({ended.log}) ends with:\n"
+                f"{ended.tail()}"
             )
         say("the SuperNode stopped (the SuperLink went away or restarted); reconnecting")
         _wait_for_superlink(host, port, math.inf, say)
         time.sleep(2)
 
 
-def _start_executor(options: ClientOptions, supernode: Child) -> Child:
+def _start_executor(options: ClientOptions) -> Child:
     """fedml's site executor for this SuperNode (its log: STATE_DIR/executor.log)."""
     command = [
         sys.executable, "-m", "fedml.deploy.site_executor",
         "--runtime-api-address", f"{LOCAL_HOST}:{options.port}",
+        "--secret-file", str(_secret_file(options.state_dir).resolve()),
     ]  # fmt: skip
     return Child("site executor", command, options.state_dir / "executor.log", flower_env())
 
 
-def _run_until_exit(supernode: Child, executor: Child, start: int) -> bool:
-    """Wait for the SuperNode (or its executor) to exit, stopping the SuperNode on the
-    way out; whether it was because the SuperLink refused its key (its log after byte
-    `start` says so). The log is read incrementally: a site runs for days."""
+def _secret_file(state_dir: Path) -> Path:
+    """The SuperExec secret the SuperNode and the executor share (made once per site
+    run, 0600 from its first byte): only the executor may take the site's tasks."""
+    return state_dir / SECRET_FILE
+
+
+def _write_secret(state_dir: Path) -> Path:
+    path = _secret_file(state_dir)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    return path
+
+
+def _run_until_exit(supernode: Child, executor: Child, start: int) -> tuple[bool, Child]:
+    """Wait for the SuperNode or its executor to exit, stopping the SuperNode on the way
+    out; whether it was because the SuperLink refused its key (the SuperNode's log after
+    byte `start` says so), and which of the two ended. The log is read incrementally: a
+    site runs for days."""
     reader = _LogWatch(supernode.log, start)
+    ended = supernode
     try:
         while supernode.alive() and executor.alive():
             time.sleep(0.5)
             if reader.saw(REFUSED_MARK):
                 break
+        ended = executor if not executor.alive() else supernode
     finally:
         supernode.stop()
-    return reader.saw(REFUSED_MARK)
+    return reader.saw(REFUSED_MARK), ended
 
 
 class _LogWatch:

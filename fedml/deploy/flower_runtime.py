@@ -14,7 +14,11 @@ from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
@@ -23,12 +27,23 @@ from flwr.supernode.runtime import run_clientapp as _clientapp
 COMPLETED, FAILED = SubStatus.COMPLETED, SubStatus.FAILED
 
 
-def connect(address: str, token: str | None = None) -> RuntimeHttpClient:
+ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+
+
+def connect(
+    address: str, token: str | None = None, secret: bytes | None = None
+) -> RuntimeHttpClient:
     """A client of the SuperNode's Runtime API on this machine (plain HTTP on
-    loopback, as Flower's own executor uses it), as a task (`token`) or the executor."""
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+    loopback, as Flower's own executor uses it), as a task (`token`) or as the executor
+    (`secret`: the SuperExec secret that the SuperNode demands before it hands out a
+    task, so no other local process can take the site's tasks)."""
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    if secret is not None:
+        interceptors.append(
+            SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_TASK})
+        )
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=True,

@@ -25,10 +25,14 @@ def flower_env(flower_home: Path | None = None) -> dict[str, str]:
     `FLWR_HOME` (Flower's config and installed apps) when given. This Python's scripts
     folder goes first on `PATH`: Flower starts its own helpers (`flower-superexec`,
     `flwr-serverapp`, `flwr-simulation`) by name, and they must be this installation's
-    even when its virtual environment is not activated."""
+    even when its virtual environment is not activated. Flower's `FLWR_INTERNAL_*`
+    switches are dropped."""
     scripts = str(Path(sys.executable).parent)
     path = os.pathsep.join([scripts, os.environ.get("PATH", "")])
-    env = {**os.environ, **QUIET_FLOWER, "PYTHONUNBUFFERED": "1", "PATH": path}
+    # Flower's FLWR_INTERNAL_* switches open legacy services (an unauthenticated gRPC
+    # Control API on all interfaces, for one): never inherited by what we start.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_")}
+    env = {**inherited, **QUIET_FLOWER, "PYTHONUNBUFFERED": "1", "PATH": path}
     if flower_home is not None:
         env["FLWR_HOME"] = str(flower_home)
     return env

@@ -261,6 +261,7 @@ def _start_front(
             "--certfile", str(pki / "server.crt"),
             "--keyfile", str(pki / "server.key"),
             "--cafile", str(pki / "ca.crt"),
+            "--node-keys", str(pki / "nodes"),
         ]  # fmt: skip
     front = Child("front", command, logs / "front.log", env)
     try:

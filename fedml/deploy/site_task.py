@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
@@ -94,12 +95,12 @@ def _run_clientapp(message: Message, context: Context) -> Message:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run one fedml task at a data site.")
     parser.add_argument("--runtime-api-address", required=True)
-    parser.add_argument("--token", required=True)
     parser.add_argument("--parent-pid", type=int)
     args = parser.parse_args(argv)
+    token = sys.stdin.readline().strip()  # from the site executor, never on argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
-    raise SystemExit(run_task(args.runtime_api_address, args.token, args.parent_pid))
+    raise SystemExit(run_task(args.runtime_api_address, token, args.parent_pid))
 
 
 if __name__ == "__main__":
