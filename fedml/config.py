@@ -113,10 +113,13 @@ class SimulationConfig:
 class ValidationConfig:
     """Screening of client updates before aggregation (see fedml/validation.py):
     reject an update whose norm exceeds `norm_factor` x the round's median (0: off);
-    clip accepted updates to L2 norm `clip_norm` (0: off)."""
+    clip accepted updates to L2 norm `clip_norm` (0: off); cap a reply's weight (its
+    `num-examples`) at `max_weight_factor` x the median of the round's other claims (0:
+    off)."""
 
     norm_factor: float = 10.0
     clip_norm: float = 0.0
+    max_weight_factor: float = 3.0
 
 
 @dataclass
@@ -453,6 +456,11 @@ def validate(cfg: RunConfig) -> None:
     _check(
         cfg.validation.clip_norm >= 0.0,
         f"validation.clip_norm must be >= 0 (0: off), got {cfg.validation.clip_norm}.",
+    )
+    _check(
+        cfg.validation.max_weight_factor == 0.0 or cfg.validation.max_weight_factor >= 1.0,
+        "validation.max_weight_factor must be 0 (off) or at least 1, got "
+        f"{cfg.validation.max_weight_factor}.",
     )
 
     strategy = cfg.strategy

@@ -122,7 +122,8 @@ class Experiment:
         noise from OS entropy)."""
         from strategies import build_strategy
 
-        validator = UpdateValidator(cfg.validation.norm_factor, cfg.validation.clip_norm)
+        v = cfg.validation
+        validator = UpdateValidator(v.norm_factor, v.clip_norm, v.max_weight_factor)
         strategy = build_strategy(cfg, reproducible)
         return cls(cfg, strategy, CentralEvaluator(cfg, federation_for(cfg)), validator)
 
@@ -316,6 +317,8 @@ def train_round(
         "aggregated": kept.messages,
     }
     row["rejected"] = dict(sorted(tally.rejected.items()))
+    if tally.capped:
+        row["weights_capped"] = tally.capped
     if devices.replies:
         row["devices"] = dict(sorted(devices.replies.items()))
     return (aggregate if kept.messages else None), row
@@ -375,6 +378,8 @@ def evaluate_round(
     }
     if tally.rejected:
         result["evaluate_rejected"] = dict(sorted(tally.rejected.items()))
+    if tally.capped:
+        result["evaluate_weights_capped"] = tally.capped
     return result
 
 

@@ -8,8 +8,10 @@ One broken or hostile site must not end or poison a run. A training reply is rej
   type, a damaged header, a shape or dtype its bytes do not hold). Shape and dtype are
   compared with the global model's from the array's metadata before any byte is
   decoded, so an absurd shape is never allocated;
-- "num-examples": its "num-examples" is missing, not a number, not finite or not > 0;
-- "metrics": a metric is not a finite number (or a list of them);
+- "num-examples": its "num-examples" is missing, not a whole number, or not in
+  [1, 2**53] (every weight is exact in float64, and any sum of them stays finite);
+- "metrics": a metric is not a finite number (or a list of them), or one whose range is
+  known is outside it: "accuracy" in [0, 1], "loss" >= 0;
 - "keys": its arrays are not exactly the global model's keys;
 - "shape": an array's shape or dtype differs from the global model's;
 - "non-finite": an array holds NaN or inf;
@@ -21,9 +23,20 @@ One broken or hostile site must not end or poison a run. A training reply is rej
 With `clip_norm > 0` each accepted update is then scaled down to that L2 norm
 (w_global + (w - w_global) * min(1, clip / ||w - w_global||)).
 
+A reply's weight is its own claim ("num-examples"), which a hostile site could inflate
+to take the average over. With `max_weight_factor > 0` an accepted reply's claim is
+capped at that factor times the median claim of the round's other valid replies (judged
+at the same moments as the norm: against those before it, the first three against each
+other); a capped reply is aggregated with the capped weight and counted in
+`Tally.capped`. With the default factor 3 a site counts at most like three typical ones;
+an honest site holding more data than that loses some of its weight: the price of a
+bound no single site can move.
+
 Screening streams: replies go through one at a time and at most two wait for the norm
 check, so the server holds O(model size) of client arrays, not O(clients x model size).
-Evaluation replies (metrics only) get the malformed / num-examples / metrics checks.
+Evaluation replies (metrics only) get the malformed / num-examples / metrics checks,
+and their weights are capped the same way against all of the round's other evaluation
+claims (evaluation replies are collected anyway).
 """
 
 from __future__ import annotations
@@ -40,6 +53,9 @@ from flwr.common.constant import SType
 from fedml.arrays import from_numpy, record_of, to_numpy
 
 NORM_SAMPLE = 3  # valid updates needed before the norm check starts
+MAX_EXAMPLES = 2**53  # the largest weight a reply may claim (exact in float64)
+UNIT_METRICS = ("accuracy",)  # metrics that must lie in [0, 1]
+NON_NEGATIVE_METRICS = ("loss",)  # metrics that must be >= 0
 
 
 @dataclass
@@ -49,6 +65,7 @@ class Tally:
     replied: int = 0
     failed: int = 0
     accepted: int = 0
+    capped: int = 0  # accepted replies whose weight claim was cut down
     rejected: Counter[str] = field(default_factory=Counter)
 
 
@@ -58,6 +75,7 @@ class UpdateValidator:
 
     norm_factor: float = 10.0
     clip_norm: float = 0.0
+    max_weight_factor: float = 3.0
     weight_key: str = "num-examples"
 
     # -- training replies ------------------------------------------------------------------
@@ -68,6 +86,7 @@ class UpdateValidator:
         reply in `tally`; error replies count as failed."""
         reference = {k: to_numpy(v) for k, v in global_arrays.items()}
         norms: list[float] = []  # norms of the valid updates so far
+        claims: list[float] = []  # and their weight claims
         waiting: list[tuple[Message, dict[str, np.ndarray], float]] = []
         for reply in _answered(replies, tally):
             problem, arrays = self._check_train(reply.content, reference)
@@ -76,21 +95,28 @@ class UpdateValidator:
                 continue
             norm = _update_norm(arrays, reference)
             norms.append(norm)
+            claims.append(self._claim(reply.content))
             if self.norm_factor <= 0:
-                yield self._accept(reply, arrays, norm, reference, tally)
+                yield self._accept(reply, arrays, norm, reference, claims[:-1], tally)
             elif len(norms) < NORM_SAMPLE:
                 waiting.append((reply, arrays, norm))
             else:
                 if waiting:  # the first updates, judged against each other
                     for index, (early, early_arrays, early_norm) in enumerate(waiting):
-                        if self._outsized(early_norm, norms[:index] + norms[index + 1 :], tally):
+                        others = slice(None, index), slice(index + 1, None)
+                        other_norms = norms[others[0]] + norms[others[1]]
+                        if self._outsized(early_norm, other_norms, tally):
                             continue
-                        yield self._accept(early, early_arrays, early_norm, reference, tally)
+                        other_claims = claims[others[0]] + claims[others[1]]
+                        yield self._accept(
+                            early, early_arrays, early_norm, reference, other_claims, tally
+                        )
                     waiting.clear()
                 if not self._outsized(norm, norms[:-1], tally):
-                    yield self._accept(reply, arrays, norm, reference, tally)
-        for early, early_arrays, early_norm in waiting:  # too few for a norm check
-            yield self._accept(early, early_arrays, early_norm, reference, tally)
+                    yield self._accept(reply, arrays, norm, reference, claims[:-1], tally)
+        for index, (early, early_arrays, early_norm) in enumerate(waiting):  # too few
+            other_claims = claims[:index] + claims[index + 1 :]  # for a norm check
+            yield self._accept(early, early_arrays, early_norm, reference, other_claims, tally)
 
     def _outsized(self, norm: float, others: list[float], tally: Tally) -> bool:
         median = float(np.median(others))
@@ -129,11 +155,30 @@ class UpdateValidator:
         if len(content.metric_records) != 1:
             return "malformed"
         metrics = next(iter(content.metric_records.values()))
-        if not _positive_number(metrics.get(self.weight_key)):
+        if not _example_count(metrics.get(self.weight_key)):
             return "num-examples"
         if not all(_finite_metric(value) for value in metrics.values()):
             return "metrics"
+        for name, value in metrics.items():
+            values = value if isinstance(value, list) else [value]
+            if name in UNIT_METRICS and not all(0.0 <= v <= 1.0 for v in values):
+                return "metrics"
+            if name in NON_NEGATIVE_METRICS and not all(v >= 0.0 for v in values):
+                return "metrics"
         return None
+
+    def _claim(self, content: RecordDict) -> float:
+        return float(next(iter(content.metric_records.values()))[self.weight_key])
+
+    def _cap_weight(self, content: RecordDict, other_claims: list[float], tally: Tally) -> None:
+        """Cut the reply's weight claim to `max_weight_factor` x the others' median."""
+        if self.max_weight_factor <= 0 or not other_claims:
+            return
+        cap = math.floor(self.max_weight_factor * float(np.median(other_claims)))
+        metrics = next(iter(content.metric_records.values()))
+        if float(metrics[self.weight_key]) > cap:
+            metrics[self.weight_key] = cap
+            tally.capped += 1
 
     def _accept(
         self,
@@ -141,9 +186,11 @@ class UpdateValidator:
         arrays: dict[str, np.ndarray],
         norm: float,
         reference: dict[str, np.ndarray],
+        other_claims: list[float],
         tally: Tally,
     ) -> Message:
         tally.accepted += 1
+        self._cap_weight(reply.content, other_claims, tally)
         if self.clip_norm <= 0 or norm <= self.clip_norm:
             return reply
         scale = self.clip_norm / norm
@@ -170,6 +217,9 @@ class UpdateValidator:
                 continue
             tally.accepted += 1
             valid.append(reply)
+        claims = [self._claim(reply.content) for reply in valid]
+        for index, reply in enumerate(valid):
+            self._cap_weight(reply.content, claims[:index] + claims[index + 1 :], tally)
         return valid
 
 
@@ -201,8 +251,13 @@ def finite_number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
-def _positive_number(value: object) -> bool:
-    return finite_number(value) and value > 0  # type: ignore[operator]
+def _example_count(value: object) -> bool:
+    """A whole number of examples in [1, MAX_EXAMPLES] (as an int or a float)."""
+    return (
+        finite_number(value)
+        and float(value).is_integer()  # type: ignore[arg-type]
+        and 1 <= value <= MAX_EXAMPLES  # type: ignore[operator]
+    )
 
 
 def _finite_metric(value: object) -> bool:

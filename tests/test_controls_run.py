@@ -368,3 +368,64 @@ def test_the_server_holds_only_a_few_client_updates_at_once(tmp_path):
     summary = _run(cfg, _wrapped(track))
     assert summary.history[0]["clients"]["aggregated"] == 12
     assert most_alive[0] <= 3
+
+
+# ------------------------------------------------------------------- hostile sites
+def _weight_grab(msg: Message, reply: Message) -> Message:
+    """Site 1 sends a random update of an honest norm and claims 10**12 examples."""
+    if msg.metadata.dst_node_id != 1:
+        return reply
+    rng = np.random.default_rng(_round(msg))
+    arrays = {}
+    for key, sent in msg.content["arrays"].items():
+        trained, start = reply.content["arrays"][key].numpy(), sent.numpy()
+        if trained.dtype.kind != "f":
+            arrays[key] = Array(trained)
+            continue
+        noise = rng.normal(size=trained.shape)
+        honest = np.linalg.norm(trained - start)
+        arrays[key] = Array((start + noise / np.linalg.norm(noise) * honest).astype(trained.dtype))
+    reply.content["arrays"] = ArrayRecord(arrays)
+    reply.content["metrics"]["num-examples"] = 10**12
+    return reply
+
+
+def test_one_site_claiming_a_trillion_examples_gets_a_bounded_weight(tmp_path):
+    """The claim is capped at max_weight_factor (3) x the median of the others', so the
+    site counts like three typical sites, not like all of them a billion times over;
+    with the cap off, the same site takes the model over."""
+    honest = load_config(None, {**DIGITS, "out": str(tmp_path / "honest")})
+    honest_accuracy = _run(honest, _wrapped(lambda msg, reply: reply)).history[-1]["server"]
+    capped = load_config(None, {**DIGITS, "out": str(tmp_path / "capped")})
+    rows = _run(capped, _wrapped(_weight_grab)).history
+    assert all(row["weights_capped"] == 1 and row["rejected"] == {} for row in rows)
+    assert rows[-1]["server"]["accuracy"] >= honest_accuracy["accuracy"] - 0.2
+    off = load_config(
+        None, {**DIGITS, "out": str(tmp_path / "off"), "validation.max_weight_factor": 0}
+    )
+    rows = _run(off, _wrapped(_weight_grab)).history
+    assert all("weights_capped" not in row for row in rows)
+    assert rows[-1]["server"]["accuracy"] < 0.2
+
+
+def test_a_site_lying_about_its_accuracy_cannot_stop_the_run_at_a_target(tmp_path):
+    app = ClientApp()
+    app.train()(lambda msg, context: fedml_client.train(msg, context))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context) -> Message:
+        reply = fedml_client.evaluate_global(msg, context)
+        if msg.metadata.dst_node_id == 1:
+            reply.content["metrics"] = MetricRecord(
+                {"loss": 0.0, "accuracy": 5.0, "num-examples": 10**9}
+            )
+        return reply
+
+    cfg = load_config(
+        None,
+        {"rounds": 3, "out": str(tmp_path / "run"), "stop.target": "evaluate.accuracy >= 0.99"},
+    )
+    rows = _run(cfg, app).history
+    assert len(rows) == 3 and rows[-1]["stop"] == "max rounds"
+    assert all(row["evaluate_rejected"] == {"metrics": 1} for row in rows)
+    assert all(row["evaluate"]["accuracy"] <= 1.0 for row in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -209,3 +210,64 @@ def test_evaluation_replies_are_screened_on_their_metrics():
     valid = UpdateValidator().screen_evaluation(_replies(contents), tally)
     assert [m.metadata.src_node_id for m in valid] == [1, 5]
     assert tally.rejected == {"metrics": 1, "num-examples": 1, "malformed": 1}
+
+
+@pytest.mark.parametrize("claim", [0, -3, 10.5, 2**53 + 2, 1.7e308, float("inf")])
+def test_a_weight_claim_that_is_not_a_whole_number_of_examples_in_range_is_rejected(claim):
+    bad = _content(_update(1.0), {"loss": 0.5, "num-examples": claim})
+    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, bad]))
+    assert accepted == [1, 2, 3, 4] and tally.rejected == {"num-examples": 1}
+
+
+@pytest.mark.parametrize(("name", "value"), [("accuracy", 5.0), ("accuracy", -0.1), ("loss", -1.0)])
+def test_a_metric_outside_its_known_range_is_rejected(name, value):
+    bad = _content(_update(1.0), {"loss": 0.5, "num-examples": 10, name: value})
+    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, bad]))
+    assert accepted == [1, 2, 3, 4] and tally.rejected == {"metrics": 1}
+    evaluation = UpdateValidator().screen_evaluation(_replies([bad]), tally := Tally())
+    assert evaluation == [] and tally.rejected == {"metrics": 1}
+
+
+def _weights(messages: list[Message]) -> list[float]:
+    return [float(m.content["metrics"]["num-examples"]) for m in messages]
+
+
+@pytest.mark.parametrize("position", [0, 1, 2, 4])
+def test_a_huge_weight_claim_is_capped_wherever_it_arrives(position):
+    contents = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(5)]  # 10 each
+    contents.insert(position, _content(_update(1.0), {"loss": 0.5, "num-examples": 10**12}))
+    tally = Tally()
+    accepted = list(UpdateValidator().screen(_replies(contents), _record(GLOBAL), tally))
+    assert len(accepted) == 6 and tally.capped == 1
+    assert sorted(_weights(accepted)) == [10.0] * 5 + [30.0]  # 3 x the others' median
+
+
+@given(
+    claims=st.lists(st.integers(1, 2**53), min_size=1, max_size=10),
+    factor=st.sampled_from([1.0, 3.0, 10.0]),
+)
+def test_no_accepted_weight_exceeds_its_claim_or_factor_times_the_largest_other(claims, factor):
+    contents = [
+        _content(_update(1.0 + 0.01 * i, seed=i), {"loss": 0.5, "num-examples": c})
+        for i, c in enumerate(claims)
+    ]
+    validator = UpdateValidator(max_weight_factor=factor)
+    accepted = list(validator.screen(_replies(contents), _record(GLOBAL), Tally()))
+    assert len(accepted) == len(claims)  # similar norms: every update passes
+    for message, weight in zip(accepted, _weights(accepted), strict=True):
+        i = message.metadata.src_node_id - 1
+        others = claims[:i] + claims[i + 1 :]
+        assert 1 <= weight <= claims[i]
+        if others:
+            assert weight <= factor * max(others)
+    assert math.isfinite(sum(_weights(accepted)))
+    if max(claims) <= factor * min(claims):  # claims within the factor: nothing is cut
+        assert _weights(accepted) == [float(claims[m.metadata.src_node_id - 1]) for m in accepted]
+
+
+def test_evaluation_weights_are_capped_against_all_the_other_claims():
+    replies = [_content(None, {"loss": 0.5, "accuracy": 0.9, "num-examples": 10})] * 4
+    replies.append(_content(None, {"loss": 0.0, "accuracy": 1.0, "num-examples": 10**9}))
+    tally = Tally()
+    valid = UpdateValidator().screen_evaluation(_replies(replies), tally)
+    assert sorted(_weights(valid)) == [10.0] * 4 + [30.0] and tally.capped == 1
