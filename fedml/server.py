@@ -43,7 +43,7 @@ from fedml.models import model_for
 from fedml.privacy import PrivacyReport, without_privacy_keys
 from fedml.records import DEVICE_RECORD, device_label
 from fedml.runstore import Checkpoint, RunStore, default_run_path
-from fedml.validation import Tally, UpdateValidator
+from fedml.validation import NormMemory, Tally, UpdateValidator
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def run_experiment(
         "privacy": PrivacyReport(
             cfg.dp.mode, experiment.strategy if cfg.dp.mode.startswith("user") else None
         ),
+        "screening": NormMemory(),
     }
     arrays = from_state_dict(evaluator.model.state_dict())
     if checkpoint is not None:
@@ -258,8 +259,10 @@ def play_round(
                     row["privacy"] = privacy
                 if retries:
                     row["retries"] = retries
+                components["screening"].end_attempt(accepted=True)
                 return new_arrays, row, None
             store.discard_staged()
+        components["screening"].end_attempt(accepted=False)
         discard = getattr(experiment.strategy, "discard_attempt", None)
         if callable(discard):  # the strategy undoes what aggregating this attempt changed
             discard()
@@ -294,7 +297,7 @@ def train_round(
     timeout = cfg.participation.timeout or None
     tally, kept, privacy, devices = Tally(), _Kept(), components["privacy"], _Devices()
     replies = privacy.observe(devices.count(grid.send_and_receive(to_send, timeout=timeout)))
-    screened = experiment.validator.screen(replies, arrays, tally)
+    screened = experiment.validator.screen(replies, arrays, tally, components["screening"])
     unless_stragglers = (
         screened
         if keeps_partial_work

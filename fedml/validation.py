@@ -16,9 +16,13 @@ One broken or hostile site must not end or poison a run. A training reply is rej
 - "shape": an array's shape or dtype differs from the global model's;
 - "non-finite": an array holds NaN or inf;
 - "norm": its update norm ||w - w_global|| exceeds `norm_factor` times the median norm
-  of the round's other valid updates that arrived before it (the first three are judged
-  against each other; with fewer than three valid updates there is no norm check, as a
-  median of fewer means little).
+  of the round's other valid updates that arrived before it. The first three are judged
+  against each other and against the median accepted norm of the previous accepted
+  round (`NormMemory`, committed with each round), a vote the round's first repliers do
+  not control: two colluders among the first three no longer vouch for each other. With
+  fewer than three valid updates and no earlier round there is no norm check, as a
+  median of fewer means little; in a run's first round the first three still judge each
+  other alone.
 
 With `clip_norm > 0` each accepted update is then scaled down to that L2 norm
 (w_global + (w - w_global) * min(1, clip / ||w - w_global||)).
@@ -69,6 +73,32 @@ class Tally:
     rejected: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass
+class NormMemory:
+    """The median norm of the updates accepted in the latest accepted round: the next
+    round's first updates are judged against it too. It is run state (a component with
+    `state_dict()`), so a resumed run judges exactly as an uninterrupted one; a round
+    that is retried or skipped leaves it as it was."""
+
+    median: float | None = None
+    _round: list[float] = field(default_factory=list)  # accepted norms of this attempt
+
+    def observe(self, norm: float) -> None:
+        self._round.append(norm)
+
+    def end_attempt(self, accepted: bool) -> None:
+        """The attempt was accepted (its norms become the memory) or discarded."""
+        if accepted and self._round:
+            self.median = float(np.median(self._round))
+        self._round = []
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"median": self.median}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.median, self._round = state.get("median"), []
+
+
 @dataclass(frozen=True)
 class UpdateValidator:
     """Screens one round's replies against the global arrays that were sent out."""
@@ -80,10 +110,17 @@ class UpdateValidator:
 
     # -- training replies ------------------------------------------------------------------
     def screen(
-        self, replies: Iterable[Message], global_arrays: ArrayRecord, tally: Tally
+        self,
+        replies: Iterable[Message],
+        global_arrays: ArrayRecord,
+        tally: Tally,
+        memory: NormMemory | None = None,
     ) -> Iterator[Message]:
         """Yield the replies that may be aggregated (clipped if asked), counting every
-        reply in `tally`; error replies count as failed."""
+        reply in `tally`; error replies count as failed. `memory` (the previous round's
+        median norm) joins the judging of the first updates and learns this round's."""
+        memory = memory if memory is not None else NormMemory()
+        earlier = [memory.median] if memory.median is not None else []
         reference = {k: to_numpy(v) for k, v in global_arrays.items()}
         norms: list[float] = []  # norms of the valid updates so far
         claims: list[float] = []  # and their weight claims
@@ -97,26 +134,31 @@ class UpdateValidator:
             norms.append(norm)
             claims.append(self._claim(reply.content))
             if self.norm_factor <= 0:
-                yield self._accept(reply, arrays, norm, reference, claims[:-1], tally)
+                yield self._accept(reply, arrays, norm, reference, claims[:-1], tally, memory)
             elif len(norms) < NORM_SAMPLE:
                 waiting.append((reply, arrays, norm))
             else:
                 if waiting:  # the first updates, judged against each other
                     for index, (early, early_arrays, early_norm) in enumerate(waiting):
                         others = slice(None, index), slice(index + 1, None)
-                        other_norms = norms[others[0]] + norms[others[1]]
+                        other_norms = norms[others[0]] + norms[others[1]] + earlier
                         if self._outsized(early_norm, other_norms, tally):
                             continue
                         other_claims = claims[others[0]] + claims[others[1]]
                         yield self._accept(
-                            early, early_arrays, early_norm, reference, other_claims, tally
+                            early, early_arrays, early_norm, reference, other_claims, tally, memory
                         )
                     waiting.clear()
                 if not self._outsized(norm, norms[:-1], tally):
-                    yield self._accept(reply, arrays, norm, reference, claims[:-1], tally)
-        for index, (early, early_arrays, early_norm) in enumerate(waiting):  # too few
-            other_claims = claims[:index] + claims[index + 1 :]  # for a norm check
-            yield self._accept(early, early_arrays, early_norm, reference, other_claims, tally)
+                    yield self._accept(reply, arrays, norm, reference, claims[:-1], tally, memory)
+        for index, (early, early_arrays, early_norm) in enumerate(waiting):  # too few for
+            others = norms[:index] + norms[index + 1 :] + earlier  # the check without a memory
+            if earlier and self._outsized(early_norm, others, tally):
+                continue
+            other_claims = claims[:index] + claims[index + 1 :]
+            yield self._accept(
+                early, early_arrays, early_norm, reference, other_claims, tally, memory
+            )
 
     def _outsized(self, norm: float, others: list[float], tally: Tally) -> bool:
         median = float(np.median(others))
@@ -188,8 +230,10 @@ class UpdateValidator:
         reference: dict[str, np.ndarray],
         other_claims: list[float],
         tally: Tally,
+        memory: NormMemory,
     ) -> Message:
         tally.accepted += 1
+        memory.observe(norm)
         self._cap_weight(reply.content, other_claims, tally)
         if self.clip_norm <= 0 or norm <= self.clip_norm:
             return reply

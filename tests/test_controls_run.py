@@ -429,3 +429,22 @@ def test_a_site_lying_about_its_accuracy_cannot_stop_the_run_at_a_target(tmp_pat
     assert len(rows) == 3 and rows[-1]["stop"] == "max rounds"
     assert all(row["evaluate_rejected"] == {"metrics": 1} for row in rows)
     assert all(row["evaluate"]["accuracy"] <= 1.0 for row in rows)
+
+
+def test_two_colluders_who_reply_first_are_rejected_after_the_first_round(tmp_path):
+    """Sites 1 and 2 (the first replies of every round) behave in round 1, then send
+    x1000 updates: the previous round's committed median norm outvotes them."""
+
+    def collude(msg: Message, reply: Message) -> Message:
+        if msg.metadata.dst_node_id in (1, 2) and _round(msg) >= 2:
+            return _scaled(reply, 1000.0)
+        return reply
+
+    honest = load_config(None, {**DIGITS, "out": str(tmp_path / "honest")})
+    honest_rows = _run(honest, _wrapped(lambda msg, reply: reply)).history
+    cfg = load_config(None, {**DIGITS, "out": str(tmp_path / "run")})
+    rows = _run(cfg, _wrapped(collude)).history
+    assert rows[0]["rejected"] == {}
+    assert all(row["rejected"] == {"norm": 2} for row in rows[1:])
+    # two sites' data fewer, but not taken over (x1000 updates would wreck the model)
+    assert rows[-1]["server"]["accuracy"] >= honest_rows[-1]["server"]["accuracy"] - 0.15

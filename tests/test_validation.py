@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedml.validation import Tally, UpdateValidator
+from fedml.validation import NormMemory, Tally, UpdateValidator
 from simulations.inprocess import InProcessGrid
 
 GLOBAL = {"w": np.zeros((4, 3), dtype=np.float32), "steps": np.array(5, dtype=np.int64)}
@@ -271,3 +271,33 @@ def test_evaluation_weights_are_capped_against_all_the_other_claims():
     tally = Tally()
     valid = UpdateValidator().screen_evaluation(_replies(replies), tally)
     assert sorted(_weights(valid)) == [10.0] * 4 + [30.0] and tally.capped == 1
+
+
+def test_two_colluders_replying_first_are_judged_against_the_previous_round_too():
+    """Without a memory the first three judge each other, so two x1000 updates among
+    them vouch for each other; the previous round's median norm is a vote they do not
+    control."""
+    colluders = [_content(_update(1000.0, seed=90 + i)) for i in range(2)]
+    honest = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(6)]
+    accepted, tally = _screen(UpdateValidator(), _replies([*colluders, *honest]))
+    assert tally.rejected == {} and accepted[:2] == [1, 2]  # the weakness, first round
+    memory = NormMemory(median=1.1)
+    tally = Tally()
+    screened = UpdateValidator().screen(
+        _replies([*colluders, *honest]), _record(GLOBAL), tally, memory
+    )
+    assert [m.metadata.src_node_id for m in screened] == [3, 4, 5, 6, 7, 8]
+    assert tally.rejected == {"norm": 2}
+    memory.end_attempt(accepted=True)  # the accepted round's median norm, for the next
+    assert memory.median == pytest.approx(np.median([1.0 + 0.05 * i for i in range(6)]))
+    assert memory.state_dict() == {"median": memory.median}
+
+
+def test_a_discarded_attempt_leaves_the_memory_as_it_was():
+    memory = NormMemory(median=2.0)
+    list(UpdateValidator().screen(_replies(HONEST), _record(GLOBAL), Tally(), memory))
+    memory.end_attempt(accepted=False)
+    assert memory.median == 2.0
+    restored = NormMemory()
+    restored.load_state_dict(memory.state_dict())
+    assert restored == memory
