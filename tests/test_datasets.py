@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -149,3 +151,75 @@ def test_inspecting_a_bad_shard_fails_as_reading_it_does(tmp_path):
     (tmp_path / "not-a-zip.npz").write_bytes(b"garbage")
     with pytest.raises(FedmlError, match=r"not a readable \.npz"):
         inspect_shard(tmp_path / "not-a-zip.npz")
+
+
+def _damaged(tmp_path, how: str) -> Path:
+    """A shard damaged the way a careless copy or a failing disk damages files."""
+    path = tmp_path / f"{how}.npz"
+    rng = np.random.default_rng(1)
+    np.savez(path, x=rng.normal(size=(200, 8)).astype(np.float32), y=rng.integers(0, 3, 200))
+    data = bytearray(path.read_bytes())
+    if how == "empty":
+        data = bytearray()
+    elif how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "bit-flipped":  # inside x's values: only the member's checksum tells
+        data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "bit-flipped"])
+def test_a_damaged_shard_is_one_clear_error_when_read_or_inspected(tmp_path, how):
+    path = _damaged(tmp_path, how)
+    for check in (read_shard, inspect_shard):
+        with pytest.raises(FedmlError, match=rf"{path.name} is not a readable \.npz"):
+            check(path)
+
+
+def test_a_damaged_shard_stops_a_simulation_before_anything_is_written(tmp_path):
+    """It used to be accepted at start, then that client failed every round silently;
+    an empty one printed only 'Aborted.'"""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_shards(data, 3)
+    damaged = _damaged(tmp_path, "bit-flipped")
+    damaged.replace(data / "client-1.npz")
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedml.cli", "simulate", "--dataset", f"npz:{data}",
+         "--clients", "3", "--rounds", "1", "--out", str(run), "--no-report"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "client-1.npz is not a readable .npz" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr and not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("labels", "fragment"),
+    [
+        (np.array([0, 2**40]), "not a class index below 100,000"),
+        (np.array([0, 2**63 + 5], dtype=np.uint64), "not a class index below 100,000"),
+    ],
+)
+def test_absurd_labels_are_refused_naming_the_file_and_the_bound(tmp_path, labels, fragment):
+    path = tmp_path / "labels.npz"
+    np.savez(path, x=np.zeros((2, 3), dtype=np.float32), y=labels)
+    for check in (read_shard, inspect_shard):
+        with pytest.raises(FedmlError, match=fragment):
+            check(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_features_are_refused_in_npz_as_in_csv_naming_the_row(tmp_path, bad):
+    path = tmp_path / "test.npz"
+    x = np.ones((400_000, 4), dtype=np.float32)  # 6.4 MB: two chunks when streamed
+    x[341_234, 2] = bad
+    np.savez(path, x=x, y=np.zeros(400_000, dtype=np.int64))
+    for check in (read_shard, inspect_shard):
+        with pytest.raises(FedmlError, match="row 341234 of 'x' holds NaN or infinite"):
+            check(path)

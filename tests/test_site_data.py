@@ -71,8 +71,9 @@ def test_a_csv_with_a_label_column_anywhere(tmp_path):
     [
         ("a,b\n1,2\n", "has no column 'label' (columns: a, b)"),
         ("a,label\n1,0\nx,1\n", "line 3: 'x' is not a number"),
-        ("a,label\n1,0.5\n", "line 2: label '0.5' is not an integer class"),
-        ("a,label\n1,-1\n", "label '-1' is not an integer class"),
+        ("a,label\n1,0.5\n", "line 2: label '0.5' is not a class index"),
+        ("a,label\n1,-1\n", "label '-1' is not a class index"),
+        ("a,label\n1,99999999999999999999\n", "label '99999999999999999999' is not a class"),
         ("a,label\n1,0\n1,2,3\n", "line 3: 3 cells where the header has 2"),
         ("a,label\n", "has a header but no examples"),
         ("", "is empty"),

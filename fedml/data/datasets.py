@@ -190,15 +190,24 @@ def synthetic_federation(
     return Federation(num_clients, num_classes, (dim,), test, pool=pool, parts=tuple(parts))
 
 
+MAX_CLASSES = 100_000  # labels are class indices below this (a model's output size)
+CHUNK_BYTES = 1 << 22  # features are checked this many bytes at a time
+# What a damaged or truncated .npz makes NumPy and zipfile raise (a bad CRC included:
+# zipfile checks each member's checksum when it is read to its end).
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
 def read_shard(path: Path) -> Shard:
-    """Read one `.npz` shard holding `x` (features) and `y` (integer labels); no pickle."""
+    """Read one `.npz` shard holding `x` (features) and `y` (integer labels); no pickle.
+    Every byte is read, so a damaged archive fails its checksums here."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             _check_members(path, npz.files)
             x, y = npz["x"], npz["y"]
-    except (OSError, ValueError) as exc:
+    except UNREADABLE as exc:
         raise _unreadable(path, exc) from exc
     _check_shard(path, x.dtype, x.shape, y)
+    _check_finite(path, x, first_row=0)
     return Shard(x.astype(np.float32, copy=False), y.astype(np.int64, copy=False))
 
 
@@ -211,8 +220,9 @@ class ShardInfo:
 
 
 def inspect_shard(path: Path) -> ShardInfo:
-    """`read_shard`'s checks without reading the features: their shape and type come
-    from the `.npy` header inside the archive; only the labels are loaded."""
+    """`read_shard`'s checks without keeping the features: their shape and type come
+    from the `.npy` header inside the archive, and they are streamed through a few MB at
+    a time (checksum and finiteness); only the labels are kept."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             _check_members(path, npz.files)
@@ -224,13 +234,32 @@ def inspect_shard(path: Path) -> ShardInfo:
                 if version == (1, 0)
                 else np.lib.format.read_array_header_2_0
             )
-            shape, _, dtype = read_header(member)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            shape, fortran_order, dtype = read_header(member)
+            if dtype.hasobject:
+                raise _unreadable(path, ValueError("'x' holds Python objects"))
+            _check_shard(path, dtype, shape, y)
+            _stream_features(path, member, shape, dtype, fortran_order)
+    except UNREADABLE as exc:
         raise _unreadable(path, exc) from exc
-    if dtype.hasobject:
-        raise _unreadable(path, ValueError("'x' holds Python objects"))
-    _check_shard(path, dtype, shape, y)
     return ShardInfo(tuple(shape[1:]), int(y.max()))
+
+
+def _stream_features(path: Path, member, shape: tuple[int, ...], dtype, fortran: bool) -> None:
+    """Read `x` to its end in chunks of rows: zipfile checks its checksum at the end,
+    and every row must be finite (a Fortran-ordered array is read, not row-checked)."""
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
+    done = 0
+    while done < shape[0]:
+        rows = min(rows_per_chunk, shape[0] - done)
+        data = member.read(rows * row_bytes)
+        if len(data) != rows * row_bytes:
+            raise EOFError(f"'x' ends after {done + len(data) // row_bytes} of {shape[0]} rows")
+        if not fortran:
+            values = np.frombuffer(data, dtype=dtype).reshape(rows, -1)
+            _check_finite(path, values, first_row=done)
+        done += rows
+    member.read()  # to its end: the checksum is verified there
 
 
 def _check_members(path: Path, files: list[str]) -> None:
@@ -253,6 +282,23 @@ def _check_shard(path: Path, x_dtype: np.dtype, x_shape: tuple[int, ...], y: np.
         raise FedmlError(f"{path}: 'y' must be a 1-D integer array with one label per row of 'x'.")
     if len(y) == 0 or y.min() < 0:
         raise FedmlError(f"{path}: 'y' must be non-empty with labels >= 0.")
+    if y.max() >= MAX_CLASSES:
+        raise FedmlError(
+            f"{path}: label {y.max()} is not a class index below {MAX_CLASSES:,}; labels "
+            "are 0, 1, 2, ... (map your label values to class indices first)."
+        )
+
+
+def _check_finite(path: Path, x: np.ndarray, first_row: int) -> None:
+    """Refuse NaN or infinite features, naming the first such row (as CSV data are)."""
+    if np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.complexfloating):
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if bad.any():
+            row = first_row + int(np.argmax(bad))
+            raise FedmlError(
+                f"{path}: row {row} of 'x' holds NaN or infinite features; clean or "
+                "impute them first."
+            )
 
 
 def _npz_federation(directory: Path, num_clients: int, partition_spec: str) -> Federation:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedml.data.datasets import Shard, read_shard
+from fedml.data.datasets import MAX_CLASSES, Shard, read_shard
 from fedml.errors import FedmlError
 
 X_FILE, Y_FILE, SOURCE_FILE = "x.npy", "y.npy", "source.json"
@@ -91,9 +91,10 @@ def _read_csv(path: Path, label_column: str) -> Shard:
                 "cells only (encode categories as numbers first)."
             ) from None
         label = values.pop(label_at)
-        if not label.is_integer() or label < 0:
+        if not label.is_integer() or not 0 <= label < MAX_CLASSES:
             raise FedmlError(
-                f"{path}, line {line}: label {row[label_at]!r} is not an integer class >= 0."
+                f"{path}, line {line}: label {row[label_at]!r} is not a class index "
+                f"0 .. {MAX_CLASSES - 1:,}."
             )
         features.append(values)
         labels.append(int(label))
