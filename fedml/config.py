@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -39,6 +40,7 @@ ACCOUNTANTS = ("rdp", "prv")
 # `fedml simulate --engine ray --resume` set RESUME_KEY to tell the ServerApp to continue
 # the run directory `out` from its newest commit; the Ray engine sets SIMULATED_KEY to
 # tell it that its nodes are Flower's simulated SuperNodes (see simulations/virtual_nodes).
+MAX_SEED = 2**32 - 1  # scikit-learn's random_state takes no larger seed
 RESUME_KEY = "deploy.resume"
 SIMULATED_KEY = "deploy.simulated"
 
@@ -394,7 +396,16 @@ def _check(condition: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Reject impossible values with one message naming the key and the fix."""
     _check(cfg.rounds >= 1, f"rounds must be at least 1, got {cfg.rounds}.")
-    _check(cfg.seed >= 0, f"seed must be a non-negative integer, got {cfg.seed}.")
+    _check(
+        0 <= cfg.seed <= MAX_SEED,
+        f"seed must be a whole number 0 .. {MAX_SEED} (it seeds NumPy, scikit-learn and "
+        f"PyTorch), got {cfg.seed}.",
+    )
+    for key, value in cfg.to_flat().items():
+        _check(
+            not isinstance(value, float) or math.isfinite(value),
+            f"{key} must be a finite number, got {value}.",
+        )
 
     data = cfg.data
     _check(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -153,9 +154,51 @@ def strategy_arguments(cfg: RunConfig, cls: type) -> dict[str, Any]:
             f"{', '.join(hints)} from [strategy]. It accepts: "
             f"{', '.join(sorted(accepted)) or 'no keyword arguments'}."
         )
+    _check_option_values(s.name, cls, s.options)
     kwargs = {k: v for k, v in standard.items() if k in accepted or takes_any}
     kwargs.update(s.options)
     return kwargs
+
+
+def _check_option_values(name: str, cls: type, options: dict[str, Any]) -> None:
+    """A catalog (Flower) strategy's options must have the type of the parameter's
+    default, and numbers must be finite and >= 0 (counts, rates, fractions: every numeric
+    parameter of Flower's strategies): `num_malicious_nodes = -5` is an error before
+    the run starts, not a silent no-op. Plugins check their own options."""
+    from strategies.catalog import CatalogAdapter
+
+    if not issubclass(cls, CatalogAdapter):
+        return
+    defaults = _parameter_defaults(cls)
+    for key, value in options.items():
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise FedmlError(
+                    f"[strategy] {key} for '{name}' must be true or false, not {value!r}."
+                )
+        elif isinstance(default, int | float):
+            wants = "a whole number" if isinstance(default, int) else "a number"
+            number = not isinstance(value, bool) and isinstance(value, int | float)
+            whole = isinstance(value, int) or not isinstance(default, int)
+            if not (number and whole and math.isfinite(value) and value >= 0):
+                raise FedmlError(
+                    f"[strategy] {key} for '{name}' must be {wants} >= 0 (default "
+                    f"{default}), not {value!r}."
+                )
+
+
+def _parameter_defaults(cls: type) -> dict[str, Any]:
+    """Each keyword parameter's default along the `__init__`s of `cls`'s hierarchy."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                defaults[param.name] = param.default
+    return defaults
 
 
 def build_strategy(cfg: RunConfig, reproducible: bool = True) -> Strategy:

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from safetensors.numpy import load_file
 
 from fedml.config import load_config
+from fedml.errors import FedmlError
 from fedml.server import Experiment
 from simulations.engine import simulate
 from simulations.flower_internals import claim_server_identity
@@ -170,3 +171,22 @@ def test_catalog_options_come_from_the_strategy_table():
     assert build_strategy(cfg).beta == 0.1
     krum = load_config(None, {"strategy.name": "krum", "strategy.num_malicious_nodes": 1})
     assert build_strategy(krum).num_malicious_nodes == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"strategy.num_malicious_nodes": -5}, "num_malicious_nodes for 'krum' must be a whole"),
+        ({"strategy.num_malicious_nodes": 1.5}, "must be a whole number >= 0"),
+        ({"strategy.min_train_nodes": float("nan")}, "min_train_nodes must be a finite number"),
+        ({"strategy.num_malicious_nodes": True}, "must be a whole number >= 0"),
+    ],
+)
+def test_catalog_options_are_checked_before_the_run_starts(options, fragment):
+    with pytest.raises(FedmlError, match=fragment):
+        build_strategy(load_config(None, {"strategy.name": "krum", **options}))
+
+
+def test_a_non_finite_option_or_config_value_is_refused():
+    with pytest.raises(FedmlError, match=r"client\.weight_decay must be a finite number"):
+        load_config(None, {"client.weight_decay": float("inf")})

@@ -56,6 +56,9 @@ def test_default_run_directory_is_timestamped_under_runs(tmp_path):
         (["--engine", "dask"], "simulation.engine 'dask' is unknown. Use one of: inprocess, ray"),
         (["--engine", "ray", "--num-cpus", "0"], "simulation.num_cpus (whole CPUs per Ray"),
         (["--engine", "ray", "--num-gpus", "-0.5"], "simulation.num_gpus (GPUs per Ray client"),
+        (["--seed", "4294967296"], "seed must be a whole number 0 .. 4294967295"),
+        (["--lr", "inf"], "client.lr must be a finite number, got inf"),
+        (["--server-lr", "inf"], "server.lr must be a finite number, got inf"),
     ],
 )
 def test_bad_input_is_one_clear_error_exit_2(tmp_path, args, fragment):
