@@ -21,7 +21,9 @@ history in the run directory still holds everything (`fedml report` redraws it).
 from __future__ import annotations
 
 import logging
+import socket
 import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -127,6 +129,22 @@ class TensorBoardTracker:
             self.writer.close()
 
 
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer is an error now, in seconds: MLflow's own
+    client would retry for minutes before saying so."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise FedmlError(
+            f"Cannot reach the MLflow tracking server at {uri}: {exc}. Start it, or record "
+            "to a SQLite file instead (--mlflow mlflow.db)."
+        ) from exc
+
+
 class MLflowTracker:
     """One MLflow run per run directory, in the experiment "fedml": the config as
     params (what a resume changes, as tags "resumed.<key>"), the series as metrics.
@@ -149,6 +167,7 @@ class MLflowTracker:
         self.run_dir, self.cfg = run_dir, cfg
         self.run_id: str | None = None  # opened with the first rows (see TensorBoardTracker)
         self.last_round = 0
+        _check_reachable(self.where)
         try:  # reach the store now, so that a wrong one is an error before the run
             self.client = MlflowClient(tracking_uri=self.where)
             experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -159,6 +160,18 @@ def test_an_unusable_mlflow_store_is_a_clear_error_before_the_run(tmp_path):
     db = tmp_path / "a-file" / "mlflow.db"
     with pytest.raises(FedmlError, match="Cannot record to MLflow at sqlite:///"):
         MLflowTracker(str(db), tmp_path / "run", _config(tmp_path / "run", 1))
+
+
+def test_an_mlflow_server_that_does_not_answer_is_an_error_in_seconds(tmp_path):
+    """MLflow's client would retry for over four minutes before saying so."""
+    from fedml.deploy.processes import free_port
+
+    started = time.monotonic()
+    with pytest.raises(FedmlError, match="Cannot reach the MLflow tracking server"):
+        MLflowTracker(
+            f"http://127.0.0.1:{free_port()}/", tmp_path / "run", _config(tmp_path / "run", 1)
+        )
+    assert time.monotonic() - started < 15
 
 
 def test_the_cli_imports_tracker_packages_only_when_asked_and_matplotlib_only_to_report(
