@@ -375,6 +375,7 @@ class RunStore:
                 f"{self.path} already has {done} committed rounds; rounds = {cfg.rounds} would "
                 f"discard some. Pass --rounds {done} or more (more extends the run)."
             )
+        self._refuse_lost_rounds(done, damaged)
         # -- from here on the directory changes
         self._clean_leftovers()
         for check in damaged:
@@ -396,6 +397,25 @@ class RunStore:
             atomic_write(self.path / CONFIG, cfg.to_toml().encode())
         self.cfg = cfg
         return checkpoint, damaged
+
+    def _refuse_lost_rounds(self, done: int, damaged: list[CommitCheck]) -> None:
+        """Resuming cuts history.jsonl back to the newest intact commit (round `done`).
+        A crash leaves at most one row past it (round done + 1, whose commit was being
+        written), and a damaged commit is kept in damaged/; any other row past it names a
+        round whose commit is gone (commits/ deleted or emptied by hand). Cutting that
+        would lose it for good: refuse, change nothing."""
+        kept = {check.round for check in damaged} | {done + 1}
+        lost = sorted(row["round"] for row in read_history(self.path) if row["round"] > done)
+        lost = [r for r in lost if r not in kept]
+        if lost:
+            newest = f"round {done}" if done else "none"
+            raise FedmlError(
+                f"{self.path / HISTORY} holds rounds up to {lost[-1]}, but no commit in "
+                f"{self.path / COMMITS} holds rounds {lost[0]}..{lost[-1]} (newest intact "
+                f"commit: {newest}); were commits deleted? Resuming would discard those "
+                "rounds, so nothing was changed. Restore commits/ from a backup, or start "
+                "afresh in a new directory (--out NEW_DIR), which leaves this one as it is."
+            )
 
     def _truncate_history(self, checkpoint: Checkpoint | None) -> None:
         size = 0

@@ -231,3 +231,23 @@ def test_runs_shows_one_run_and_a_folder_of_runs(finished_run):
 
     missing = _fedml("runs", str(finished_run / "commits"))
     assert missing.returncode == 2 and "neither a run directory" in missing.stderr
+
+
+def test_a_run_whose_commits_were_deleted_is_refused_not_rewritten(tmp_path):
+    """It used to cut history.jsonl to nothing and start again from round 1."""
+    import shutil
+
+    run = tmp_path / "run"
+    result = _fedml(
+        "simulate", "--rounds", "3", "--clients", "3", "--local-epochs", "1", "--out", str(run),
+        "--no-report",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shutil.rmtree(run / "commits")
+    before = (run / "history.jsonl").read_bytes()
+    result = _fedml("simulate", "--resume", str(run), "--rounds", "5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert "holds rounds up to 3" in message and "were commits deleted?" in message
+    assert "--out NEW_DIR" in message
+    assert (run / "history.jsonl").read_bytes() == before
