@@ -576,8 +576,20 @@ def strategies() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="fedml")
+    """Console-script entry point. A file system that refuses a write (full, read-only)
+    anywhere in a command is one clear error, not a traceback."""
+    import errno
+
+    try:
+        app(prog_name="fedml")
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        from fedml.runstore import storage_error
+
+        message = escape(str(storage_error(exc, "writing")))
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ Matplotlib is imported here only, and draws with its Agg canvas: no display need
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -223,12 +224,17 @@ def write_report(paths: Sequence[Path], out: Path) -> Report:
     except OSError as exc:
         raise FedmlError(f"Cannot create the report folder {out}: {exc}.") from exc
     report = Report(out, skipped=skipped)
-    for name, figure in figures(runs).items():
-        path = out / f"{name}.png"
-        figure.savefig(path, dpi=DPI)
-        report.files.append(path)
-    report.files.append(_write_csv(out / SUMMARY_CSV, [summary_row(run) for run in runs]))
-    report.files.append(_write_csv(out / ROUNDS_CSV, _round_rows(runs)))
+    try:  # each file whole or not at all: a full disk leaves no 0-byte figure
+        for name, figure in figures(runs).items():
+            image = io.BytesIO()
+            figure.savefig(image, dpi=DPI, format="png")
+            report.files.append(_write(out / f"{name}.png", image.getvalue()))
+        report.files.append(_write_csv(out / SUMMARY_CSV, [summary_row(run) for run in runs]))
+        report.files.append(_write_csv(out / ROUNDS_CSV, _round_rows(runs)))
+    except OSError as exc:
+        from fedml.runstore import storage_error
+
+        raise storage_error(exc, f"writing the report to {out}") from exc
     return report
 
 
@@ -282,8 +288,15 @@ def _cell(value: float | None) -> str | float:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return _write(path, text.getvalue().encode("utf-8"))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    from fedml.runstore import atomic_write
+
+    atomic_write(path, data)
     return path

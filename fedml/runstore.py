@@ -494,6 +494,30 @@ class RunStore:
         `arrays` must be what was passed to `stage` for this round, if it was staged.
         `keep_round` is a round retention must keep (early stopping's best so far);
         `model_round` makes model.safetensors that (kept) round's model instead."""
+        try:
+            return self._commit(
+                server_round, arrays, row, state, node_states, stop_reason, keep_round, model_round
+            )
+        except OSError as exc:  # the disk is full, read-only, ...: say so, leave no litter
+            shutil.rmtree(self._staging_dir(server_round), ignore_errors=True)
+            for entry in self.path.glob(f".{MODEL}.*"):
+                entry.unlink(missing_ok=True)
+            done = [commit_round(c) or 0 for c in self.commit_dirs()]
+            raise storage_error(
+                exc, f"committing round {server_round} to {self.path}", max(done, default=0)
+            ) from exc
+
+    def _commit(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        row: dict[str, Any],
+        state: dict[str, Any],
+        node_states: dict[int, RecordDict] | None,
+        stop_reason: str | None,
+        keep_round: int | None,
+        model_round: int | None,
+    ) -> Path:
         staged_round, future = self._staged or (None, None)
         self._staged = None
         if future is not None and staged_round == server_round:
@@ -776,6 +800,29 @@ def is_locked(path: Path) -> bool:
     finally:
         handle.close()
     return False
+
+
+def storage_error(exc: OSError, doing: str, last_round: int | None = None) -> FedmlError:
+    """One clear error for a file system that refuses a write (full, read-only, no
+    permission): what was being done and, during a run, the last intact round."""
+    import errno
+
+    reasons = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+    }
+    reason = reasons.get(exc.errno or 0, exc.strerror or str(exc))
+    where = f" ({exc.filename})" if exc.filename else ""
+    kept = (
+        f" The last intact round is {last_round}; free space (or fix the permissions) and "
+        "continue with --resume: nothing committed was lost."
+        if last_round is not None
+        else " Nothing committed was lost; fix it and run the command again."
+    )
+    return FedmlError(f"{reason.capitalize()} while {doing}{where}.{kept}")
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -310,3 +311,88 @@ def test_config_and_node_records_are_plain_flower_records(tmp_path):
     store.commit(1, _arrays(1), _row(1, 0.1), state={}, node_states={1: state, 3: state})
     nodes = store.latest_valid()[0].node_states
     assert sorted(nodes) == [1, 3] and dict(nodes[3]["c"]) == {"k": "v"}
+
+
+# ------------------------------------------------------------------------ a full disk
+def test_a_full_disk_at_a_commit_is_one_clear_error_and_the_run_resumes_after(
+    tmp_path, monkeypatch
+):
+    """ENOSPC while round 2's files are written: a FedmlError naming the last intact
+    round, no temporary file left, and once space is back the run continues."""
+    import errno
+
+    import fedml.runstore as runstore
+
+    store = RunStore.create(tmp_path / "run", _cfg(tmp_path))
+    store.commit(1, _arrays(1), _row(1, 0.5), state={"strategy": {"r": 1}})
+    real_write = runstore._write_synced
+
+    def full_disk(path: Path, data: bytes) -> None:
+        if ".round-000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(runstore, "_write_synced", full_disk)
+    store.stage(2, _arrays(2))  # the model file is written in the background, as in a run
+    with pytest.raises(FedmlError) as error:
+        store.commit(2, _arrays(2), _row(2, 0.6), state={"strategy": {"r": 2}})
+    store.close()
+    message = str(error.value)
+    assert message.startswith("No space left on the device while committing round 2")
+    assert "The last intact round is 1" in message and "--resume" in message
+    leftovers = [p.name for p in (tmp_path / "run").rglob(".*")]
+    assert leftovers == [] or all(name == ".lock" for name in leftovers), leftovers
+
+    monkeypatch.setattr(runstore, "_write_synced", real_write)  # space is back
+    store, (checkpoint, damaged) = _resume(tmp_path)
+    assert checkpoint.round == 1 and damaged == []
+    assert [row["round"] for row in store.rows] == [1]  # round 2's row was cut back
+    store.commit(2, _arrays(2), _row(2, 0.6), state={"strategy": {"r": 2}})
+    store.close()
+    assert run_status(tmp_path / "run").rounds_done == 2
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 400 KB file system of its own (tmpfs), where this machine allows mounting one."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_is_one_clear_error_and_the_run_resumes_once_space_is_back(tiny_disk):
+    import subprocess
+    import sys
+
+    def fedml(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "fedml.cli", *args], capture_output=True, text=True,
+            timeout=300, check=False, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+        )  # fmt: skip
+
+    run = tiny_disk / "run"
+    common = ["--model", "mlp", "--clients", "3", "--local-epochs", "1", "--no-report"]
+    assert fedml("simulate", *common, "--rounds", "5", "--out", str(run)).returncode == 0
+    free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
+    (tiny_disk / "filler").write_bytes(b"\0" * (free - 16_000))  # less than a commit
+    failed = fedml("simulate", "--resume", str(run), "--rounds", "8")
+    message = " ".join(failed.stderr.split())
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert "No space left on the device while committing round 6" in message
+    assert "The last intact round is 5" in message
+    assert not list((run / "commits").glob(".*"))  # no half-written commit left
+    (tiny_disk / "filler").unlink()
+    resumed = fedml("simulate", "--resume", str(run), "--rounds", "8", "--no-report")
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_status(run).rounds_done == 8
