@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -259,10 +260,11 @@ class RunStore:
         return list_commit_dirs(self.path)
 
     def check(self, commit: Path) -> CommitCheck:
-        """Verify one commit: manifest, every file's size and SHA-256, history prefix."""
+        """Verify one commit: manifest, every file's size and SHA-256, history prefix,
+        and that its contents decode (a checksum can be re-sealed by hand)."""
         server_round = commit_round(commit) or 0
         try:
-            self._read_verified(commit)
+            self.load(commit)
         except _Damaged as exc:
             return CommitCheck(commit, server_round, str(exc))
         return CommitCheck(commit, server_round, None)
@@ -281,12 +283,16 @@ class RunStore:
             raise _Damaged(f"{MANIFEST} fails its own checksum (modified)")
         if manifest.get("round") != commit_round(commit):
             raise _Damaged(f"{MANIFEST} names round {manifest.get('round')}")
+        listed = manifest.get("files")
+        if not isinstance(listed, dict) or not isinstance(manifest.get("history"), dict):
+            raise _Damaged(f"{MANIFEST} has unexpected contents ('files' or 'history')")
         files: dict[str, bytes] = {}
-        for name, expected in manifest.get("files", {}).items():
-            try:
-                data = (commit / name).read_bytes()
-            except OSError:
-                raise _Damaged(f"{name} is missing") from None
+        for name, expected in listed.items():
+            if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+                raise _Damaged(f"{MANIFEST} lists {name!r}, which is not a file of the commit")
+            data = _read_regular(commit / name)  # never a FIFO or device: it could hang
+            if data is None:
+                raise _Damaged(f"{name} is missing or not a regular file")
             if _digest(data) != expected:
                 raise _Damaged(f"{name} fails its checksum (truncated or modified)")
             files[name] = data
@@ -298,6 +304,8 @@ class RunStore:
 
     def _check_history_prefix(self, expected: dict[str, Any]) -> None:
         size = expected.get("bytes", -1)
+        if type(size) is not int:
+            raise _Damaged(f"{MANIFEST} records history size {size!r}, not a byte count")
         try:
             with open(self.path / HISTORY, "rb") as handle:
                 prefix = handle.read(size) if size >= 0 else b""
@@ -313,20 +321,26 @@ class RunStore:
         from safetensors.numpy import load as load_tensors
 
         files = self._read_verified(commit)
-        state = json.loads(files[STATE_FILE])
-        state_arrays = load_tensors(files[STATE_ARRAYS_FILE]) if STATE_ARRAYS_FILE in files else {}
-        nodes = load_tensors(files[NODES_FILE]) if NODES_FILE in files else {}
-        return Checkpoint(
-            round=state["round"],
-            arrays=_decode_arrays(files[ARRAYS_FILE]),
-            state=decode_state(state["components"], state_arrays),
-            node_states={int(n): recorddict_from_bytes(b.tobytes()) for n, b in nodes.items()},
-            stop_reason=state.get("stop_reason"),
-            experiment=state["experiment"],
-            path=commit,
-            keep_round=state.get("keep_round"),
-            model_round=state.get("model_round"),
-        )
+        try:  # checksums can be re-sealed by hand: the contents are checked too
+            state = json.loads(files[STATE_FILE])
+            arrays_of = load_tensors(files[STATE_ARRAYS_FILE]) if STATE_ARRAYS_FILE in files else {}
+            nodes = load_tensors(files[NODES_FILE]) if NODES_FILE in files else {}
+            checkpoint = Checkpoint(
+                round=state["round"],
+                arrays=_decode_arrays(files[ARRAYS_FILE]),
+                state=decode_state(state["components"], arrays_of),
+                node_states={int(n): recorddict_from_bytes(b.tobytes()) for n, b in nodes.items()},
+                stop_reason=state.get("stop_reason"),
+                experiment=state["experiment"],
+                path=commit,
+                keep_round=state.get("keep_round"),
+                model_round=state.get("model_round"),
+            )
+        except Exception as exc:  # whatever a hand-made file makes the decoders raise
+            raise _Damaged(f"its contents do not decode ({type(exc).__name__}: {exc})") from None
+        if checkpoint.round != commit_round(commit):
+            raise _Damaged(f"{STATE_FILE} names round {checkpoint.round}")
+        return checkpoint
 
     def latest_valid(self) -> tuple[Checkpoint | None, list[CommitCheck]]:
         """The newest intact commit (None when the run has none yet) and the damaged
@@ -679,6 +693,11 @@ class RunStore:
     def _lock(self) -> None:
         """Hold an exclusive lock on DIR/.lock while this process writes the run. The
         operating system drops it when the process ends, however it ends."""
+        if (self.path / LOCK).exists() and not (self.path / LOCK).is_file():
+            raise FedmlError(
+                f"{self.path / LOCK} is not fedml's lock file (a folder or another kind of "
+                "file took its place). Remove it, then run the command again."
+            )
         handle = open(self.path / LOCK, "a+")  # noqa: SIM115 - held until close()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -789,6 +808,8 @@ def run_status(path: Path) -> RunStatus:
 
 def is_locked(path: Path) -> bool:
     """Whether a fedml process holds the run directory's lock right now."""
+    if not (path / LOCK).is_file():
+        return False
     try:
         handle = open(path / LOCK)  # noqa: SIM115 - closed below
     except OSError:
@@ -800,6 +821,16 @@ def is_locked(path: Path) -> bool:
     finally:
         handle.close()
     return False
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of `path` if it is a regular file (following links), else None."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def storage_error(exc: OSError, doing: str, last_round: int | None = None) -> FedmlError:

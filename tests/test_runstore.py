@@ -396,3 +396,73 @@ def test_a_real_full_disk_is_one_clear_error_and_the_run_resumes_once_space_is_b
     resumed = fedml("simulate", "--resume", str(run), "--rounds", "8", "--no-report")
     assert resumed.returncode == 0, resumed.stderr
     assert run_status(run).rounds_done == 8
+
+
+# ------------------------------------------------- hand-made damage with valid checksums
+def _reseal(commit: Path, edit) -> None:
+    """Let `edit(manifest)` change a commit's manifest (and files), then recompute every
+    checksum, as someone editing a run folder by hand could."""
+    from fedml.runstore import _digest, _manifest_digest
+
+    manifest = json.loads((commit / "MANIFEST.json").read_bytes())
+    edit(manifest)
+    if isinstance(manifest.get("files"), dict):
+        for name in manifest["files"]:
+            path = commit / name
+            if path.is_file():
+                manifest["files"][name] = _digest(path.read_bytes())
+    manifest["sha256"] = _manifest_digest(manifest)
+    (commit / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def _bad_state(commit: Path):
+    def edit(manifest):
+        (commit / "state.json").write_text("[]")
+
+    return edit
+
+
+def _files_as_list(commit: Path):
+    def edit(manifest):
+        manifest["files"] = list(manifest["files"])
+
+    return edit
+
+
+def _history_bytes_as_text(commit: Path):
+    def edit(manifest):
+        manifest["history"]["bytes"] = "lots"
+
+    return edit
+
+
+def _a_fifo(commit: Path):
+    def edit(manifest):
+        os.mkfifo(commit / "pipe")
+        manifest["files"]["pipe"] = {"sha256": "0" * 64, "bytes": 0}
+
+    return edit
+
+
+@pytest.mark.parametrize("damage", [_bad_state, _files_as_list, _history_bytes_as_text, _a_fifo])
+def test_a_resealed_commit_with_bad_contents_is_damaged_not_a_traceback(tmp_path, damage):
+    _run_with_commits(tmp_path, [0.5, 0.6, 0.7])
+    newest = tmp_path / "run" / "commits" / "round-000003"
+    _reseal(newest, damage(newest))
+    status = run_status(tmp_path / "run")  # never opens the FIFO: it would hang
+    assert status.rounds_done == 2
+    assert status.commits[-1].problem is not None
+    store, (checkpoint, damaged) = _resume(tmp_path)
+    store.close()
+    assert checkpoint.round == 2 and [c.round for c in damaged] == [3]
+    assert (tmp_path / "run" / "damaged" / "round-000003").is_dir()
+
+
+def test_a_folder_where_the_lock_file_belongs_is_a_clear_error(tmp_path):
+    _run_with_commits(tmp_path, [0.5])
+    lock = tmp_path / "run" / ".lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    assert run_status(tmp_path / "run").running is False
+    with pytest.raises(FedmlError, match=r"\.lock is not fedml's lock file"):
+        _resume(tmp_path)
