@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Bulyan as FlowerBulyan
 from flwr.serverapp.strategy import FedAdagrad as FlowerFedAdagrad
 from flwr.serverapp.strategy import FedAdam as FlowerFedAdam
 from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
@@ -34,6 +35,7 @@ from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
 from flwr.serverapp.strategy import FedTrimmedAvg as FlowerFedTrimmedAvg
 from flwr.serverapp.strategy import FedYogi as FlowerFedYogi
 from flwr.serverapp.strategy import Krum as FlowerKrum
+from flwr.serverapp.strategy import MultiKrum as FlowerMultiKrum
 
 from fedml.arrays import from_numpy, record_of, to_numpy
 from strategies.aggregate import cast_like
@@ -172,6 +174,19 @@ class Krum(CatalogAdapter, FlowerKrum):
     `num_malicious_nodes` (0) Byzantine clients; Flower's implementation."""
 
 
+class MultiKrum(CatalogAdapter, FlowerMultiKrum):
+    """Multi-Krum (Blanchard et al., 2017): the mean of the `num_nodes_to_select` (1)
+    updates closest to their neighbours, robust to `num_malicious_nodes` (0) Byzantine
+    clients; Flower's implementation. Averaging several keeps more of the honest
+    sites' data than Krum's single pick (which alone can stall on non-IID data)."""
+
+
+class Bulyan(CatalogAdapter, FlowerBulyan):
+    """Bulyan (El Mhamdi et al., 2018): Multi-Krum selection, then a coordinate-wise
+    trimmed mean around the median; robust to `num_malicious_nodes` (0) Byzantine
+    clients when there are at least 4 x that + 3 replies. Flower's implementation."""
+
+
 CATALOG: dict[str, str] = {
     "fedavgm": "strategies.catalog:FedAvgM",
     "fedadam": "strategies.catalog:FedAdam",
@@ -180,4 +195,6 @@ CATALOG: dict[str, str] = {
     "fedmedian": "strategies.catalog:FedMedian",
     "fedtrimmedavg": "strategies.catalog:FedTrimmedAvg",
     "krum": "strategies.catalog:Krum",
+    "multikrum": "strategies.catalog:MultiKrum",
+    "bulyan": "strategies.catalog:Bulyan",
 }
