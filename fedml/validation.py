@@ -19,10 +19,11 @@ One broken or hostile site must not end or poison a run. A training reply is rej
   of the round's other valid updates that arrived before it. The first three are judged
   against each other and against the median accepted norm of the previous accepted
   round (`NormMemory`, committed with each round), a vote the round's first repliers do
-  not control: two colluders among the first three no longer vouch for each other. With
-  fewer than three valid updates and no earlier round there is no norm check, as a
-  median of fewer means little; in a run's first round the first three still judge each
-  other alone.
+  not control: two colluders among the first three no longer vouch for each other. In a
+  run's first round there is no such vote, so the first five wait and are judged
+  against each other (two colluders among them are outvoted; a round that ends with
+  three or four is judged among those). With fewer than three valid updates and no
+  earlier round there is no norm check, as a median of fewer means little.
 
 With `clip_norm > 0` each accepted update is then scaled down to that L2 norm
 (w_global + (w - w_global) * min(1, clip / ||w - w_global||)).
@@ -36,7 +37,7 @@ other); a capped reply is aggregated with the capped weight and counted in
 an honest site holding more data than that loses some of its weight: the price of a
 bound no single site can move.
 
-Screening streams: replies go through one at a time and at most two wait for the norm
+Screening streams: replies go through one at a time and at most four wait for the norm
 check, so the server holds O(model size) of client arrays, not O(clients x model size).
 Evaluation replies (metrics only) get the malformed / num-examples / metrics checks,
 and their weights are capped the same way against all of the round's other evaluation
@@ -57,6 +58,7 @@ from flwr.common.constant import SType
 from fedml.arrays import from_numpy, record_of, to_numpy
 
 NORM_SAMPLE = 3  # valid updates needed before the norm check starts
+FIRST_ROUND_SAMPLE = 5  # updates that wait when no earlier round's median exists
 MAX_EXAMPLES = 2**53  # the largest weight a reply may claim (exact in float64)
 UNIT_METRICS = ("accuracy",)  # metrics that must lie in [0, 1]
 NON_NEGATIVE_METRICS = ("loss",)  # metrics that must be >= 0
@@ -121,6 +123,8 @@ class UpdateValidator:
         median norm) joins the judging of the first updates and learns this round's."""
         memory = memory if memory is not None else NormMemory()
         earlier = [memory.median] if memory.median is not None else []
+        # with no earlier round to outvote colluders, more of the first updates wait
+        sample = NORM_SAMPLE if earlier else FIRST_ROUND_SAMPLE
         reference = {k: to_numpy(v) for k, v in global_arrays.items()}
         norms: list[float] = []  # norms of the valid updates so far
         claims: list[float] = []  # and their weight claims
@@ -135,25 +139,39 @@ class UpdateValidator:
             claims.append(self._claim(reply.content))
             if self.norm_factor <= 0:
                 yield self._accept(reply, arrays, norm, reference, claims[:-1], tally, memory)
-            elif len(norms) < NORM_SAMPLE:
+            elif len(norms) < sample:
                 waiting.append((reply, arrays, norm))
             else:
-                if waiting:  # the first updates, judged against each other
-                    for index, (early, early_arrays, early_norm) in enumerate(waiting):
-                        others = slice(None, index), slice(index + 1, None)
-                        other_norms = norms[others[0]] + norms[others[1]] + earlier
-                        if self._outsized(early_norm, other_norms, tally):
-                            continue
-                        other_claims = claims[others[0]] + claims[others[1]]
-                        yield self._accept(
-                            early, early_arrays, early_norm, reference, other_claims, tally, memory
-                        )
-                    waiting.clear()
+                yield from self._judge_first(
+                    waiting, norms, claims, earlier, reference, tally, memory
+                )
+                waiting.clear()
                 if not self._outsized(norm, norms[:-1], tally):
                     yield self._accept(reply, arrays, norm, reference, claims[:-1], tally, memory)
-        for index, (early, early_arrays, early_norm) in enumerate(waiting):  # too few for
-            others = norms[:index] + norms[index + 1 :] + earlier  # the check without a memory
-            if earlier and self._outsized(early_norm, others, tally):
+        if len(waiting) >= NORM_SAMPLE or earlier:  # the round ended before `sample`
+            yield from self._judge_first(waiting, norms, claims, earlier, reference, tally, memory)
+        else:  # too few for a norm check, and nothing earlier to judge by
+            for index, (early, early_arrays, early_norm) in enumerate(waiting):
+                other_claims = claims[:index] + claims[index + 1 :]
+                yield self._accept(
+                    early, early_arrays, early_norm, reference, other_claims, tally, memory
+                )
+
+    def _judge_first(
+        self,
+        waiting: list[tuple[Message, dict[str, np.ndarray], float]],
+        norms: list[float],
+        claims: list[float],
+        earlier: list[float],
+        reference: dict[str, np.ndarray],
+        tally: Tally,
+        memory: NormMemory,
+    ) -> Iterator[Message]:
+        """The first updates of a round (they lead `norms` and `claims`), each judged
+        against the round's other valid updates so far and the previous round's median."""
+        for index, (early, early_arrays, early_norm) in enumerate(waiting):
+            other_norms = norms[:index] + norms[index + 1 :] + earlier
+            if self._outsized(early_norm, other_norms, tally):
                 continue
             other_claims = claims[:index] + claims[index + 1 :]
             yield self._accept(

@@ -178,9 +178,10 @@ def test_clipping_scales_large_updates_to_the_clip_norm_and_keeps_small_ones():
     assert clipped.dtype == np.float32
 
 
-def test_screening_streams_holding_at_most_three_replies():
-    """The validator yields the first accepted update after at most three replies were
-    produced, and each later one right after it arrives."""
+def test_screening_streams_holding_at_most_five_replies_then_three():
+    """The validator yields the first accepted update after at most five replies were
+    produced in a run's first round (three once an earlier round's median exists), and
+    each later one right after it arrives."""
     produced: list[int] = []
     replies = _replies([_content(_update(1.0 + 0.1 * i, seed=i)) for i in range(8)])
 
@@ -192,7 +193,12 @@ def test_screening_streams_holding_at_most_three_replies():
     seen_when_yielded = [
         len(produced) for _ in UpdateValidator().screen(source(), _record(GLOBAL), Tally())
     ]
-    assert seen_when_yielded == [3, 3, 3, 4, 5, 6, 7, 8]
+    assert seen_when_yielded == [5, 5, 5, 5, 5, 6, 7, 8]
+    produced.clear()
+    later_round = UpdateValidator().screen(
+        source(), _record(GLOBAL), Tally(), NormMemory(median=1.2)
+    )
+    assert [len(produced) for _ in later_round] == [3, 3, 3, 4, 5, 6, 7, 8]
 
 
 def test_evaluation_replies_are_screened_on_their_metrics():
@@ -280,7 +286,9 @@ def test_two_colluders_replying_first_are_judged_against_the_previous_round_too(
     colluders = [_content(_update(1000.0, seed=90 + i)) for i in range(2)]
     honest = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(6)]
     accepted, tally = _screen(UpdateValidator(), _replies([*colluders, *honest]))
-    assert tally.rejected == {} and accepted[:2] == [1, 2]  # the weakness, first round
+    assert tally.rejected == {"norm": 2} and accepted == [3, 4, 5, 6, 7, 8]  # first round:
+    three = _replies([*colluders, honest[0]])  # five wait; with three, they would pass
+    assert len(list(UpdateValidator().screen(three, _record(GLOBAL), Tally()))) == 3
     memory = NormMemory(median=1.1)
     tally = Tally()
     screened = UpdateValidator().screen(
