@@ -27,9 +27,6 @@ from flwr.common.constant import SType
 if TYPE_CHECKING:
     import torch
 
-_C_ORDER = b"'fortran_order': False"
-_HEADER_SEARCH = 256  # the .npy header of any array we send fits in this
-
 
 def to_numpy(array: Array) -> np.ndarray:
     """The array's values as a writable NumPy array, equal to `array.numpy()`."""
@@ -43,8 +40,8 @@ def to_numpy(array: Array) -> np.ndarray:
         array.stype != SType.NUMPY
         or dtype.hasobject
         or offset != _npy_header_end(array.data)  # bytes missing or extra: NumPy judges
-        or _C_ORDER not in array.data[: min(offset, _HEADER_SEARCH)]
-    ):
+        or array.data[:offset] != _npy_header(dtype, tuple(array.shape))
+    ):  # the fast path only where the bytes' header says what the metadata says
         return array.numpy()
     flat = np.frombuffer(array.data, dtype=dtype, count=count, offset=offset)
     return flat.reshape(array.shape).copy()

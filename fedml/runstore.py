@@ -414,19 +414,21 @@ class RunStore:
 
     def _refuse_lost_rounds(self, done: int, damaged: list[CommitCheck]) -> None:
         """Resuming cuts history.jsonl back to the newest intact commit (round `done`).
-        A crash leaves at most one row past it (round done + 1, whose commit was being
-        written), and a damaged commit is kept in damaged/; any other row past it names a
-        round whose commit is gone (commits/ deleted or emptied by hand). Cutting that
-        would lose it for good: refuse, change nothing."""
-        kept = {check.round for check in damaged} | {done + 1}
-        lost = sorted(row["round"] for row in read_history(self.path) if row["round"] > done)
-        lost = [r for r in lost if r not in kept]
+        A crash leaves at most one row past the newest commit folder (the round whose
+        commit was being written); damaged commits are kept in damaged/, and retention
+        prunes only rounds older than the newest commit. Any other row names a round whose
+        commit is gone (commits/ deleted or emptied by hand). Cutting it would lose it for
+        good: refuse, change nothing."""
+        # rounds up to the newest commit folder (intact or damaged) may have been pruned
+        # by retention on purpose; beyond it, only the one being committed may lack one
+        newest = max([done, *(check.round for check in damaged)])
+        lost = sorted(r["round"] for r in read_history(self.path) if r["round"] > newest + 1)
         if lost:
-            newest = f"round {done}" if done else "none"
+            intact = f"round {done}" if done else "none"
             raise FedmlError(
                 f"{self.path / HISTORY} holds rounds up to {lost[-1]}, but no commit in "
                 f"{self.path / COMMITS} holds rounds {lost[0]}..{lost[-1]} (newest intact "
-                f"commit: {newest}); were commits deleted? Resuming would discard those "
+                f"commit: {intact}); were commits deleted? Resuming would discard those "
                 "rounds, so nothing was changed. Restore commits/ from a backup, or start "
                 "afresh in a new directory (--out NEW_DIR), which leaves this one as it is."
             )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -132,10 +131,18 @@ class TensorBoardTracker:
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     """A tracking server that does not answer is an error now, in seconds: MLflow's own
     client would retry for minutes before saying so."""
+    import urllib.request
+
     parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError as exc:
+        raise FedmlError(f"--mlflow {uri}: {exc}.") from exc
+    proxied = parsed.scheme in urllib.request.getproxies()
+    if proxied and not urllib.request.proxy_bypass(parsed.hostname):
+        return  # reached through a proxy: MLflow's client will say what it finds
     try:
         socket.create_connection((parsed.hostname, port), timeout=timeout).close()
     except OSError as exc:

@@ -137,18 +137,16 @@ class UpdateValidator:
             norm = _update_norm(arrays, reference)
             norms.append(norm)
             claims.append(self._claim(reply.content))
-            if self.norm_factor <= 0:
-                yield self._accept(reply, arrays, norm, reference, claims[:-1], tally, memory)
-            elif len(norms) < sample:
+            if len(norms) <= sample:  # the first ones wait, then judge each other
                 waiting.append((reply, arrays, norm))
-            else:
-                yield from self._judge_first(
-                    waiting, norms, claims, earlier, reference, tally, memory
-                )
-                waiting.clear()
-                if not self._outsized(norm, norms[:-1], tally):
-                    yield self._accept(reply, arrays, norm, reference, claims[:-1], tally, memory)
-        if len(waiting) >= NORM_SAMPLE or earlier:  # the round ended before `sample`
+                if len(norms) == sample:
+                    yield from self._judge_first(
+                        waiting, norms, claims, earlier, reference, tally, memory
+                    )
+                    waiting.clear()
+            elif not self._outsized(norm, norms[:-1], tally):
+                yield self._accept(reply, arrays, norm, reference, claims[:-1], tally, memory)
+        if waiting and (len(waiting) >= NORM_SAMPLE or earlier):  # ended before `sample`
             yield from self._judge_first(waiting, norms, claims, earlier, reference, tally, memory)
         else:  # too few for a norm check, and nothing earlier to judge by
             for index, (early, early_arrays, early_norm) in enumerate(waiting):
@@ -179,6 +177,8 @@ class UpdateValidator:
             )
 
     def _outsized(self, norm: float, others: list[float], tally: Tally) -> bool:
+        if self.norm_factor <= 0 or not others:  # the norm check is off, or no reference
+            return False
         median = float(np.median(others))
         if median > 0 and norm > self.norm_factor * median:
             tally.rejected["norm"] += 1

@@ -82,7 +82,7 @@ class SeededSampling:
                     "%d node(s) connected, %d wanted; waited %.0f s, going on with them",
                     len(nodes), size, self.node_wait,
                 )  # fmt: skip
-                size = len(nodes)
+                size = min(size, len(nodes))
                 break
             log.info("Waiting for nodes: %d connected, %d needed", len(nodes), size)
             time.sleep(1)

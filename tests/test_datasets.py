@@ -223,3 +223,33 @@ def test_nan_features_are_refused_in_npz_as_in_csv_naming_the_row(tmp_path, bad)
     for check in (read_shard, inspect_shard):
         with pytest.raises(FedmlError, match="row 341234 of 'x' holds NaN or infinite"):
             check(path)
+
+
+def test_any_single_bit_flip_in_a_compressed_shard_is_read_or_one_clear_error(tmp_path):
+    """zlib and NumPy's header parser raise their own errors on damaged bytes."""
+    rng = np.random.default_rng(3)
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, x=rng.normal(size=(60, 5)).astype(np.float32), y=np.arange(60) % 3)
+    data = good.read_bytes()
+    damaged = tmp_path / "damaged.npz"
+    for position in range(0, len(data), max(1, len(data) // 150)):
+        flipped = bytearray(data)
+        flipped[position] ^= 0x10
+        damaged.write_bytes(bytes(flipped))
+        for check in (read_shard, inspect_shard):
+            try:
+                check(damaged)
+            except FedmlError as exc:
+                assert "damaged.npz" in str(exc)
+
+
+def test_a_fortran_ordered_shard_is_checked_like_a_c_ordered_one(tmp_path):
+    x = np.asfortranarray(np.ones((30, 4), dtype=np.float32))
+    x[17, 3] = np.nan
+    path = tmp_path / "fortran.npz"
+    np.savez(path, x=x, y=np.zeros(30, dtype=np.int64))
+    for check in (read_shard, inspect_shard):
+        with pytest.raises(FedmlError, match="row 17 of 'x' holds NaN"):
+            check(path)
+    np.savez(path, x=np.zeros((5, 0), dtype=np.float32), y=np.zeros(5, dtype=np.int64))
+    assert inspect_shard(path).feature_shape == read_shard(path).x.shape[1:] == (0,)

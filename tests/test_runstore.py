@@ -466,3 +466,14 @@ def test_a_folder_where_the_lock_file_belongs_is_a_clear_error(tmp_path):
     assert run_status(tmp_path / "run").running is False
     with pytest.raises(FedmlError, match=r"\.lock is not fedml's lock file"):
         _resume(tmp_path)
+
+
+def test_rounds_pruned_by_retention_before_a_damaged_commit_are_not_called_lost(tmp_path):
+    """keep = 1 leaves commits {1 (the best), 4}; with 4 damaged, resume goes back to 1."""
+    _run_with_commits(tmp_path, [0.9, 0.5, 0.6, 0.7], **{"checkpoint.keep": 1})
+    commits = sorted(p.name for p in (tmp_path / "run" / "commits").iterdir())
+    assert commits == ["round-000001", "round-000004"]
+    (tmp_path / "run" / "commits" / "round-000004" / "state.json").write_text("{}")
+    store, (checkpoint, damaged) = _resume(tmp_path)
+    store.close()
+    assert checkpoint.round == 1 and [c.round for c in damaged] == [4]

@@ -309,3 +309,40 @@ def test_a_discarded_attempt_leaves_the_memory_as_it_was():
     restored = NormMemory()
     restored.load_state_dict(memory.state_dict())
     assert restored == memory
+
+
+@pytest.mark.parametrize("positions", [(0, 1), (0, 2), (1, 2), (2, 4)])
+def test_colluders_anywhere_among_the_first_replies_are_outvoted_by_the_memory(positions):
+    contents = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(6)]
+    for offset, position in enumerate(positions):
+        contents.insert(position, _content(_update(1000.0, seed=90 + offset)))
+    tally = Tally()
+    screened = UpdateValidator().screen(
+        _replies(contents), _record(GLOBAL), tally, NormMemory(median=1.1)
+    )
+    hostile = {p + 1 for p in positions}
+    assert [m.metadata.src_node_id for m in screened] == [
+        n for n in range(1, 9) if n not in hostile
+    ]
+    assert tally.rejected == {"norm": 2}
+
+
+def test_a_first_repliers_huge_claim_is_capped_with_the_norm_check_off():
+    huge = _content(_update(1.0), {"loss": 0.5, "num-examples": 10**12})
+    tally = Tally()
+    accepted = list(
+        UpdateValidator(norm_factor=0).screen(_replies([huge, *HONEST]), _record(GLOBAL), tally)
+    )
+    assert sorted(_weights(accepted)) == [10.0] * 4 + [30.0] and tally.capped == 1
+
+
+def test_an_array_whose_bytes_say_another_dtype_or_shape_than_its_metadata_is_rejected():
+    """The bytes are what Flower's own helpers (and so the catalog strategies) decode."""
+    import io
+
+    for values in (np.full((4, 3), 10**9, dtype=np.int32), np.ones(12, dtype=np.float32)):
+        stream = io.BytesIO()
+        np.save(stream, values)
+        forged = _hostile(data=stream.getvalue())  # metadata: float32 (4, 3)
+        accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, forged]))
+        assert accepted == [1, 2, 3, 4] and tally.rejected == {"malformed": 1}

@@ -9,7 +9,9 @@ federation keeps one array pool and an index list per client.
 from __future__ import annotations
 
 import re
+import tokenize
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -194,7 +196,10 @@ MAX_CLASSES = 100_000  # labels are class indices below this (a model's output s
 CHUNK_BYTES = 1 << 22  # features are checked this many bytes at a time
 # What a damaged or truncated .npz makes NumPy and zipfile raise (a bad CRC included:
 # zipfile checks each member's checksum when it is read to its end).
-UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+UNREADABLE = (
+    OSError, ValueError, KeyError, EOFError, SyntaxError, zipfile.BadZipFile, zlib.error,
+    tokenize.TokenError,  # a damaged .npy header, as NumPy's header parser meets it
+)  # fmt: skip
 
 
 def read_shard(path: Path) -> Shard:
@@ -245,20 +250,26 @@ def inspect_shard(path: Path) -> ShardInfo:
 
 
 def _stream_features(path: Path, member, shape: tuple[int, ...], dtype, fortran: bool) -> None:
-    """Read `x` to its end in chunks of rows: zipfile checks its checksum at the end,
-    and every row must be finite (a Fortran-ordered array is read, not row-checked)."""
-    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
-    rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
+    """Read `x` to its end a few MB at a time: zipfile checks its checksum at the end,
+    and every value must be finite. C order streams whole rows; Fortran order streams
+    the flat values column by column (row = flat index modulo the number of rows)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    per_chunk = max(1, CHUNK_BYTES // dtype.itemsize)
+    if not fortran:  # whole rows, so a bad value's row is known
+        row_values = int(np.prod(shape[1:], dtype=np.int64))
+        per_chunk = max(1, per_chunk // row_values) * row_values if row_values else per_chunk
     done = 0
-    while done < shape[0]:
-        rows = min(rows_per_chunk, shape[0] - done)
-        data = member.read(rows * row_bytes)
-        if len(data) != rows * row_bytes:
-            raise EOFError(f"'x' ends after {done + len(data) // row_bytes} of {shape[0]} rows")
-        if not fortran:
-            values = np.frombuffer(data, dtype=dtype).reshape(rows, -1)
-            _check_finite(path, values, first_row=done)
-        done += rows
+    while done < count:
+        values_in_chunk = min(per_chunk, count - done)
+        data = member.read(values_in_chunk * dtype.itemsize)
+        if len(data) != values_in_chunk * dtype.itemsize:
+            raise EOFError(f"'x' ends after {done + len(data) // dtype.itemsize} of {count} values")
+        values = np.frombuffer(data, dtype=dtype)
+        if fortran:
+            _check_finite_flat(path, values, first_value=done, rows=shape[0])
+        else:
+            _check_finite(path, values.reshape(-1, row_values), first_row=done // row_values)
+        done += values_in_chunk
     member.read()  # to its end: the checksum is verified there
 
 
@@ -286,6 +297,15 @@ def _check_shard(path: Path, x_dtype: np.dtype, x_shape: tuple[int, ...], y: np.
         raise FedmlError(
             f"{path}: label {y.max()} is not a class index below {MAX_CLASSES:,}; labels "
             "are 0, 1, 2, ... (map your label values to class indices first)."
+        )
+
+
+def _check_finite_flat(path: Path, values: np.ndarray, first_value: int, rows: int) -> None:
+    """`_check_finite` for Fortran-ordered values (flat, column by column)."""
+    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        row = (first_value + int(np.argmax(~np.isfinite(values)))) % rows
+        raise FedmlError(
+            f"{path}: row {row} of 'x' holds NaN or infinite features; clean or impute them first."
         )
 
 
