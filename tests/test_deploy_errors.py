@@ -191,6 +191,20 @@ def _signed(key_file: Path, age: float = 0.0) -> dict[str, str]:
     }
 
 
+def _rsa_key() -> str:
+    """A public key of a type Flower's node auth does not use (EC only)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(pem).decode()
+
+
 def test_with_node_auth_the_front_lets_through_only_calls_signed_by_a_registered_site(site):
     from starlette.testclient import TestClient
 
@@ -213,6 +227,7 @@ def test_with_node_auth_the_front_lets_through_only_calls_signed_by_a_registered
             _signed(pki / "sites" / "rogue" / "node.key"),
             _signed(pki / "sites" / "a" / "node.key", age=3600),  # a replayed old call
             {**_signed(pki / "sites" / "a" / "node.key"), "flwr-signature": "AAAA"},
+            {**_signed(pki / "sites" / "a" / "node.key"), "flwr-public-key": _rsa_key()},
         ]:
             assert client.post(path, headers=headers, content=b"x").status_code == 401
         # an unregistered site trying to join hears what the SuperLink would say
