@@ -116,12 +116,12 @@ class ValidationConfig:
     """Screening of client updates before aggregation (see fedml/validation.py):
     reject an update whose norm exceeds `norm_factor` x the round's median (0: off);
     clip accepted updates to L2 norm `clip_norm` (0: off); cap a reply's weight (its
-    `num-examples`) at `max_weight_factor` x the median of the round's other claims (0:
+    `num-examples`) at `max_weight_factor` x the previous round's median claim (0:
     off)."""
 
     norm_factor: float = 10.0
     clip_norm: float = 0.0
-    max_weight_factor: float = 3.0
+    max_weight_factor: float = 10.0
 
 
 @dataclass

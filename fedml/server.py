@@ -43,7 +43,7 @@ from fedml.models import model_for
 from fedml.privacy import PrivacyReport, without_privacy_keys
 from fedml.records import DEVICE_RECORD, device_label
 from fedml.runstore import Checkpoint, RunStore, default_run_path
-from fedml.validation import NormMemory, Tally, UpdateValidator
+from fedml.validation import ScreeningMemory, Tally, UpdateValidator
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def run_experiment(
         "privacy": PrivacyReport(
             cfg.dp.mode, experiment.strategy if cfg.dp.mode.startswith("user") else None
         ),
-        "screening": NormMemory(),
+        "screening": ScreeningMemory(),
     }
     arrays = from_state_dict(evaluator.model.state_dict())
     if checkpoint is not None:

@@ -18,7 +18,7 @@ One broken or hostile site must not end or poison a run. A training reply is rej
 - "norm": its update norm ||w - w_global|| exceeds `norm_factor` times the median norm
   of the round's other valid updates that arrived before it. The first three are judged
   against each other and against the median accepted norm of the previous accepted
-  round (`NormMemory`, committed with each round), a vote the round's first repliers do
+  round (`ScreeningMemory`, committed with each round), a vote the round's first repliers do
   not control: two colluders among the first three no longer vouch for each other. In a
   run's first round there is no such vote, so the first five wait and are judged
   against each other (two colluders among them are outvoted; a round that ends with
@@ -30,18 +30,19 @@ With `clip_norm > 0` each accepted update is then scaled down to that L2 norm
 
 A reply's weight is its own claim ("num-examples"), which a hostile site could inflate
 to take the average over. With `max_weight_factor > 0` an accepted reply's claim is
-capped at that factor times the median claim of the round's other valid replies (judged
-at the same moments as the norm: against those before it, the first three against each
-other); a capped reply is aggregated with the capped weight and counted in
-`Tally.capped`. With the default factor 3 a site counts at most like three typical ones;
-an honest site holding more data than that loses some of its weight: the price of a
-bound no single site can move.
+capped at that factor times the median claim of the previous accepted round's accepted
+replies (`ScreeningMemory`: known before the round, so the cap does not depend on the
+order replies arrive in; a site's data rarely changes between rounds). A capped reply is
+aggregated with the capped weight and counted in `Tally.capped`. With the default factor
+10 an honest FedAvg run is almost never touched; lower it (3, 2) where hostile sites are
+expected. A run's first round has no earlier claims: its weights are bounded only by
+MAX_EXAMPLES, and the cap starts with round 2.
 
 Screening streams: replies go through one at a time and at most four wait for the norm
 check, so the server holds O(model size) of client arrays, not O(clients x model size).
 Evaluation replies (metrics only) get the malformed / num-examples / metrics checks,
-and their weights are capped the same way against all of the round's other evaluation
-claims (evaluation replies are collected anyway).
+and their weights are capped against the median of all of the round's other
+evaluation claims (evaluation replies are collected anyway, so order does not matter).
 """
 
 from __future__ import annotations
@@ -76,29 +77,38 @@ class Tally:
 
 
 @dataclass
-class NormMemory:
-    """The median norm of the updates accepted in the latest accepted round: the next
-    round's first updates are judged against it too. It is run state (a component with
+class ScreeningMemory:
+    """What the latest accepted round's accepted replies looked like: their median update
+    norm (the next round's first updates are judged against it too) and their median
+    weight claim (every claim of the next round is capped against it). Both are fixed
+    before a round starts, so the verdicts do not depend on the order replies arrive in
+    (the Ray engine and the in-process engine agree). It is run state (a component with
     `state_dict()`), so a resumed run judges exactly as an uninterrupted one; a round
     that is retried or skipped leaves it as it was."""
 
-    median: float | None = None
-    _round: list[float] = field(default_factory=list)  # accepted norms of this attempt
+    norm_median: float | None = None
+    claim_median: float | None = None
+    _norms: list[float] = field(default_factory=list)  # this attempt's accepted replies
+    _claims: list[float] = field(default_factory=list)
 
-    def observe(self, norm: float) -> None:
-        self._round.append(norm)
+    def observe(self, norm: float, claim: float) -> None:
+        self._norms.append(norm)
+        self._claims.append(claim)
 
     def end_attempt(self, accepted: bool) -> None:
-        """The attempt was accepted (its norms become the memory) or discarded."""
-        if accepted and self._round:
-            self.median = float(np.median(self._round))
-        self._round = []
+        """The attempt was accepted (its replies become the memory) or discarded."""
+        if accepted and self._norms:
+            self.norm_median = float(np.median(self._norms))
+            self.claim_median = float(np.median(self._claims))
+        self._norms, self._claims = [], []
 
     def state_dict(self) -> dict[str, float | None]:
-        return {"median": self.median}
+        return {"norm_median": self.norm_median, "claim_median": self.claim_median}
 
     def load_state_dict(self, state: dict[str, float | None]) -> None:
-        self.median, self._round = state.get("median"), []
+        self.norm_median = state.get("norm_median")
+        self.claim_median = state.get("claim_median")
+        self._norms, self._claims = [], []
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,7 @@ class UpdateValidator:
 
     norm_factor: float = 10.0
     clip_norm: float = 0.0
-    max_weight_factor: float = 3.0
+    max_weight_factor: float = 10.0
     weight_key: str = "num-examples"
 
     # -- training replies ------------------------------------------------------------------
@@ -116,18 +126,18 @@ class UpdateValidator:
         replies: Iterable[Message],
         global_arrays: ArrayRecord,
         tally: Tally,
-        memory: NormMemory | None = None,
+        memory: ScreeningMemory | None = None,
     ) -> Iterator[Message]:
         """Yield the replies that may be aggregated (clipped if asked), counting every
-        reply in `tally`; error replies count as failed. `memory` (the previous round's
-        median norm) joins the judging of the first updates and learns this round's."""
-        memory = memory if memory is not None else NormMemory()
-        earlier = [memory.median] if memory.median is not None else []
+        reply in `tally`; error replies count as failed. `memory` (the previous accepted
+        round's medians) judges the first updates and caps the claims, and learns this
+        round's."""
+        memory = memory if memory is not None else ScreeningMemory()
+        earlier = [memory.norm_median] if memory.norm_median is not None else []
         # with no earlier round to outvote colluders, more of the first updates wait
         sample = NORM_SAMPLE if earlier else FIRST_ROUND_SAMPLE
         reference = {k: to_numpy(v) for k, v in global_arrays.items()}
         norms: list[float] = []  # norms of the valid updates so far
-        claims: list[float] = []  # and their weight claims
         waiting: list[tuple[Message, dict[str, np.ndarray], float]] = []
         for reply in _answered(replies, tally):
             problem, arrays = self._check_train(reply.content, reference)
@@ -136,45 +146,33 @@ class UpdateValidator:
                 continue
             norm = _update_norm(arrays, reference)
             norms.append(norm)
-            claims.append(self._claim(reply.content))
             if len(norms) <= sample:  # the first ones wait, then judge each other
                 waiting.append((reply, arrays, norm))
                 if len(norms) == sample:
-                    yield from self._judge_first(
-                        waiting, norms, claims, earlier, reference, tally, memory
-                    )
+                    yield from self._judge_first(waiting, norms, earlier, reference, tally, memory)
                     waiting.clear()
             elif not self._outsized(norm, norms[:-1], tally):
-                yield self._accept(reply, arrays, norm, reference, claims[:-1], tally, memory)
+                yield self._accept(reply, arrays, norm, reference, tally, memory)
         if waiting and (len(waiting) >= NORM_SAMPLE or earlier):  # ended before `sample`
-            yield from self._judge_first(waiting, norms, claims, earlier, reference, tally, memory)
+            yield from self._judge_first(waiting, norms, earlier, reference, tally, memory)
         else:  # too few for a norm check, and nothing earlier to judge by
-            for index, (early, early_arrays, early_norm) in enumerate(waiting):
-                other_claims = claims[:index] + claims[index + 1 :]
-                yield self._accept(
-                    early, early_arrays, early_norm, reference, other_claims, tally, memory
-                )
+            for early, early_arrays, early_norm in waiting:
+                yield self._accept(early, early_arrays, early_norm, reference, tally, memory)
 
     def _judge_first(
         self,
         waiting: list[tuple[Message, dict[str, np.ndarray], float]],
         norms: list[float],
-        claims: list[float],
         earlier: list[float],
         reference: dict[str, np.ndarray],
         tally: Tally,
-        memory: NormMemory,
+        memory: ScreeningMemory,
     ) -> Iterator[Message]:
-        """The first updates of a round (they lead `norms` and `claims`), each judged
-        against the round's other valid updates so far and the previous round's median."""
+        """The first updates of a round (they lead `norms`), each judged against the
+        round's other valid updates so far and the previous round's median."""
         for index, (early, early_arrays, early_norm) in enumerate(waiting):
-            other_norms = norms[:index] + norms[index + 1 :] + earlier
-            if self._outsized(early_norm, other_norms, tally):
-                continue
-            other_claims = claims[:index] + claims[index + 1 :]
-            yield self._accept(
-                early, early_arrays, early_norm, reference, other_claims, tally, memory
-            )
+            if not self._outsized(early_norm, norms[:index] + norms[index + 1 :] + earlier, tally):
+                yield self._accept(early, early_arrays, early_norm, reference, tally, memory)
 
     def _outsized(self, norm: float, others: list[float], tally: Tally) -> bool:
         if self.norm_factor <= 0 or not others:  # the norm check is off, or no reference
@@ -230,15 +228,19 @@ class UpdateValidator:
     def _claim(self, content: RecordDict) -> float:
         return float(next(iter(content.metric_records.values()))[self.weight_key])
 
-    def _cap_weight(self, content: RecordDict, other_claims: list[float], tally: Tally) -> None:
-        """Cut the reply's weight claim to `max_weight_factor` x the others' median."""
-        if self.max_weight_factor <= 0 or not other_claims:
-            return
-        cap = math.floor(self.max_weight_factor * float(np.median(other_claims)))
+    def _cap_weight(self, content: RecordDict, median: float | None, tally: Tally) -> float:
+        """Cut the reply's weight claim to `max_weight_factor` x `median` (a claim median
+        known before the replies arrived); the weight it is aggregated with."""
         metrics = next(iter(content.metric_records.values()))
-        if float(metrics[self.weight_key]) > cap:
+        claim = float(metrics[self.weight_key])
+        if self.max_weight_factor <= 0 or median is None:
+            return claim
+        cap = max(1, math.floor(self.max_weight_factor * median))
+        if claim > cap:
             metrics[self.weight_key] = cap
             tally.capped += 1
+            return float(cap)
+        return claim
 
     def _accept(
         self,
@@ -246,13 +248,11 @@ class UpdateValidator:
         arrays: dict[str, np.ndarray],
         norm: float,
         reference: dict[str, np.ndarray],
-        other_claims: list[float],
         tally: Tally,
-        memory: NormMemory,
+        memory: ScreeningMemory,
     ) -> Message:
         tally.accepted += 1
-        memory.observe(norm)
-        self._cap_weight(reply.content, other_claims, tally)
+        memory.observe(norm, self._cap_weight(reply.content, memory.claim_median, tally))
         if self.clip_norm <= 0 or norm <= self.clip_norm:
             return reply
         scale = self.clip_norm / norm
@@ -280,8 +280,9 @@ class UpdateValidator:
             tally.accepted += 1
             valid.append(reply)
         claims = [self._claim(reply.content) for reply in valid]
-        for index, reply in enumerate(valid):
-            self._cap_weight(reply.content, claims[:index] + claims[index + 1 :], tally)
+        for index, reply in enumerate(valid):  # the whole list: order does not matter
+            others = claims[:index] + claims[index + 1 :]
+            self._cap_weight(reply.content, float(np.median(others)) if others else None, tally)
         return valid
 
 

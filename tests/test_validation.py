@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedml.validation import NormMemory, Tally, UpdateValidator
+from fedml.validation import ScreeningMemory, Tally, UpdateValidator
 from simulations.inprocess import InProcessGrid
 
 GLOBAL = {"w": np.zeros((4, 3), dtype=np.float32), "steps": np.array(5, dtype=np.int64)}
@@ -196,7 +196,7 @@ def test_screening_streams_holding_at_most_five_replies_then_three():
     assert seen_when_yielded == [5, 5, 5, 5, 5, 6, 7, 8]
     produced.clear()
     later_round = UpdateValidator().screen(
-        source(), _record(GLOBAL), Tally(), NormMemory(median=1.2)
+        source(), _record(GLOBAL), Tally(), ScreeningMemory(norm_median=1.2)
     )
     assert [len(produced) for _ in later_round] == [3, 3, 3, 4, 5, 6, 7, 8]
 
@@ -240,35 +240,45 @@ def _weights(messages: list[Message]) -> list[float]:
 
 @pytest.mark.parametrize("position", [0, 1, 2, 4])
 def test_a_huge_weight_claim_is_capped_wherever_it_arrives(position):
-    contents = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(5)]  # 10 each
-    contents.insert(position, _content(_update(1.0), {"loss": 0.5, "num-examples": 10**12}))
-    tally = Tally()
-    accepted = list(UpdateValidator().screen(_replies(contents), _record(GLOBAL), tally))
+    def contents() -> list[RecordDict]:
+        honest = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(5)]  # 10 each
+        huge = _content(_update(1.0), {"loss": 0.5, "num-examples": 10**12})
+        return [*honest[:position], huge, *honest[position:]]
+
+    tally, memory = Tally(), ScreeningMemory(norm_median=1.1, claim_median=10.0)
+    screened = UpdateValidator(max_weight_factor=3).screen(
+        _replies(contents()), _record(GLOBAL), tally, memory
+    )
+    accepted = list(screened)
     assert len(accepted) == 6 and tally.capped == 1
-    assert sorted(_weights(accepted)) == [10.0] * 5 + [30.0]  # 3 x the others' median
+    assert sorted(_weights(accepted)) == [10.0] * 5 + [30.0]  # 3 x the last round's median
+    first_round = UpdateValidator().screen(_replies(contents()), _record(GLOBAL), Tally())
+    assert max(_weights(list(first_round))) == 10**12  # no earlier claims: no cap yet
 
 
 @given(
     claims=st.lists(st.integers(1, 2**53), min_size=1, max_size=10),
-    factor=st.sampled_from([1.0, 3.0, 10.0]),
+    median=st.one_of(st.none(), st.floats(0.5, 1e6)),
+    factor=st.sampled_from([0.0, 1.0, 3.0, 10.0]),
 )
-def test_no_accepted_weight_exceeds_its_claim_or_factor_times_the_largest_other(claims, factor):
+def test_every_accepted_weight_is_its_claim_capped_at_factor_times_the_last_median(
+    claims, median, factor
+):
+    """Whatever the order of arrival: min(claim, factor x the previous round's median
+    claim), at least 1; no cap without a previous round or with the factor 0."""
     contents = [
         _content(_update(1.0 + 0.01 * i, seed=i), {"loss": 0.5, "num-examples": c})
         for i, c in enumerate(claims)
     ]
+    memory = ScreeningMemory(norm_median=1.0, claim_median=median)
     validator = UpdateValidator(max_weight_factor=factor)
-    accepted = list(validator.screen(_replies(contents), _record(GLOBAL), Tally()))
+    accepted = list(validator.screen(_replies(contents), _record(GLOBAL), Tally(), memory))
     assert len(accepted) == len(claims)  # similar norms: every update passes
     for message, weight in zip(accepted, _weights(accepted), strict=True):
-        i = message.metadata.src_node_id - 1
-        others = claims[:i] + claims[i + 1 :]
-        assert 1 <= weight <= claims[i]
-        if others:
-            assert weight <= factor * max(others)
+        claim = claims[message.metadata.src_node_id - 1]
+        cap = max(1, math.floor(factor * median)) if factor and median is not None else claim
+        assert weight == min(claim, cap)
     assert math.isfinite(sum(_weights(accepted)))
-    if max(claims) <= factor * min(claims):  # claims within the factor: nothing is cut
-        assert _weights(accepted) == [float(claims[m.metadata.src_node_id - 1]) for m in accepted]
 
 
 def test_evaluation_weights_are_capped_against_all_the_other_claims():
@@ -276,7 +286,7 @@ def test_evaluation_weights_are_capped_against_all_the_other_claims():
     replies.append(_content(None, {"loss": 0.0, "accuracy": 1.0, "num-examples": 10**9}))
     tally = Tally()
     valid = UpdateValidator().screen_evaluation(_replies(replies), tally)
-    assert sorted(_weights(valid)) == [10.0] * 4 + [30.0] and tally.capped == 1
+    assert sorted(_weights(valid)) == [10.0] * 4 + [100.0] and tally.capped == 1
 
 
 def test_two_colluders_replying_first_are_judged_against_the_previous_round_too():
@@ -289,7 +299,7 @@ def test_two_colluders_replying_first_are_judged_against_the_previous_round_too(
     assert tally.rejected == {"norm": 2} and accepted == [3, 4, 5, 6, 7, 8]  # first round:
     three = _replies([*colluders, honest[0]])  # five wait; with three, they would pass
     assert len(list(UpdateValidator().screen(three, _record(GLOBAL), Tally()))) == 3
-    memory = NormMemory(median=1.1)
+    memory = ScreeningMemory(norm_median=1.1)
     tally = Tally()
     screened = UpdateValidator().screen(
         _replies([*colluders, *honest]), _record(GLOBAL), tally, memory
@@ -297,16 +307,17 @@ def test_two_colluders_replying_first_are_judged_against_the_previous_round_too(
     assert [m.metadata.src_node_id for m in screened] == [3, 4, 5, 6, 7, 8]
     assert tally.rejected == {"norm": 2}
     memory.end_attempt(accepted=True)  # the accepted round's median norm, for the next
-    assert memory.median == pytest.approx(np.median([1.0 + 0.05 * i for i in range(6)]))
-    assert memory.state_dict() == {"median": memory.median}
+    assert memory.norm_median == pytest.approx(np.median([1.0 + 0.05 * i for i in range(6)]))
+    assert memory.claim_median == 10.0
+    assert memory.state_dict() == {"norm_median": memory.norm_median, "claim_median": 10.0}
 
 
 def test_a_discarded_attempt_leaves_the_memory_as_it_was():
-    memory = NormMemory(median=2.0)
+    memory = ScreeningMemory(norm_median=2.0)
     list(UpdateValidator().screen(_replies(HONEST), _record(GLOBAL), Tally(), memory))
     memory.end_attempt(accepted=False)
-    assert memory.median == 2.0
-    restored = NormMemory()
+    assert memory.norm_median == 2.0
+    restored = ScreeningMemory()
     restored.load_state_dict(memory.state_dict())
     assert restored == memory
 
@@ -318,7 +329,7 @@ def test_colluders_anywhere_among_the_first_replies_are_outvoted_by_the_memory(p
         contents.insert(position, _content(_update(1000.0, seed=90 + offset)))
     tally = Tally()
     screened = UpdateValidator().screen(
-        _replies(contents), _record(GLOBAL), tally, NormMemory(median=1.1)
+        _replies(contents), _record(GLOBAL), tally, ScreeningMemory(norm_median=1.1)
     )
     hostile = {p + 1 for p in positions}
     assert [m.metadata.src_node_id for m in screened] == [
@@ -329,11 +340,10 @@ def test_colluders_anywhere_among_the_first_replies_are_outvoted_by_the_memory(p
 
 def test_a_first_repliers_huge_claim_is_capped_with_the_norm_check_off():
     huge = _content(_update(1.0), {"loss": 0.5, "num-examples": 10**12})
-    tally = Tally()
-    accepted = list(
-        UpdateValidator(norm_factor=0).screen(_replies([huge, *HONEST]), _record(GLOBAL), tally)
-    )
-    assert sorted(_weights(accepted)) == [10.0] * 4 + [30.0] and tally.capped == 1
+    tally, memory = Tally(), ScreeningMemory(claim_median=10.0)
+    validator = UpdateValidator(norm_factor=0)
+    accepted = list(validator.screen(_replies([huge, *HONEST]), _record(GLOBAL), tally, memory))
+    assert sorted(_weights(accepted)) == [10.0] * 4 + [100.0] and tally.capped == 1
 
 
 def test_an_array_whose_bytes_say_another_dtype_or_shape_than_its_metadata_is_rejected():
