@@ -34,7 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedml.deploy.app_check import ALLOWED_MODELS_KEY
-from fedml.deploy.processes import Child, flower_command, flower_env, port_open, split_address
+from fedml.deploy.processes import (
+    Child,
+    bind_error,
+    flower_command,
+    flower_env,
+    port_open,
+    split_address,
+)
 from fedml.errors import FedmlError
 
 DATA_FOLDER = "data"
@@ -126,16 +133,13 @@ def _security_options(options: ClientOptions) -> list[str]:
 
 def _check_local_port(port: int) -> None:
     """The SuperNode's local Runtime API port must be free on this machine."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((LOCAL_HOST, port))
-        except OSError as exc:
-            raise FedmlError(
-                f"Port {port} on this machine is in use ({exc.strerror or exc}); another "
-                "fedml client (or SuperNode) may be running here. Give each site on one "
-                "machine its own --port."
-            ) from exc
+    error = bind_error(LOCAL_HOST, port)
+    if error is not None:
+        raise FedmlError(
+            f"Port {port} on this machine is in use ({error.strerror or error}); another "
+            "fedml client (or SuperNode) may be running here. Give each site on one "
+            "machine its own --port."
+        )
 
 
 def _wait_for_superlink(host: str, port: int, timeout: float, say: Callable[[str], None]) -> None:

@@ -204,6 +204,19 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why this machine cannot listen on `host:port` right now (in use by another
+    program, or not an address of this machine), or None when it can."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on right now."""
     with socket.socket() as probe:

@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from fedml.deploy.launch import (
 )
 from fedml.deploy.processes import (
     Child,
+    bind_error,
     flower_command,
     flower_env,
     free_port,
@@ -149,17 +149,13 @@ def serve(
 def _check_port_free(host: str, port: int) -> None:
     """One clear error, before anything starts, when HOST:PORT is taken (by another
     fedml server, say) or cannot be bound here."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise FedmlError(
-                f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Another program "
-                "(another fedml server?) may use that port: stop it or choose --port; "
-                "--host must be an address of this machine (0.0.0.0 for all)."
-            ) from exc
+    error = bind_error(host, port)
+    if error is not None:
+        raise FedmlError(
+            f"Cannot listen on {host}:{port}: {error.strerror or error}. Another program "
+            "(another fedml server?) may use that port: stop it or choose --port; "
+            "--host must be an address of this machine (0.0.0.0 for all)."
+        )
 
 
 def sweep_stale_work_folders() -> list[Path]:
