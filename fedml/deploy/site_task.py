@@ -72,8 +72,12 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
         log.exception("the task failed")
         details = f"{type(exc).__name__}: {exc}"
     finally:
-        if reply is not None and context is not None:
-            runtime.push_reply(client, reply, context)
+        try:
+            if reply is not None and context is not None:
+                runtime.push_reply(client, reply, context)
+        except Exception:  # the SuperNode went away meanwhile: say so, end cleanly
+            log.exception("could not hand the reply to the SuperNode")
+            reply = None
         runtime.push_task_output(client, context, status, details)
         heartbeat.stop()
         client.close()
