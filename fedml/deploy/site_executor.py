@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 POLL_SECONDS = 0.2  # how often to ask the SuperNode for a task (Flower's default: 1 s)
-MAX_TASKS = 4  # tasks running at once; more wait at the SuperNode (a flood cannot
-# start unbounded processes)
+MAX_TASKS = 4  # tasks running at once; more wait queued at the SuperNode
 RETRY_SECONDS = 2.0  # after a failed call to the SuperNode (it may be restarting)
 
 log = logging.getLogger("fedml.site")
