@@ -276,3 +276,25 @@ def test_a_site_refuses_a_foreign_app_without_importing_it_and_still_serves_fedm
             os.killpg(site.pid, signal.SIGKILL)
             site.wait(30)
         superlink.stop()
+
+
+def test_a_task_whose_executor_is_gone_ends_at_once_instead_of_retrying_for_ever():
+    """Its SuperNode is gone too (a site machine's fedml client was SIGKILLed): the task
+    must not sit there retrying to report to it, holding a PyTorch process's memory."""
+    from fedml.deploy.processes import free_port
+
+    executor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    task = subprocess.Popen(
+        [sys.executable, "-m", "fedml.deploy.site_task",
+         "--runtime-api-address", f"127.0.0.1:{free_port()}",  # nothing listens there
+         "--parent-pid", str(executor.pid)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        task.stdin.write(b"a-token\n")
+        task.stdin.close()
+        executor.wait(30)
+        assert task.wait(30) == 3  # ended by its watch on the executor
+    finally:
+        task.kill()
+        task.wait(30)

@@ -7,10 +7,13 @@ tests/test_site.py: a Flower upgrade that moves them breaks that test, not a sit
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 from flwr.app import Context, Message
 from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -81,6 +84,25 @@ def push_task_output(
     _clientapp.push_task_output(client, context, status, details)
 
 
-def exit_with_parent(pid: int) -> None:
-    """End this process when `pid` (the site executor) ends."""
-    start_parent_process_monitor(pid)
+def exit_with_parent(pid: int, interval: float = 0.2) -> None:
+    """End this process at once when `pid` (the site executor) is gone. Flower's own
+    monitor raises SIGINT instead, and a task would then try to report to a SuperNode
+    that is gone too, retrying for ever; nothing a task holds needs more than an exit
+    (the privacy ledger is written atomically)."""
+
+    def watch() -> None:
+        while _alive(pid):
+            time.sleep(interval)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -62,7 +62,7 @@ class Child:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own group: stop() reaches its children too
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     @property
@@ -103,7 +103,7 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: on Linux, be SIGKILLed when the process that started
     us dies, even by SIGKILL (no orphaned SuperLink holding the port and the run). Flower's
     own children (ServerApp, ClientApp processes) watch their parent themselves."""

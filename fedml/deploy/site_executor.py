@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedml.deploy.processes import die_with_parent
+
 POLL_SECONDS = 0.2  # how often to ask the SuperNode for a task (Flower's default: 1 s)
 MAX_TASKS = 4  # tasks running at once; more wait queued at the SuperNode
 RETRY_SECONDS = 2.0  # after a failed call to the SuperNode (it may be restarting)
@@ -65,7 +67,8 @@ def _start_task(runtime_api_address: str, token: str) -> subprocess.Popen:
         "--runtime-api-address", runtime_api_address,
         "--parent-pid", str(os.getpid()),
     ]  # fmt: skip
-    task = subprocess.Popen(command, stdin=subprocess.PIPE)
+    # the task dies with this executor (Linux), and watches it besides (site_task)
+    task = subprocess.Popen(command, stdin=subprocess.PIPE, preexec_fn=die_with_parent)
     assert task.stdin is not None
     task.stdin.write(token.encode() + b"\n")
     task.stdin.close()
