@@ -27,6 +27,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime import run_clientapp as _clientapp
 
+from fedml.deploy.processes import pid_alive
+
 COMPLETED, FAILED = SubStatus.COMPLETED, SubStatus.FAILED
 
 
@@ -91,18 +93,8 @@ def exit_with_parent(pid: int, interval: float = 0.2) -> None:
     (the privacy ledger is written atomically)."""
 
     def watch() -> None:
-        while _alive(pid):
+        while pid_alive(pid):
             time.sleep(interval)
         os._exit(3)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

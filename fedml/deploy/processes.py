@@ -217,6 +217,17 @@ def bind_error(host: str, port: int) -> OSError | None:
     return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (someone else's process counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on right now."""
     with socket.socket() as probe:

@@ -60,6 +60,7 @@ from fedml.deploy.processes import (
     flower_command,
     flower_env,
     free_port,
+    pid_alive,
     run_quietly,
     wait_for_port,
 )
@@ -166,20 +167,10 @@ def sweep_stale_work_folders() -> list[Path]:
             owner = int((folder / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue  # not ours, or still being made
-        if owner != os.getpid() and not _alive(owner):
+        if owner != os.getpid() and not pid_alive(owner):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 @contextlib.contextmanager
