@@ -23,9 +23,10 @@ import torch
 
 from clients.app import LocalJob
 from clients.privacy import PrivacyLedger, plan_round, train_private
-from clients.trainer import TrainSettings, train_local
+from clients.trainer import train_local
 from fedml.config import RunConfig, load_config
 from fedml.models import model_for
+from fedml.settings import TrainSettings
 from simulations.engine import simulate
 
 EPSILONS = (1.0, 3.0, 8.0)
@@ -50,7 +51,7 @@ def slowdown(cfg: RunConfig, repeats: int) -> tuple[float, float]:
     """Best-of-`repeats` seconds of plain and of DP-SGD local training (client 0)."""
     job = LocalJob.load(cfg, 0)
     c = cfg.client
-    settings = TrainSettings(c.local_epochs, c.batch_size, c.lr, c.optimizer, c.momentum)
+    settings = TrainSettings.for_round(c, c.lr)
     device = torch.device("cpu")
     dp_cfg = load_config(None, {"dp.mode": "sample"}).dp
     plan = plan_round(dp_cfg, PrivacyLedger(), len(job.train), settings, planned_rounds=1)

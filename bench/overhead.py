@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from clients.app import _derive_seed
-from clients.trainer import TrainSettings, evaluate, train_local
+from clients.trainer import evaluate, train_local
 from fedml.config import RunConfig, load_config
 from fedml.data import federation_for, split_validation
 from fedml.models import model_for
+from fedml.settings import TrainSettings
 from simulations.engine import simulate
 
 
@@ -57,9 +58,7 @@ def plain_pytorch(cfg: RunConfig) -> dict[str, torch.Tensor]:
     ]
 
     global_model = model_for(cfg, fed.input_shape, fed.num_classes)
-    settings = TrainSettings(
-        c.local_epochs, c.batch_size, c.lr, c.optimizer, c.momentum, c.weight_decay
-    )
+    settings = TrainSettings.for_round(c, c.lr)
     cpu = torch.device("cpu")
     for server_round in range(1, cfg.rounds + 1):
         state = global_model.state_dict()

@@ -47,15 +47,16 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from clients.trainer import TrainResult, TrainSettings, evaluate, resolve_device, train_local
+from clients.trainer import TrainResult, evaluate, resolve_device, train_local
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
-from fedml.data.site import DEFAULT_LABEL_COLUMN
+from fedml.data.site import DEFAULT_LABEL_COLUMN, X_FILE, load_prepared, read_site_data
 from fedml.models import model_for
+from fedml.node_state import PARTITION_KEY, carry_node_state
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
 from fedml.records import DEVICE_RECORD
-from simulations.virtual_nodes import PARTITION_KEY, carry_node_state
+from fedml.settings import NUM_CLASSES_KEY, SERVER_ROUND_KEY, TrainSettings
 
 app = ClientApp(mods=[carry_node_state])
 
@@ -84,12 +85,12 @@ class LocalJob:
                 str(node.get("device", "")),
                 str(node.get("label-column", DEFAULT_LABEL_COLUMN)),
             )
-        if "partition-id" not in node:
+        if PARTITION_KEY not in node:
             raise ValueError(
                 "node config has neither 'data-path' (a data site: start it with fedml "
                 "client --data) nor 'partition-id' (a simulated client): it holds no data"
             )
-        return _local_job(run_config, int(node["partition-id"]))
+        return _local_job(run_config, int(node[PARTITION_KEY]))
 
     @classmethod
     def load(cls, cfg: RunConfig, pid: int) -> LocalJob:
@@ -116,8 +117,6 @@ class LocalJob:
         device when its node config names one. `path` is the folder `fedml client`
         prepared (memory-mapped), or the site's own file (read every time: a plain
         `flower-supernode --node-config 'data-path=...'` works, just slower)."""
-        from fedml.data.site import X_FILE, load_prepared, read_site_data
-
         is_prepared = (path / X_FILE).is_file()
         shard = load_prepared(path) if is_prepared else read_site_data(path, label_column)
         train, val = split_validation(shard, cfg.data.val_fraction, seed=_derive_seed(cfg.seed))
@@ -128,23 +127,15 @@ class LocalJob:
     def model(self, arrays: ArrayRecord, config: ConfigRecord) -> torch.nn.Module:
         """The configured model holding the received global weights. Its output size is
         the server's "num-classes" (a site may not hold every class), else the job's."""
-        num_classes = int(config.get("num-classes", self.num_classes))
+        num_classes = int(config.get(NUM_CLASSES_KEY, self.num_classes))
         model = model_for(self.cfg, self.input_shape, num_classes)
         model.load_state_dict(to_state_dict(arrays), strict=True)
         return model
 
     def settings(self, config: ConfigRecord) -> TrainSettings:
         """Training settings: the message's config over the run config's defaults."""
-        c = self.cfg.client
-        return TrainSettings(
-            epochs=int(config.get("local-epochs", c.local_epochs)),
-            batch_size=int(config.get("batch-size", c.batch_size)),
-            lr=float(config.get("lr", c.lr)),
-            optimizer=str(config.get("optimizer", c.optimizer)),
-            momentum=float(config.get("momentum", c.momentum)),
-            weight_decay=float(config.get("weight-decay", c.weight_decay)),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-        )
+        defaults = TrainSettings.for_round(self.cfg.client, self.cfg.client.lr)
+        return TrainSettings.from_record(config, defaults)
 
 
 @lru_cache(maxsize=8)
@@ -178,7 +169,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     model = job.model(msg.content["arrays"], config)
     device = resolve_device(job.device)
-    server_round = int(config.get("server-round", 0))
+    server_round = int(config.get(SERVER_ROUND_KEY, 0))
     seed = (  # simulated clients follow the run seed; a data site draws from OS entropy
         _derive_seed(job.cfg.seed, server_round, job.partition_id)
         if job.partition_id is not None
@@ -236,7 +227,7 @@ def _train_private(
     plan = privacy.plan_round(dp, ledger, len(job.train), settings, job.cfg.rounds)
     privacy.check_budget(dp, plan, server_round)
     # Reproducible noise only for simulated nodes; a real site draws from OS entropy.
-    noise_seed = seed if "partition-id" in context.node_config else None
+    noise_seed = seed if PARTITION_KEY in context.node_config else None
     result, history = privacy.train_private(
         model, job.train, settings, device, plan, dp.max_grad_norm, noise_seed
     )

@@ -38,16 +38,18 @@ import torch
 from flwr.app import ConfigRecord, Context
 from torch import nn
 
-from clients.trainer import TrainResult, TrainSettings, make_optimizer, to_tensors
+from clients.trainer import TrainResult, make_optimizer, to_tensors
 from fedml.errors import FedmlError
 from fedml.privacy import (
     HistoryEntry,
     budget,
-    default_delta,
     epsilon_of,
-    noise_for_target,
+    planned_delta,
+    planned_noise,
     with_steps,
 )
+from fedml.runstore import atomic_write
+from fedml.settings import TrainSettings
 
 if TYPE_CHECKING:
     from fedml.config import DPConfig
@@ -157,13 +159,10 @@ def plan_round(
     target epsilon the noise is derived for `planned_rounds` rounds at the client's first
     training and read back from the ledger afterwards."""
     batches = math.ceil(num_examples / settings.batch_size)
-    sample_rate, steps = 1.0 / batches, settings.epochs * batches
-    delta = dp.delta or default_delta(num_examples)
-    noise = dp.noise_multiplier
-    if dp.target_epsilon > 0:  # derived once, then kept in the ledger
-        noise = ledger.noise_multiplier or noise_for_target(
-            dp.target_epsilon, delta, sample_rate, planned_rounds * steps, dp.accountant
-        )
+    sample_rate, steps = 1.0 / batches, settings.local_epochs * batches
+    delta = planned_delta(dp, num_examples)
+    derived = ledger.noise_multiplier if dp.target_epsilon > 0 else None  # kept once derived
+    noise = derived or planned_noise(dp, delta, sample_rate, planned_rounds * steps)
     after = tuple(ledger.projected(noise, sample_rate, steps))
     return RoundPlan(
         noise_multiplier=noise,
@@ -202,8 +201,6 @@ def load_ledger(context: Context) -> PrivacyLedger:
 
 def save_ledger(context: Context, ledger: PrivacyLedger) -> None:
     """Keep the ledger in the Context state and, at a site, in its file (atomically)."""
-    from fedml.runstore import atomic_write
-
     context.state[LEDGER_RECORD] = ledger.to_record()
     path = ledger_path(context)
     if path is not None:
@@ -217,29 +214,6 @@ def ledger_path(context: Context) -> Path | None:
 
 
 # ---------------------------------------------------------------------------- models
-def private_model(model: nn.Module, fix: bool) -> nn.Module:
-    """`model` if Opacus can train it privately; with `fix`, Opacus's repaired copy
-    (e.g. BatchNorm -> GroupNorm); else a `FedmlError` naming the offending layers."""
-    from opacus.validators import ModuleValidator
-
-    errors = ModuleValidator.validate(model, strict=False)
-    if not errors:
-        return model
-    if fix:
-        fixed = ModuleValidator.fix(model)
-        remaining = ModuleValidator.validate(fixed, strict=False)
-        if not remaining:
-            return fixed
-        errors = remaining
-    problems = "; ".join(sorted({str(error) for error in errors}))
-    hint = (
-        "Opacus cannot repair these layers: change the model."
-        if fix
-        else "Set dp.fix_model = true to let Opacus replace them, or change the model."
-    )
-    raise FedmlError(f"The model cannot be trained with DP-SGD: {problems}. {hint}")
-
-
 # -------------------------------------------------------------------------- training
 def noise_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """Where DP noise and Poisson sampling draw from: seeded in simulation (reproducible
@@ -262,7 +236,7 @@ def train_private(
     max_grad_norm: float,
     seed: int | None,
 ) -> tuple[TrainResult, list[HistoryEntry]]:
-    """DP-SGD on `shard` in place of `train_local`: `settings.epochs` passes of Poisson-
+    """DP-SGD on `shard` in place of `train_local`: `settings.local_epochs` passes of Poisson-
     sampled batches with per-example clipping and noise, by Opacus. Returns the result
     and the accountant history after the round (it starts from `plan`'s history).
 
@@ -330,7 +304,7 @@ def _dp_epochs(
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
     criterion = nn.CrossEntropyLoss()
     total_loss, batches_with_data, steps = 0.0, 0, 0
-    for _ in range(settings.epochs):
+    for _ in range(settings.local_epochs):
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(dp_model(xb), yb)

@@ -14,19 +14,7 @@ from torch import nn
 
 from fedml.data import Shard
 from fedml.errors import FedmlError
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What the server asks of one local training job."""
-
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    proximal_mu: float = 0.0
+from fedml.settings import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -91,7 +79,7 @@ def train_local(
     device: torch.device,
     generator: torch.Generator,
 ) -> TrainResult:
-    """Run `settings.epochs` epochs of minibatch training on `shard`, in place.
+    """Run `settings.local_epochs` epochs of minibatch training on `shard`, in place.
 
     With `proximal_mu > 0` the FedProx objective loss + (mu/2)·||w - w_global||² is
     minimised, `w_global` being the weights the model held when this call started.
@@ -103,7 +91,7 @@ def train_local(
     mu = settings.proximal_mu
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
     total_loss, steps = 0.0, 0
-    for _ in range(settings.epochs):
+    for _ in range(settings.local_epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
         for start in range(0, len(y), settings.batch_size):
             index = order[start : start + settings.batch_size]

@@ -1,4 +1,8 @@
-"""The `fedml` command line. Thin: parse, load the config, call one function, print."""
+"""The `fedml` command line. Thin: parse, load the config, call one function, print.
+
+Each command imports what it runs inside its own body: `fedml --help` and `fedml runs`
+must not pay for torch, Flower's runtime, matplotlib or the trackers.
+"""
 
 from __future__ import annotations
 
@@ -72,6 +76,58 @@ ReportOpt = Annotated[
 ]
 
 
+# The config key each option of `fedml simulate` and `fedml server` sets: the one place
+# that ties a flag to the run config (tests/test_cli.py checks it against RunConfig and
+# the commands' parameters). Options not named here (config, resume, report, ...) do
+# not change the run config.
+CONFIG_FLAGS: dict[str, str] = {
+    "strategy": "strategy.name",
+    "rounds": "rounds",
+    "clients": "simulation.clients",
+    "fraction_train": "strategy.fraction_train",
+    "dataset": "data.dataset",
+    "partition": "data.partition",
+    "model": "model.name",
+    "local_epochs": "client.local_epochs",
+    "batch_size": "client.batch_size",
+    "lr": "client.lr",
+    "proximal_mu": "strategy.proximal_mu",
+    "stragglers": "simulation.stragglers",
+    "dropout": "simulation.dropout",
+    "lr_decay": "client.lr_decay",
+    "server_lr": "server.lr",
+    "server_momentum": "server.momentum",
+    "min_replies": "participation.min_replies",
+    "round_timeout": "participation.timeout",
+    "early_stop": "stop.metric",
+    "patience": "stop.patience",
+    "target": "stop.target",
+    "max_seconds": "stop.max_seconds",
+    "dp": "dp.mode",
+    "noise_multiplier": "dp.noise_multiplier",
+    "target_epsilon": "dp.target_epsilon",
+    "max_epsilon": "dp.max_epsilon",
+    "max_grad_norm": "dp.max_grad_norm",
+    "seed": "seed",
+    "device": "client.device",
+    "engine": "simulation.engine",
+    "num_cpus": "simulation.num_cpus",
+    "num_gpus": "simulation.num_gpus",
+    "ray_address": "simulation.ray_address",
+    "out": "out",
+}
+
+
+def config_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """The dotted config keys that the given command-line options set (paths as text;
+    an option left out is None and is skipped by `load_config`)."""
+    return {
+        CONFIG_FLAGS[name]: str(value) if isinstance(value, Path) else value
+        for name, value in params.items()
+        if name in CONFIG_FLAGS
+    }
+
+
 @app.callback()
 def root() -> None:
     """fedml: federated learning across data sites, built on Flower."""
@@ -79,6 +135,7 @@ def root() -> None:
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
     config: Annotated[
         Path | None, typer.Argument(help="TOML run config; defaults when omitted.")
     ] = None,
@@ -175,50 +232,15 @@ def simulate(
     go to RUN_DIR/report unless --no-report)
     """
     from fedml.config import load_config
+    from simulations.presets import resolve_config
 
-    overrides: dict[str, Any] = {
-        "strategy.name": strategy,
-        "rounds": rounds,
-        "simulation.clients": clients,
-        "strategy.fraction_train": fraction_train,
-        "data.dataset": dataset,
-        "data.partition": partition,
-        "model.name": model,
-        "client.local_epochs": local_epochs,
-        "client.batch_size": batch_size,
-        "client.lr": lr,
-        "strategy.proximal_mu": proximal_mu,
-        "simulation.stragglers": stragglers,
-        "simulation.dropout": dropout,
-        "client.lr_decay": lr_decay,
-        "server.lr": server_lr,
-        "server.momentum": server_momentum,
-        "participation.min_replies": min_replies,
-        "participation.timeout": round_timeout,
-        "stop.metric": early_stop,
-        "stop.patience": patience,
-        "stop.target": target,
-        "stop.max_seconds": max_seconds,
-        "dp.mode": dp,
-        "dp.noise_multiplier": noise_multiplier,
-        "dp.target_epsilon": target_epsilon,
-        "dp.max_epsilon": max_epsilon,
-        "dp.max_grad_norm": max_grad_norm,
-        "seed": seed,
-        "client.device": device,
-        "simulation.engine": engine,
-        "simulation.num_cpus": num_cpus,
-        "simulation.num_gpus": num_gpus,
-        "simulation.ray_address": ray_address,
-        "out": str(out) if out is not None else None,
-    }
+    overrides = config_overrides(ctx.params)
     _quiet_flower(verbose)
     cfg: Any = None
     try:
         store = None
         if resume is None:
-            cfg = load_config(config, overrides)
-            cfg = _with_run_dir(cfg)
+            cfg = _with_run_dir(load_config(resolve_config(config), overrides))
         else:
             from simulations.engine import open_resume
 
@@ -338,6 +360,7 @@ def report(
 
 @app.command()
 def server(
+    ctx: typer.Context,
     config: Annotated[
         Path | None, typer.Argument(help="TOML run config or preset; defaults when omitted.")
     ] = None,
@@ -378,15 +401,9 @@ def server(
     from fedml.deploy.server import ServerOptions, serve
     from fedml.progress import describe_row
     from fedml.runstore import run_status
+    from simulations.presets import resolve_config
 
-    overrides: dict[str, Any] = {
-        "strategy.name": strategy,
-        "rounds": rounds,
-        "participation.min_replies": min_replies,
-        "participation.timeout": round_timeout,
-        "stop.max_seconds": max_seconds,
-        "out": str(out) if out is not None else None,
-    }
+    overrides = config_overrides(ctx.params)
     options = ServerOptions(pki, insecure, host, port, wait_for_sites, sites)
     if insecure:
         err_console.print(
@@ -396,7 +413,7 @@ def server(
     cfg: Any = None
     try:
         if resume is None:
-            cfg = _with_run_dir(load_config(config, overrides))
+            cfg = _with_run_dir(load_config(resolve_config(config), overrides))
         else:
             from simulations.engine import open_resume
 
@@ -425,15 +442,7 @@ def server(
     from fedml.server import RunSummary
 
     report_dir = _report_run(status.path) if report else None
-    summary = RunSummary(
-        status.path,
-        status.rounds_done,
-        time.perf_counter() - started,
-        status.rows,
-        resumed_from=resumed_from,
-        stop_reason=status.stop_reason,
-        model_round=status.model_round,
-    )
+    summary = RunSummary.from_status(status, time.perf_counter() - started, resumed_from)
     print_summary(summary, console, report_dir=report_dir)
 
 

@@ -27,7 +27,7 @@ import tomllib
 
 from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
-from fedml.monitor import MONITORED_SOURCES
+from fedml.monitor import MONITORED_SOURCES, Target
 
 DATASETS = ("digits", "breast-cancer", "synthetic", "npz:<dir>")
 MODELS = ("logreg", "mlp", "cnn", "<module>:<factory>")
@@ -280,10 +280,12 @@ class LaunchFlags:
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a TOML file (or the defaults when `path` is None), apply overrides, validate."""
+    """Load a TOML file (or the defaults when `path` is None), apply overrides, validate.
+    (A bundled preset's name becomes its path in `simulations.presets.resolve_config`.)"""
     flat: dict[str, Any] = {}
     if path is not None:
-        path = _resolve_config_path(path)
+        if not path.is_file():
+            raise FedmlError(f"Config file {path} does not exist. Pass the path of a TOML file.")
         try:
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -291,21 +293,6 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
         flat = _flatten(raw, source=str(path))
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return RunConfig.from_flat(flat)
-
-
-def _resolve_config_path(path: Path) -> Path:
-    """A TOML file, or the name of a bundled preset (simulations/presets/<name>.toml)."""
-    from simulations.presets import preset_names, preset_path
-
-    if path.is_file():
-        return path
-    preset = preset_path(str(path))
-    if preset is not None:
-        return preset
-    raise FedmlError(
-        f"Config file {path} does not exist. Pass the path of a TOML file or a bundled "
-        f"preset name ({', '.join(preset_names())})."
-    )
 
 
 def with_overrides(base: RunConfig, flat: dict[str, Any]) -> RunConfig:
@@ -547,8 +534,6 @@ def _metric_name(key: str, value: str, allow_auto: bool) -> None:
 
 
 def _validate_controls(cfg: RunConfig) -> None:
-    from fedml.controls import Target
-
     s = cfg.strategy
     _check(
         not s.adaptive_mu or s.name.lower() == "fedprox",

@@ -23,18 +23,18 @@ is not state: the budget counts the `seconds` of the committed history rows.
 from __future__ import annotations
 
 import math
-import operator
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
 
 from fedml.arrays import from_numpy, record_of, to_numpy
 from fedml.config import RunConfig
+from fedml.contracts import Proximal, is_proximal
 from fedml.errors import FedmlError
-from fedml.monitor import LOSS_ORDER, Monitor
+from fedml.monitor import LOSS_ORDER, Monitor, Target
 from fedml.privacy import STOP_PRIVACY
 
 STOP_MAX_ROUNDS = "max rounds"
@@ -46,42 +46,6 @@ STOP_TOO_FEW = "too few replies"
 
 # Runs stopped for these reasons may go on when resumed with more rounds / more time.
 EXTENSIBLE_STOPS = frozenset({STOP_MAX_ROUNDS, STOP_TIME})
-
-_COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
-_TARGET = re.compile(r"^\s*([a-z_]+\.[A-Za-z0-9_\-]+)\s*(>=|<=|>|<)\s*(\S+)\s*$")
-
-
-@dataclass(frozen=True)
-class Target:
-    """A stop condition on one history metric, e.g. `server.accuracy >= 0.95`."""
-
-    metric: str
-    op: str
-    value: float
-
-    @classmethod
-    def parse(cls, text: str) -> Target:
-        """Parse "<source>.<metric> <op> <number>"; a malformed text is a user error."""
-        match = _TARGET.match(text)
-        number = _to_float(match.group(3)) if match else None
-        if match is None or number is None:
-            raise FedmlError(
-                f"stop.target '{text}' is not a condition. Write '<source>.<metric> <op> "
-                "<number>' with op one of >=, <=, >, <, e.g. 'server.accuracy >= 0.95'."
-            )
-        return cls(match.group(1), match.group(2), number)
-
-    def reached(self, row: dict[str, Any]) -> bool:
-        value = Monitor(self.metric).value(row)
-        return value is not None and _COMPARISONS[self.op](value, self.value)
-
-
-def _to_float(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 class EarlyStopping:
@@ -167,26 +131,31 @@ class DivergenceGuard:
 class AdaptiveMu:
     """FedProx's mu heuristic (Li et al. 2020, section 5.3.3): add `step` when the
     round's training loss rose, subtract `step` (not below 0) after `patience`
-    consecutive decreases."""
+    consecutive decreases. It steers the strategy's own `proximal_mu` (the one owner of
+    the value) and commits it with its own state."""
 
-    def __init__(self, mu: float, step: float, patience: int) -> None:
-        self.mu = mu
+    def __init__(self, strategy: Proximal, step: float, patience: int) -> None:
+        self.strategy = strategy
         self.step = step
         self.patience = patience
         self.last_loss: float | None = None
         self.decreases = 0
+
+    @property
+    def mu(self) -> float:
+        return self.strategy.proximal_mu
 
     def update(self, train_loss: float | None) -> None:
         if train_loss is None or not math.isfinite(train_loss):
             return
         if self.last_loss is not None:
             if train_loss > self.last_loss:
-                self.mu += self.step
+                self.strategy.proximal_mu = self.mu + self.step
                 self.decreases = 0
             else:
                 self.decreases += 1
                 if self.decreases >= self.patience:
-                    self.mu = max(0.0, self.mu - self.step)
+                    self.strategy.proximal_mu = max(0.0, self.mu - self.step)
                     self.decreases = 0
         self.last_loss = train_loss
 
@@ -194,11 +163,8 @@ class AdaptiveMu:
         return {"mu": self.mu, "last_loss": self.last_loss, "decreases": self.decreases}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mu, self.last_loss, self.decreases = (
-            state["mu"],
-            state["last_loss"],
-            state["decreases"],
-        )
+        self.strategy.proximal_mu = state["mu"]
+        self.last_loss, self.decreases = state["last_loss"], state["decreases"]
 
 
 class ServerOptimizer:
@@ -263,7 +229,7 @@ class Controls:
     """All of a run's convergence controls, configured from `RunConfig` (see the module
     docstring); one stateful component of the round loop."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, strategy: Strategy) -> None:
         self.cfg = cfg
         stop, guard = cfg.stop, cfg.guard
         self.early = (
@@ -273,11 +239,14 @@ class Controls:
         )
         self.target = Target.parse(stop.target) if stop.target else None
         self.guard = DivergenceGuard(guard.metric, guard.factor, guard.lr_factor)
-        self.mu = (
-            AdaptiveMu(cfg.strategy.proximal_mu, cfg.strategy.mu_step, cfg.strategy.mu_patience)
-            if cfg.strategy.adaptive_mu
-            else None
-        )
+        self.mu: AdaptiveMu | None = None
+        if cfg.strategy.adaptive_mu:  # validated: only with FedProx
+            if not is_proximal(strategy):
+                raise FedmlError(
+                    f"strategy.adaptive_mu needs a strategy with a proximal_mu; "
+                    f"'{cfg.strategy.name}' has none."
+                )
+            self.mu = AdaptiveMu(strategy, cfg.strategy.mu_step, cfg.strategy.mu_patience)
         self.optimizer = ServerOptimizer(cfg.server.lr, cfg.server.momentum)
         self.attempts = 0  # failed attempts of the round in progress
 
@@ -285,10 +254,6 @@ class Controls:
     def client_lr(self, server_round: int) -> float:
         c = self.cfg.client
         return c.lr * c.lr_decay ** (server_round - 1) * self.guard.lr_scale
-
-    def proximal_mu(self) -> float | None:
-        """FedProx's mu for the next round when adaptive, else None (the strategy's own)."""
-        return self.mu.mu if self.mu else None
 
     # -- after an attempt ----------------------------------------------------------------
     def judge_participation(

@@ -87,10 +87,31 @@ def model_for(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) ->
     clients build the same architecture and a bad model fails before any training."""
     model = build_model(cfg.model.name, input_shape, num_classes, cfg.seed, hidden=cfg.model.hidden)
     if cfg.dp.mode == "sample":
-        from clients.privacy import private_model
-
         model = private_model(model, cfg.dp.fix_model)
     return model
+
+
+def private_model(model: nn.Module, fix: bool) -> nn.Module:
+    """`model` if Opacus can train it privately; with `fix`, Opacus's repaired copy
+    (e.g. BatchNorm -> GroupNorm); else a `FedmlError` naming the offending layers."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return model
+    if fix:
+        fixed = ModuleValidator.fix(model)
+        remaining = ModuleValidator.validate(fixed, strict=False)
+        if not remaining:
+            return fixed
+        errors = remaining
+    problems = "; ".join(sorted({str(error) for error in errors}))
+    hint = (
+        "Opacus cannot repair these layers: change the model."
+        if fix
+        else "Set dp.fix_model = true to let Opacus replace them, or change the model."
+    )
+    raise FedmlError(f"The model cannot be trained with DP-SGD: {problems}. {hint}")
 
 
 def _user_model(reference: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

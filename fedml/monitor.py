@@ -8,8 +8,12 @@ A history row (see `fedml.server`) holds metric groups `server` (centralised tes
 from __future__ import annotations
 
 import math
+import operator
+import re
 from dataclasses import dataclass
 from typing import Any
+
+from fedml.errors import FedmlError
 
 MONITORED_SOURCES = ("server", "evaluate", "train")
 AUTO_ORDER = ("server.accuracy", "evaluate.accuracy", "train.loss")
@@ -65,3 +69,40 @@ def _raw(row: dict[str, Any], name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
+
+
+_COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+_TARGET = re.compile(r"^\s*([a-z_]+\.[A-Za-z0-9_\-]+)\s*(>=|<=|>|<)\s*(\S+)\s*$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A stop condition on one history metric, e.g. `server.accuracy >= 0.95`."""
+
+    metric: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """Parse "<source>.<metric> <op> <number>"; a malformed text is a user error."""
+        match = _TARGET.match(text)
+        number = _to_float(match.group(3)) if match else None
+        if match is None or number is None:
+            raise FedmlError(
+                f"stop.target '{text}' is not a condition. Write '<source>.<metric> <op> "
+                "<number>' with op one of >=, <=, >, <, e.g. 'server.accuracy >= 0.95'."
+            )
+        return cls(match.group(1), match.group(2), number)
+
+    def reached(self, row: dict[str, Any]) -> bool:
+        value = Monitor(self.metric).value(row)
+        return value is not None and _COMPARISONS[self.op](value, self.value)
+
+
+def _to_float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None

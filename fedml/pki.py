@@ -28,6 +28,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from fedml.errors import FedmlError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -61,9 +67,6 @@ def init_pki(
 ) -> list[Path]:
     """Create the CA and the SuperLink certificate for `hosts` (plus localhost,
     127.0.0.1 and ::1) in `directory`. Returns the files written."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     # this machine's own names too: the server's CLI talks to its SuperLink locally
     hosts = list(dict.fromkeys([*(hosts or []), *DEFAULT_HOSTS]))
@@ -115,7 +118,6 @@ def init_pki(
 def add_node(directory: Path, name: str, force: bool = False) -> list[Path]:
     """Create site `name`'s authentication key pair: `nodes/NAME.pub` for the server,
     `sites/NAME/` (the CA certificate and the private key) for the site."""
-    from cryptography.hazmat.primitives import serialization
 
     if not NODE_NAME.fullmatch(name):
         raise FedmlError(
@@ -183,8 +185,6 @@ def site_files(directory: Path) -> SiteFiles:
 
 def load_node_public_key(path: Path):  # -> ec.EllipticCurvePublicKey
     """A site's OpenSSH EC public key, or a clear error."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     try:
         key = serialization.load_ssh_public_key(path.read_bytes())
@@ -197,8 +197,6 @@ def load_node_public_key(path: Path):  # -> ec.EllipticCurvePublicKey
 
 def load_node_private_key(path: Path):  # -> ec.EllipticCurvePrivateKey
     """A site's OpenSSH EC private key, or a clear error."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), None)
@@ -216,14 +214,12 @@ def load_node_private_key(path: Path):  # -> ec.EllipticCurvePrivateKey
 
 
 def _ec_key():  # -> ec.EllipticCurvePrivateKey
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     return ec.generate_private_key(ec.SECP384R1())
 
 
 def _ca_key_usage():  # -> x509.KeyUsage
     """A CA signs certificates (and revocation lists), nothing else."""
-    from cryptography import x509
 
     flags = dict.fromkeys(
         ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement"),
@@ -240,7 +236,6 @@ def _ca_key_usage():  # -> x509.KeyUsage
 
 
 def _subject_alt_name(host: str):  # -> x509.GeneralName
-    from cryptography import x509
 
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
@@ -255,7 +250,6 @@ def _subject_alt_name(host: str):  # -> x509.GeneralName
 
 
 def _pem_key(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
 
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -265,7 +259,6 @@ def _pem_key(key) -> bytes:
 
 
 def _pem_cert(cert) -> bytes:
-    from cryptography.hazmat.primitives import serialization
 
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -305,7 +298,6 @@ def _require(paths: list[Path], directory: Path, role: str) -> None:
 
 
 def _load_cert(path: Path):  # -> x509.Certificate
-    from cryptography import x509
 
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
@@ -314,7 +306,6 @@ def _load_cert(path: Path):  # -> x509.Certificate
 
 
 def _load_private_pem(path: Path):
-    from cryptography.hazmat.primitives import serialization
 
     try:
         return serialization.load_pem_private_key(path.read_bytes(), None)
@@ -333,7 +324,6 @@ def _check_validity(cert, path: Path) -> None:
 
 
 def _check_signed_by(cert, ca, cert_path: Path, ca_path: Path) -> None:
-    from cryptography.exceptions import InvalidSignature
 
     try:
         cert.verify_directly_issued_by(ca)

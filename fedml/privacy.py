@@ -43,6 +43,21 @@ def default_delta(population: int) -> float:
     return 10.0 ** -len(str(10 * max(population, 1) - 1))
 
 
+def planned_delta(dp: DPConfig, population: int) -> float:
+    """`dp.delta`, or 0 there: `default_delta` of the population the guarantee is about
+    (a client's examples at example level; the clients at client level)."""
+    return dp.delta or default_delta(population)
+
+
+def planned_noise(dp: DPConfig, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier of a plan of `steps` noisy steps at `sample_rate`:
+    `dp.noise_multiplier`, or with `dp.target_epsilon` the noise that spends that
+    epsilon at `delta` (`noise_for_target`)."""
+    if dp.target_epsilon > 0:
+        return noise_for_target(dp.target_epsilon, delta, sample_rate, steps, dp.accountant)
+    return dp.noise_multiplier
+
+
 def budget(dp: DPConfig) -> float:
     """The epsilon that may not be exceeded: `dp.max_epsilon`, else the target, else
     none (a client's budget at example level, the run's at client level)."""

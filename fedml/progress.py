@@ -14,6 +14,7 @@ from fedml.config import RunConfig
 from fedml.privacy import describe_privacy
 from fedml.runstore import RunStore
 from fedml.server import RoundCallback, RunSummary
+from simulations.engine import simulate
 
 if TYPE_CHECKING:  # a type hint only: trackers import their packages when asked for
     from fedml.trackers import Tracker
@@ -51,7 +52,6 @@ def run_with_progress(
 ) -> RunSummary:
     """Run (or resume) the simulation with a progress bar on a terminal, plain lines
     otherwise; `on_round` also receives each committed row (trackers)."""
-    from simulations.engine import simulate
 
     def also(show: RoundCallback) -> RoundCallback:
         def both(row: dict[str, Any]) -> None:

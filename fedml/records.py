@@ -10,7 +10,48 @@ Non-numbers (the stop reason, the names of retries) are not series and are left 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypedDict
+
+
+class ClientCounts(TypedDict):
+    """What became of a round's sampled clients (a history row's "clients")."""
+
+    sampled: int
+    dropped: int  # simulated dropout: never asked
+    replied: int
+    failed: int
+    declined: int  # refused to train: its privacy budget is spent
+    timed_out: int
+    rejected: int  # screened out (see "rejected" for the reasons)
+    stragglers: int
+    aggregated: int
+
+
+class HistoryRow(TypedDict, total=False):
+    """One committed round: a line of `history.jsonl`, what `on_round` callbacks, the
+    report, `fedml runs` and the trackers read. Written by the round loop
+    (`fedml.server`); a row read back from disk is the same dict, parsed from JSON.
+    Rows of a discarded attempt (skipped or stopped round) hold round, lr, mu, clients,
+    rejected, retries and discarded only."""
+
+    round: int
+    lr: float  # the clients' learning rate this round
+    mu: float  # FedProx's proximal weight (a `Proximal` strategy only)
+    train: dict[str, float] | None  # aggregated train metrics + "num-examples"
+    clients: ClientCounts
+    rejected: dict[str, int]  # screening: reason -> replies
+    weights_capped: int  # replies whose num-examples claim was capped
+    devices: dict[str, int]  # where the replies trained: device label -> replies
+    evaluate: dict[str, float] | None  # federated evaluation (+ "num-examples")
+    server: dict[str, float] | None  # centralised evaluation on the server's test set
+    evaluate_rejected: dict[str, int]
+    evaluate_weights_capped: int
+    privacy: dict[str, Any]  # the privacy report (epsilon, delta, level, ...)
+    retries: list[str]  # why earlier attempts of this round were retried
+    discarded: str | None  # why the round was skipped or stopped without a model
+    seconds: float  # wall-clock time of the round (summed for the time budget)
+    stop: str  # the stop reason, on the run's last row
+
 
 # Keys that identify a row rather than measure it.
 NOT_SERIES = frozenset({"round"})

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedml import records
 from fedml.errors import FedmlError
-from fedml.runstore import RunStatus, find_runs, run_status
+from fedml.runstore import RunStatus, atomic_write, find_runs, run_status, storage_error
 
 if TYPE_CHECKING:  # for type hints only: matplotlib is imported when a report is drawn
     from matplotlib.axes import Axes
@@ -232,8 +232,6 @@ def write_report(paths: Sequence[Path], out: Path) -> Report:
         report.files.append(_write_csv(out / SUMMARY_CSV, [summary_row(run) for run in runs]))
         report.files.append(_write_csv(out / ROUNDS_CSV, _round_rows(runs)))
     except OSError as exc:
-        from fedml.runstore import storage_error
-
         raise storage_error(exc, f"writing the report to {out}") from exc
     return report
 
@@ -296,7 +294,5 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def _write(path: Path, data: bytes) -> Path:
-    from fedml.runstore import atomic_write
-
     atomic_write(path, data)
     return path

@@ -35,19 +35,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from clients.trainer import evaluate, resolve_device
 from fedml.arrays import from_state_dict, to_state_dict
+from fedml.components import RoundComponents
 from fedml.config import RunConfig
-from fedml.controls import EXTENSIBLE_STOPS, Controls
+from fedml.contracts import NodeStateGrid, Retractable, is_proximal, keeps_partial_work
+from fedml.controls import EXTENSIBLE_STOPS
 from fedml.data import Federation, federation_for
 from fedml.models import model_for
-from fedml.privacy import PrivacyReport, without_privacy_keys
-from fedml.records import DEVICE_RECORD, device_label
-from fedml.runstore import Checkpoint, RunStore, default_run_path
-from fedml.validation import ScreeningMemory, Tally, UpdateValidator
+from fedml.privacy import without_privacy_keys
+from fedml.records import DEVICE_RECORD, HistoryRow, device_label
+from fedml.runstore import Checkpoint, RunStatus, RunStore, default_run_path
+from fedml.settings import NUM_CLASSES_KEY, TrainSettings
+from fedml.validation import Tally, UpdateValidator
+from simulations.virtual_nodes import SimulatedNodesGrid
+from strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
-RoundCallback = Callable[[dict[str, Any]], None]
+RoundCallback = Callable[[HistoryRow], None]
 
 
 @dataclass
@@ -57,13 +63,27 @@ class RunSummary:
     run_dir: Path
     rounds: int
     seconds: float
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[HistoryRow] = field(default_factory=list)
     resumed_from: int | None = None
     stop_reason: str | None = None
     model_round: int | None = None
 
+    @classmethod
+    def from_status(cls, status: RunStatus, seconds: float, resumed_from: int | None) -> RunSummary:
+        """The summary of a run that another process played (the ServerApp under `flwr
+        run`: the Ray engine, `fedml server`), read from its run directory."""
+        return cls(
+            status.path,
+            status.rounds_done,
+            seconds,
+            status.rows,
+            resumed_from=resumed_from,
+            stop_reason=status.stop_reason,
+            model_round=status.model_round,
+        )
+
     @property
-    def final(self) -> dict[str, Any]:
+    def final(self) -> HistoryRow:
         return self.history[-1] if self.history else {}
 
 
@@ -71,38 +91,17 @@ class CentralEvaluator:
     """Evaluates the global model on the server's held-out test set."""
 
     def __init__(self, cfg: RunConfig, federation: Federation) -> None:
-        from clients.trainer import resolve_device
-
         self.test = federation.test
         self.num_classes = federation.num_classes
         self.device = resolve_device(cfg.client.device)
         self.model = model_for(cfg, federation.input_shape, federation.num_classes)
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float] | None:
-        from clients.trainer import evaluate
-
         if self.test is None:
             return None
         self.model.load_state_dict(to_state_dict(arrays), strict=True)
         loss, accuracy = evaluate(self.model, self.test, self.device)
         return {"loss": loss, "accuracy": accuracy}
-
-
-def train_config(cfg: RunConfig, lr: float, num_classes: int) -> ConfigRecord:
-    """The local-training settings every train message carries (`lr`: this round's;
-    `num_classes`: the model's output size, which a site cannot tell from its own data)."""
-    c = cfg.client
-    return ConfigRecord(
-        {
-            "num-classes": num_classes,
-            "local-epochs": c.local_epochs,
-            "batch-size": c.batch_size,
-            "lr": lr,
-            "optimizer": c.optimizer,
-            "momentum": c.momentum,
-            "weight-decay": c.weight_decay,
-        }
-    )
 
 
 @dataclass
@@ -120,8 +119,6 @@ class Experiment:
         `FedmlError` while the run directory does not exist yet. `reproducible`: DP noise
         drawn on the server follows the run seed (simulation; a deployment draws secret
         noise from OS entropy)."""
-        from strategies import build_strategy
-
         v = cfg.validation
         validator = UpdateValidator(v.norm_factor, v.clip_norm, v.max_weight_factor)
         strategy = build_strategy(cfg, reproducible)
@@ -141,26 +138,15 @@ def run_experiment(
     state (strategy, scenarios, controls) and per-node state come from the commit, so the
     rounds that follow are the ones an uninterrupted run would have played.
     """
-    from simulations.scenarios import Dropout, Stragglers
-
     started = time.perf_counter()
     cfg, evaluator = experiment.cfg, experiment.evaluator
-    controls = Controls(cfg)
-    components: dict[str, Any] = {
-        "strategy": experiment.strategy,
-        "stragglers": Stragglers(cfg.simulation.stragglers, seed=cfg.seed + 1),
-        "dropout": Dropout(cfg.simulation.dropout, seed=cfg.seed + 2),
-        "controls": controls,
-        "privacy": PrivacyReport(
-            cfg.dp.mode, experiment.strategy if cfg.dp.mode.startswith("user") else None
-        ),
-        "screening": ScreeningMemory(),
-    }
+    components = RoundComponents.for_run(cfg, experiment.strategy)
+    controls = components.controls
     arrays = from_state_dict(evaluator.model.state_dict())
     if checkpoint is not None:
         arrays = checkpoint.arrays
-        restore_components(components, checkpoint.state)
-        if hasattr(grid, "load_node_states"):
+        components.restore(checkpoint.state)
+        if isinstance(grid, NodeStateGrid):
             grid.load_node_states(checkpoint.node_states)
     history = store.rows
     elapsed = sum(row.get("seconds", 0.0) for row in history)
@@ -179,7 +165,7 @@ def run_experiment(
             stop_reason = (
                 stop_reason
                 or controls.end_of_round(row, elapsed)
-                or components["privacy"].budget_stop(
+                or components.privacy.budget_stop(
                     len(list(grid.get_node_ids())), cfg.participation.min_replies
                 )
             )
@@ -189,8 +175,8 @@ def run_experiment(
                 server_round,
                 arrays,
                 row,
-                state=capture_components(components),
-                node_states=grid.node_states() if hasattr(grid, "node_states") else None,
+                state=components.capture(),
+                node_states=grid.node_states() if isinstance(grid, NodeStateGrid) else None,
                 stop_reason=stop_reason,
                 keep_round=controls.best_round,
                 model_round=controls.model_round() if stop_reason else None,
@@ -230,17 +216,15 @@ def play_round(
     arrays: ArrayRecord,
     grid: Grid,
     experiment: Experiment,
-    components: dict[str, Any],
+    components: RoundComponents,
     store: RunStore,
-) -> tuple[ArrayRecord, dict[str, Any], str | None]:
+) -> tuple[ArrayRecord, HistoryRow, str | None]:
     """Play one round, retrying it as the controls say. Returns the global arrays after
     the round, its history row, and a stop reason when the round ended the run."""
-    controls: Controls = components["controls"]
+    controls = components.controls
     retries: list[str] = []
     while True:
-        lr, mu = controls.client_lr(server_round), controls.proximal_mu()
-        if mu is not None:
-            experiment.strategy.proximal_mu = mu
+        lr = controls.client_lr(server_round)
         aggregate, row = train_round(server_round, arrays, grid, experiment, components, lr)
         counts = row["clients"]
         aggregated = counts["aggregated"] if aggregate is not None else 0
@@ -254,24 +238,27 @@ def play_round(
             verdict = controls.judge_loss(row)
             if verdict is None:
                 controls.accept(row, velocity)
-                privacy = components["privacy"].row()
+                privacy = components.privacy.row()
                 if privacy is not None:
                     row["privacy"] = privacy
                 if retries:
                     row["retries"] = retries
-                components["screening"].end_attempt(accepted=True)
+                components.screening.end_attempt(accepted=True)
                 return new_arrays, row, None
             store.discard_staged()
-        components["screening"].end_attempt(accepted=False)
-        discard = getattr(experiment.strategy, "discard_attempt", None)
-        if callable(discard):  # the strategy undoes what aggregating this attempt changed
-            discard()
+        components.screening.end_attempt(accepted=False)
+        if isinstance(experiment.strategy, Retractable):
+            experiment.strategy.discard_attempt()  # undo what aggregating this attempt changed
         retries.append(verdict.reason or verdict.action)
         if verdict.action == "retry":
             log.warning("round %d: %s; retrying the round", server_round, verdict.reason)
             continue
         # skipped or stopped: the global model stays as it was before the round
-        discarded = {k: row[k] for k in ("round", "lr", "mu", "clients", "rejected") if k in row}
+        discarded: HistoryRow = {  # type: ignore[assignment]
+            k: row[k]  # type: ignore[literal-required]
+            for k in ("round", "lr", "mu", "clients", "rejected")
+            if k in row
+        }
         discarded.update(retries=retries, discarded=verdict.reason)
         return arrays, discarded, verdict.stop
 
@@ -281,31 +268,30 @@ def train_round(
     arrays: ArrayRecord,
     grid: Grid,
     experiment: Experiment,
-    components: dict[str, Any],
+    components: RoundComponents,
     lr: float,
-) -> tuple[ArrayRecord | None, dict[str, Any]]:
+) -> tuple[ArrayRecord | None, HistoryRow]:
     """Configure, send, screen, aggregate one training attempt. Replies stream from the
     grid through the validator into the strategy's aggregation, so the server never
     holds more than a few clients' arrays. Returns the aggregate (None when no update
     was aggregated) and the round's history row so far."""
     cfg, strategy = experiment.cfg, experiment.strategy
-    settings = train_config(cfg, lr, experiment.evaluator.num_classes)
+    settings = TrainSettings.for_round(cfg.client, lr).to_record(experiment.evaluator.num_classes)
     messages = list(strategy.configure_train(server_round, arrays, settings, grid))
-    to_send, dropped = components["dropout"].apply(messages)
-    straggler_ids = components["stragglers"].apply(to_send, cfg.client.local_epochs)
-    keeps_partial_work = getattr(strategy, "keeps_partial_work", False)
+    to_send, dropped = components.dropout.apply(messages)
+    straggler_ids = components.stragglers.apply(to_send, cfg.client.local_epochs)
     timeout = cfg.participation.timeout or None
-    tally, kept, privacy, devices = Tally(), _Kept(), components["privacy"], _Devices()
+    tally, kept, privacy, devices = Tally(), _Kept(), components.privacy, _Devices()
     replies = privacy.observe(devices.count(grid.send_and_receive(to_send, timeout=timeout)))
-    screened = experiment.validator.screen(replies, arrays, tally, components["screening"])
+    screened = experiment.validator.screen(replies, arrays, tally, components.screening)
     unless_stragglers = (
         screened
-        if keeps_partial_work
+        if keeps_partial_work(strategy)
         else (m for m in screened if m.metadata.src_node_id not in straggler_ids)
     )
     aggregate, train_metrics = strategy.aggregate_train(server_round, kept.count(unless_stragglers))
-    row: dict[str, Any] = {"round": server_round, "lr": lr}
-    if hasattr(strategy, "proximal_mu"):
+    row: HistoryRow = {"round": server_round, "lr": lr}
+    if is_proximal(strategy):
         row["mu"] = strategy.proximal_mu
     row["train"] = without_privacy_keys(_with_examples(train_metrics, kept.examples))
     row["clients"] = {
@@ -363,11 +349,11 @@ def evaluate_round(
     arrays: ArrayRecord,
     grid: Grid,
     experiment: Experiment,
-) -> dict[str, Any]:
+) -> HistoryRow:
     """Federated and centralised evaluation of the new global arrays: the history row's
     "evaluate" and "server" entries (and "evaluate_rejected" when replies were bad)."""
     strategy = experiment.strategy
-    settings = ConfigRecord({"num-classes": experiment.evaluator.num_classes})
+    settings = ConfigRecord({NUM_CLASSES_KEY: experiment.evaluator.num_classes})
     messages = list(strategy.configure_evaluate(server_round, arrays, settings, grid))
     timeout = experiment.cfg.participation.timeout or None
     tally = Tally()
@@ -375,7 +361,7 @@ def evaluate_round(
         grid.send_and_receive(messages, timeout=timeout), tally
     )
     metrics = strategy.aggregate_evaluate(server_round, replies)
-    result: dict[str, Any] = {
+    result: HistoryRow = {
         "evaluate": _with_examples(metrics, sum(_num_examples(m) for m in replies)),
         "server": experiment.evaluator(arrays),
     }
@@ -384,30 +370,6 @@ def evaluate_round(
     if tally.capped:
         result["evaluate_weights_capped"] = tally.capped
     return result
-
-
-def capture_components(components: dict[str, Any]) -> dict[str, Any]:
-    """`state_dict()` of every component that has one (the stateful-component protocol)."""
-    return {
-        name: component.state_dict()
-        for name, component in components.items()
-        if callable(getattr(component, "state_dict", None))
-    }
-
-
-def restore_components(components: dict[str, Any], state: dict[str, Any]) -> None:
-    """Give each component its committed state; say so when one cannot take it."""
-    for name, component in components.items():
-        loader = getattr(component, "load_state_dict", None)
-        if callable(loader) and name in state:
-            loader(state[name])
-        else:
-            log.warning(
-                "%s %s has no committed state (no state_dict()/load_state_dict()); "
-                "its internal state restarts on resume",
-                name,
-                type(component).__name__,
-            )
 
 
 def _num_examples(message: Message) -> int:
@@ -435,8 +397,6 @@ def main(grid: Grid, context: Context) -> None:
     # nodes are numbered like the in-process engine's; deployed: secret noise, real nodes.
     experiment = Experiment.prepare(cfg, reproducible=flags.simulated)
     if flags.simulated:
-        from simulations.virtual_nodes import SimulatedNodesGrid
-
         grid = SimulatedNodesGrid(grid, cfg.simulation.clients)
     checkpoint = None
     if flags.resume:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedml.arrays import from_numpy, to_numpy
 
@@ -82,16 +84,11 @@ def decode_state(document: Any, arrays: dict[str, np.ndarray]) -> Any:
 
 def recorddict_to_bytes(records: RecordDict) -> bytes:
     """Flower's protobuf encoding of a RecordDict (what a SuperLink sends on the wire)."""
-    from flwr.common.serde import recorddict_to_proto
-
     return recorddict_to_proto(records).SerializeToString()
 
 
 def recorddict_from_bytes(data: bytes) -> RecordDict:
     """Inverse of `recorddict_to_bytes`."""
-    from flwr.common.serde import recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
     return recorddict_from_proto(ProtoRecordDict.FromString(data))
 
 

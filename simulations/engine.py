@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from clients.app import app as client_app
 from fedml.config import RunConfig, resume_config
 from fedml.errors import FedmlError
 from fedml.runstore import RunStore, default_run_path
 from fedml.server import Experiment, RoundCallback, RunSummary, run_experiment
+from simulations.inprocess import InProcessGrid
+from simulations.ray_engine import simulate_on_ray
 
 
 def open_resume(
@@ -39,8 +42,6 @@ def simulate(
     """Run `cfg` on its engine (`simulation.engine`): a new run directory, or continue
     `resume` (opened with `open_resume`) from its newest intact commit."""
     if cfg.simulation.engine == "ray":
-        from simulations.ray_engine import simulate_on_ray
-
         if resume is not None:  # the in-process engine's checks (lock, damage, config),
             resume.resume(cfg)  # then the ServerApp, in the Simulation Runtime, takes over
             resume.close()
@@ -52,9 +53,6 @@ def simulate_in_process(
     cfg: RunConfig, on_round: RoundCallback | None = None, resume: RunStore | None = None
 ) -> RunSummary:
     """Run `cfg` with the in-process engine (see `simulate`)."""
-    from clients.app import app as client_app
-    from simulations.inprocess import InProcessGrid
-
     experiment = Experiment.prepare(cfg)  # user errors surface before anything is written
     checkpoint = None
     if resume is None:

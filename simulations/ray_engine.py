@@ -16,23 +16,12 @@ same seed plays the same rounds on both engines, and a run may be resumed on eit
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from fedml.config import RunConfig, with_overrides
-from fedml.deploy.launch import (
-    LOGS,
-    RoundCallback,
-    finished_status,
-    follow_rounds,
-    start_superlink,
-    submit,
-    write_app,
-    write_flower_config,
-)
-from fedml.deploy.processes import Child, flower_env, free_port
+from fedml.deploy.launch import RoundCallback, superlink_run
+from fedml.deploy.processes import free_port
 from fedml.errors import FedmlError
 from fedml.runstore import CONFIG, default_run_path, run_status
 from fedml.server import Experiment, RunSummary
@@ -56,44 +45,18 @@ def simulate_on_ray(
     cfg = with_overrides(cfg, {"out": str(run_dir)})
     started = time.perf_counter()
     start_round = run_status(run_dir).rounds_done if resume else 0
-    work = Path(tempfile.mkdtemp(prefix="fedml-ray-"))
-    children: list[Child] = []
-    try:
-        port = free_port()
-        env = runtime_env(cfg, work / "flwr-home")
-        write_flower_config(work / "flwr-home", f"{HOST}:{port}", None)
-        app_dir = write_app(work / "app", cfg, resume, simulated=True)
-        logs = run_dir / LOGS
-        superlink = start_superlink(
-            HOST, port, logs / "superlink.log", env, ["--simulation", "--insecure"]
-        )
-        children.append(superlink)
-        flwr_run = submit(app_dir, logs, env, federation_config(cfg))
-        children.append(flwr_run)
-        follow_rounds(run_dir, flwr_run, superlink, start_round, on_round)
-    finally:
-        for child in reversed(children):
-            child.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    status = finished_status(run_dir, flwr_run, f"fedml simulate --resume {run_dir}")
-    return RunSummary(
-        status.path,
-        status.rounds_done,
-        time.perf_counter() - started,
-        status.rows,
-        resumed_from=start_round if resume else None,
-        stop_reason=status.stop_reason,
-        model_round=status.model_round,
-    )
+    with superlink_run("fedml-ray-", run_dir, ray_env(cfg)) as link:
+        link.start_superlink(HOST, free_port(), ["--simulation", "--insecure"], None)
+        link.run(cfg, resume, True, start_round, on_round, federation_config(cfg))
+    status = link.finished_status(f"fedml simulate --resume {run_dir}")
+    seconds = time.perf_counter() - started
+    return RunSummary.from_status(status, seconds, start_round if resume else None)
 
 
-def runtime_env(cfg: RunConfig, flower_home: Path) -> dict[str, str]:
-    """The SuperLink's environment, which the Simulation Runtime inherits: Flower's
-    chatter off, and `RAY_ADDRESS` when the run joins a Ray cluster (Ray reads it)."""
-    env = flower_env(flower_home)
-    if cfg.simulation.ray_address:
-        env["RAY_ADDRESS"] = cfg.simulation.ray_address
-    return env
+def ray_env(cfg: RunConfig) -> dict[str, str]:
+    """What the SuperLink's environment (which the Simulation Runtime inherits) adds to
+    Flower's: `RAY_ADDRESS` when the run joins a Ray cluster (Ray reads it)."""
+    return {"RAY_ADDRESS": cfg.simulation.ray_address} if cfg.simulation.ray_address else {}
 
 
 def federation_config(cfg: RunConfig) -> str:

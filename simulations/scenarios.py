@@ -17,6 +17,7 @@ import random
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fedml.settings import LOCAL_EPOCHS_KEY
 from fedml.statefile import rng_state, set_rng_state
 
 
@@ -57,7 +58,7 @@ class Stragglers(SampledFraction):
         for index in chosen:
             message = messages[index]
             config = ConfigRecord(dict(message.content["config"]))
-            config["local-epochs"] = self.rng.randint(1, full_epochs)
+            config[LOCAL_EPOCHS_KEY] = self.rng.randint(1, full_epochs)
             message.content = RecordDict({**message.content, "config": config})
         return {messages[i].metadata.dst_node_id for i in chosen}
 

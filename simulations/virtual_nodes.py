@@ -12,7 +12,7 @@ lose it (a DP client's privacy ledger among it).
   same clients, so both engines play the same rounds. The mapping is learned once, with
   one Flower query message per node, answered by the ClientApp's `identify` handler;
 - each node's state travels with its messages: the grid adds the node's state records
-  to every message it sends (under `STATE_PREFIX`, plus the `STATE_MARKER` record), and
+  to every message it sends (the convention of `fedml.node_state`), and
   `carry_node_state`, a ClientApp mod, puts them into `Context.state` before the app runs
   and returns the state it leaves in the reply. The grid keeps the newest state per
   node; `node_states()` hands it to the run store each round and `load_node_states()`
@@ -27,17 +27,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedml.errors import FedmlError
+from fedml.node_state import PARTITION_KEY, STATE_MARKER, STATE_PREFIX, take_state
 from simulations.flower_internals import set_source_node
-
-STATE_MARKER = "fedml.node-state"  # present: this message carries its node's state
-STATE_PREFIX = "fedml.node-state/"  # + the name of a record in Context.state
-PARTITION_KEY = "partition-id"  # the query reply's metric naming the node's client
 
 
 class SimulatedNodesGrid(Grid):
@@ -151,27 +147,3 @@ class SimulatedNodesGrid(Grid):
             )
         self._from_flower = answers
         self._to_flower = dict(sorted((node, flower) for flower, node in answers.items()))
-
-
-def take_state(content: RecordDict) -> RecordDict:
-    """Remove the carried state (and its marker) from `content`; return the state."""
-    state = RecordDict()
-    for key in [k for k in content if k.startswith(STATE_PREFIX)]:
-        state[key[len(STATE_PREFIX) :]] = content.pop(key)
-    content.pop(STATE_MARKER, None)
-    return state
-
-
-def carry_node_state(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """ClientApp mod: a message that carries its node's state (from `SimulatedNodesGrid`)
-    sets `context.state` before the app runs, and its reply carries the state back. Any
-    other message passes through untouched."""
-    if STATE_MARKER not in message.content:
-        return call_next(message, context)
-    context.state = take_state(message.content)
-    reply = call_next(message, context)
-    if not reply.has_error():
-        reply.content[STATE_MARKER] = ConfigRecord()
-        for name, record in context.state.items():
-            reply.content[STATE_PREFIX + name] = record
-    return reply

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedml.settings import PROXIMAL_MU_KEY
 from strategies.fedavg import FedAvg
 
 
@@ -34,5 +35,5 @@ class FedProx(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's train messages with "proximal-mu" in the config."""
-        config["proximal-mu"] = float(self.proximal_mu)
+        config[PROXIMAL_MU_KEY] = float(self.proximal_mu)
         return super().configure_train(server_round, arrays, config, grid)

@@ -31,7 +31,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedml.config import RunConfig
 from fedml.errors import FedmlError
-from strategies.catalog import CATALOG
+from strategies.catalog import CATALOG, CatalogAdapter
+from strategies.user_dp import wrap_user_dp
 
 ENTRY_POINT_GROUP = "fedml.strategies"
 
@@ -165,8 +166,6 @@ def _check_option_values(name: str, cls: type, options: dict[str, Any]) -> None:
     default, and numbers must be finite and >= 0 (counts, rates, fractions: every numeric
     parameter of Flower's strategies): `num_malicious_nodes = -5` is an error before
     the run starts, not a silent no-op. Plugins check their own options."""
-    from strategies.catalog import CatalogAdapter
-
     if not issubclass(cls, CatalogAdapter):
         return
     defaults = _parameter_defaults(cls)
@@ -216,7 +215,5 @@ def build_strategy(cfg: RunConfig, reproducible: bool = True) -> Strategy:
             f"({type(exc).__name__}: {exc})."
         ) from exc
     if cfg.dp.mode.startswith("user"):
-        from strategies.user_dp import wrap_user_dp
-
         return wrap_user_dp(strategy, cfg, reproducible)
     return strategy

@@ -20,6 +20,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedml.settings import SERVER_ROUND_KEY
 from fedml.statefile import rng_state, set_rng_state
 
 log = getLogger(__name__)
@@ -56,7 +57,7 @@ class SeededSampling:
         if self.fraction_train == 0.0:
             return []
         nodes = self.sample(grid, self.fraction_train, self.min_train_nodes)
-        config["server-round"] = server_round
+        config[SERVER_ROUND_KEY] = server_round
         return self._messages(arrays, config, nodes, MessageType.TRAIN)
 
     def configure_evaluate(
@@ -66,7 +67,7 @@ class SeededSampling:
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self.sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        config["server-round"] = server_round
+        config[SERVER_ROUND_KEY] = server_round
         return self._messages(arrays, config, nodes, MessageType.EVALUATE)
 
     def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:

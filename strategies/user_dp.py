@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import (
 
 from fedml.config import RunConfig
 from fedml.errors import FedmlError
-from fedml.privacy import budget, default_delta, epsilon_of, noise_for_target, with_steps
+from fedml.privacy import budget, epsilon_of, planned_delta, planned_noise, with_steps
 from strategies.fedavg import FedAvg
 
 NO_AMPLIFICATION = 1.0  # the sample rate at which every release is accounted
@@ -74,15 +74,15 @@ class UserLevelAccounting:
             self.dp_history = with_steps(self.dp_history, noise, NO_AMPLIFICATION, 1)
         return arrays, metrics
 
-    # The round loop asks the strategy these; they belong to the inner strategy.
+    # The round loop asks the strategy these (fedml.contracts); they belong to the inner one.
     @property
     def keeps_partial_work(self) -> bool:
         return getattr(self.strategy, "keeps_partial_work", False)  # type: ignore[attr-defined]
 
     @property
     def proximal_mu(self) -> float:
-        """FedProx's mu (AttributeError when the inner strategy has none, so `hasattr`
-        tells the round loop, as it would for the bare strategy)."""
+        """FedProx's mu (AttributeError when the inner strategy has none, so
+        `fedml.contracts.is_proximal` answers as it would for the bare strategy)."""
         return self.strategy.proximal_mu  # type: ignore[attr-defined]
 
     @proximal_mu.setter
@@ -141,12 +141,8 @@ def wrap_user_dp(inner: Strategy, cfg: RunConfig, reproducible: bool) -> UserLev
     """`inner` inside the user-level DP wrapper that `cfg.dp.mode` names."""
     dp, s = cfg.dp, cfg.strategy
     sampled = max(int(cfg.simulation.clients * s.fraction_train), s.min_train_clients)
-    delta = dp.delta or default_delta(cfg.simulation.clients)
-    noise = dp.noise_multiplier
-    if dp.target_epsilon > 0:
-        noise = noise_for_target(
-            dp.target_epsilon, delta, NO_AMPLIFICATION, cfg.rounds, dp.accountant
-        )
+    delta = planned_delta(dp, cfg.simulation.clients)
+    noise = planned_noise(dp, delta, NO_AMPLIFICATION, cfg.rounds)
     if not isinstance(inner, FedAvg):
         raise FedmlError(
             f"dp.mode '{dp.mode}' needs a strategy built on fedml's FedAvg (it averages "

@@ -91,7 +91,7 @@ def test_stateful_catalog_strategies_resume_bit_identically_after_sigkill(tmp_pa
     assert straight.returncode == 0, straight.stderr
     # SIGKILL the run right after round 2's history row is written, then resume it
     killed = subprocess.run(
-        [sys.executable, KILLER, "fedml.runstore:RunStore._append_history", "2", "after",
+        [sys.executable, KILLER, "fedml.runstore.writer:RunStore._append_history", "2", "after",
          "--", *_args(tmp_path / "resumed", name)],
         env=ENV, capture_output=True, timeout=300,
     )  # fmt: skip

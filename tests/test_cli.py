@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +193,24 @@ def test_report_overlays_runs_and_explains_what_it_cannot_plot(tmp_path):
     missing = _run("report", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "neither a run directory" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_each_config_option_is_in_the_one_flag_table_and_sets_a_real_key():
+    """A flag is tied to the run config in `CONFIG_FLAGS` only: every entry names an
+    option of `fedml simulate` or `fedml server` and an existing config key, and every
+    other option is one of the few that do not change the run config."""
+    import inspect
+
+    from fedml.cli import CONFIG_FLAGS, config_overrides, server, simulate
+    from fedml.config import RunConfig
+
+    assert set(CONFIG_FLAGS.values()) <= set(RunConfig().to_flat())
+    options = set(inspect.signature(simulate).parameters) | set(
+        inspect.signature(server).parameters
+    )
+    assert set(CONFIG_FLAGS) <= options
+    not_config = {"ctx", "config", "resume", "report", "tensorboard", "mlflow", "verbose"}
+    deployment = {"pki", "insecure", "host", "port", "wait_for_sites", "sites"}
+    assert options - set(CONFIG_FLAGS) == not_config | deployment
+    given = config_overrides({"lr": 0.3, "out": Path("runs/x"), "verbose": True, "seed": None})
+    assert given == {"client.lr": 0.3, "out": "runs/x", "seed": None}

@@ -8,6 +8,7 @@ import pytest
 
 from fedml.config import RunConfig, load_config, with_overrides
 from fedml.errors import FedmlError
+from simulations.presets import resolve_config
 
 
 def test_defaults_are_the_documented_embedded_run():
@@ -41,10 +42,10 @@ def test_int_is_accepted_for_float():
 
 
 def test_preset_by_name():
-    cfg = load_config(Path("fedprox-synthetic"))
+    cfg = load_config(resolve_config(Path("fedprox-synthetic")))
     assert cfg.strategy.name == "fedprox"
     assert cfg.data.dataset == "synthetic:1,1"
-    dp = load_config(Path("digits-dp")).dp
+    dp = load_config(resolve_config(Path("digits-dp"))).dp
     assert (dp.mode, dp.target_epsilon, dp.max_epsilon) == ("sample", 8.0, 0.0)
 
 

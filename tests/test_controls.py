@@ -20,6 +20,8 @@ from fedml.controls import (
 )
 from fedml.errors import FedmlError
 from fedml.statefile import decode_state, encode_state
+from strategies import build_strategy
+from strategies.fedprox import FedProx
 
 
 def _row(server_round: int, **groups: dict) -> dict:
@@ -27,7 +29,8 @@ def _row(server_round: int, **groups: dict) -> dict:
 
 
 def _controls(**overrides) -> Controls:
-    return Controls(load_config(None, {"rounds": 50, **overrides}))
+    cfg = load_config(None, {"rounds": 50, **overrides})
+    return Controls(cfg, build_strategy(cfg))
 
 
 # ------------------------------------------------------------------------ early stopping
@@ -176,7 +179,7 @@ def test_client_lr_decays_per_round():
 
 
 def test_adaptive_mu_follows_the_fedprox_heuristic():
-    mu = AdaptiveMu(mu=0.5, step=0.1, patience=3)
+    mu = AdaptiveMu(FedProx(proximal_mu=0.5), step=0.1, patience=3)
     trace = []
     for loss in [1.0, 1.1, 1.0, 0.9, 0.8, 0.7, 0.6, 0.65]:
         mu.update(loss)
@@ -187,7 +190,7 @@ def test_adaptive_mu_follows_the_fedprox_heuristic():
 
 
 def test_adaptive_mu_never_goes_below_zero():
-    mu = AdaptiveMu(mu=0.05, step=0.1, patience=1)
+    mu = AdaptiveMu(FedProx(proximal_mu=0.05), step=0.1, patience=1)
     for loss in [3.0, 2.0, 1.0]:
         mu.update(loss)
     assert mu.mu == 0.0
@@ -196,7 +199,13 @@ def test_adaptive_mu_never_goes_below_zero():
 def test_adaptive_mu_needs_fedprox():
     with pytest.raises(FedmlError, match="adaptive_mu"):
         load_config(None, {"strategy.adaptive_mu": True})
-    assert _controls(**{"strategy.name": "fedprox", "strategy.adaptive_mu": True}).proximal_mu()
+    cfg = load_config(None, {"strategy.name": "fedprox", "strategy.adaptive_mu": True})
+    strategy = build_strategy(cfg)
+    controls = Controls(cfg, strategy)
+    assert controls.mu is not None and controls.mu.strategy is strategy  # one owner of mu
+    controls.mu.update(1.0)
+    controls.mu.update(2.0)  # the loss rose: mu goes up by mu_step, in the strategy itself
+    assert strategy.proximal_mu == pytest.approx(cfg.strategy.proximal_mu + cfg.strategy.mu_step)
 
 
 # ------------------------------------------------------------------- server optimiser

@@ -264,18 +264,19 @@ def test_a_killed_server_resumes_from_its_last_commit_and_finishes(tmp_path, fle
 def test_a_run_that_never_starts_is_a_clear_error_with_flowers_words(tmp_path, monkeypatch):
     """`flwr run` submits an app whose ServerApp cannot be loaded: no run directory is
     ever written, and the error quotes the run's log instead of blaming the folder."""
+    from fedml.deploy import launch
     from fedml.deploy import server as deploy_server
     from fedml.errors import FedmlError
 
-    real_write_app = deploy_server.write_app
+    real_write_app = launch.write_app
 
-    def broken_app(folder, cfg, resume):
-        folder = real_write_app(folder, cfg, resume)
+    def broken_app(folder, cfg, resume, simulated=False):
+        folder = real_write_app(folder, cfg, resume, simulated)
         text = (folder / "pyproject.toml").read_text()
         (folder / "pyproject.toml").write_text(text.replace("fedml.server:app", "nowhere:app"))
         return folder
 
-    monkeypatch.setattr(deploy_server, "write_app", broken_app)
+    monkeypatch.setattr(launch, "write_app", broken_app)
     cfg = load_config(None, {"rounds": 1, "out": str(tmp_path / "run")})
     options = deploy_server.ServerOptions(None, insecure=True, port=free_port())
     with pytest.raises(FedmlError, match="The run did not start") as error:

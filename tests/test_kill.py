@@ -27,17 +27,19 @@ WAIT_S = 120  # bound on every wait for a child process
 
 # (function, n, before/after): the n-th call in the process that is killed.
 # 4 clients, half sampled per round: 2 train_local calls, 2 federated evaluations,
-# 1 aggregated reply (FedAvg drops the straggler), 4 files per commit.
+# 1 aggregated reply (FedAvg drops the straggler). A commit makes 4 synced writes:
+# arrays, history row, state.json, manifest. The run store's writes are patched in
+# fedml.runstore.writer, where RunStore looks them up.
 KILL_POINTS = [
     ("clients.app:train_local", 3, "before"),  # training, 2nd round of the process
     ("strategies.aggregate:WeightedMean.add", 2, "after"),  # aggregation
-    ("fedml.runstore:_write_synced", 2, "after"),  # commit: arrays written, state not
-    ("fedml.runstore:RunStore._append_history", 2, "after"),  # history row, no commit yet
-    ("fedml.runstore:fsync_dir", 2, "after"),  # commit renamed in, model not relinked
+    ("fedml.runstore.writer:write_synced", 3, "after"),  # 1st commit: state.json, no manifest
+    ("fedml.runstore.writer:RunStore._append_history", 2, "after"),  # history row, no commit
+    ("fedml.runstore.writer:fsync_dir", 2, "after"),  # commit renamed in, model not relinked
     ("clients.app:evaluate", 3, "before"),  # federated evaluation
-    ("fedml.runstore:RunStore._link_model", 2, "before"),  # between commit and model link
-    ("fedml.runstore:_write_synced", 8, "after"),  # manifest written, not yet renamed
-    ("fedml.runstore:shutil.rmtree", 4, "before"),  # pruning an old commit
+    ("fedml.runstore.writer:RunStore._link_model", 2, "before"),  # commit in, model not linked
+    ("fedml.runstore.writer:write_synced", 8, "after"),  # 2nd commit: manifest, not renamed in
+    ("fedml.runstore.writer:shutil.rmtree", 4, "before"),  # pruning an old commit
     ("fedml.server:CentralEvaluator.__call__", 2, "before"),  # centralised evaluation
 ]
 

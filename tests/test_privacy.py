@@ -16,13 +16,12 @@ from torch import nn
 
 from clients import privacy as client_privacy
 from clients.app import train as client_train
-from clients.privacy import PrivacyLedger, load_ledger, plan_round, private_model, save_ledger
-from clients.trainer import TrainSettings
+from clients.privacy import PrivacyLedger, load_ledger, plan_round, save_ledger
 from fedml.arrays import from_state_dict
 from fedml.config import DPConfig, load_config
 from fedml.data import Shard
 from fedml.errors import FedmlError
-from fedml.models import model_for
+from fedml.models import model_for, private_model
 from fedml.privacy import (
     DECLINED_CODE,
     EPSILON_KEY,
@@ -32,6 +31,7 @@ from fedml.privacy import (
     noise_for_target,
     with_steps,
 )
+from fedml.settings import TrainSettings
 
 entries = st.tuples(
     st.sampled_from([0.8, 1.0, 1.3]), st.sampled_from([0.1, 0.25]), st.integers(1, 40)
@@ -77,7 +77,7 @@ def test_an_unreachable_target_is_a_clear_error():
 
 
 def _settings(**kw) -> TrainSettings:
-    return TrainSettings(**{"epochs": 2, "batch_size": 32, "lr": 0.1, "momentum": 0.0, **kw})
+    return TrainSettings(**{"local_epochs": 2, "batch_size": 32, "lr": 0.1, "momentum": 0.0, **kw})
 
 
 def test_plan_derives_noise_once_and_projects_the_epsilon():
@@ -159,7 +159,7 @@ def test_dp_training_is_reproducible_with_a_seed_and_not_without():
 
 
 def test_empty_poisson_batches_count_as_steps_and_keep_the_loss_finite():
-    settings = _settings(batch_size=1, epochs=5)  # q = 1/3: some batches are empty
+    settings = _settings(batch_size=1, local_epochs=5)  # q = 1/3: some batches are empty
     plan = _plan(3, settings)
     result, history = client_privacy.train_private(
         nn.Sequential(nn.Linear(8, 2)), _shard(3), settings, torch.device("cpu"), plan, 1.0, 3
@@ -169,7 +169,7 @@ def test_empty_poisson_batches_count_as_steps_and_keep_the_loss_finite():
 
 
 def test_fedprox_under_dp_pulls_the_weights_towards_the_global_model():
-    settings = _settings(epochs=3, lr=0.5)
+    settings = _settings(local_epochs=3, lr=0.5)
 
     def distance(mu):
         torch.manual_seed(0)

@@ -19,18 +19,15 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedml.config import load_config
+from fedml.deploy.launch import superlink_run
 from fedml.errors import FedmlError
+from fedml.node_state import STATE_MARKER, STATE_PREFIX, carry_node_state
 from fedml.runstore import RunStore, is_locked, read_history
 from fedml.server import Experiment, run_experiment
 from simulations.engine import open_resume, simulate
 from simulations.flower_internals import claim_server_identity
 from simulations.inprocess import InProcessGrid
-from simulations.virtual_nodes import (
-    STATE_MARKER,
-    STATE_PREFIX,
-    SimulatedNodesGrid,
-    carry_node_state,
-)
+from simulations.virtual_nodes import SimulatedNodesGrid
 
 
 class FlowerLikeGrid(InProcessGrid):
@@ -146,10 +143,13 @@ def test_engine_options_are_checked_and_reach_flowers_federation_config(monkeypa
         load_config(None, {"simulation.engine": "dask"})
 
     joined = load_config(None, {"simulation.ray_address": "ray://head:10001"})
-    assert ray_engine.runtime_env(joined, tmp_path)["RAY_ADDRESS"] == "ray://head:10001"
+    with superlink_run("fedml-test-", tmp_path, ray_engine.ray_env(joined)) as link:
+        assert link.env["RAY_ADDRESS"] == "ray://head:10001"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert "RAY_ADDRESS" not in ray_engine.runtime_env(cfg, tmp_path)
-    assert ray_engine.runtime_env(cfg, tmp_path)["FLWR_TELEMETRY_ENABLED"] == "0"
+    with superlink_run("fedml-test-", tmp_path, ray_engine.ray_env(cfg)) as link:
+        assert "RAY_ADDRESS" not in link.env
+        assert link.env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert not link.work.exists()  # the work folder goes with the run
 
     busy = tmp_path / "busy"
     simulate(load_config(None, {"rounds": 1, "simulation.clients": 2, "out": str(busy)}))

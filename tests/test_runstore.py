@@ -321,18 +321,18 @@ def test_a_full_disk_at_a_commit_is_one_clear_error_and_the_run_resumes_after(
     round, no temporary file left, and once space is back the run continues."""
     import errno
 
-    import fedml.runstore as runstore
+    import fedml.runstore.writer as writer
 
     store = RunStore.create(tmp_path / "run", _cfg(tmp_path))
     store.commit(1, _arrays(1), _row(1, 0.5), state={"strategy": {"r": 1}})
-    real_write = runstore._write_synced
+    real_write = writer.write_synced
 
-    def full_disk(path: Path, data: bytes) -> None:
+    def full_disk(path: Path, data: bytes, *, append: bool = False) -> None:
         if ".round-000002" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real_write(path, data)
+        real_write(path, data, append=append)
 
-    monkeypatch.setattr(runstore, "_write_synced", full_disk)
+    monkeypatch.setattr(writer, "write_synced", full_disk)
     store.stage(2, _arrays(2))  # the model file is written in the background, as in a run
     with pytest.raises(FedmlError) as error:
         store.commit(2, _arrays(2), _row(2, 0.6), state={"strategy": {"r": 2}})
@@ -343,7 +343,7 @@ def test_a_full_disk_at_a_commit_is_one_clear_error_and_the_run_resumes_after(
     leftovers = [p.name for p in (tmp_path / "run").rglob(".*")]
     assert leftovers == [] or all(name == ".lock" for name in leftovers), leftovers
 
-    monkeypatch.setattr(runstore, "_write_synced", real_write)  # space is back
+    monkeypatch.setattr(writer, "write_synced", real_write)  # space is back
     store, (checkpoint, damaged) = _resume(tmp_path)
     assert checkpoint.round == 1 and damaged == []
     assert [row["round"] for row in store.rows] == [1]  # round 2's row was cut back
@@ -402,7 +402,7 @@ def test_a_real_full_disk_is_one_clear_error_and_the_run_resumes_once_space_is_b
 def _reseal(commit: Path, edit) -> None:
     """Let `edit(manifest)` change a commit's manifest (and files), then recompute every
     checksum, as someone editing a run folder by hand could."""
-    from fedml.runstore import _digest, _manifest_digest
+    from fedml.runstore.format import file_digest, manifest_digest
 
     manifest = json.loads((commit / "MANIFEST.json").read_bytes())
     edit(manifest)
@@ -410,8 +410,8 @@ def _reseal(commit: Path, edit) -> None:
         for name in manifest["files"]:
             path = commit / name
             if path.is_file():
-                manifest["files"][name] = _digest(path.read_bytes())
-    manifest["sha256"] = _manifest_digest(manifest)
+                manifest["files"][name] = file_digest(path.read_bytes())
+    manifest["sha256"] = manifest_digest(manifest)
     (commit / "MANIFEST.json").write_text(json.dumps(manifest))
 
 

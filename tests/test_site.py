@@ -85,7 +85,7 @@ def test_models_a_site_builds_are_the_built_ins_and_those_it_allows():
 
 
 def test_node_state_is_refused_at_a_site():
-    from simulations.virtual_nodes import STATE_MARKER
+    from fedml.node_state import STATE_MARKER
 
     assert message_refusal(["arrays", "config"]) is None
     assert "node state" in message_refusal(["arrays", STATE_MARKER])

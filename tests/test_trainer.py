@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from clients.trainer import (
-    TrainSettings,
     evaluate,
     proximal_term,
     resolve_device,
@@ -16,6 +15,7 @@ from clients.trainer import (
 from fedml.data import Shard
 from fedml.errors import FedmlError
 from fedml.models import build_model
+from fedml.settings import TrainSettings
 
 CPU = torch.device("cpu")
 
@@ -53,7 +53,7 @@ def test_proximal_term_is_the_squared_norm():
 
 def test_training_learns_and_is_deterministic():
     shard = _blobs()
-    settings = TrainSettings(epochs=5, batch_size=16, lr=0.1)
+    settings = TrainSettings(local_epochs=5, batch_size=16, lr=0.1, momentum=0.0)
     results = []
     for _ in range(2):
         model = build_model("logreg", (4,), 3, seed=0)
@@ -73,7 +73,9 @@ def test_large_mu_keeps_the_model_near_the_global_one():
     for mu in (0.0, 10.0):
         model = build_model("logreg", (4,), 3, seed=0)
         start = [p.detach().clone() for p in model.parameters()]
-        settings = TrainSettings(epochs=3, batch_size=16, lr=0.05, proximal_mu=mu)
+        settings = TrainSettings(
+            local_epochs=3, batch_size=16, lr=0.05, momentum=0.0, proximal_mu=mu
+        )
         train_local(model, shard, settings, CPU, torch.Generator().manual_seed(0))
         drift[mu] = _distance(model, start)
     assert drift[10.0] < 0.2 * drift[0.0]
@@ -82,7 +84,7 @@ def test_large_mu_keeps_the_model_near_the_global_one():
 def test_adam_and_weight_decay_are_honoured():
     shard = _blobs()
     model = build_model("logreg", (4,), 3, seed=0)
-    settings = TrainSettings(epochs=2, lr=0.05, optimizer="adam", weight_decay=0.01)
+    settings = TrainSettings(local_epochs=2, lr=0.05, optimizer="adam", weight_decay=0.01)
     train_local(model, shard, settings, CPU, torch.Generator().manual_seed(0))
     assert evaluate(model, shard, CPU)[1] > 0.9
 
@@ -102,6 +104,12 @@ def test_training_on_cuda_keeps_model_on_the_gpu():
     shard = _blobs()
     model = build_model("mlp", (4,), 3, seed=0)
     device = resolve_device("cuda")
-    train_local(model, shard, TrainSettings(epochs=2), device, torch.Generator().manual_seed(0))
+    train_local(
+        model,
+        shard,
+        TrainSettings(local_epochs=2, momentum=0.0),
+        device,
+        torch.Generator().manual_seed(0),
+    )
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert evaluate(model, shard, device)[1] > 0.9

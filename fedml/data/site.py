@@ -25,6 +25,7 @@ import numpy as np
 
 from fedml.data.datasets import MAX_CLASSES, Shard, read_shard
 from fedml.errors import FedmlError
+from fedml.runstore import atomic_write
 
 X_FILE, Y_FILE, SOURCE_FILE = "x.npy", "y.npy", "source.json"
 DEFAULT_LABEL_COLUMN = "label"
@@ -119,8 +120,6 @@ def prepare_site(
 ) -> tuple[Path, Shard]:
     """Make `folder` hold `source`'s examples as `.npy` files (unless it already holds
     this version of them). Returns the folder and the examples (memory-mapped)."""
-    from fedml.runstore import atomic_write
-
     stamp = _source_stamp(source, label_column)
     stamp_path = folder / SOURCE_FILE
     if stamp_path.is_file() and (folder / X_FILE).is_file() and (folder / Y_FILE).is_file():

@@ -28,6 +28,8 @@ from typing import Any
 
 import tomllib
 
+from fedml.node_state import STATE_MARKER
+
 CLIENTAPP = "clients.app:app"
 PUBLISHER = "fedml"
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
@@ -84,8 +86,6 @@ def config_refusal(run_config: Mapping[str, Any], allowed_models: Collection[str
 
 def message_refusal(record_names: Collection[str]) -> str | None:
     """Why a message with these records is not for a data site, or None."""
-    from simulations.virtual_nodes import STATE_MARKER
-
     if STATE_MARKER in record_names:
         return "the message carries node state, which only simulated nodes accept"
     return None

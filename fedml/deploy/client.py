@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedml.data.site import prepare_site
 from fedml.deploy.app_check import ALLOWED_MODELS_KEY
 from fedml.deploy.processes import (
     Child,
@@ -43,6 +44,7 @@ from fedml.deploy.processes import (
     split_address,
 )
 from fedml.errors import FedmlError
+from fedml.pki import site_files
 
 DATA_FOLDER = "data"
 LEDGER_FILE = "privacy-ledger.json"
@@ -70,8 +72,6 @@ class ClientOptions:
 
 def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
     """Every check, and the data prepared; returns the SuperNode's command line."""
-    from fedml.data.site import prepare_site
-
     host, port = split_address(options.superlink)
     security = _security_options(options)
     _check_local_port(options.port)
@@ -84,7 +84,7 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
         f"labels {classes[0]}..{classes[-1]} (prepared in {folder})"
     )
     if options.device:
-        from clients.trainer import resolve_device
+        from clients.trainer import resolve_device  # torch: only when a device is asked for
 
         say(f"device: {resolve_device(options.device)}")
     node_config = {
@@ -122,8 +122,6 @@ def _security_options(options: ClientOptions) -> list[str]:
             "fedml client needs --pki SITE_DIR (the sites/NAME folder from `fedml certs "
             "add-node`), or --insecure for a local experiment."
         )
-    from fedml.pki import site_files
-
     files = site_files(options.pki)
     return [
         "--root-certificates", str(files.ca_cert.resolve()),

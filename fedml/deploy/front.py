@@ -37,6 +37,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+from cryptography.hazmat.primitives import serialization
+from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+from flwr.supercore.error.base import ApiErrorCode, FlowerError
+from flwr.supercore.error.catalog import API_ERROR_MAP
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
+from flwr.superlink.routers.fleet.router import router
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -69,16 +75,12 @@ log = logging.getLogger("fedml.front")
 
 def fleet_paths() -> frozenset[str]:
     """The Fleet API's routes, as Flower's own Fleet router declares them."""
-    from flwr.superlink.routers.fleet.router import router
-
     return frozenset(route.path for route in router.routes)  # type: ignore[attr-defined]
 
 
 def registered_keys(folder: Path) -> frozenset[bytes]:
     """The site keys in `folder` (`PKI/nodes/*.pub`, OpenSSH) as Flower's SuperNodes
     present them in their `flwr-public-key` header (PEM SubjectPublicKeyInfo)."""
-    from cryptography.hazmat.primitives import serialization
-
     keys = set()
     for path in sorted(folder.glob("*.pub")):
         key = serialization.load_ssh_public_key(path.read_bytes())
@@ -93,9 +95,6 @@ def registered_keys(folder: Path) -> frozenset[bytes]:
 def node_signature(headers: dict[str, str]) -> bytes | None:
     """The public key a Fleet call is freshly and validly signed with (the check Flower's
     SuperLink makes, done here before the body is read), or None."""
-    from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
-    from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
-
     try:
         public_key = base64.b64decode(headers["flwr-public-key"], validate=True)
         signature = base64.b64decode(headers["flwr-signature"], validate=True)
@@ -116,9 +115,6 @@ def _unregistered(path: str) -> Response:
     refused), Flower's 401 for any other call."""
     if path != ACTIVATE_PATH:
         return PlainTextResponse(UNAUTHENTICATED, status_code=401)
-    from flwr.supercore.error.base import ApiErrorCode, FlowerError
-    from flwr.supercore.error.catalog import API_ERROR_MAP
-
     spec = API_ERROR_MAP[ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED]
     error = FlowerError(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED, "key not registered")
     return JSONResponse(error.to_json(spec.public_message), status_code=spec.http_status_code)

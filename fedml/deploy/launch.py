@@ -11,13 +11,19 @@ reports each round it commits.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from fedml.config import RESUME_KEY, SIMULATED_KEY, RunConfig
-from fedml.deploy.processes import Child, flower_command, wait_for_port
+from fedml.deploy.processes import Child, flower_command, flower_env, wait_for_port
 from fedml.errors import FedmlError
 from fedml.runstore import (
     CONFIG,
@@ -35,12 +41,89 @@ LOGS = "logs"  # RUN_DIR/logs: the SuperLink's and `flwr run`'s logs
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
+@dataclass
+class SuperLinkRun:
+    """One fedml run on a SuperLink that this process starts: the lifecycle `fedml
+    server` and the Ray engine share. Made by `superlink_run`, which stops every child
+    (newest first) and removes the work folder (Flower home, app folder) at the end,
+    whatever happens:
+
+        with superlink_run("fedml-ray-", run_dir) as link:
+            link.start_superlink(host, port, options, root_certificates=None)
+            link.run(cfg, resume, simulated, start_round, on_round)
+        status = link.finished_status("fedml simulate --resume RUN_DIR")
+    """
+
+    run_dir: Path
+    work: Path
+    env: dict[str, str]
+    children: list[Child] = field(default_factory=list)
+    superlink: Child | None = None
+    flwr_run: Child | None = None
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / LOGS
+
+    def start_superlink(
+        self, host: str, port: int, options: list[str], root_certificates: Path | None
+    ) -> Child:
+        """The SuperLink on `host:port`, and the Flower config that reaches it (TLS
+        verified against `root_certificates`, or insecure when None)."""
+        address = f"{local_host(host)}:{port}"
+        write_flower_config(self.work / "flwr-home", address, root_certificates)
+        self.superlink = self.adopt(
+            start_superlink(host, port, self.logs / "superlink.log", self.env, options)
+        )
+        return self.superlink
+
+    def adopt(self, child: Child) -> Child:
+        """Stop `child` with the others at the end of the run."""
+        self.children.append(child)
+        return child
+
+    def run(
+        self,
+        cfg: RunConfig,
+        resume: bool,
+        simulated: bool,
+        start_round: int,
+        on_round: RoundCallback | None,
+        federation_config: str | None = None,
+    ) -> None:
+        """Submit the run with `flwr run` and report its rounds until it ends."""
+        assert self.superlink is not None, "start_superlink first"
+        app_dir = write_app(self.work / "app", cfg, resume, simulated)
+        self.flwr_run = self.adopt(submit(app_dir, self.logs, self.env, federation_config))
+        follow_rounds(self.run_dir, self.flwr_run, self.superlink, start_round, on_round)
+
+    def finished_status(self, resume_command: str) -> RunStatus:
+        """The run directory's status once the run has ended (see `finished_status`)."""
+        assert self.flwr_run is not None, "run first"
+        return finished_status(self.run_dir, self.flwr_run, resume_command)
+
+
+@contextlib.contextmanager
+def superlink_run(
+    work_prefix: str, run_dir: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[SuperLinkRun]:
+    """A `SuperLinkRun` with a fresh work folder in the temporary directory (named
+    `work_prefix`...) and Flower's environment (`flower_env`, plus `extra_env`)."""
+    work = Path(tempfile.mkdtemp(prefix=work_prefix))
+    env = {**flower_env(work / "flwr-home"), **(extra_env or {})}
+    link = SuperLinkRun(run_dir, work, env)
+    try:
+        yield link
+    finally:
+        for child in reversed(link.children):
+            child.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def write_app(folder: Path, cfg: RunConfig, resume: bool, simulated: bool = False) -> Path:
     """A Flower App folder: `pyproject.toml` naming our components, with the resolved
     config as the app's config (plus the resume and simulation flags). No code travels
     with it."""
-    import tomli_w
-
     config: dict[str, Any] = {k: v for k, v in cfg.to_flat().items() if v is not None}
     config[RESUME_KEY] = resume
     if simulated:
@@ -74,8 +157,6 @@ def write_app(folder: Path, cfg: RunConfig, resume: bool, simulated: bool = Fals
 def write_flower_config(home: Path, address: str, root_certificates: Path | None) -> None:
     """Flower's CLI config (`FLWR_HOME/config.toml`) with one SuperLink connection:
     TLS verified against `root_certificates`, or insecure when None."""
-    import tomli_w
-
     connection: dict[str, Any] = {"address": address}
     if root_certificates is None:
         connection["insecure"] = True

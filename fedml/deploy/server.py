@@ -41,31 +41,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedml.config import RunConfig
-from fedml.deploy.launch import (
-    CONNECTION,
-    LOGS,
-    RoundCallback,
-    finished_status,
-    follow_rounds,
-    local_host,
-    start_superlink,
-    submit,
-    write_app,
-    write_flower_config,
-)
+from fedml.config import RunConfig, with_overrides
+from fedml.deploy.launch import CONNECTION, RoundCallback, local_host, superlink_run
 from fedml.deploy.processes import (
     Child,
     bind_error,
     flower_command,
-    flower_env,
     free_port,
     pid_alive,
     run_quietly,
     wait_for_port,
 )
 from fedml.errors import FedmlError
+from fedml.pki import server_files
 from fedml.runstore import CONFIG, RunStatus, run_status
+from fedml.server import Experiment
 
 StatusCallback = Callable[[str], None]
 WORK_PREFIX = "fedml-server-"  # the work folder in the temporary directory
@@ -94,8 +84,6 @@ def serve(
 ) -> RunStatus:
     """Run (or, with `resume`, continue) `cfg` on a SuperLink until the run ends; return
     the run directory's status. `cfg.out` names the run directory."""
-    from fedml.server import Experiment
-
     say = on_status or (lambda text: None)
     run_dir = Path(cfg.out).resolve()
     if not resume and (run_dir / CONFIG).exists():
@@ -108,43 +96,28 @@ def serve(
     node_keys = _node_keys(options)
     cfg = _with_out(cfg, run_dir)
     sweep_stale_work_folders()
-    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
-    (work / OWNER_FILE).write_text(str(os.getpid()))
-    children: list[Child] = []
-    try:
-        with _sigterm_as_interrupt():
-            env = flower_env(work / "flwr-home")
-            private_port = free_port()
-            ca = None if options.insecure or options.pki is None else options.pki / "ca.crt"
-            write_flower_config(work / "flwr-home", f"{PRIVATE_HOST}:{private_port}", ca)
-            app_dir = write_app(work / "app", cfg, resume)
-            logs = run_dir / LOGS
-            superlink = _start_superlink(options, private_port, logs, env)
-            children.append(superlink)
-            front = _start_front(options, private_port, logs, env)
-            children.append(front)
-            say(
-                f"listening on {options.host}:{options.port} for sites (Fleet API only; "
-                f"logs: {logs})"
+    with superlink_run(WORK_PREFIX, run_dir) as link, _sigterm_as_interrupt():
+        (link.work / OWNER_FILE).write_text(str(os.getpid()))
+        private_port = free_port()
+        ca = None if options.insecure or options.pki is None else options.pki / "ca.crt"
+        superlink = link.start_superlink(PRIVATE_HOST, private_port, _security(options), ca)
+        link.adopt(_start_front(options, private_port, link.logs, link.env))
+        say(
+            f"listening on {options.host}:{options.port} for sites (Fleet API only; "
+            f"logs: {link.logs})"
+        )
+        for key in node_keys:
+            run_quietly(
+                [*flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
+                link.env,
+                timeout=60,
             )
-            for key in node_keys:
-                run_quietly(
-                    [*flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
-                    env,
-                    timeout=60,
-                )
-            expected = len(node_keys) if node_keys else options.sites
-            _wait_for_sites(expected, options.wait_for_sites, env, superlink, say)
-            start_round = run_status(run_dir).rounds_done if resume else 0
-            say(f"run submitted; rounds are committed to {run_dir}")
-            flwr_run = submit(app_dir, logs, env)
-            children.append(flwr_run)
-            follow_rounds(run_dir, flwr_run, superlink, start_round, on_round)
-    finally:
-        for child in reversed(children):
-            child.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    return finished_status(run_dir, flwr_run, f"fedml server --resume {run_dir}")
+        expected = len(node_keys) if node_keys else options.sites
+        _wait_for_sites(expected, options.wait_for_sites, link.env, superlink, say)
+        start_round = run_status(run_dir).rounds_done if resume else 0
+        say(f"run submitted; rounds are committed to {run_dir}")
+        link.run(cfg, resume, False, start_round, on_round)
+    return link.finished_status(f"fedml server --resume {run_dir}")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -199,8 +172,6 @@ def _node_keys(options: ServerOptions) -> list[Path]:
             "fedml server needs --pki DIR (made by `fedml certs init`), or --insecure for a "
             "local experiment without TLS and node authentication."
         )
-    from fedml.pki import server_files
-
     keys = server_files(options.pki).node_keys
     if not keys:
         raise FedmlError(
@@ -211,24 +182,20 @@ def _node_keys(options: ServerOptions) -> list[Path]:
 
 
 def _with_out(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    from fedml.config import with_overrides
-
     return with_overrides(cfg, {"out": str(run_dir)})
 
 
-def _start_superlink(options: ServerOptions, port: int, logs: Path, env: dict[str, str]) -> Child:
-    """The SuperLink on 127.0.0.1:`port`: nothing outside this machine reaches it."""
+def _security(options: ServerOptions) -> list[str]:
+    """The SuperLink's TLS and node-authentication options (or --insecure)."""
     if options.insecure:
-        security = ["--insecure"]
-    else:
-        pki = _pki(options)
-        security = [
-            "--ssl-ca-certfile", str(pki / "ca.crt"),
-            "--ssl-certfile", str(pki / "server.crt"),
-            "--ssl-keyfile", str(pki / "server.key"),
-            "--enable-supernode-auth",
-        ]  # fmt: skip
-    return start_superlink(PRIVATE_HOST, port, logs / "superlink.log", env, security)
+        return ["--insecure"]
+    pki = _pki(options)
+    return [
+        "--ssl-ca-certfile", str(pki / "ca.crt"),
+        "--ssl-certfile", str(pki / "server.crt"),
+        "--ssl-keyfile", str(pki / "server.key"),
+        "--enable-supernode-auth",
+    ]  # fmt: skip
 
 
 def _start_front(

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedml.deploy import flower_runtime as runtime
 from fedml.deploy.processes import die_with_parent
 
 POLL_SECONDS = 0.2  # how often to ask the SuperNode for a task (Flower's default: 1 s)
@@ -37,8 +38,6 @@ log = logging.getLogger("fedml.site")
 def serve(runtime_api_address: str, secret: bytes, parent_pid: int | None) -> None:
     """Start one site task per ClientApp task the SuperNode queues, until stopped. A
     failed call (the SuperNode restarting, say) is logged and retried, never fatal."""
-    from fedml.deploy import flower_runtime as runtime
-
     if parent_pid is not None:
         runtime.exit_with_parent(parent_pid)
     client = runtime.connect(runtime_api_address, secret=secret)

@@ -26,6 +26,7 @@ import sys
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
+from fedml.deploy import flower_runtime as runtime
 from fedml.deploy.app_check import (
     ALLOWED_MODELS_KEY,
     config_refusal,
@@ -51,8 +52,6 @@ def refusal(message: Message, run_config: dict, node_config: dict, fab: bytes) -
 
 def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> int:
     """Serve one task; the process's exit code (0: a reply was sent)."""
-    from fedml.deploy import flower_runtime as runtime
-
     if parent_pid is not None:
         runtime.exit_with_parent(parent_pid)
     client = runtime.connect(runtime_api_address, token)
@@ -85,7 +84,8 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
 
 
 def _run_clientapp(message: Message, context: Context) -> Message:
-    """fedml's ClientApp, as installed at this site; its failure is an error reply."""
+    """fedml's ClientApp, as installed at this site; its failure is an error reply.
+    Imported here, after the app check passed: a refused task never loads torch."""
     from clients.app import app
 
     try:
