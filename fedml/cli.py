@@ -242,7 +242,7 @@ def simulate(
         if resume is None:
             cfg = _with_run_dir(load_config(resolve_config(config), overrides))
         else:
-            from simulations.engine import open_resume
+            from fedml.runstore import open_resume
 
             _check_resume_arguments(resume, config, out)
             store, cfg = open_resume(resume, overrides)
@@ -415,7 +415,7 @@ def server(
         if resume is None:
             cfg = _with_run_dir(load_config(resolve_config(config), overrides))
         else:
-            from simulations.engine import open_resume
+            from fedml.runstore import open_resume
 
             _check_resume_arguments(resume, config, out)
             store, cfg = open_resume(resume, overrides, deployed=True)

@@ -17,7 +17,7 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from fedml.config import RunConfig
-from fedml.contracts import Stateful
+from fedml.contracts import is_stateful
 from fedml.controls import Controls
 from fedml.privacy import PrivacyReport
 from fedml.validation import ScreeningMemory
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundComponents:
-    """The parts of one run's round loop, in commit order."""
+    """The parts of one run's round loop, in commit order. The strategy comes first:
+    on resume it gets its own state back before the controls' `AdaptiveMu` sets its
+    `proximal_mu` (the strategy's state does not hold mu; the controls' does)."""
 
     strategy: Strategy
     stragglers: Stragglers
@@ -56,16 +58,14 @@ class RoundComponents:
     def capture(self) -> dict[str, Any]:
         """`state_dict()` of every part that has state (the `Stateful` protocol)."""
         return {
-            name: part.state_dict()
-            for name, part in self._named().items()
-            if isinstance(part, Stateful)
+            name: part.state_dict() for name, part in self._named().items() if is_stateful(part)
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Give each part its committed state; say so when one cannot take it (a plugin
         strategy without `state_dict()`/`load_state_dict()` restarts its own state)."""
         for name, part in self._named().items():
-            if isinstance(part, Stateful) and name in state:
+            if is_stateful(part) and name in state:
                 part.load_state_dict(state[name])
             else:
                 log.warning(

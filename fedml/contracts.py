@@ -14,7 +14,6 @@ from typing import Any, Protocol, TypeGuard, runtime_checkable
 from flwr.app import RecordDict
 
 
-@runtime_checkable
 class Stateful(Protocol):
     """A part whose state decides later rounds: the run store commits `state_dict()`
     with every round and a resumed run calls `load_state_dict()` with it. Values are
@@ -23,6 +22,14 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def is_stateful(part: object) -> TypeGuard[Stateful]:
+    """Whether `part` is `Stateful`: both methods present and callable. Asked with
+    `getattr`, not `isinstance`: a wrapper that forwards them through `__getattr__`
+    qualifies on every Python version (3.12's runtime protocol check would not see
+    them), and an attribute that merely has the name does not."""
+    return all(callable(getattr(part, name, None)) for name in ("state_dict", "load_state_dict"))
 
 
 @runtime_checkable

@@ -3,7 +3,8 @@
 The round loop (`fedml.server`) asks `Controls` three things about each round:
 
 - before training: the client learning rate (`client.lr` x `client.lr_decay`^(r-1) x the
-  divergence guard's scale) and, with `strategy.adaptive_mu`, FedProx's mu;
+  divergence guard's scale); with `strategy.adaptive_mu` it also steers FedProx's mu,
+  which the strategy holds;
 - after aggregation and evaluation: is the attempt acceptable? A round is retried (up to
   a limit) when too few updates could be aggregated (`participation.*`) or when the
   global loss diverged (`guard.*`: NaN/inf, or above `guard.factor` x the best loss;
@@ -33,7 +34,6 @@ from flwr.serverapp.strategy import Strategy
 from fedml.arrays import from_numpy, record_of, to_numpy
 from fedml.config import RunConfig
 from fedml.contracts import Proximal, is_proximal
-from fedml.errors import FedmlError
 from fedml.monitor import LOSS_ORDER, Monitor, Target
 from fedml.privacy import STOP_PRIVACY
 
@@ -240,12 +240,8 @@ class Controls:
         self.target = Target.parse(stop.target) if stop.target else None
         self.guard = DivergenceGuard(guard.metric, guard.factor, guard.lr_factor)
         self.mu: AdaptiveMu | None = None
-        if cfg.strategy.adaptive_mu:  # validated: only with FedProx
-            if not is_proximal(strategy):
-                raise FedmlError(
-                    f"strategy.adaptive_mu needs a strategy with a proximal_mu; "
-                    f"'{cfg.strategy.name}' has none."
-                )
+        if cfg.strategy.adaptive_mu:
+            assert is_proximal(strategy), "validate() allows adaptive_mu with FedProx only"
             self.mu = AdaptiveMu(strategy, cfg.strategy.mu_step, cfg.strategy.mu_patience)
         self.optimizer = ServerOptimizer(cfg.server.lr, cfg.server.momentum)
         self.attempts = 0  # failed attempts of the round in progress

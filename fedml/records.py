@@ -31,8 +31,8 @@ class HistoryRow(TypedDict, total=False):
     """One committed round: a line of `history.jsonl`, what `on_round` callbacks, the
     report, `fedml runs` and the trackers read. Written by the round loop
     (`fedml.server`); a row read back from disk is the same dict, parsed from JSON.
-    Rows of a discarded attempt (skipped or stopped round) hold round, lr, mu, clients,
-    rejected, retries and discarded only."""
+    The row of a round without a new model (skipped, or stopped before it aggregated)
+    holds round, lr, mu, clients, rejected, retries, discarded, seconds and stop only."""
 
     round: int
     lr: float  # the clients' learning rate this round

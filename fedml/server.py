@@ -45,7 +45,7 @@ from fedml.data import Federation, federation_for
 from fedml.models import model_for
 from fedml.privacy import without_privacy_keys
 from fedml.records import DEVICE_RECORD, HistoryRow, device_label
-from fedml.runstore import Checkpoint, RunStatus, RunStore, default_run_path
+from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
 from fedml.settings import NUM_CLASSES_KEY, TrainSettings
 from fedml.validation import Tally, UpdateValidator
 from simulations.virtual_nodes import SimulatedNodesGrid
@@ -398,13 +398,8 @@ def main(grid: Grid, context: Context) -> None:
     experiment = Experiment.prepare(cfg, reproducible=flags.simulated)
     if flags.simulated:
         grid = SimulatedNodesGrid(grid, cfg.simulation.clients)
-    checkpoint = None
-    if flags.resume:
-        store = RunStore.open(Path(cfg.out))
-        checkpoint, _ = store.resume(cfg)
-    else:
-        path = Path(cfg.out) if cfg.out else default_run_path()
-        store = RunStore.create(path, cfg, deployed=not flags.simulated)
+    resume = RunStore.open(Path(cfg.out)) if flags.resume else None
+    store, checkpoint = open_run(cfg, resume, deployed=not flags.simulated)
     run_experiment(grid, experiment, store, checkpoint=checkpoint)
 
 

@@ -53,8 +53,14 @@ class TrainSettings:
         )
 
     def to_record(self, num_classes: int) -> ConfigRecord:
-        """The train message's config: every setting, and the model's output size."""
-        values = {message_key(name): value for name, value in dataclasses.asdict(self).items()}
+        """The train message's config: the model's output size and every setting, except
+        a zero `proximal_mu`: the strategy that uses mu sends it (FedProx), and a plugin
+        may test whether the key is there."""
+        values = {
+            message_key(name): value
+            for name, value in dataclasses.asdict(self).items()
+            if not (name == "proximal_mu" and value == 0.0)
+        }
         return ConfigRecord({NUM_CLASSES_KEY: num_classes, **values})
 
     @classmethod

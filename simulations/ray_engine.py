@@ -23,7 +23,7 @@ from fedml.config import RunConfig, with_overrides
 from fedml.deploy.launch import RoundCallback, superlink_run
 from fedml.deploy.processes import free_port
 from fedml.errors import FedmlError
-from fedml.runstore import CONFIG, default_run_path, run_status
+from fedml.runstore import default_run_path, refuse_existing_run, run_status
 from fedml.server import Experiment, RunSummary
 
 HOST = "127.0.0.1"
@@ -37,17 +37,21 @@ def simulate_on_ray(
     require_ray()
     Experiment.prepare(cfg)  # config, data, model, strategy: errors before anything starts
     run_dir = Path(cfg.out or default_run_path()).resolve()
-    if not resume and (run_dir / CONFIG).exists():
-        raise FedmlError(
-            f"{run_dir} already holds a run. Continue it with `fedml simulate --resume "
-            f"{run_dir}`, or choose another --out directory."
-        )
+    if not resume:
+        refuse_existing_run(run_dir)
     cfg = with_overrides(cfg, {"out": str(run_dir)})
     started = time.perf_counter()
     start_round = run_status(run_dir).rounds_done if resume else 0
     with superlink_run("fedml-ray-", run_dir, ray_env(cfg)) as link:
         link.start_superlink(HOST, free_port(), ["--simulation", "--insecure"], None)
-        link.run(cfg, resume, True, start_round, on_round, federation_config(cfg))
+        link.run(
+            cfg,
+            resume=resume,
+            simulated=True,
+            start_round=start_round,
+            on_round=on_round,
+            federation_config=federation_config(cfg),
+        )
     status = link.finished_status(f"fedml simulate --resume {run_dir}")
     seconds = time.perf_counter() - started
     return RunSummary.from_status(status, seconds, start_round if resume else None)

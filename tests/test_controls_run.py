@@ -17,9 +17,9 @@ from safetensors.numpy import load_file
 
 from clients import app as fedml_client
 from fedml.config import load_config
-from fedml.runstore import RunStore
+from fedml.runstore import RunStore, open_resume
 from fedml.server import Experiment, run_experiment
-from simulations.engine import open_resume, simulate
+from simulations.engine import simulate
 from simulations.inprocess import InProcessGrid
 
 

@@ -288,8 +288,7 @@ def test_sigterm_stops_the_server_cleanly_and_leaves_no_work_folder(tmp_path):
 def test_a_run_resumes_only_the_way_it_started(tmp_path):
     from fedml.config import load_config
     from fedml.errors import FedmlError
-    from fedml.runstore import RunStore, run_status
-    from simulations.engine import open_resume
+    from fedml.runstore import RunStore, open_resume, run_status
 
     for deployed in (True, False):
         path = tmp_path / f"run-{deployed}"

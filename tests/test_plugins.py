@@ -175,7 +175,7 @@ def test_client_level_dp_refuses_a_strategy_that_is_not_fedavg_based(monkeypatch
 def test_a_stateless_plugin_resumes_and_says_its_state_restarts(tmp_path, caplog):
     """Flower's stock FedAvg, named as module:Class: no state_dict(), so resume warns
     (its sampling uses Flower's global RNG, which fedml cannot restore)."""
-    from simulations.engine import open_resume
+    from fedml.runstore import open_resume
 
     overrides = {
         "rounds": 2,

@@ -15,7 +15,8 @@ from clients.app import LocalJob
 from fedml.config import load_config
 from fedml.errors import FedmlError
 from fedml.privacy import default_delta
-from simulations.engine import open_resume, simulate
+from fedml.runstore import open_resume
+from simulations.engine import simulate
 
 BASE = {"simulation.clients": 4, "client.local_epochs": 1}
 

@@ -22,9 +22,9 @@ from fedml.config import load_config
 from fedml.deploy.launch import superlink_run
 from fedml.errors import FedmlError
 from fedml.node_state import STATE_MARKER, STATE_PREFIX, carry_node_state
-from fedml.runstore import RunStore, is_locked, read_history
+from fedml.runstore import RunStore, is_locked, open_resume, read_history
 from fedml.server import Experiment, run_experiment
-from simulations.engine import open_resume, simulate
+from simulations.engine import simulate
 from simulations.flower_internals import claim_server_identity
 from simulations.inprocess import InProcessGrid
 from simulations.virtual_nodes import SimulatedNodesGrid

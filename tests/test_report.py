@@ -16,8 +16,8 @@ from fedml import records
 from fedml.config import load_config
 from fedml.errors import FedmlError
 from fedml.report import DPI, SIZES, figures, load_runs, write_report
-from fedml.runstore import RunStore
-from simulations.engine import open_resume, simulate
+from fedml.runstore import RunStore, open_resume
+from simulations.engine import simulate
 
 
 def _simulate(out: Path, **overrides) -> list[dict]:

@@ -14,8 +14,9 @@ import pytest
 from fedml import records
 from fedml.config import load_config
 from fedml.errors import FedmlError
+from fedml.runstore import open_resume
 from fedml.trackers import MLFLOW_EXPERIMENT, MLflowTracker, TensorBoardTracker, Trackers
-from simulations.engine import open_resume, simulate
+from simulations.engine import simulate
 
 
 def _config(out: Path, rounds: int):

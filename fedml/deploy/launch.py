@@ -15,7 +15,7 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,11 @@ from fedml.runstore import (
     read_history,
     run_status,
 )
+from fedml.server import RoundCallback
 
 CONNECTION = "fedml"  # the SuperLink connection's name in the generated Flower config
 APP_NAME = "fedml-app"
 LOGS = "logs"  # RUN_DIR/logs: the SuperLink's and `flwr run`'s logs
-
-RoundCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -50,7 +49,7 @@ class SuperLinkRun:
 
         with superlink_run("fedml-ray-", run_dir) as link:
             link.start_superlink(host, port, options, root_certificates=None)
-            link.run(cfg, resume, simulated, start_round, on_round)
+            link.run(cfg, resume=False, simulated=True, start_round=0, on_round=None)
         status = link.finished_status("fedml simulate --resume RUN_DIR")
     """
 
@@ -85,6 +84,7 @@ class SuperLinkRun:
     def run(
         self,
         cfg: RunConfig,
+        *,
         resume: bool,
         simulated: bool,
         start_round: int,
@@ -110,9 +110,9 @@ def superlink_run(
     """A `SuperLinkRun` with a fresh work folder in the temporary directory (named
     `work_prefix`...) and Flower's environment (`flower_env`, plus `extra_env`)."""
     work = Path(tempfile.mkdtemp(prefix=work_prefix))
-    env = {**flower_env(work / "flwr-home"), **(extra_env or {})}
-    link = SuperLinkRun(run_dir, work, env)
+    link = SuperLinkRun(run_dir, work, env={})
     try:
+        link.env = {**flower_env(work / "flwr-home"), **(extra_env or {})}
         yield link
     finally:
         for child in reversed(link.children):

@@ -4,19 +4,19 @@ What it does, in order (every user error surfaces before anything is started):
 
 1. checks that HOST:PORT is free, the config (loading the server's test data and
    building model and strategy, exactly as the ServerApp will) and the PKI files;
-2. writes a Flower App bundle folder holding only `pyproject.toml`: the components
-   (`fedml.server:app`, `clients.app:app`) and the resolved config as the app's config.
-   The bundle carries no code: the SuperLink and every site run the fedml they have
-   installed (and a site refuses any other app, see fedml.deploy.site_task);
-3. starts `flower-superlink` on 127.0.0.1 and a private port, with TLS, SuperNode
+2. starts `flower-superlink` on 127.0.0.1 and a private port, with TLS, SuperNode
    authentication, no telemetry and no runtime dependency installation (or, with
    `insecure`, none of the first two);
-4. starts the front (fedml.deploy.front) on HOST:PORT, the only address sites (or
+3. starts the front (fedml.deploy.front) on HOST:PORT, the only address sites (or
    anyone else) can reach: it forwards the Fleet API and nothing else, so the Control
    API (`flwr run`, `flwr stop`, `flwr supernode register`, ...) answers on this machine
    only;
-5. registers every site key in `PKI/nodes/*.pub` and waits (bounded) until those sites
+4. registers every site key in `PKI/nodes/*.pub` and waits (bounded) until those sites
    are online;
+5. writes a Flower App bundle folder holding only `pyproject.toml`: the components
+   (`fedml.server:app`, `clients.app:app`) and the resolved config as the app's config.
+   The bundle carries no code: the SuperLink and every site run the fedml they have
+   installed (and a site refuses any other app, see fedml.deploy.site_task);
 6. submits the run with `flwr run` (Flower's supported entry point) and follows it: each
    round the ServerApp commits to the run directory is passed to `on_round`;
 7. stops the SuperLink and the front however it ends (Ctrl-C and SIGTERM included) and
@@ -54,7 +54,7 @@ from fedml.deploy.processes import (
 )
 from fedml.errors import FedmlError
 from fedml.pki import server_files
-from fedml.runstore import CONFIG, RunStatus, run_status
+from fedml.runstore import RunStatus, refuse_existing_run, run_status
 from fedml.server import Experiment
 
 StatusCallback = Callable[[str], None]
@@ -86,11 +86,8 @@ def serve(
     the run directory's status. `cfg.out` names the run directory."""
     say = on_status or (lambda text: None)
     run_dir = Path(cfg.out).resolve()
-    if not resume and (run_dir / CONFIG).exists():
-        raise FedmlError(
-            f"{run_dir} already holds a run. Continue it with `fedml server --resume "
-            f"{run_dir}`, or choose another --out directory."
-        )
+    if not resume:
+        refuse_existing_run(run_dir)
     _check_port_free(options.host, options.port)
     Experiment.prepare(cfg, reproducible=False)  # config, data, model, strategy: checked
     node_keys = _node_keys(options)
@@ -116,8 +113,8 @@ def serve(
         _wait_for_sites(expected, options.wait_for_sites, link.env, superlink, say)
         start_round = run_status(run_dir).rounds_done if resume else 0
         say(f"run submitted; rounds are committed to {run_dir}")
-        link.run(cfg, resume, False, start_round, on_round)
-    return link.finished_status(f"fedml server --resume {run_dir}")
+        link.run(cfg, resume=resume, simulated=False, start_round=start_round, on_round=on_round)
+    return link.finished_status(f"fedml server --resume {run_dir} --pki PKI_DIR")
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -61,8 +61,9 @@ from fedml.runstore.format import (
     read_history,
     read_model,
 )
+from fedml.runstore.policy import refuse_existing_run
 from fedml.runstore.status import RunStatus, is_locked, run_status
-from fedml.runstore.writer import RunStore, default_run_path
+from fedml.runstore.writer import RunStore, default_run_path, open_resume, open_run
 
 __all__ = [
     "CONFIG",
@@ -76,8 +77,11 @@ __all__ = [
     "find_runs",
     "is_locked",
     "list_commit_dirs",
+    "open_resume",
+    "open_run",
     "read_history",
     "read_model",
+    "refuse_existing_run",
     "run_status",
     "storage_error",
 ]

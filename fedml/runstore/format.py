@@ -57,6 +57,13 @@ def is_deployed(run_dir: Path) -> bool:
     return (run_dir / DEPLOYED).is_file()
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run at `run_dir` (the way it started)."""
+    if is_deployed(run_dir):
+        return f"fedml server --resume {run_dir} --pki PKI_DIR"
+    return f"fedml simulate --resume {run_dir}"
+
+
 def find_runs(path: Path) -> list[Path]:
     """`path` itself when it is a run directory, else the run directories inside it."""
     if (path / CONFIG).is_file():

@@ -17,6 +17,7 @@ from fedml.config import CheckpointConfig, RunConfig, experiment_identity, ident
 from fedml.errors import FedmlError
 from fedml.monitor import Monitor
 from fedml.runstore.format import (
+    COMMIT_PREFIX,
     COMMITS,
     CONFIG,
     DAMAGED,
@@ -26,13 +27,42 @@ from fedml.runstore.format import (
     CommitCheck,
     DamagedCommit,
     commit_round,
+    is_deployed,
     list_commit_dirs,
     load_commit,
     read_history,
+    resume_command,
 )
 
 
 # ------------------------------------------------------------------------ resume
+def refuse_existing_run(run_dir: Path) -> None:
+    """One error when `run_dir` already holds a run (its config or any commit), naming
+    the command that continues it: a new run never writes into an old one."""
+    if (run_dir / CONFIG).exists() or any((run_dir / COMMITS).glob(f"{COMMIT_PREFIX}*")):
+        raise FedmlError(
+            f"{run_dir} already holds a run. Continue it with `{resume_command(run_dir)}`, "
+            "or choose another --out directory."
+        )
+
+
+def refuse_other_kind(run_dir: Path, deployed: bool) -> None:
+    """A run continues only the way it started: with real sites (`fedml server`) or
+    with simulated clients (`fedml simulate`), never silently as the other."""
+    if is_deployed(run_dir) and not deployed:
+        raise FedmlError(
+            f"{run_dir} was started by `fedml server` with real sites; resuming it as a "
+            f"simulation would train on other data. Continue it with "
+            f"`{resume_command(run_dir)}`."
+        )
+    if deployed and not is_deployed(run_dir):
+        raise FedmlError(
+            f"{run_dir} is a simulation (fedml simulate); continue it with "
+            f"`{resume_command(run_dir)}`, or start a new deployed run with `fedml server "
+            "--out DIR`."
+        )
+
+
 def resume_point(run_dir: Path) -> tuple[Checkpoint | None, list[CommitCheck]]:
     """The newest intact commit (None when the run has none yet) and the damaged
     commits newer than it. Raises when commits exist but none is intact. Read-only."""

@@ -24,6 +24,7 @@ from fedml.runstore.format import (
     list_commit_dirs,
     read_config,
     read_history,
+    resume_command,
 )
 
 
@@ -50,9 +51,7 @@ class RunStatus:
     @property
     def resume_command(self) -> str:
         """How to continue this run."""
-        if self.deployed:
-            return f"fedml server --resume {self.path} --pki PKI_DIR"
-        return f"fedml simulate --resume {self.path}"
+        return resume_command(self.path)
 
     @property
     def state(self) -> str:

@@ -26,12 +26,11 @@ from typing import IO, Any
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from fedml.config import RunConfig, experiment_identity, with_overrides
+from fedml.config import RunConfig, experiment_identity, resume_config, with_overrides
 from fedml.errors import FedmlError
 from fedml.runstore.files import atomic_write, fsync_dir, storage_error, write_synced
 from fedml.runstore.format import (
     ARRAYS_FILE,
-    COMMIT_PREFIX,
     COMMITS,
     CONFIG,
     DAMAGED,
@@ -58,6 +57,8 @@ from fedml.runstore.format import (
 from fedml.runstore.policy import (
     covered_history_bytes,
     pruned_commits,
+    refuse_existing_run,
+    refuse_other_kind,
     refuse_unsafe_resume,
     resume_point,
     set_aside_path,
@@ -99,11 +100,7 @@ class RunStore:
     def create(cls, path: Path, cfg: RunConfig, deployed: bool = False) -> RunStore:
         """Start a new run directory; refuse one that already holds a run. `deployed`:
         its sites are real (`fedml server`), so it resumes only that way (`DEPLOYED`)."""
-        if (path / CONFIG).exists() or any((path / COMMITS).glob(f"{COMMIT_PREFIX}*")):
-            raise FedmlError(
-                f"{path} already holds a run. Resume it with `fedml simulate --resume {path}`, "
-                "or choose another --out directory."
-            )
+        refuse_existing_run(path)
         try:
             (path / COMMITS).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -452,6 +449,30 @@ class RunStore:
     def rows(self) -> list[dict[str, Any]]:
         """History rows of this session's view (after `resume` or `commit`)."""
         return list(self._rows)
+
+
+def open_resume(
+    path: Path, overrides: dict[str, Any], deployed: bool = False
+) -> tuple[RunStore, RunConfig]:
+    """The run directory at `path` and the config to continue it with: the stored
+    config plus the resumable overrides (any other change is refused). `deployed`: the
+    caller is `fedml server`; a run continues only the way it started."""
+    store = RunStore.open(path)
+    refuse_other_kind(path, deployed)
+    return store, resume_config(store.cfg, overrides)
+
+
+def open_run(
+    cfg: RunConfig, resume: RunStore | None, deployed: bool
+) -> tuple[RunStore, Checkpoint | None]:
+    """Where a run plays, decided in one place for every engine: with `resume` (opened
+    by `open_resume`) that directory from its newest intact commit; else a new run
+    directory at `cfg.out` (default runs/<timestamp>), marked `deployed` for real sites."""
+    if resume is not None:
+        checkpoint, _ = resume.resume(cfg)
+        return resume, checkpoint
+    path = Path(cfg.out) if cfg.out else default_run_path()
+    return RunStore.create(path, cfg, deployed=deployed), None
 
 
 def _delete_all(folders: list[Path]) -> None:
