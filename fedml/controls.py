@@ -36,6 +36,7 @@ from fedml.config import RunConfig
 from fedml.contracts import Proximal, is_proximal
 from fedml.monitor import LOSS_ORDER, Monitor, Target
 from fedml.privacy import STOP_PRIVACY
+from fedml.records import HistoryRow
 
 STOP_MAX_ROUNDS = "max rounds"
 STOP_EARLY = "early stop"
@@ -60,7 +61,7 @@ class EarlyStopping:
         self.best_round: int | None = None
         self.waited = 0
 
-    def update(self, row: dict[str, Any]) -> bool:
+    def update(self, row: HistoryRow) -> bool:
         """Record one accepted round; True when patience has run out."""
         value = self.monitor.value(row)
         if value is None:
@@ -101,7 +102,7 @@ class DivergenceGuard:
         self.best_loss: float | None = None
         self.lr_scale = 1.0
 
-    def problem(self, row: dict[str, Any]) -> str | None:
+    def problem(self, row: HistoryRow) -> str | None:
         """Why this attempt diverged, or None."""
         name = self.monitor.name(row)
         if name is None:
@@ -116,7 +117,7 @@ class DivergenceGuard:
     def back_off(self) -> None:
         self.lr_scale *= self.lr_factor
 
-    def accept(self, row: dict[str, Any]) -> None:
+    def accept(self, row: HistoryRow) -> None:
         loss = self.monitor.value(row)
         if loss is not None and (self.best_loss is None or loss < self.best_loss):
             self.best_loss = loss
@@ -278,7 +279,7 @@ class Controls:
             return Verdict("skip", reason)
         return self._retry(reason, self.cfg.participation.max_retries, STOP_TOO_FEW)
 
-    def judge_loss(self, row: dict[str, Any]) -> Verdict | None:
+    def judge_loss(self, row: HistoryRow) -> Verdict | None:
         problem = self.guard.problem(row)
         return None if problem is None else self._diverged(problem)
 
@@ -295,14 +296,14 @@ class Controls:
         return Verdict("retry", reason)
 
     # -- after an accepted round ---------------------------------------------------------
-    def accept(self, row: dict[str, Any], velocity: dict[str, np.ndarray]) -> None:
+    def accept(self, row: HistoryRow, velocity: dict[str, np.ndarray]) -> None:
         """Fold an accepted round into the controls' state."""
         self.guard.accept(row)
         self.optimizer.accept(velocity)
         if self.mu:
             self.mu.update((row.get("train") or {}).get("loss"))
 
-    def end_of_round(self, row: dict[str, Any], elapsed: float) -> str | None:
+    def end_of_round(self, row: HistoryRow, elapsed: float) -> str | None:
         """The stop reason after this round, or None to go on. `elapsed`: seconds spent
         in rounds so far, over every process that worked on the run."""
         self.attempts = 0

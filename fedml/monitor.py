@@ -11,9 +11,9 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from fedml.errors import FedmlError
+from fedml.records import HistoryRow
 
 MONITORED_SOURCES = ("server", "evaluate", "train")
 AUTO_ORDER = ("server.accuracy", "evaluate.accuracy", "train.loss")
@@ -28,17 +28,17 @@ class Monitor:
     mode: str = "auto"
     auto: tuple[str, ...] = AUTO_ORDER
 
-    def name(self, row: dict[str, Any]) -> str | None:
+    def name(self, row: HistoryRow) -> str | None:
         """The metric this row is judged by (None when the row has none of them)."""
         candidates = self.auto if self.metric == "auto" else (self.metric,)
         return next((m for m in candidates if _raw(row, m) is not None), None)
 
-    def raw(self, row: dict[str, Any]) -> float | None:
+    def raw(self, row: HistoryRow) -> float | None:
         """The monitored value as recorded, NaN and inf included; None when absent."""
         name = self.name(row)
         return None if name is None else _raw(row, name)
 
-    def value(self, row: dict[str, Any]) -> float | None:
+    def value(self, row: HistoryRow) -> float | None:
         """The monitored value of a history row; None when absent or not finite."""
         value = self.raw(row)
         return value if value is not None and math.isfinite(value) else None
@@ -48,7 +48,7 @@ class Monitor:
             return self.mode == "max"
         return "loss" not in name.rsplit(".", 1)[-1]
 
-    def best(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def best(self, rows: list[HistoryRow]) -> HistoryRow | None:
         """The best row (earliest on ties), judged by the first row's metric name."""
         scored = [(row, self.value(row)) for row in rows]
         scored = [(row, v) for row, v in scored if v is not None]
@@ -63,7 +63,7 @@ class Monitor:
         return best_row
 
 
-def _raw(row: dict[str, Any], name: str) -> float | None:
+def _raw(row: HistoryRow, name: str) -> float | None:
     group, _, metric = name.partition(".")
     value = (row.get(group) or {}).get(metric)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -95,7 +95,7 @@ class Target:
             )
         return cls(match.group(1), match.group(2), number)
 
-    def reached(self, row: dict[str, Any]) -> bool:
+    def reached(self, row: HistoryRow) -> bool:
         value = Monitor(self.metric).value(row)
         return value is not None and _COMPARISONS[self.op](value, self.value)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from fedml.config import RunConfig
 from fedml.privacy import describe_privacy
+from fedml.records import HistoryRow
 from fedml.runstore import RunStore
 from fedml.server import RoundCallback, RunSummary
 from simulations.engine import simulate
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # a type hint only: trackers import their packages when asked
     from fedml.trackers import Tracker
 
 
-def describe_row(row: dict[str, Any]) -> str:
+def describe_row(row: HistoryRow) -> str:
     """One history row as the progress line shows it."""
     parts = [f"round {row['round']}"]
     if row.get("train"):
@@ -54,7 +55,7 @@ def run_with_progress(
     otherwise; `on_round` also receives each committed row (trackers)."""
 
     def also(show: RoundCallback) -> RoundCallback:
-        def both(row: dict[str, Any]) -> None:
+        def both(row: HistoryRow) -> None:
             show(row)
             if on_round is not None:
                 on_round(row)
@@ -77,7 +78,7 @@ def run_with_progress(
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=cfg.rounds)
 
-        def advance(row: dict[str, Any]) -> None:
+        def advance(row: HistoryRow) -> None:
             progress.update(task, completed=row["round"], description=describe_row(row))
 
         return simulate(cfg, on_round=also(advance), resume=resume)

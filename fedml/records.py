@@ -77,7 +77,7 @@ def device_label(record: dict[str, Any]) -> str:
     return " ".join(str(record[k]) for k in ("device", "name") if record.get(k))
 
 
-def flatten(row: dict[str, Any]) -> dict[str, float]:
+def flatten(row: HistoryRow) -> dict[str, float]:
     """Every finite number in `row` under its slash-joined path, except the round.
 
     Booleans are left out (they are flags, not measurements); so are NaN and

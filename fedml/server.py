@@ -232,6 +232,7 @@ def play_round(
             aggregated, counts["replied"], row["rejected"].get("non-finite", 0), counts["declined"]
         )
         if verdict is None:
+            assert aggregate is not None  # enough updates were aggregated
             new_arrays, velocity = controls.optimizer.step(arrays, aggregate)
             store.stage(server_round, new_arrays)  # the model file is written meanwhile
             row.update(evaluate_round(server_round, new_arrays, grid, experiment))
@@ -254,13 +255,19 @@ def play_round(
             log.warning("round %d: %s; retrying the round", server_round, verdict.reason)
             continue
         # skipped or stopped: the global model stays as it was before the round
-        discarded: HistoryRow = {  # type: ignore[assignment]
-            k: row[k]  # type: ignore[literal-required]
-            for k in ("round", "lr", "mu", "clients", "rejected")
-            if k in row
-        }
-        discarded.update(retries=retries, discarded=verdict.reason)
-        return arrays, discarded, verdict.stop
+        return arrays, _discarded_row(row, retries, verdict.reason), verdict.stop
+
+
+def _discarded_row(row: HistoryRow, retries: list[str], reason: str | None) -> HistoryRow:
+    """The history row of a round that produced no model: who took part, and why not."""
+    discarded: HistoryRow = {"round": row["round"], "lr": row["lr"]}
+    if "mu" in row:
+        discarded["mu"] = row["mu"]
+    discarded["clients"] = row["clients"]
+    discarded["rejected"] = row["rejected"]
+    discarded["retries"] = retries
+    discarded["discarded"] = reason
+    return discarded
 
 
 def train_round(

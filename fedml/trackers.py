@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from fedml.config import RunConfig
 from fedml.errors import FedmlError
-from fedml.records import SECONDS, flatten
+from fedml.records import SECONDS, HistoryRow, flatten
 from fedml.runstore import read_history
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Trackers:
         self.active = list(trackers)
         self._caught_up = False
 
-    def __call__(self, row: dict[str, Any]) -> None:
+    def __call__(self, row: HistoryRow) -> None:
         rows = [row]
         if not self._caught_up:
             earlier = read_history(self.run_dir)

@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, RecordDict
 from fedml.arrays import from_numpy, to_numpy
 from fedml.config import RunConfig, load_config
 from fedml.errors import FedmlError
+from fedml.records import HistoryRow
 from fedml.statefile import decode_state, recorddict_from_bytes
 
 CONFIG = "config.toml"
@@ -77,7 +78,7 @@ def find_runs(path: Path) -> list[Path]:
     return runs
 
 
-def read_history(path: Path) -> list[dict[str, Any]]:
+def read_history(path: Path) -> list[HistoryRow]:
     """History rows that parse as rows (a damaged tail is skipped, not fatal, for
     reporting: the commits, verified separately, say what is real)."""
     rows = []
@@ -92,7 +93,7 @@ def read_history(path: Path) -> list[dict[str, Any]]:
             break
         if not isinstance(row, dict) or type(row.get("round")) is not int:
             break
-        rows.append(row)
+        rows.append(cast(HistoryRow, row))  # what the round loop wrote, read back
     return rows
 
 

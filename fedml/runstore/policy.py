@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from fedml.config import CheckpointConfig, RunConfig, experiment_identity, identity_changes
 from fedml.errors import FedmlError
 from fedml.monitor import Monitor
+from fedml.records import HistoryRow
 from fedml.runstore.format import (
     COMMIT_PREFIX,
     COMMITS,
@@ -147,7 +147,7 @@ def set_aside_path(run_dir: Path, commit: Path) -> Path:
 def kept_rounds(
     retention: CheckpointConfig,
     committed: list[int],
-    rows: list[dict[str, Any]],
+    rows: list[HistoryRow],
     pinned: set[int],
 ) -> set[int]:
     """The newest `retention.keep` rounds of `committed`, the best one by
@@ -159,7 +159,7 @@ def kept_rounds(
     return keep
 
 
-def best_row(retention: CheckpointConfig, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def best_row(retention: CheckpointConfig, rows: list[HistoryRow]) -> HistoryRow | None:
     """The best of `rows` by `retention.monitor` and `retention.mode`."""
     return Monitor(retention.monitor, retention.mode).best(rows)
 
@@ -167,7 +167,7 @@ def best_row(retention: CheckpointConfig, rows: list[dict[str, Any]]) -> dict[st
 def pruned_commits(
     retention: CheckpointConfig,
     commits: list[Path],
-    rows: list[dict[str, Any]],
+    rows: list[HistoryRow],
     pinned: set[int],
 ) -> list[Path]:
     """The commits of `commits` (oldest first) that retention no longer keeps."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedml.config import RunConfig
 from fedml.monitor import Monitor
+from fedml.records import HistoryRow
 from fedml.runstore.format import (
     DAMAGED,
     LOCK,
@@ -38,11 +39,11 @@ class RunStatus:
     rounds_done: int
     last_commit_time: str | None
     stop_reason: str | None
-    best: dict[str, Any] | None
+    best: HistoryRow | None
     best_metric: str | None
     set_aside: list[str]
     privacy: dict[str, Any] | None  # the newest committed row's "privacy" entry
-    rows: list[dict[str, Any]]  # history rows up to the newest intact commit
+    rows: list[HistoryRow]  # history rows up to the newest intact commit
     model_round: int | None  # the round model.safetensors holds when not the last (best)
 
     running: bool

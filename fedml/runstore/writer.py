@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedml.config import RunConfig, experiment_identity, resume_config, with_overrides
 from fedml.errors import FedmlError
+from fedml.records import HistoryRow
 from fedml.runstore.files import atomic_write, fsync_dir, storage_error, write_synced
 from fedml.runstore.format import (
     ARRAYS_FILE,
@@ -84,7 +85,7 @@ class RunStore:
     def __init__(self, path: Path, cfg: RunConfig) -> None:
         self.path = path
         self.cfg = cfg
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[HistoryRow] = []
         self._history_hash = hashlib.sha256()
         self._history_bytes = 0
         # One background worker (started on first use, stopped by `close`): writes
@@ -234,7 +235,7 @@ class RunStore:
         self,
         server_round: int,
         arrays: ArrayRecord,
-        row: dict[str, Any],
+        row: HistoryRow,
         state: dict[str, Any],
         node_states: dict[int, RecordDict] | None = None,
         stop_reason: str | None = None,
@@ -262,7 +263,7 @@ class RunStore:
         self,
         server_round: int,
         arrays: ArrayRecord,
-        row: dict[str, Any],
+        row: HistoryRow,
         state: dict[str, Any],
         node_states: dict[int, RecordDict] | None,
         stop_reason: str | None,
@@ -343,7 +344,7 @@ class RunStore:
             files[NODES_FILE] = save(payload)
         return files
 
-    def _append_history(self, row: dict[str, Any]) -> None:
+    def _append_history(self, row: HistoryRow) -> None:
         line = (json.dumps(row, sort_keys=True) + "\n").encode()
         write_synced(self.path / HISTORY, line, append=True)
         self._history_hash.update(line)
@@ -440,13 +441,13 @@ class RunStore:
             self._lock_handle = None
 
     # -- reading ------------------------------------------------------------------------
-    def history(self) -> list[dict[str, Any]]:
+    def history(self) -> list[HistoryRow]:
         """All history rows in history.jsonl."""
         lines = (self.path / HISTORY).read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
     @property
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[HistoryRow]:
         """History rows of this session's view (after `resume` or `commit`)."""
         return list(self._rows)
 
