@@ -76,6 +76,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.privacy",
                 "fedml.validation",
                 "fedml.runstore.*",
+                "fedml.secagg.*",
             ]
         ],
     ),

@@ -1,0 +1,120 @@
+"""A site's update as one vector in the ring Z_(2^64), summable by the server.
+
+Each site sends the vector x = [n * q(w - g) for every float array, n * v for every
+integer array, n], where g is the global model it was sent, n its example count and q
+the stochastic quantiser onto {0, ..., 2^bits - 1} over [-clip, clip]. The sum of the
+vectors (uint64 arithmetic wraps, which is the ring's addition) is then
+[sum n_i q_i, sum n_i v_i, sum n_i], and `decode` turns it into the example-weighted
+mean of the updates: FedAvg's aggregate, exact up to one quantum 2 clip / (2^bits - 1)
+per value (stochastic rounding is unbiased) for values inside [-clip, clip]. Integer
+arrays (BatchNorm's counters) are summed exactly, and their mean is rounded to their
+dtype as plain aggregation does (strategies/aggregate.py).
+
+The sums stay below 2^64 while the total example count is below 2^(64 - bits): `decode`
+refuses a total outside [1, 2^(64 - bits)) (a site that lies about its count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedml.errors import FedmlError
+
+MAX_BITS = 32
+COUNT = "num-examples"  # the last value of every vector
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which arrays a vector holds, in order, with their shapes and dtypes."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+    clip: float
+    bits: int
+
+    @classmethod
+    def of(cls, arrays: dict[str, np.ndarray], clip: float, bits: int) -> Layout:
+        if not 1 <= bits <= MAX_BITS:
+            raise FedmlError(f"secagg.bits must be in 1..{MAX_BITS}, got {bits}.")
+        if not clip > 0:
+            raise FedmlError(f"secagg.clip must be > 0, got {clip}.")
+        return cls(
+            tuple(arrays),
+            tuple(a.shape for a in arrays.values()),
+            tuple(a.dtype for a in arrays.values()),
+            clip,
+            bits,
+        )
+
+    @property
+    def size(self) -> int:
+        """Values in a vector: every array's, and the example count."""
+        return sum(int(np.prod(shape)) for shape in self.shapes) + 1
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    def max_total(self) -> int:
+        """The largest total example count whose sums cannot wrap around."""
+        return 2 ** (64 - self.bits) - 1
+
+
+def encode(
+    layout: Layout,
+    trained: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    num_examples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The uint64 vector of a site that trained `reference` into `trained` on
+    `num_examples` examples (see the module docstring)."""
+    if not 1 <= num_examples <= layout.max_total():
+        raise ValueError(f"num_examples must be in 1..{layout.max_total()}, got {num_examples}")
+    parts = []
+    scale = layout.levels / (2 * layout.clip)
+    for name, dtype in zip(layout.names, layout.dtypes, strict=True):
+        values = np.asarray(trained[name])
+        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            ints = values.astype(np.int64).ravel()
+        else:
+            update = values.astype(np.float64) - np.asarray(reference[name], dtype=np.float64)
+            scaled = (np.clip(update, -layout.clip, layout.clip) + layout.clip) * scale
+            floor = np.floor(scaled)
+            ints = (floor + (rng.random(scaled.shape) < scaled - floor)).astype(np.int64).ravel()
+        parts.append(ints.astype(np.uint64) * np.uint64(num_examples))  # wraps like the ring
+    parts.append(np.array([num_examples], dtype=np.uint64))
+    return np.concatenate(parts)
+
+
+def decode(
+    layout: Layout, total: np.ndarray, reference: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], int]:
+    """The example-weighted mean of the sites' trained arrays, and their example count,
+    from the sum of their vectors. A ValueError when the sum cannot be one (a count out
+    of range)."""
+    if total.shape != (layout.size,):
+        raise ValueError(f"the sum has {total.size} values, the layout {layout.size}")
+    count = int(total[-1])
+    if not 1 <= count <= layout.max_total():
+        raise ValueError(f"the summed example count {count} is out of range")
+    scale = layout.levels / (2 * layout.clip)
+    arrays, start = {}, 0
+    for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes, strict=True):
+        size = int(np.prod(shape))
+        chunk = total[start : start + size]
+        start += size
+        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            mean = chunk.view(np.int64) / count  # two's complement: negatives sum right
+            arrays[name] = np.rint(mean).astype(dtype).reshape(shape)
+        else:
+            update = chunk.astype(np.float64) / count / scale - layout.clip
+            value = np.asarray(reference[name], dtype=np.float64).reshape(shape) + update.reshape(
+                shape
+            )
+            arrays[name] = value.astype(dtype)
+    return arrays, count
