@@ -47,8 +47,9 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from clients import secagg
 from clients.trainer import TrainResult, evaluate, resolve_device, train_local
-from fedml.arrays import from_state_dict, to_state_dict
+from fedml.arrays import from_state_dict, to_numpy, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
 from fedml.data.site import DEFAULT_LABEL_COLUMN, X_FILE, load_prepared, read_site_data
@@ -56,6 +57,7 @@ from fedml.models import model_for
 from fedml.node_state import PARTITION_KEY, carry_node_state
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
 from fedml.records import DEVICE_RECORD
+from fedml.secagg import messages as wire
 from fedml.settings import NUM_CLASSES_KEY, SERVER_ROUND_KEY, TrainSettings
 
 app = ClientApp(mods=[carry_node_state])
@@ -189,15 +191,44 @@ def train(msg: Message, context: Context) -> Message:
     else:
         generator = torch.Generator().manual_seed(seed)
         result = train_local(model, job.train, settings, device, generator)
-    metrics = {"loss": result.loss, "num-examples": result.num_examples, **privacy}
-    content = RecordDict(
-        {
-            "arrays": from_state_dict(model.state_dict()),
-            "metrics": MetricRecord(metrics),
-            DEVICE_RECORD: device_record(device),
-        }
-    )
+    if wire.ROUND in msg.content.config_records:  # a secure round: only the masked update
+        content = secagg.masked_update(
+            msg,
+            context,
+            job.cfg,
+            trained={k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+            reference={k: to_numpy(a) for k, a in msg.content["arrays"].items()},
+            num_examples=result.num_examples,
+            metrics={"loss": result.loss},
+            rng=np.random.default_rng(seed),
+        )
+        content["metrics"] = MetricRecord(privacy)
+    else:
+        metrics = {"loss": result.loss, "num-examples": result.num_examples, **privacy}
+        content = RecordDict(
+            {"arrays": from_state_dict(model.state_dict()), "metrics": MetricRecord(metrics)}
+        )
+    content[DEVICE_RECORD] = device_record(device)
     return Message(content=content, reply_to=msg)
+
+
+@app.train(wire.KEYS_ACTION)
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 1 (clients/secagg.py)."""
+    job = LocalJob.from_context(context)
+    return secagg.advertise(msg, context, job.cfg, job.partition_id)
+
+
+@app.train(wire.SHARE_ACTION)
+def secagg_share(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 2 (clients/secagg.py)."""
+    return secagg.share(msg, context)
+
+
+@app.train(wire.UNMASK_ACTION)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 4 (clients/secagg.py)."""
+    return secagg.unmask(msg, context)
 
 
 def device_record(device: torch.device) -> ConfigRecord:

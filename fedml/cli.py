@@ -71,6 +71,10 @@ OutOpt = Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp
 ResumeOpt = Annotated[
     Path | None, Opt(help="Continue the run in this directory from its last intact commit.")
 ]
+SecAggOpt = Annotated[
+    bool | None,
+    Opt("--secagg/--no-secagg", help="Secure aggregation: the server sees only the sum."),
+]
 ReportOpt = Annotated[
     bool, Opt(help="Write plots and CSV files to RUN_DIR/report when the run ends.")
 ]
@@ -114,6 +118,7 @@ CONFIG_FLAGS: dict[str, str] = {
     "num_cpus": "simulation.num_cpus",
     "num_gpus": "simulation.num_gpus",
     "ray_address": "simulation.ray_address",
+    "secagg": "secagg.enabled",
     "out": "out",
 }
 
@@ -186,6 +191,7 @@ def simulate(
     max_grad_norm: Annotated[
         float | None, Opt(help="Per-example gradient clip norm (DP-SGD).")
     ] = None,
+    secagg: SecAggOpt = None,
     seed: Annotated[int | None, Opt(help="Seed for every random choice of the run.")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N.")] = None,
     engine: Annotated[
@@ -385,6 +391,7 @@ def server(
     min_replies: MinRepliesOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     max_seconds: MaxSecondsOpt = None,
+    secagg: SecAggOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = None,
     report: ReportOpt = True,

@@ -202,6 +202,21 @@ class DPConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (see fedml/secagg): the server learns only the sum of the
+    sites' updates. `threshold`: sites needed to unmask (0: a majority of those taking
+    part); `neighbours`: SecAgg+'s graph degree (0: every site, i.e. SecAgg); each
+    update value is quantised to `bits` bits over [-`clip`, `clip`] (values beyond are
+    clipped). Works with fedavg and fedprox (they need only the weighted sum)."""
+
+    enabled: bool = False
+    threshold: int = 0
+    neighbours: int = 0
+    clip: float = 1.0
+    bits: int = 16
+
+
+@dataclass
 class CheckpointConfig:
     """What the run directory keeps: the newest `keep` commits plus the best one by
     `monitor` (a history metric such as "server.accuracy" or "evaluate.loss"; "auto"
@@ -231,6 +246,7 @@ class RunConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     stop: StopConfig = field(default_factory=StopConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     # ----------------------------------------------------------------- conversions
@@ -506,6 +522,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_checkpoint(cfg.checkpoint)
     _validate_controls(cfg)
     _validate_dp(cfg.dp)
+    _validate_secagg(cfg)
     _check(
         client.device in ("auto", "cpu", "cuda")
         or (client.device.startswith("cuda:") and client.device[5:].isdigit()),
@@ -620,6 +637,32 @@ def _validate_dp(dp: DPConfig) -> None:
     )
     _check(dp.max_grad_norm > 0.0, f"dp.max_grad_norm must be > 0, got {dp.max_grad_norm}.")
     _check(dp.clip_norm > 0.0, f"dp.clip_norm must be > 0, got {dp.clip_norm}.")
+
+
+SECAGG_STRATEGIES = ("fedavg", "fedprox")
+
+
+def _validate_secagg(cfg: RunConfig) -> None:
+    sa = cfg.secagg
+    _check(sa.threshold >= 0, f"secagg.threshold must be >= 0 (0: a majority), got {sa.threshold}.")
+    _check(
+        sa.neighbours >= 0 and sa.neighbours % 2 == 0,
+        f"secagg.neighbours must be 0 (every site) or an even degree, got {sa.neighbours}.",
+    )
+    _check(sa.clip > 0.0, f"secagg.clip must be > 0, got {sa.clip}.")
+    _check(1 <= sa.bits <= 32, f"secagg.bits must be in 1..32, got {sa.bits}.")
+    if not sa.enabled:
+        return
+    _check(
+        cfg.strategy.name.lower() in SECAGG_STRATEGIES,
+        f"secure aggregation hides single updates, and strategy '{cfg.strategy.name}' needs "
+        f"them; use one of {', '.join(SECAGG_STRATEGIES)} (they need only the weighted sum).",
+    )
+    _check(
+        not cfg.dp.mode.startswith("user"),
+        f"dp.mode '{cfg.dp.mode}' clips each update on the server, which secure "
+        "aggregation hides. Use dp.mode = 'sample' (DP-SGD at every site) with secagg.",
+    )
 
 
 # ------------------------------------------------------------------------------ resume

@@ -42,6 +42,7 @@ class HistoryRow(TypedDict, total=False):
     rejected: dict[str, int]  # screening: reason -> replies
     weights_capped: int  # replies whose num-examples claim was capped
     devices: dict[str, int]  # where the replies trained: device label -> replies
+    secagg: dict[str, float | int]  # a secure round: sampled, shared, unmasked, dropped, ...
     evaluate: dict[str, float] | None  # federated evaluation (+ "num-examples")
     server: dict[str, float] | None  # centralised evaluation on the server's test set
     evaluate_rejected: dict[str, int]

@@ -46,6 +46,7 @@ from fedml.models import model_for
 from fedml.privacy import without_privacy_keys
 from fedml.records import DEVICE_RECORD, HistoryRow, device_label
 from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
+from fedml.secure_round import SecureRound
 from fedml.settings import NUM_CLASSES_KEY, TrainSettings
 from fedml.validation import Tally, UpdateValidator
 from simulations.virtual_nodes import SimulatedNodesGrid
@@ -289,14 +290,23 @@ def train_round(
     straggler_ids = components.stragglers.apply(to_send, cfg.client.local_epochs)
     timeout = cfg.participation.timeout or None
     tally, kept, privacy, devices = Tally(), _Kept(), components.privacy, _Devices()
-    replies = privacy.observe(devices.count(grid.send_and_receive(to_send, timeout=timeout)))
-    screened = experiment.validator.screen(replies, arrays, tally, components.screening)
-    unless_stragglers = (
-        screened
-        if keeps_partial_work(strategy)
-        else (m for m in screened if m.metadata.src_node_id not in straggler_ids)
-    )
-    aggregate, train_metrics = strategy.aggregate_train(server_round, kept.count(unless_stragglers))
+    dropping = set() if keeps_partial_work(strategy) else straggler_ids
+    secure = None
+    if cfg.secagg.enabled:
+        secure = SecureRound(cfg, server_round, grid, timeout)
+        aggregate = secure.run(
+            to_send, arrays, tally, lambda s: privacy.observe(devices.count(s)), dropping
+        )
+        kept.messages = int(secure.row["unmasked"]) if aggregate is not None else 0
+        kept.examples = secure.examples
+        train_metrics = MetricRecord(secure.metrics) if secure.metrics is not None else None
+    else:
+        replies = privacy.observe(devices.count(grid.send_and_receive(to_send, timeout=timeout)))
+        screened = experiment.validator.screen(replies, arrays, tally, components.screening)
+        unless_stragglers = (m for m in screened if m.metadata.src_node_id not in dropping)
+        aggregate, train_metrics = strategy.aggregate_train(
+            server_round, kept.count(unless_stragglers)
+        )
     row: HistoryRow = {"round": server_round, "lr": lr}
     if is_proximal(strategy):
         row["mu"] = strategy.proximal_mu
@@ -317,6 +327,8 @@ def train_round(
         row["weights_capped"] = tally.capped
     if devices.replies:
         row["devices"] = dict(sorted(devices.replies.items()))
+    if secure is not None:
+        row["secagg"] = secure.row
     return (aggregate if kept.messages else None), row
 
 

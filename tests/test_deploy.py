@@ -283,3 +283,28 @@ def test_a_run_that_never_starts_is_a_clear_error_with_flowers_words(tmp_path, m
         deploy_server.serve(cfg, options)
     assert "run.log" in str(error.value)
     assert not (tmp_path / "run" / "config.toml").exists()
+
+
+def test_secure_aggregation_over_real_supernodes_with_tls(tmp_path, fleet):
+    """Three sites behind TLS and node auth play secure rounds: each site's keys and
+    secrets live in its SuperNode's context between the four exchanges, and the server
+    unmasks only the sum."""
+    pki = _pki(tmp_path, ["a", "b", "c"])
+    data = _shards(tmp_path, 3)
+    port, run = free_port(), tmp_path / "run"
+    server = _server(
+        fleet, "server", pki, port, "--rounds", "2", "--secagg", "--out", str(run)
+    )  # fmt: skip
+    for name, shard in zip("abc", data, strict=True):
+        _client(fleet, name, f"127.0.0.1:{port}", shard, pki)
+    assert server.wait(600) == 0, fleet.logs()
+    rows = _rows(run)
+    assert [row["round"] for row in rows] == [1, 2]
+    for row in rows:
+        secagg = row["secagg"]
+        assert (secagg["shared"], secagg["unmasked"], secagg["dropped"]) == (3, 3, 0)
+        assert row["clients"]["aggregated"] == 3
+    assert rows[-1]["server"]["accuracy"] > rows[0]["server"]["accuracy"]
+    # the summed example count is the sites' training splits (20% of each is validation)
+    total = sum(len(np.load(p)["y"]) for p in data)
+    assert rows[-1]["train"]["num-examples"] == pytest.approx(0.8 * total, abs=3)

@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             ]
         ],
     ),
-    ("round loop", [["fedml.server", "fedml.controls", "fedml.components"]]),
+    ("round loop", [["fedml.server", "fedml.controls", "fedml.components", "fedml.secure_round"]]),
     (
         "parts",
         [

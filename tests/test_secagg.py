@@ -167,7 +167,7 @@ def test_decoding_the_sum_is_plain_fedavg_within_one_quantum(layout_spec, weight
         }
         trained.append(arrays)
         total += encode(layout, arrays, reference, n, rng)
-    mean, count = decode(layout, total, reference)
+    mean, count, _ = decode(layout, total, reference)
     assert count == sum(weights)
     plain = WeightedMean()
     for arrays, n in zip(trained, weights, strict=True):

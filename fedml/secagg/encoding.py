@@ -1,12 +1,14 @@
 """A site's update as one vector in the ring Z_(2^64), summable by the server.
 
 Each site sends the vector x = [n * q(w - g) for every float array, n * v for every
-integer array, n], where g is the global model it was sent, n its example count and q
-the stochastic quantiser onto {0, ..., 2^bits - 1} over [-clip, clip]. The sum of the
+integer array, n * m(metric) for every metric, n], where g is the global model it was
+sent, n its example count and q the stochastic quantiser onto {0, ..., 2^bits - 1} over
+[-clip, clip]. The sum of the
 vectors (uint64 arithmetic wraps, which is the ring's addition) is then
 [sum n_i q_i, sum n_i v_i, sum n_i], and `decode` turns it into the example-weighted
 mean of the updates: FedAvg's aggregate, exact up to one quantum 2 clip / (2^bits - 1)
-per value (stochastic rounding is unbiased) for values inside [-clip, clip]. Integer
+per value (stochastic rounding is unbiased) for values inside [-clip, clip]. Metrics (the
+training loss) are quantised the same way over [0, METRIC_MAX]. Integer
 arrays (BatchNorm's counters) are summed exactly, and their mean is rounded to their
 dtype as plain aggregation does (strategies/aggregate.py).
 
@@ -23,7 +25,7 @@ import numpy as np
 from fedml.errors import FedmlError
 
 MAX_BITS = 32
-COUNT = "num-examples"  # the last value of every vector
+METRIC_MAX = 100.0  # metrics (a loss) are summed over [0, METRIC_MAX]
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,16 @@ class Layout:
     dtypes: tuple[np.dtype, ...]
     clip: float
     bits: int
+    metrics: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, arrays: dict[str, np.ndarray], clip: float, bits: int) -> Layout:
+    def of(
+        cls,
+        arrays: dict[str, np.ndarray],
+        clip: float,
+        bits: int,
+        metrics: tuple[str, ...] = (),
+    ) -> Layout:
         if not 1 <= bits <= MAX_BITS:
             raise FedmlError(f"secagg.bits must be in 1..{MAX_BITS}, got {bits}.")
         if not clip > 0:
@@ -48,12 +57,13 @@ class Layout:
             tuple(a.dtype for a in arrays.values()),
             clip,
             bits,
+            metrics,
         )
 
     @property
     def size(self) -> int:
-        """Values in a vector: every array's, and the example count."""
-        return sum(int(np.prod(shape)) for shape in self.shapes) + 1
+        """Values in a vector: every array's, every metric, and the example count."""
+        return sum(int(np.prod(shape)) for shape in self.shapes) + len(self.metrics) + 1
 
     @property
     def levels(self) -> int:
@@ -70,33 +80,34 @@ def encode(
     reference: dict[str, np.ndarray],
     num_examples: int,
     rng: np.random.Generator,
+    metrics: dict[str, float] | None = None,
 ) -> np.ndarray:
     """The uint64 vector of a site that trained `reference` into `trained` on
-    `num_examples` examples (see the module docstring)."""
+    `num_examples` examples, with its `metrics` (see the module docstring)."""
     if not 1 <= num_examples <= layout.max_total():
         raise ValueError(f"num_examples must be in 1..{layout.max_total()}, got {num_examples}")
     parts = []
-    scale = layout.levels / (2 * layout.clip)
     for name, dtype in zip(layout.names, layout.dtypes, strict=True):
         values = np.asarray(trained[name])
         if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
             ints = values.astype(np.int64).ravel()
         else:
             update = values.astype(np.float64) - np.asarray(reference[name], dtype=np.float64)
-            scaled = (np.clip(update, -layout.clip, layout.clip) + layout.clip) * scale
-            floor = np.floor(scaled)
-            ints = (floor + (rng.random(scaled.shape) < scaled - floor)).astype(np.int64).ravel()
+            ints = _quantised(update, -layout.clip, layout.clip, layout.levels, rng).ravel()
         parts.append(ints.astype(np.uint64) * np.uint64(num_examples))  # wraps like the ring
+    values = [float((metrics or {}).get(name, 0.0)) for name in layout.metrics]
+    metric_ints = _quantised(np.array(values), 0.0, METRIC_MAX, layout.levels, rng)
+    parts.append(metric_ints.astype(np.uint64) * np.uint64(num_examples))
     parts.append(np.array([num_examples], dtype=np.uint64))
     return np.concatenate(parts)
 
 
 def decode(
     layout: Layout, total: np.ndarray, reference: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], int]:
-    """The example-weighted mean of the sites' trained arrays, and their example count,
-    from the sum of their vectors. A ValueError when the sum cannot be one (a count out
-    of range)."""
+) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+    """The example-weighted mean of the sites' trained arrays, their example count and
+    the weighted mean of their metrics, from the sum of their vectors. A ValueError when
+    the sum cannot be one (a count out of range)."""
     if total.shape != (layout.size,):
         raise ValueError(f"the sum has {total.size} values, the layout {layout.size}")
     count = int(total[-1])
@@ -117,4 +128,15 @@ def decode(
                 shape
             )
             arrays[name] = value.astype(dtype)
-    return arrays, count
+    sums = total[start : start + len(layout.metrics)].astype(np.float64)
+    means = sums / count / layout.levels * METRIC_MAX
+    return arrays, count, {name: float(v) for name, v in zip(layout.metrics, means, strict=True)}
+
+
+def _quantised(
+    values: np.ndarray, low: float, high: float, levels: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Stochastic rounding of `values` (clipped to [low, high]) onto 0..levels."""
+    scaled = (np.clip(values, low, high) - low) * (levels / (high - low))
+    floor = np.floor(scaled)
+    return (floor + (rng.random(scaled.shape) < scaled - floor)).astype(np.int64)

@@ -32,6 +32,7 @@ import os
 import random
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -124,6 +125,46 @@ class SiteSecAgg:
         self.own: tuple[bytes, bytes] = (b"", b"")  # its shares of its own secrets
         self.received: dict[int, bytes] = {}  # sender -> sealed shares for this site
 
+    # -- state between messages (a deployed site's task process ends after each) -------
+    def state(self) -> dict[str, bytes | int | list[int]]:
+        """Everything this site keeps between the round's messages, as plain values."""
+        plan = self.plan
+        return {
+            "node": self.node,
+            "round": self.server_round,
+            "secret": self.c_private + self.s_private + self.self_seed,
+            "sampled": list(plan.sampled) if plan else [],
+            "threshold": plan.threshold if plan else 0,
+            "neighbours": plan.neighbours if plan else 0,
+            "key-nodes": sorted(self.keys),
+            "keys": b"".join(c + s for _, (c, s) in sorted(self.keys.items())),
+            "own": _pack(*self.own),
+            "received-nodes": sorted(self.received),
+            "received": b"".join(_pack(self.received[v], b"") for v in sorted(self.received)),
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> SiteSecAgg:
+        """The site of `state()`."""
+        site = cls(int(state["node"]), int(state["round"]), bytes(state["secret"]))
+        sampled = tuple(int(v) for v in state["sampled"])
+        if sampled:
+            site.plan = RoundPlan(
+                site.server_round, sampled, int(state["threshold"]), int(state["neighbours"])
+            )
+        keys = bytes(state["keys"])
+        site.keys = {
+            int(v): (keys[64 * i : 64 * i + 32], keys[64 * i + 32 : 64 * i + 64])
+            for i, v in enumerate(state["key-nodes"])
+        }
+        site.own = _unpack(bytes(state["own"]))
+        received, data = {}, bytes(state["received"])
+        for v in state["received-nodes"]:
+            sealed, data = _unpack(data)
+            received[int(v)] = sealed
+        site.received = received
+        return site
+
     # -- 1. advertise ------------------------------------------------------------------
     def advertise(self) -> PublicKeys:
         return crypto.public_key(self.c_private), crypto.public_key(self.s_private)
@@ -159,12 +200,15 @@ class SiteSecAgg:
 
     # -- 3. masked input ---------------------------------------------------------------
     def masked(self, vector: np.ndarray, received: dict[int, bytes]) -> np.ndarray:
-        """`vector` (uint64) under this site's masks; keeps the `received` ciphertexts
-        (sender -> sealed shares for this site) for the unmask step."""
+        """`vector` (uint64) under this site's masks: its self-mask and one pairwise
+        mask with each neighbour that shared (whose ciphertext is in `received`, sender
+        -> sealed shares for this site); keeps `received` for the unmask step."""
         assert self.plan is not None, "share first"
         self.received = dict(received)
         y = vector.astype(np.uint64) + crypto.mask(self.self_seed, vector.size)
         for v in self.plan.neighbours_of(self.node):
+            if v not in received:
+                continue  # v did not share: the server cannot remove a mask with v
             pairwise = crypto.mask(self._pair_seed(v), vector.size)
             y = y + pairwise if v > self.node else y - pairwise  # uint64: mod 2^64
         return y

@@ -1,0 +1,120 @@
+"""A site's side of secure aggregation (fedml/secagg) on the ClientApp.
+
+The site answers the server's four exchanges of a secure round: it advertises two
+public keys, shares its secrets with its holders, trains as usual and replies with its
+update masked (never the update itself), and finally returns the shares the server
+needs to unmask the sum. Before masking, the site clips its own update to
+`validation.clip_norm` (the server cannot screen single updates any more). Between the
+messages its side of the round waits in `Context.state`; it is removed after unmasking.
+
+Keys, seeds and quantisation follow the run seed for a simulated client (a run replays
+bit for bit); a data site draws them from OS entropy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedml.config import RunConfig
+from fedml.secagg import messages as wire
+from fedml.secagg.encoding import Layout, encode
+from fedml.secagg.protocol import SiteSecAgg
+
+METRICS = ("loss",)  # the train metrics a secure round sums
+
+
+def site_secret(cfg: RunConfig, server_round: int, partition_id: int | None) -> bytes | None:
+    """96 bytes from the run seed for a simulated client; None (OS entropy) at a site."""
+    if partition_id is None:
+        return None
+    label = f"fedml secagg secret {cfg.seed} {server_round} {partition_id}".encode()
+    return hashlib.shake_256(label).digest(96)
+
+
+def advertise(msg: Message, context: Context, cfg: RunConfig, partition_id: int | None) -> Message:
+    """Step 1: a fresh side of the round, and its two public keys."""
+    info = msg.content.config_records[wire.ROUND]
+    node, server_round = int(info["node"]), int(info["round"])  # type: ignore[arg-type]
+    site = SiteSecAgg(node, server_round, site_secret(cfg, server_round, partition_id))
+    _save(context, site)
+    c, s = site.advertise()
+    return Message(RecordDict({wire.ROUND: ConfigRecord({"c": c, "s": s})}), reply_to=msg)
+
+
+def share(msg: Message, context: Context) -> Message:
+    """Step 2: this site's shares, sealed for each holder, and their digests."""
+    site = _load(context)
+    plan = wire.plan_from(msg.content.config_records[wire.ROUND])
+    sealed, digests = site.share(plan, wire.keys_from(msg.content.config_records.get(wire.KEYS)))
+    _save(context, site)
+    content = RecordDict({wire.SEALED: wire.by_node(sealed), wire.DIGESTS: wire.by_node(digests)})
+    return Message(content, reply_to=msg)
+
+
+def masked_update(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    trained: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    num_examples: int,
+    metrics: dict[str, float],
+    rng: np.random.Generator,
+) -> RecordDict:
+    """Step 3: the reply content of a secure train message: the masked vector of the
+    clipped update (see fedml.secagg.encoding) instead of the trained arrays."""
+    site = _load(context)
+    clipped = clip_update(trained, reference, cfg.validation.clip_norm)
+    layout = Layout.of(reference, cfg.secagg.clip, cfg.secagg.bits, METRICS)
+    vector = encode(layout, clipped, reference, num_examples, rng, metrics)
+    inbox = wire.from_node_record(msg.content.config_records.get(wire.INBOX))
+    masked = site.masked(vector, inbox)
+    _save(context, site)
+    return RecordDict({"arrays": wire.masked_record(masked)})
+
+
+def unmask(msg: Message, context: Context) -> Message:
+    """Step 4: the shares the server asks for; the round's secrets leave the state."""
+    site = _load(context)
+    info = msg.content.config_records[wire.ROUND]
+    survivors = {int(v) for v in info["survivors"]}  # type: ignore[union-attr]
+    dropped = {int(v) for v in info["dropped"]}  # type: ignore[union-attr]
+    answers = site.unmask(survivors, dropped)
+    del context.state[wire.STATE]
+    return Message(RecordDict({wire.SHARES: wire.by_node(answers)}), reply_to=msg)
+
+
+def clip_update(
+    trained: dict[str, np.ndarray], reference: dict[str, np.ndarray], clip_norm: float
+) -> dict[str, np.ndarray]:
+    """`trained` with its floating-point update scaled down to L2 norm `clip_norm`
+    (0: unchanged). Integer arrays (counters) are not part of the update's norm."""
+    floats = [k for k, v in trained.items() if np.issubdtype(v.dtype, np.floating)]
+    if clip_norm <= 0 or not floats:
+        return trained
+    norm = math.sqrt(
+        sum(float(np.sum((trained[k].astype(np.float64) - reference[k]) ** 2)) for k in floats)
+    )
+    if norm <= clip_norm:
+        return trained
+    scale = clip_norm / norm
+    clipped = dict(trained)
+    for k in floats:
+        update = (trained[k].astype(np.float64) - reference[k]) * scale
+        clipped[k] = (reference[k] + update).astype(trained[k].dtype)
+    return clipped
+
+
+def _save(context: Context, site: SiteSecAgg) -> None:
+    context.state[wire.STATE] = ConfigRecord(site.state())  # type: ignore[arg-type]
+
+
+def _load(context: Context) -> SiteSecAgg:
+    record = context.state.config_records.get(wire.STATE)
+    if record is None:
+        raise ValueError("no secure-aggregation round in progress at this node")
+    return SiteSecAgg.restore(dict(record))

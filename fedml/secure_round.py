@@ -1,0 +1,211 @@
+"""The train phase of a round under secure aggregation (`secagg.enabled`).
+
+In place of "send the train messages, screen and aggregate the replies", a secure round
+plays fedml.secagg's four exchanges with the sites the strategy sampled:
+
+    advertise ("train.secagg_keys") -> plan over the sites that answered
+    share     ("train.secagg_share") -> route the sealed shares to their holders
+    train     (the strategy's train messages + the inbox) -> sum the masked updates
+    unmask    ("train.secagg_unmask") -> the sum -> the example-weighted mean update
+
+The server never holds a single site's update: each reply is a uniformly random-looking
+vector, and only the sum of at least `threshold` of them can be unmasked. What that
+costs is said, not skipped: the norm screen and weight caps of fedml.validation cannot
+see single updates (each site clips its own update to `validation.clip_norm` before
+masking instead), and the aggregate is FedAvg's weighted mean computed from the sums
+(the strategy's `aggregate_train`, which would compute the same from plain replies, is
+not called; only FedAvg and FedProx are allowed with secure aggregation). The server
+checks the unmasked aggregate: finite, and its update within `validation.clip_norm`.
+A round whose secrets cannot be recovered (fewer than `threshold` sites answered) has
+no aggregate: the participation rules decide (retry, skip, stop).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedml.arrays import from_numpy, record_of, to_numpy
+from fedml.config import RunConfig
+from fedml.secagg import messages as wire
+from fedml.secagg.encoding import Layout, decode
+from fedml.secagg.protocol import PublicKeys, SecAggFailure, ServerSecAgg
+from fedml.validation import Tally
+
+log = logging.getLogger(__name__)
+
+METRICS = ("loss",)  # what clients/secagg.py sums besides the update
+
+
+def default_threshold(sites: int) -> int:
+    """A majority of the sites taking part."""
+    return sites // 2 + 1
+
+
+class SecureRound:
+    """One secure train attempt: `run` yields the masked replies' fate into `tally` and
+    returns the aggregate (None when the round could not be unmasked)."""
+
+    def __init__(self, cfg: RunConfig, server_round: int, grid: Grid, timeout: float | None):
+        self.cfg = cfg
+        self.server_round = server_round
+        self.grid = grid
+        self.timeout = timeout
+        self.row: dict[str, float | int] = {}
+        self.metrics: dict[str, float] | None = None
+        self.examples = 0
+
+    def run(
+        self,
+        messages: list[Message],
+        arrays: ArrayRecord,
+        tally: Tally,
+        observe: Callable[[Iterable[Message]], Iterator[Message]],
+        excluded: set[int],
+    ) -> ArrayRecord | None:
+        """Play the four exchanges with the sites `messages` go to; the masked inputs of
+        `excluded` sites (stragglers whose partial work the strategy drops) are left out
+        of the sum like a dropout's. `observe` wraps the train replies' stream (privacy
+        report, device count)."""
+        started = time.perf_counter()
+        nodes = {m.metadata.dst_node_id: m for m in messages}
+        reference = {k: to_numpy(a) for k, a in arrays.items()}
+        sa = self.cfg.secagg
+        threshold = sa.threshold or default_threshold(len(nodes))
+        server = ServerSecAgg(self.server_round, threshold, sa.neighbours)
+        self.row = {"sampled": len(nodes), "shared": 0, "unmasked": 0, "dropped": 0}
+        self.row["threshold"] = threshold
+        layout = Layout.of(reference, sa.clip, sa.bits, METRICS)
+        aggregate = None
+        try:
+            advertised = self._advertise(nodes)
+            plan, holder_keys = server.holder_keys(advertised)
+            shared = self._share(plan, holder_keys)
+            inbox = server.route(shared)
+            self.row["shared"] = len(shared)
+            for reply in observe(self._train(nodes, shared, inbox)):
+                _count(reply, tally)
+                if reply.has_error():
+                    continue
+                node = reply.metadata.src_node_id
+                masked = wire.masked_from(reply.content, layout.size)
+                if masked is None:
+                    tally.rejected["malformed masked input"] += 1
+                elif node not in excluded:
+                    server.add(node, masked)
+            self.row["unmasked"], self.row["dropped"] = len(server.survivors), len(server.dropped)
+            answers = self._unmask(server.survivors, server.dropped)
+            mean, self.examples, self.metrics = decode(layout, server.unmask(answers), reference)
+            aggregate = self._checked(mean, reference, tally)
+        except (SecAggFailure, ValueError) as exc:
+            log.warning("round %d: secure aggregation failed: %s", self.server_round, exc)
+        self.row["seconds"] = round(time.perf_counter() - started, 4)
+        return aggregate
+
+    # -- the exchanges -------------------------------------------------------------------
+    def _ask(self, node: int, action: str, records: dict) -> Message:
+        return Message(RecordDict(records), dst_node_id=node, message_type=f"train.{action}")
+
+    def _replies(self, messages: list[Message]) -> Iterator[Message]:
+        """The replies without an error (a failed site simply drops out of the round)."""
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            if not reply.has_error():
+                yield reply
+
+    def _advertise(self, nodes: dict[int, Message]) -> dict[int, PublicKeys]:
+        ask = [self._ask(n, wire.KEYS_ACTION, {wire.ROUND: self._who(n)}) for n in sorted(nodes)]
+        advertised = {}
+        for reply in self._replies(ask):
+            record = reply.content.config_records.get(wire.ROUND, ConfigRecord())
+            c, s = record.get("c"), record.get("s")
+            if isinstance(c, bytes) and isinstance(s, bytes) and len(c) == len(s) == 32:
+                advertised[reply.metadata.src_node_id] = (c, s)
+        return advertised
+
+    def _share(self, plan, holder_keys: dict[int, dict[int, PublicKeys]]) -> dict:
+        ask = [
+            self._ask(
+                n,
+                wire.SHARE_ACTION,
+                {
+                    wire.ROUND: wire.plan_record(plan, n),
+                    wire.KEYS: wire.keys_record(holder_keys[n]),
+                },
+            )
+            for n in plan.sampled
+        ]
+        shared = {}
+        for reply in self._replies(ask):
+            node = reply.metadata.src_node_id
+            sealed = wire.from_node_record(reply.content.config_records.get(wire.SEALED))
+            digests = wire.from_node_record(reply.content.config_records.get(wire.DIGESTS))
+            holders = set(plan.holders(node))
+            if set(digests) == holders and all(len(d) == 64 for d in digests.values()):
+                shared[node] = ({h: c for h, c in sealed.items() if h in holders}, digests)
+        return shared
+
+    def _train(self, nodes: dict[int, Message], shared: dict, inbox: dict) -> Iterator[Message]:
+        """The strategy's own train messages to the sites that shared, plus who they are
+        and the sealed shares they hold."""
+        outgoing = []
+        for node in sorted(shared):
+            message = nodes[node]
+            message.content = RecordDict(
+                {
+                    **message.content,
+                    wire.ROUND: self._who(node),
+                    wire.INBOX: wire.by_node(inbox.get(node, {})),
+                }
+            )
+            outgoing.append(message)
+        return self.grid.send_and_receive(outgoing, timeout=self.timeout)
+
+    def _unmask(self, survivors: set[int], dropped: set[int]) -> dict[int, dict[int, bytes]]:
+        request = {"survivors": sorted(survivors), "dropped": sorted(dropped)}
+        ask = [
+            self._ask(n, wire.UNMASK_ACTION, {wire.ROUND: self._who(n, **request)})
+            for n in sorted(survivors)
+        ]
+        return {
+            reply.metadata.src_node_id: wire.from_node_record(
+                reply.content.config_records.get(wire.SHARES)
+            )
+            for reply in self._replies(ask)
+        }
+
+    def _who(self, node: int, **more: list[int]) -> ConfigRecord:
+        return ConfigRecord({"node": node, "round": self.server_round, **more})
+
+    # -- the aggregate -------------------------------------------------------------------
+    def _checked(
+        self, mean: dict[str, np.ndarray], reference: dict[str, np.ndarray], tally: Tally
+    ) -> ArrayRecord | None:
+        """The unmasked aggregate, if it can be one: finite, and (with
+        `validation.clip_norm`) its update no longer than the sites' clip allows."""
+        floats = [k for k, v in mean.items() if np.issubdtype(v.dtype, np.floating)]
+        if not all(np.isfinite(mean[k]).all() for k in floats):
+            tally.rejected["non-finite aggregate"] += 1
+            return None
+        limit = self.cfg.validation.clip_norm
+        if limit > 0:
+            norm = math.sqrt(
+                sum(float(np.sum((mean[k].astype(np.float64) - reference[k]) ** 2)) for k in floats)
+            )
+            quantum = 2 * self.cfg.secagg.clip / (2**self.cfg.secagg.bits - 1)
+            if norm > limit + quantum * math.sqrt(sum(mean[k].size for k in floats)):
+                tally.rejected["aggregate beyond clip_norm"] += 1
+                return None
+        return record_of({k: from_numpy(v) for k, v in mean.items()})
+
+
+def _count(reply: Message, tally: Tally) -> None:
+    if reply.has_error():
+        tally.failed += 1
+    else:
+        tally.replied += 1

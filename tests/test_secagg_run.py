@@ -1,0 +1,104 @@
+"""Secure aggregation inside fedml's round loop, played with real ClientApps."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from fedml.arrays import to_numpy
+from fedml.config import load_config
+from fedml.errors import FedmlError
+from fedml.secagg import messages as wire
+from simulations import engine
+from simulations.engine import simulate
+from simulations.inprocess import InProcessGrid
+
+DIGITS = {"rounds": 5, "simulation.clients": 5, "validation.clip_norm": 5.0}
+
+
+def _run(tmp_path, name, **overrides):
+    return simulate(load_config(None, {**DIGITS, **overrides, "out": str(tmp_path / name)}))
+
+
+class Recording(InProcessGrid):
+    """The in-process grid, keeping every reply the server receives; optionally failing
+    the train replies of some sites (they drop out after sharing their secrets)."""
+
+    received: ClassVar[list] = []
+    fail_after_share: ClassVar[set[int]] = set()
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for reply in super().send_and_receive(messages, timeout=timeout):
+            is_train = reply.metadata.message_type == "train"
+            if is_train and reply.metadata.src_node_id in self.fail_after_share:
+                continue  # as if the site crashed while training
+            Recording.received.append(reply)
+            yield reply
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    Recording.received, Recording.fail_after_share = [], set()
+    monkeypatch.setattr(engine, "InProcessGrid", Recording)
+    return Recording
+
+
+def test_secure_rounds_learn_what_plain_rounds_learn(tmp_path):
+    plain = _run(tmp_path, "plain")
+    secure = _run(tmp_path, "secure", **{"secagg.enabled": True})
+    assert abs(secure.final["server"]["accuracy"] - plain.final["server"]["accuracy"]) <= 0.01
+    assert secure.final["train"]["num-examples"] == plain.final["train"]["num-examples"]
+    row = secure.final["secagg"]
+    assert (row["sampled"], row["shared"], row["unmasked"], row["dropped"]) == (5, 5, 5, 0)
+    assert row["threshold"] == 3  # a majority of 5
+
+
+def test_the_server_only_ever_receives_masked_updates(tmp_path, recording):
+    _run(tmp_path, "secure", rounds=2, **{"secagg.enabled": True})
+    train = [r for r in recording.received if r.metadata.message_type == "train"]
+    assert len(train) == 10
+    high_bytes = []
+    for reply in train:
+        arrays = reply.content.array_records["arrays"]
+        assert list(arrays) == [wire.MASKED]  # no model array, no example count
+        assert "num-examples" not in next(iter(reply.content.metric_records.values()), {})
+        values = to_numpy(arrays[wire.MASKED])
+        high_bytes.append((values >> np.uint64(56)).astype(np.int64))
+    counts = np.bincount(np.concatenate(high_bytes), minlength=256)
+    expected = counts.sum() / 256
+    assert float(((counts - expected) ** 2 / expected).sum()) < 350  # uniform bytes
+    for reply in recording.received:  # no other message carries model arrays either
+        if reply.metadata.message_type != "train":
+            assert not reply.content.array_records
+
+
+def test_sites_that_fail_after_sharing_are_recovered_up_to_the_threshold(tmp_path, recording):
+    recording.fail_after_share = {2, 4}  # 2 of 5 drop out after sharing: 3 = threshold
+    summary = _run(tmp_path, "two", rounds=2, **{"secagg.enabled": True})
+    row = summary.final
+    assert (row["secagg"]["unmasked"], row["secagg"]["dropped"]) == (3, 2)
+    assert row["clients"]["aggregated"] == 3
+    assert row["server"]["accuracy"] > 0.5
+
+    recording.fail_after_share = {1, 2, 4}  # 3 of 5: fewer than the threshold answer
+    skipped = _run(
+        tmp_path, "three", rounds=1, **{"secagg.enabled": True, "participation.on_too_few": "skip"}
+    )
+    assert skipped.final["discarded"].startswith("0 update(s) aggregated")
+
+
+def test_strategies_and_dp_modes_that_need_single_updates_are_refused():
+    with pytest.raises(FedmlError, match="strategy 'median' needs them"):
+        load_config(None, {"secagg.enabled": True, "strategy.name": "median"})
+    with pytest.raises(FedmlError, match=r"Use dp\.mode = 'sample'"):
+        load_config(None, {"secagg.enabled": True, "dp.mode": "user-fixed"})
+    with pytest.raises(FedmlError, match=r"secagg\.neighbours"):
+        load_config(None, {"secagg.neighbours": 3})
+
+
+def test_dp_sgd_composes_with_secure_aggregation(tmp_path):
+    summary = _run(tmp_path, "dp", rounds=2, **{"secagg.enabled": True, "dp.mode": "sample"})
+    assert summary.final["privacy"]["epsilon_max"] > 0
+    assert summary.final["secagg"]["unmasked"] == 5
