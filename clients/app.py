@@ -21,6 +21,11 @@ Replies follow Flower's conventions: "arrays" (the trained state dict) and "metr
 (`loss`, `num-examples`; evaluation adds `accuracy`). A train reply adds the ConfigRecord
 "device" (`device`: where it trained, e.g. "cpu" or "cuda:0"; `name`: the GPU's name).
 
+Under secure aggregation (`secagg.enabled`) the app also answers the "train.secagg_keys",
+"train.secagg_share" and "train.secagg_unmask" messages (clients/secagg.py), and a train
+message that carries the round's secure-aggregation record is answered with the masked
+update alone: no arrays, no example count, no loss.
+
 Under the Ray engine the app also answers Flower query messages with its partition-id,
 and its `carry_node_state` mod takes the node's state from (and returns it in) each
 message (see simulations/virtual_nodes.py).

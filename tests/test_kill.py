@@ -44,7 +44,7 @@ KILL_POINTS = [
 ]
 
 
-def _args(out: Path, rounds: int, strategy: str) -> list[str]:
+def _args(out: Path, rounds: int, strategy: str, *extra: str) -> list[str]:
     return [
         "simulate",
         "--rounds", str(rounds),
@@ -55,6 +55,7 @@ def _args(out: Path, rounds: int, strategy: str) -> list[str]:
         "--strategy", strategy,
         "--seed", "7",
         "--out", str(out),
+        *extra,
     ]  # fmt: skip
 
 
@@ -129,8 +130,12 @@ def _kill_at_random(out: Path, first: list[str], rng: random.Random) -> int:
 
 
 def _metrics(out: Path) -> list[dict]:
+    """History rows without wall-clock times (the round's, and its secure phase's)."""
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    for row in rows:
+        row.pop("seconds", None)
+        row.get("secagg", {}).pop("seconds", None)
+    return rows
 
 
 def _check_identical(straight: Path, resumed: Path, rounds: int) -> None:
@@ -145,10 +150,12 @@ def _check_identical(straight: Path, resumed: Path, rounds: int) -> None:
     assert not [p for p in (resumed / "commits").iterdir() if p.name.startswith(".")]
 
 
-def _run_chain(tmp_path: Path, rounds: int, strategy: str, plan: list) -> list[int]:
+def _run_chain(
+    tmp_path: Path, rounds: int, strategy: str, plan: list, extra: tuple[str, ...] = ()
+) -> list[int]:
     straight_out, out = tmp_path / "straight", tmp_path / "resumed"
-    straight = _start([*FEDML, *_args(straight_out, rounds, strategy)])
-    first = [*FEDML, *_args(out, rounds, strategy)]
+    straight = _start([*FEDML, *_args(straight_out, rounds, strategy, *extra)])
+    first = [*FEDML, *_args(out, rounds, strategy, *extra)]
     rng = random.Random(f"{strategy}-{rounds}")
     codes = []
     try:
@@ -172,6 +179,19 @@ def test_killed_at_ten_points_and_resumed_ends_bit_identical(tmp_path):
     # every chosen point was reached: those processes died by SIGKILL
     targeted = [codes[0], *codes[2:-1]]
     assert targeted == [-signal.SIGKILL] * len(KILL_POINTS), codes
+
+
+def test_secure_rounds_killed_mid_protocol_resume_bit_identical(tmp_path):
+    """SIGKILL between secure aggregation's exchanges: after a site shared, while sites
+    mask, before the server unmasks; the resumed run replays those rounds exactly."""
+    plan = [
+        ("clients.secagg:share", 3, "after"),
+        ("clients.secagg:masked_update", 4, "before"),
+        ("fedml.secagg.protocol:ServerSecAgg.unmask", 2, "before"),
+        "random",
+    ]
+    codes = _run_chain(tmp_path, rounds=6, strategy="fedprox", plan=plan, extra=("--secagg",))
+    assert codes[:3] == [-signal.SIGKILL] * 3, codes
 
 
 @pytest.mark.slow
