@@ -66,11 +66,16 @@ def masked_update(
     rng: np.random.Generator,
 ) -> RecordDict:
     """Step 3: the reply content of a secure train message: the masked vector of the
-    clipped update (see fedml.secagg.encoding) instead of the trained arrays."""
+    clipped update (see fedml.secagg.encoding) instead of the trained arrays. Under
+    client-level DP (`user-fixed`) the update is clipped to `dp.clip_norm` and weighs 1,
+    as Flower's client-side fixed clipping does (the server adds the noise)."""
     site = _load(context)
-    clipped = clip_update(trained, reference, cfg.validation.clip_norm)
+    user_dp = cfg.dp.mode == "user-fixed"
+    clip_norm = cfg.dp.clip_norm if user_dp else cfg.validation.clip_norm
+    clipped = clip_update(trained, reference, clip_norm)
     layout = Layout.of(reference, cfg.secagg.clip, cfg.secagg.bits, METRICS)
-    vector = encode(layout, clipped, reference, num_examples, rng, metrics)
+    weight = 1 if user_dp else num_examples
+    vector = encode(layout, clipped, reference, num_examples, rng, metrics, weight)
     inbox = wire.from_node_record(msg.content.config_records.get(wire.INBOX))
     masked = site.masked(vector, inbox)
     _save(context, site)

@@ -659,9 +659,10 @@ def _validate_secagg(cfg: RunConfig) -> None:
         f"them; use one of {', '.join(SECAGG_STRATEGIES)} (they need only the weighted sum).",
     )
     _check(
-        not cfg.dp.mode.startswith("user"),
-        f"dp.mode '{cfg.dp.mode}' clips each update on the server, which secure "
-        "aggregation hides. Use dp.mode = 'sample' (DP-SGD at every site) with secagg.",
+        cfg.dp.mode != "user-adaptive",
+        "dp.mode 'user-adaptive' adapts its clip norm from each site's update norm, which "
+        "secure aggregation hides. Use dp.mode = 'user-fixed' (each site clips its own "
+        "update) or 'sample' (DP-SGD at every site) with secagg.",
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 
 class Stateful(Protocol):
@@ -67,6 +67,15 @@ class Retractable(Protocol):
     loop rolls that attempt back (too few replies, a diverged loss)."""
 
     def discard_attempt(self) -> None: ...
+
+
+@runtime_checkable
+class SecureReleaser(Protocol):
+    """A strategy that releases what secure aggregation unmasked itself: client-level
+    DP adds its noise to the mean of the sites' clipped updates (each site clipped its
+    own) and accounts the release, where it would otherwise do so in `aggregate_train`."""
+
+    def release_secure_mean(self, mean: ArrayRecord, answered: int) -> ArrayRecord: ...
 
 
 def keeps_partial_work(strategy: object) -> bool:

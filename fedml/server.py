@@ -39,7 +39,13 @@ from clients.trainer import evaluate, resolve_device
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.components import RoundComponents
 from fedml.config import RunConfig
-from fedml.contracts import NodeStateGrid, Retractable, is_proximal, keeps_partial_work
+from fedml.contracts import (
+    NodeStateGrid,
+    Retractable,
+    SecureReleaser,
+    is_proximal,
+    keeps_partial_work,
+)
 from fedml.controls import EXTENSIBLE_STOPS
 from fedml.data import Federation, federation_for
 from fedml.models import model_for
@@ -298,6 +304,8 @@ def train_round(
             to_send, arrays, tally, lambda s: privacy.observe(devices.count(s)), dropping
         )
         kept.messages = int(secure.row["unmasked"]) if aggregate is not None else 0
+        if aggregate is not None and isinstance(strategy, SecureReleaser):
+            aggregate = strategy.release_secure_mean(aggregate, kept.messages)
         kept.examples = secure.examples
         train_metrics = MetricRecord(secure.metrics) if secure.metrics is not None else None
     else:

@@ -69,10 +69,23 @@ class UserLevelAccounting:
         answered = sum(1 for reply in replies if not reply.has_error())
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is not None:
-            sampled = self.num_sampled_clients  # type: ignore[attr-defined]
-            noise = self.planned_noise * min(1.0, answered / sampled)
-            self.dp_history = with_steps(self.dp_history, noise, NO_AMPLIFICATION, 1)
+            self._account(answered)
         return arrays, metrics
+
+    def release_secure_mean(self, mean: ArrayRecord, answered: int) -> ArrayRecord:
+        """Under secure aggregation: the unmasked mean of the `answered` sites' updates,
+        each clipped at its site to the clip norm (Flower's client-side fixed clipping),
+        released as this wrapper releases its own average: the same Gaussian noise
+        (std = noise_multiplier x clip_norm / sampled clients), the same accounting."""
+        noised = self._add_noise_to_aggregated_arrays(mean)  # type: ignore[attr-defined]
+        self._account(answered)
+        return noised
+
+    def _account(self, answered: int) -> None:
+        """One release, its noise relatively smaller when fewer sites answered."""
+        sampled = self.num_sampled_clients  # type: ignore[attr-defined]
+        noise = self.planned_noise * min(1.0, answered / sampled)
+        self.dp_history = with_steps(self.dp_history, noise, NO_AMPLIFICATION, 1)
 
     # The round loop asks the strategy these (fedml.contracts); they belong to the inner one.
     @property

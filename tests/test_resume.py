@@ -85,6 +85,7 @@ def _assert_identical_runs(a: Path, b: Path, histories: bool = True) -> None:
 SAMPLE_DP = {"dp.mode": "sample", "dp.noise_multiplier": 1.0}
 USER_DP = {"dp.mode": "user-adaptive", "dp.noise_multiplier": 0.2, "dp.clip_norm": 0.5}
 SECAGG = {"secagg.enabled": True, "validation.clip_norm": 5.0, "simulation.dropout": 0.2}
+SECAGG_USER_DP = {"secagg.enabled": True, **USER_DP, "dp.mode": "user-fixed"}
 
 
 @pytest.mark.parametrize(
@@ -96,6 +97,7 @@ SECAGG = {"secagg.enabled": True, "validation.clip_norm": 5.0, "simulation.dropo
         ("fedprox", SAMPLE_DP),
         ("fedavg", USER_DP),
         ("fedprox", SECAGG),
+        ("fedprox", SECAGG_USER_DP),
     ],
 )
 def test_a_run_resumed_after_each_crash_equals_the_straight_run(tmp_path, strategy, extra):

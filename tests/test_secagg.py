@@ -188,4 +188,4 @@ def test_a_count_that_would_wrap_the_ring_is_refused():
     with pytest.raises(ValueError, match="num_examples"):
         encode(layout, {"w": np.zeros(3)}, {"w": np.zeros(3)}, 2**48, np.random.default_rng(0))
     with pytest.raises(ValueError, match="out of range"):
-        decode(layout, np.zeros(4, dtype=np.uint64), {"w": np.zeros(3)})
+        decode(layout, np.zeros(5, dtype=np.uint64), {"w": np.zeros(3)})

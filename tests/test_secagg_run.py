@@ -92,8 +92,8 @@ def test_sites_that_fail_after_sharing_are_recovered_up_to_the_threshold(tmp_pat
 def test_strategies_and_dp_modes_that_need_single_updates_are_refused():
     with pytest.raises(FedmlError, match="strategy 'median' needs them"):
         load_config(None, {"secagg.enabled": True, "strategy.name": "median"})
-    with pytest.raises(FedmlError, match=r"Use dp\.mode = 'sample'"):
-        load_config(None, {"secagg.enabled": True, "dp.mode": "user-fixed"})
+    with pytest.raises(FedmlError, match=r"Use dp\.mode = 'user-fixed'"):
+        load_config(None, {"secagg.enabled": True, "dp.mode": "user-adaptive"})
     with pytest.raises(FedmlError, match=r"secagg\.neighbours"):
         load_config(None, {"secagg.neighbours": 3})
 
@@ -102,3 +102,15 @@ def test_dp_sgd_composes_with_secure_aggregation(tmp_path):
     summary = _run(tmp_path, "dp", rounds=2, **{"secagg.enabled": True, "dp.mode": "sample"})
     assert summary.final["privacy"]["epsilon_max"] > 0
     assert summary.final["secagg"]["unmasked"] == 5
+
+
+def test_client_level_dp_adds_its_noise_to_the_unmasked_mean_and_accounts_it(tmp_path):
+    """`user-fixed` with secure aggregation: each site clips its own update (Flower's
+    client-side fixed clipping), the server adds the same noise to the unmasked mean as
+    to its own average, so epsilon and the model match the plain run."""
+    dp = {"dp.mode": "user-fixed", "dp.noise_multiplier": 0.3, "dp.clip_norm": 0.5}
+    plain = _run(tmp_path, "plain", rounds=3, **dp)
+    secure = _run(tmp_path, "secure", rounds=3, **dp, **{"secagg.enabled": True})
+    assert secure.final["privacy"] == plain.final["privacy"]
+    assert secure.final["privacy"]["epsilon"] > 0
+    assert abs(secure.final["server"]["accuracy"] - plain.final["server"]["accuracy"]) <= 0.02

@@ -1,9 +1,9 @@
 """A site's update as one vector in the ring Z_(2^64), summable by the server.
 
 Each site sends the vector x = [n * q(w - g) for every float array, n * v for every
-integer array, n * m(metric) for every metric, n], where g is the global model it was
-sent, n its example count and q the stochastic quantiser onto {0, ..., 2^bits - 1} over
-[-clip, clip]. The sum of the
+integer array, n * m(metric) for every metric, e, n], where g is the global model it was
+sent, e its example count, n its weight (e for FedAvg; 1 for client-level DP's equal
+weights) and q the stochastic quantiser onto {0, ..., 2^bits - 1} over [-clip, clip]. The sum of the
 vectors (uint64 arithmetic wraps, which is the ring's addition) is then
 [sum n_i q_i, sum n_i v_i, sum n_i], and `decode` turns it into the example-weighted
 mean of the updates: FedAvg's aggregate, exact up to one quantum 2 clip / (2^bits - 1)
@@ -62,8 +62,8 @@ class Layout:
 
     @property
     def size(self) -> int:
-        """Values in a vector: every array's, every metric, and the example count."""
-        return sum(int(np.prod(shape)) for shape in self.shapes) + len(self.metrics) + 1
+        """Values in a vector: every array's, every metric, the examples and the weight."""
+        return sum(int(np.prod(shape)) for shape in self.shapes) + len(self.metrics) + 2
 
     @property
     def levels(self) -> int:
@@ -81,11 +81,15 @@ def encode(
     num_examples: int,
     rng: np.random.Generator,
     metrics: dict[str, float] | None = None,
+    weight: int | None = None,
 ) -> np.ndarray:
     """The uint64 vector of a site that trained `reference` into `trained` on
-    `num_examples` examples, with its `metrics` (see the module docstring)."""
-    if not 1 <= num_examples <= layout.max_total():
-        raise ValueError(f"num_examples must be in 1..{layout.max_total()}, got {num_examples}")
+    `num_examples` examples, with its `metrics`, weighted by `weight` (default: the
+    examples; see the module docstring)."""
+    weight = num_examples if weight is None else weight
+    for name, value in (("num_examples", num_examples), ("weight", weight)):
+        if not 1 <= value <= layout.max_total():
+            raise ValueError(f"{name} must be in 1..{layout.max_total()}, got {value}")
     parts = []
     for name, dtype in zip(layout.names, layout.dtypes, strict=True):
         values = np.asarray(trained[name])
@@ -94,25 +98,26 @@ def encode(
         else:
             update = values.astype(np.float64) - np.asarray(reference[name], dtype=np.float64)
             ints = _quantised(update, -layout.clip, layout.clip, layout.levels, rng).ravel()
-        parts.append(ints.astype(np.uint64) * np.uint64(num_examples))  # wraps like the ring
+        parts.append(ints.astype(np.uint64) * np.uint64(weight))  # wraps like the ring
     values = [float((metrics or {}).get(name, 0.0)) for name in layout.metrics]
     metric_ints = _quantised(np.array(values), 0.0, METRIC_MAX, layout.levels, rng)
-    parts.append(metric_ints.astype(np.uint64) * np.uint64(num_examples))
-    parts.append(np.array([num_examples], dtype=np.uint64))
+    parts.append(metric_ints.astype(np.uint64) * np.uint64(weight))
+    parts.append(np.array([num_examples, weight], dtype=np.uint64))
     return np.concatenate(parts)
 
 
 def decode(
     layout: Layout, total: np.ndarray, reference: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
-    """The example-weighted mean of the sites' trained arrays, their example count and
-    the weighted mean of their metrics, from the sum of their vectors. A ValueError when
-    the sum cannot be one (a count out of range)."""
+    """The weighted mean of the sites' trained arrays, their example count and the
+    weighted mean of their metrics, from the sum of their vectors. A ValueError when the
+    sum cannot be one (a count out of range)."""
     if total.shape != (layout.size,):
         raise ValueError(f"the sum has {total.size} values, the layout {layout.size}")
-    count = int(total[-1])
-    if not 1 <= count <= layout.max_total():
-        raise ValueError(f"the summed example count {count} is out of range")
+    examples, count = int(total[-2]), int(total[-1])  # count: the summed weights
+    for name, value in (("example count", examples), ("weight", count)):
+        if not 1 <= value <= layout.max_total():
+            raise ValueError(f"the summed {name} {value} is out of range")
     scale = layout.levels / (2 * layout.clip)
     arrays, start = {}, 0
     for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes, strict=True):
@@ -130,7 +135,7 @@ def decode(
             arrays[name] = value.astype(dtype)
     sums = total[start : start + len(layout.metrics)].astype(np.float64)
     means = sums / count / layout.levels * METRIC_MAX
-    return arrays, count, {name: float(v) for name, v in zip(layout.metrics, means, strict=True)}
+    return arrays, examples, dict(zip(layout.metrics, map(float, means), strict=True))
 
 
 def _quantised(
