@@ -111,7 +111,7 @@ def fedml_round(sites: int, params: int, secure: bool) -> tuple[float, float]:
     ]
     started = time.perf_counter()
     if secure:
-        aggregate = SecureRound(cfg, 1, grid, None).run(
+        aggregate = SecureRound(cfg, 1, 0, grid, None).run(
             messages, arrays, Tally(), lambda s: s, set()
         )
     else:

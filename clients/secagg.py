@@ -27,19 +27,25 @@ from fedml.secagg.protocol import SiteSecAgg
 METRICS = ("loss",)  # the train metrics a secure round sums
 
 
-def site_secret(cfg: RunConfig, server_round: int, partition_id: int | None) -> bytes | None:
-    """96 bytes from the run seed for a simulated client; None (OS entropy) at a site."""
+def site_secret(
+    cfg: RunConfig, server_round: int, attempt: int, partition_id: int | None
+) -> bytes | None:
+    """96 bytes from the run seed for a simulated client, fresh for each attempt of a
+    round (a retried round must not reuse a seed whose share an earlier attempt
+    revealed); None (OS entropy) at a data site."""
     if partition_id is None:
         return None
-    label = f"fedml secagg secret {cfg.seed} {server_round} {partition_id}".encode()
-    return hashlib.shake_256(label).digest(96)
+    label = f"fedml secagg secret {cfg.seed} {server_round} {attempt} {partition_id}"
+    return hashlib.shake_256(label.encode()).digest(96)
 
 
 def advertise(msg: Message, context: Context, cfg: RunConfig, partition_id: int | None) -> Message:
     """Step 1: a fresh side of the round, and its two public keys."""
     info = msg.content.config_records[wire.ROUND]
     node, server_round = int(info["node"]), int(info["round"])  # type: ignore[arg-type]
-    site = SiteSecAgg(node, server_round, site_secret(cfg, server_round, partition_id))
+    attempt = int(info.get("attempt", 0))  # type: ignore[arg-type]
+    secret = site_secret(cfg, server_round, attempt, partition_id)
+    site = SiteSecAgg(node, server_round, secret)
     _save(context, site)
     c, s = site.advertise()
     return Message(RecordDict({wire.ROUND: ConfigRecord({"c": c, "s": s})}), reply_to=msg)
@@ -47,7 +53,7 @@ def advertise(msg: Message, context: Context, cfg: RunConfig, partition_id: int 
 
 def share(msg: Message, context: Context) -> Message:
     """Step 2: this site's shares, sealed for each holder, and their digests."""
-    site = _load(context)
+    site = _load(context, msg)
     plan = wire.plan_from(msg.content.config_records[wire.ROUND])
     sealed, digests = site.share(plan, wire.keys_from(msg.content.config_records.get(wire.KEYS)))
     _save(context, site)
@@ -69,7 +75,7 @@ def masked_update(
     clipped update (see fedml.secagg.encoding) instead of the trained arrays. Under
     client-level DP (`user-fixed`) the update is clipped to `dp.clip_norm` and weighs 1,
     as Flower's client-side fixed clipping does (the server adds the noise)."""
-    site = _load(context)
+    site = _load(context, msg)
     user_dp = cfg.dp.mode == "user-fixed"
     clip_norm = cfg.dp.clip_norm if user_dp else cfg.validation.clip_norm
     clipped = clip_update(trained, reference, clip_norm)
@@ -84,7 +90,7 @@ def masked_update(
 
 def unmask(msg: Message, context: Context) -> Message:
     """Step 4: the shares the server asks for; the round's secrets leave the state."""
-    site = _load(context)
+    site = _load(context, msg)
     info = msg.content.config_records[wire.ROUND]
     survivors = {int(v) for v in info["survivors"]}  # type: ignore[union-attr]
     dropped = {int(v) for v in info["dropped"]}  # type: ignore[union-attr]
@@ -118,8 +124,14 @@ def _save(context: Context, site: SiteSecAgg) -> None:
     context.state[wire.STATE] = ConfigRecord(site.state())  # type: ignore[arg-type]
 
 
-def _load(context: Context) -> SiteSecAgg:
+def _load(context: Context, msg: Message) -> SiteSecAgg:
+    """The round in progress at this node; refused unless the message is for it (the
+    same node and round the server named when the round began)."""
     record = context.state.config_records.get(wire.STATE)
     if record is None:
         raise ValueError("no secure-aggregation round in progress at this node")
-    return SiteSecAgg.restore(dict(record))
+    site = SiteSecAgg.restore(dict(record))
+    info = msg.content.config_records.get(wire.ROUND, ConfigRecord())
+    if info.get("node") != site.node or info.get("round") != site.server_round:
+        raise ValueError("the message is not for this node's secure-aggregation round")
+    return site

@@ -644,7 +644,11 @@ SECAGG_STRATEGIES = ("fedavg", "fedprox")
 
 def _validate_secagg(cfg: RunConfig) -> None:
     sa = cfg.secagg
-    _check(sa.threshold >= 0, f"secagg.threshold must be >= 0 (0: a majority), got {sa.threshold}.")
+    _check(
+        sa.threshold == 0 or sa.threshold >= 2,
+        f"secagg.threshold must be 0 (a majority) or at least 2 (one answer would unmask "
+        f"a single update), got {sa.threshold}.",
+    )
     _check(
         sa.neighbours >= 0 and sa.neighbours % 2 == 0,
         f"secagg.neighbours must be 0 (every site) or an even degree, got {sa.neighbours}.",

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 
 from fedml.arrays import from_numpy, record_of, to_numpy
 from fedml.config import RunConfig
+from fedml.secagg import crypto
 from fedml.secagg import messages as wire
 from fedml.secagg.encoding import Layout, decode
 from fedml.secagg.protocol import PublicKeys, SecAggFailure, ServerSecAgg
@@ -52,9 +53,12 @@ class SecureRound:
     """One secure train attempt: `run` yields the masked replies' fate into `tally` and
     returns the aggregate (None when the round could not be unmasked)."""
 
-    def __init__(self, cfg: RunConfig, server_round: int, grid: Grid, timeout: float | None):
+    def __init__(
+        self, cfg: RunConfig, server_round: int, attempt: int, grid: Grid, timeout: float | None
+    ):
         self.cfg = cfg
         self.server_round = server_round
+        self.attempt = attempt  # a retried round starts with fresh secrets
         self.grid = grid
         self.timeout = timeout
         self.row: dict[str, float | int] = {}
@@ -101,8 +105,11 @@ class SecureRound:
                     server.add(node, masked)
             self.row["unmasked"], self.row["dropped"] = len(server.survivors), len(server.dropped)
             answers = self._unmask(server.survivors, server.dropped)
-            mean, self.examples, self.metrics = decode(layout, server.unmask(answers), reference)
-            aggregate = self._checked(mean, reference, tally)
+            decoded = decode(layout, server.unmask(answers), reference)
+            if self.cfg.dp.mode == "user-fixed" and decoded.weight != len(server.survivors):
+                raise ValueError("client-level DP needs one weight per site; the sum says not")
+            self.examples, self.metrics = decoded.examples, decoded.metrics
+            aggregate = self._checked(decoded.arrays, reference, tally)
         except (SecAggFailure, ValueError) as exc:
             log.warning("round %d: secure aggregation failed: %s", self.server_round, exc)
         self.row["seconds"] = round(time.perf_counter() - started, 4)
@@ -119,13 +126,23 @@ class SecureRound:
                 yield reply
 
     def _advertise(self, nodes: dict[int, Message]) -> dict[int, PublicKeys]:
-        ask = [self._ask(n, wire.KEYS_ACTION, {wire.ROUND: self._who(n)}) for n in sorted(nodes)]
-        advertised = {}
+        ask = [
+            self._ask(n, wire.KEYS_ACTION, {wire.ROUND: self._who(n, attempt=self.attempt)})
+            for n in sorted(nodes)
+        ]
+        advertised: dict[int, PublicKeys] = {}
         for reply in self._replies(ask):
             record = reply.content.config_records.get(wire.ROUND, ConfigRecord())
             c, s = record.get("c"), record.get("s")
-            if isinstance(c, bytes) and isinstance(s, bytes) and len(c) == len(s) == 32:
-                advertised[reply.metadata.src_node_id] = (c, s)
+            seen = {key for pair in advertised.values() for key in pair}
+            if (
+                reply.metadata.src_node_id in nodes
+                and crypto.usable_public_key(c)
+                and crypto.usable_public_key(s)
+                and c != s
+                and not {c, s} & seen  # a key copied from another site is refused
+            ):
+                advertised[reply.metadata.src_node_id] = (c, s)  # type: ignore[assignment]
         return advertised
 
     def _share(self, plan, holder_keys: dict[int, dict[int, PublicKeys]]) -> dict:
@@ -146,8 +163,13 @@ class SecureRound:
             sealed = wire.from_node_record(reply.content.config_records.get(wire.SEALED))
             digests = wire.from_node_record(reply.content.config_records.get(wire.DIGESTS))
             holders = set(plan.holders(node))
-            if set(digests) == holders and all(len(d) == 64 for d in digests.values()):
-                shared[node] = ({h: c for h, c in sealed.items() if h in holders}, digests)
+            if (
+                node in plan.sampled
+                and set(digests) == holders
+                and all(len(d) == 64 for d in digests.values())
+                and set(sealed) == holders - {node}  # a share for every other holder
+            ):
+                shared[node] = (sealed, digests)
         return shared
 
     def _train(self, nodes: dict[int, Message], shared: dict, inbox: dict) -> Iterator[Message]:
@@ -179,20 +201,22 @@ class SecureRound:
             for reply in self._replies(ask)
         }
 
-    def _who(self, node: int, **more: list[int]) -> ConfigRecord:
+    def _who(self, node: int, **more: int | list[int]) -> ConfigRecord:
         return ConfigRecord({"node": node, "round": self.server_round, **more})
 
     # -- the aggregate -------------------------------------------------------------------
     def _checked(
         self, mean: dict[str, np.ndarray], reference: dict[str, np.ndarray], tally: Tally
     ) -> ArrayRecord | None:
-        """The unmasked aggregate, if it can be one: finite, and (with
-        `validation.clip_norm`) its update no longer than the sites' clip allows."""
+        """The unmasked aggregate, if it can be one: finite, and its update no longer
+        than the sites' clip allows (`validation.clip_norm`, or `dp.clip_norm` under
+        client-level DP; 0: no norm check)."""
         floats = [k for k, v in mean.items() if np.issubdtype(v.dtype, np.floating)]
         if not all(np.isfinite(mean[k]).all() for k in floats):
             tally.rejected["non-finite aggregate"] += 1
             return None
-        limit = self.cfg.validation.clip_norm
+        dp = self.cfg.dp
+        limit = dp.clip_norm if dp.mode == "user-fixed" else self.cfg.validation.clip_norm
         if limit > 0:
             norm = math.sqrt(
                 sum(float(np.sum((mean[k].astype(np.float64) - reference[k]) ** 2)) for k in floats)

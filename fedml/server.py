@@ -232,7 +232,9 @@ def play_round(
     retries: list[str] = []
     while True:
         lr = controls.client_lr(server_round)
-        aggregate, row = train_round(server_round, arrays, grid, experiment, components, lr)
+        aggregate, row = train_round(
+            server_round, arrays, grid, experiment, components, lr, attempt=len(retries)
+        )
         counts = row["clients"]
         aggregated = counts["aggregated"] if aggregate is not None else 0
         verdict = controls.judge_participation(
@@ -284,6 +286,7 @@ def train_round(
     experiment: Experiment,
     components: RoundComponents,
     lr: float,
+    attempt: int = 0,
 ) -> tuple[ArrayRecord | None, HistoryRow]:
     """Configure, send, screen, aggregate one training attempt. Replies stream from the
     grid through the validator into the strategy's aggregation, so the server never
@@ -299,7 +302,7 @@ def train_round(
     dropping = set() if keeps_partial_work(strategy) else straggler_ids
     secure = None
     if cfg.secagg.enabled:
-        secure = SecureRound(cfg, server_round, grid, timeout)
+        secure = SecureRound(cfg, server_round, attempt, grid, timeout)
         aggregate = secure.run(
             to_send, arrays, tally, lambda s: privacy.observe(devices.count(s)), dropping
         )

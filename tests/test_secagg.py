@@ -7,11 +7,13 @@ import os
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedml.arrays import from_numpy, record_of, to_numpy
 from fedml.secagg import crypto
+from fedml.secagg import messages as wire
 from fedml.secagg.encoding import Layout, decode, encode
 from fedml.secagg.protocol import RoundPlan, SecAggFailure, ServerSecAgg, SiteSecAgg
 from strategies.aggregate import WeightedMean
@@ -55,7 +57,7 @@ def test_the_unmasked_sum_is_exactly_the_sum_of_the_inputs_that_arrived(case):
     sites = list(range(1, n + 1))
     plan = RoundPlan(7, tuple(sites), 1, neighbours)
     fewest = min(len(plan.holders(v)) for v in sites)
-    threshold = int(rng.integers(1, fewest + 1))
+    threshold = int(rng.integers(2, fewest + 1))
     inputs = {v: rng.integers(0, 2**64, SIZE, dtype=np.uint64) for v in sites}
     drop = int(rng.integers(0, n - threshold + 1))  # at most n - threshold drop out
     answering = sorted(rng.choice(sites, n - drop, replace=False).tolist())
@@ -167,8 +169,9 @@ def test_decoding_the_sum_is_plain_fedavg_within_one_quantum(layout_spec, weight
         }
         trained.append(arrays)
         total += encode(layout, arrays, reference, n, rng)
-    mean, count, _ = decode(layout, total, reference)
-    assert count == sum(weights)
+    decoded = decode(layout, total, reference)
+    mean, count = decoded.arrays, decoded.examples
+    assert count == sum(weights) == decoded.weight
     plain = WeightedMean()
     for arrays, n in zip(trained, weights, strict=True):
         plain.add(record_of({k: from_numpy(v) for k, v in arrays.items()}), n)
@@ -189,3 +192,57 @@ def test_a_count_that_would_wrap_the_ring_is_refused():
         encode(layout, {"w": np.zeros(3)}, {"w": np.zeros(3)}, 2**48, np.random.default_rng(0))
     with pytest.raises(ValueError, match="out of range"):
         decode(layout, np.zeros(5, dtype=np.uint64), {"w": np.zeros(3)})
+
+
+def _shared_parties(count: int, threshold: int):
+    parties = {v: SiteSecAgg(v, server_round=1) for v in range(1, count + 1)}
+    server = ServerSecAgg(1, threshold, 0)
+    plan, keys = server.holder_keys({v: p.advertise() for v, p in parties.items()})
+    inbox = server.route({v: parties[v].share(plan, keys[v]) for v in plan.sampled})
+    return parties, server, inbox
+
+
+def test_a_site_masks_once_and_only_under_enough_neighbours_masks():
+    """Masking twice would give the server x1 - x2 (same masks); masking with an empty
+    inbox would leave only the self-mask, whose seed the unmask step reveals."""
+    parties, _, inbox = _shared_parties(4, 3)
+    with pytest.raises(SecAggFailure, match="neighbour"):
+        parties[1].masked(np.zeros(SIZE, dtype=np.uint64), {})
+    parties[2].masked(np.zeros(SIZE, dtype=np.uint64), inbox[2])
+    with pytest.raises(SecAggFailure, match="masked already"):
+        parties[2].masked(np.ones(SIZE, dtype=np.uint64), inbox[2])
+    restored = SiteSecAgg.restore(parties[2].state())  # the flag survives the state
+    with pytest.raises(SecAggFailure, match="masked already"):
+        restored.masked(np.ones(SIZE, dtype=np.uint64), inbox[2])
+
+
+def test_a_site_refuses_an_unmask_request_that_could_reveal_an_input():
+    parties, _, inbox = _shared_parties(4, 2)
+    for v in parties:
+        parties[v].masked(np.zeros(SIZE, dtype=np.uint64), inbox[v])
+    site = parties[1]
+    for survivors, dropped in [
+        ({2, 3}, {4}),  # the asked site is not a survivor
+        ({1, 2, 99}, set()),  # a site that is not in the round
+        ({1, 2}, {2}),  # a site both survived and dropped
+    ]:
+        with pytest.raises(SecAggFailure, match="unsafe unmask"):
+            site.unmask(survivors, dropped)
+    assert set(site.unmask({1, 2, 3}, {4})) == {1, 2, 3, 4}
+
+
+def test_unusable_keys_non_canonical_ids_and_wrapped_weights_are_refused():
+    assert not crypto.usable_public_key(bytes(32))  # a low-order point
+    assert not crypto.usable_public_key(b"short")
+    assert crypto.usable_public_key(crypto.public_key(crypto.private_key()))
+    record = ConfigRecord({"3": b"a", "03": b"b", "²": b"c", "x": b"d", "4": 5})
+    assert wire.from_node_record(record) == {3: b"a"}
+
+    layout = Layout.of({"w": np.zeros(3, np.float32)}, 1.0, 16)
+    rng = np.random.default_rng(0)
+    zeros = {"w": np.zeros(3, np.float32)}
+    honest = encode(layout, {"w": np.full(3, 0.1, np.float32)}, zeros, 100, rng)
+    liar = encode(layout, {"w": np.full(3, 0.9, np.float32)}, zeros, 1, rng)
+    liar[-1] = np.uint64(2**64 - 99)  # claims a weight that wraps the sum to 1
+    with pytest.raises(ValueError, match="beyond what the summed weights allow"):
+        decode(layout, honest + liar, zeros)

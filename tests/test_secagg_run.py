@@ -96,6 +96,8 @@ def test_strategies_and_dp_modes_that_need_single_updates_are_refused():
         load_config(None, {"secagg.enabled": True, "dp.mode": "user-adaptive"})
     with pytest.raises(FedmlError, match=r"secagg\.neighbours"):
         load_config(None, {"secagg.neighbours": 3})
+    with pytest.raises(FedmlError, match="one answer would unmask"):
+        load_config(None, {"secagg.threshold": 1})
 
 
 def test_dp_sgd_composes_with_secure_aggregation(tmp_path):

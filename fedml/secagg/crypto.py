@@ -52,6 +52,18 @@ def public_key(private: bytes) -> bytes:
     )
 
 
+def usable_public_key(value: object) -> bool:
+    """Whether `value` is an X25519 public key that agreement works with: 32 bytes, and
+    not a low-order point (for which the exchange refuses to produce a secret)."""
+    if not isinstance(value, bytes) or len(value) != KEY_BYTES:
+        return False
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(value))
+    except ValueError:
+        return False
+    return True
+
+
 def agree(private: bytes, peer_public: bytes, purpose: bytes) -> bytes:
     """The 32-byte key two parties share (X25519, then HKDF-SHA256 labelled `purpose`).
     Raises ValueError for a public key that is not a valid X25519 point."""

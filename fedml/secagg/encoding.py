@@ -106,12 +106,20 @@ def encode(
     return np.concatenate(parts)
 
 
-def decode(
-    layout: Layout, total: np.ndarray, reference: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
-    """The weighted mean of the sites' trained arrays, their example count and the
-    weighted mean of their metrics, from the sum of their vectors. A ValueError when the
-    sum cannot be one (a count out of range)."""
+@dataclass(frozen=True)
+class Decoded:
+    """What the sum of the sites' vectors says."""
+
+    arrays: dict[str, np.ndarray]  # the weighted mean of the trained arrays
+    examples: int  # the sites' examples, summed
+    weight: int  # the sites' weights, summed (the number of sites under equal weights)
+    metrics: dict[str, float]  # the weighted mean of each metric
+
+
+def decode(layout: Layout, total: np.ndarray, reference: dict[str, np.ndarray]) -> Decoded:
+    """The sum of the sites' vectors, read. A ValueError when it cannot be an honest
+    sum: a count out of range, or a quantised value above what the summed weights allow
+    (a site that claimed a weight it did not apply, or wrapped the ring)."""
     if total.shape != (layout.size,):
         raise ValueError(f"the sum has {total.size} values, the layout {layout.size}")
     examples, count = int(total[-2]), int(total[-1])  # count: the summed weights
@@ -119,6 +127,7 @@ def decode(
         if not 1 <= value <= layout.max_total():
             raise ValueError(f"the summed {name} {value} is out of range")
     scale = layout.levels / (2 * layout.clip)
+    ceiling = np.uint64(count * layout.levels)  # < 2^64: count < 2^(64 - bits)
     arrays, start = {}, 0
     for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes, strict=True):
         size = int(np.prod(shape))
@@ -128,14 +137,19 @@ def decode(
             mean = chunk.view(np.int64) / count  # two's complement: negatives sum right
             arrays[name] = np.rint(mean).astype(dtype).reshape(shape)
         else:
+            if np.any(chunk > ceiling):
+                raise ValueError(f"array '{name}' sums beyond what the summed weights allow")
             update = chunk.astype(np.float64) / count / scale - layout.clip
             value = np.asarray(reference[name], dtype=np.float64).reshape(shape) + update.reshape(
                 shape
             )
             arrays[name] = value.astype(dtype)
-    sums = total[start : start + len(layout.metrics)].astype(np.float64)
-    means = sums / count / layout.levels * METRIC_MAX
-    return arrays, examples, dict(zip(layout.metrics, map(float, means), strict=True))
+    sums = total[start : start + len(layout.metrics)]
+    if np.any(sums > ceiling):
+        raise ValueError("a metric sums beyond what the summed weights allow")
+    means = sums.astype(np.float64) / count / layout.levels * METRIC_MAX
+    metrics = dict(zip(layout.metrics, map(float, means), strict=True))
+    return Decoded(arrays, examples, count, metrics)
 
 
 def _quantised(

@@ -37,7 +37,8 @@ def from_node_record(record: ConfigRecord | None) -> dict[int, bytes]:
     """{node: bytes} from a record; a malformed entry is dropped (untrusted input)."""
     out = {}
     for key, value in (record or {}).items():
-        if key.isdigit() and isinstance(value, bytes):
+        # canonical decimal digits only: "²".isdigit() holds, and "03" would alias 3
+        if key.isascii() and key.isdigit() and str(int(key)) == key and isinstance(value, bytes):
             out[int(key)] = value
     return out
 

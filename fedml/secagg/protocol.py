@@ -38,6 +38,7 @@ import numpy as np
 
 from fedml.secagg import crypto
 
+MIN_THRESHOLD = 2
 SHARE_PURPOSE = b"fedml secagg share key"
 MASK_PURPOSE = b"fedml secagg pairwise mask"
 
@@ -77,9 +78,12 @@ class RoundPlan:
 
     def check(self) -> None:
         """`SecAggFailure` when the protocol cannot run: too few sites took part for the
-        threshold (every site's shares need `threshold` holders)."""
-        if len(set(self.sampled)) != len(self.sampled) or self.threshold < 1:
-            raise ValueError("sampled sites repeat, or the threshold is below 1")
+        threshold (every site's shares need `threshold` holders), or a threshold below 2
+        (one answer would then unmask a single input)."""
+        if len(set(self.sampled)) != len(self.sampled):
+            raise ValueError("sampled sites repeat")
+        if self.threshold < MIN_THRESHOLD:
+            raise SecAggFailure(f"threshold {self.threshold} is below {MIN_THRESHOLD}")
         smallest = min((len(self.holders(v)) for v in self.sampled), default=0)
         if self.threshold > smallest:
             raise SecAggFailure(
@@ -124,6 +128,7 @@ class SiteSecAgg:
         self.keys: dict[int, PublicKeys] = {}  # its holders' public keys
         self.own: tuple[bytes, bytes] = (b"", b"")  # its shares of its own secrets
         self.received: dict[int, bytes] = {}  # sender -> sealed shares for this site
+        self.has_masked = False  # a site masks once per round: twice would reveal x1 - x2
 
     # -- state between messages (a deployed site's task process ends after each) -------
     def state(self) -> dict[str, bytes | int | list[int]]:
@@ -141,6 +146,7 @@ class SiteSecAgg:
             "own": _pack(*self.own),
             "received-nodes": sorted(self.received),
             "received": b"".join(_pack(self.received[v], b"") for v in sorted(self.received)),
+            "masked": int(self.has_masked),
         }
 
     @classmethod
@@ -163,6 +169,7 @@ class SiteSecAgg:
             sealed, data = _unpack(data)
             received[int(v)] = sealed
         site.received = received
+        site.has_masked = bool(state["masked"])
         return site
 
     # -- 1. advertise ------------------------------------------------------------------
@@ -179,7 +186,8 @@ class SiteSecAgg:
         plan.check()
         holders = plan.holders(self.node)
         if (
-            plan.server_round != self.server_round
+            self.plan is not None  # shared already this round
+            or plan.server_round != self.server_round
             or tuple(sorted(keys)) != holders
             or keys[self.node] != self.advertise()
         ):
@@ -202,9 +210,20 @@ class SiteSecAgg:
     def masked(self, vector: np.ndarray, received: dict[int, bytes]) -> np.ndarray:
         """`vector` (uint64) under this site's masks: its self-mask and one pairwise
         mask with each neighbour that shared (whose ciphertext is in `received`, sender
-        -> sealed shares for this site); keeps `received` for the unmask step."""
-        assert self.plan is not None, "share first"
-        self.received = dict(received)
+        -> sealed shares for this site); keeps `received` for the unmask step. Once per
+        round (twice would reveal the difference of two inputs), and only when at least
+        `threshold` - 1 neighbours shared (fewer pairwise masks would not hide it)."""
+        if self.plan is None or self.has_masked:
+            raise SecAggFailure(f"site {self.node}: not in the masking step (masked already?)")
+        neighbours = set(self.plan.neighbours_of(self.node))
+        received = {v: sealed for v, sealed in received.items() if v in neighbours}
+        if len(received) + 1 < self.plan.threshold:
+            # too few neighbours shared: their masks would not hide this site's input
+            raise SecAggFailure(
+                f"site {self.node}: {len(received)} neighbour(s) shared, "
+                f"{self.plan.threshold - 1} needed to mask"
+            )
+        self.received, self.has_masked = received, True
         y = vector.astype(np.uint64) + crypto.mask(self.self_seed, vector.size)
         for v in self.plan.neighbours_of(self.node):
             if v not in received:
@@ -220,11 +239,19 @@ class SiteSecAgg:
     def unmask(self, survivors: set[int], dropped: set[int]) -> dict[int, bytes]:
         """The shares the server asks for: b's of each survivor, s_sk's of each dropped
         site, among the sites whose shares this site holds. Refuses a request that could
-        reveal a single input (a site in both lists, or fewer survivors than the
-        threshold). A ciphertext that does not open is left out: the server then needs
-        another holder's share."""
-        assert self.plan is not None, "share first"
-        if survivors & dropped or len(survivors) < self.plan.threshold:
+        reveal a single input: before this site masked, without this site among the
+        survivors, naming a site outside the round or in both lists, or with fewer
+        survivors than the threshold. A ciphertext that does not open is left out: the
+        server then needs another holder's share."""
+        plan = self.plan
+        if (
+            plan is None
+            or not self.has_masked
+            or self.node not in survivors
+            or survivors & dropped
+            or not (survivors | dropped) <= set(plan.sampled)
+            or len(survivors) < plan.threshold
+        ):
             raise SecAggFailure(f"site {self.node}: refusing an unsafe unmask request")
         answers = {}
         for sender in sorted((survivors | dropped) & set(self.plan.holders(self.node))):
