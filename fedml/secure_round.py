@@ -99,8 +99,8 @@ class SecureRound:
                     continue
                 node = reply.metadata.src_node_id
                 masked = wire.masked_from(reply.content, layout.size)
-                if masked is None:
-                    tally.rejected["malformed masked input"] += 1
+                if masked is None or node not in shared or node in server.survivors:
+                    tally.rejected["malformed masked input"] += 1  # as if it dropped out
                 elif node not in excluded:
                     server.add(node, masked)
             self.row["unmasked"], self.row["dropped"] = len(server.survivors), len(server.dropped)
