@@ -27,7 +27,7 @@ import tomllib
 
 from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
-from fedml.monitor import MONITORED_SOURCES, Target
+from fedml.monitor import RECORDED_METRICS, Target
 
 DATASETS = ("digits", "breast-cancer", "synthetic", "npz:<dir>")
 MODELS = ("logreg", "mlp", "cnn", "<module>:<factory>")
@@ -358,11 +358,31 @@ def _assign(cfg: RunConfig, key: str, value: Any) -> None:
         cfg.strategy.options[name] = _option(key, value)
         return
     if target is None or name not in hints or dataclasses.is_dataclass(hints[name]):
-        close = difflib.get_close_matches(key, _known_keys(), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        close = _closest_key(key)
+        hint = f" Did you mean '{close}'?" if close else ""
         raise FedmlError(f"Unknown config key '{key}'.{hint}")
     expected = hints[name]
     setattr(target, name, _coerce(key, value, expected))
+
+
+def _closest_key(key: str) -> str | None:
+    """The known key a misspelled or spelled-out `key` most likely means: in its own
+    section, one named by the key's initials (learning_rate -> lr);
+    else the closest spelling, in its section first."""
+    known = _known_keys()
+    section, _, name = key.rpartition(".")
+    prefix = f"{section}." if section else ""
+    same_section = [k for k in known if k.rpartition(".")[0] == section]
+    initials = "".join(word[0] for word in name.split("_") if word)
+    for candidate in same_section:
+        short = candidate[len(prefix) :]
+        if len(name.split("_")) > 1 and short == initials:
+            return candidate
+    for pool in (same_section, known):
+        close = difflib.get_close_matches(key, pool, n=1)
+        if close:
+            return close[0]
+    return None
 
 
 def _option(key: str, value: Any) -> Any:
@@ -540,13 +560,16 @@ def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
 
 
 def _metric_name(key: str, value: str, allow_auto: bool) -> None:
-    source, _, metric = value.partition(".")
-    _check(
-        (allow_auto and value == "auto") or (source in MONITORED_SOURCES and metric != ""),
-        f"{key} '{value}' is not a history metric. Use "
+    """A control names a metric the run records: a misspelled one would never fire (or
+    fire at once), silently."""
+    if (allow_auto and value == "auto") or value in RECORDED_METRICS:
+        return
+    close = difflib.get_close_matches(value, RECORDED_METRICS, n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise FedmlError(
+        f"{key} '{value}' is not a metric the run records.{hint} Use "
         + ("auto or " if allow_auto else "")
-        + f"<source>.<metric> with source one of {', '.join(MONITORED_SOURCES)} "
-        "(e.g. server.accuracy, evaluate.loss).",
+        + f"one of {', '.join(RECORDED_METRICS)}."
     )
 
 

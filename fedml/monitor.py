@@ -16,6 +16,17 @@ from fedml.errors import FedmlError
 from fedml.records import HistoryRow
 
 MONITORED_SOURCES = ("server", "evaluate", "train")
+# Every metric a history row records, by source: the server's test set, federated
+# evaluation (fedml's ClientApp replies loss and accuracy) and training.
+RECORDED_METRICS = (
+    "server.loss",
+    "server.accuracy",
+    "evaluate.loss",
+    "evaluate.accuracy",
+    "evaluate.num-examples",
+    "train.loss",
+    "train.num-examples",
+)
 AUTO_ORDER = ("server.accuracy", "evaluate.accuracy", "train.loss")
 LOSS_ORDER = ("server.loss", "evaluate.loss", "train.loss")
 

@@ -166,7 +166,16 @@ def wrap_user_dp(inner: Strategy, cfg: RunConfig, reproducible: bool) -> UserLev
         if dp.mode == "user-fixed":
             wrapper: UserLevelAccounting = UserDPFixed(inner, noise, dp.clip_norm, sampled)
         else:
-            wrapper = UserDPAdaptive(inner, noise, sampled, initial_clipping_norm=dp.clip_norm)
+            # the clipped-count noise: Flower's default (sampled / 20, after Andrew et al.)
+            # unless the model's noise needs more (Flower requires noise < 2x this)
+            count_noise = max(sampled / 20, noise)
+            wrapper = UserDPAdaptive(
+                inner,
+                noise,
+                sampled,
+                initial_clipping_norm=dp.clip_norm,
+                clipped_count_stddev=count_noise,
+            )
     except ValueError as exc:
         raise FedmlError(
             f"dp.mode '{dp.mode}' with noise multiplier {noise:.4g} and {sampled} sampled "

@@ -51,7 +51,7 @@ def test_default_run_directory_is_timestamped_under_runs(tmp_path):
         (["--strategy", "fedprx"], "Did you mean 'fedprox'"),
         (["nonexistent.toml"], "Config file nonexistent.toml does not exist"),
         (["--target", "accuracy > 0.9"], "stop.target 'accuracy > 0.9' is not a condition"),
-        (["--early-stop", "accuracy"], "stop.metric 'accuracy' is not a history metric"),
+        (["--early-stop", "accuracy"], "stop.metric 'accuracy' is not a metric the run records"),
         (["--dropout", "1"], "simulation.dropout must be a fraction in [0, 1)"),
         (["--min-replies", "20"], "participation.min_replies is 20"),
         (["--engine", "dask"], "simulation.engine 'dask' is unknown. Use one of: inprocess, ray"),

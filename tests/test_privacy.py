@@ -388,3 +388,18 @@ def test_report_keeps_each_clients_latest_epsilon_and_the_declines():
 def test_bad_dp_settings_name_the_key(overrides, message):
     with pytest.raises(FedmlError, match=message):
         load_config(None, overrides)
+
+
+def test_client_level_adaptive_dp_with_its_defaults_is_accepted():
+    """Flower refuses a clipped-count noise below half the noise multiplier; with
+    fedml's defaults (10 clients, noise 1.0) its own default (10 / 20) was too low."""
+    from strategies import build_strategy
+
+    strategy = build_strategy(load_config(None, {"dp.mode": "user-adaptive"}))
+    assert strategy.clipped_count_stddev == 1.0  # max(10 sampled / 20, noise 1.0)
+    # Flower splits the budget: the model's noise rises so the total stays at 1.0
+    assert strategy.noise_multiplier == pytest.approx((1.0 - 0.25) ** -0.5)
+    large = build_strategy(
+        load_config(None, {"dp.mode": "user-adaptive", "simulation.clients": 100})
+    )
+    assert large.clipped_count_stddev == 5.0  # Flower's default where it suffices
