@@ -262,17 +262,29 @@ def simulate(
     except FedmlError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        run_dir = cfg.out if cfg is not None else "RUN_DIR"
-        err_console.print(
-            f"stopped: the committed rounds are kept. Continue with `fedml simulate --resume "
-            f"{run_dir}`",
-            highlight=False,
-        )
+        err_console.print(_stopped_message(cfg), highlight=False)
         raise typer.Exit(code=130) from None
     from fedml.progress import print_summary
 
     report_dir = _report_run(summary.run_dir) if report else None
     print_summary(summary, console, trackers=trackers.active, report_dir=report_dir)
+
+
+def _stopped_message(cfg: Any) -> str:
+    """What Ctrl-C left: the committed rounds and how to go on, or that nothing was."""
+    from fedml.runstore import run_status
+
+    if cfg is None or not cfg.out or not (Path(cfg.out) / "config.toml").is_file():
+        return "stopped before the run started: nothing was written."
+    done = run_status(Path(cfg.out)).rounds_done
+    if done == 0:
+        return (
+            f"stopped before any round was committed. Start again: remove {cfg.out} or pass --out."
+        )
+    return (
+        f"stopped: {done} committed round(s) are kept. Continue with "
+        f"`fedml simulate --resume {cfg.out}`"
+    )
 
 
 def _with_run_dir(cfg: Any) -> Any:

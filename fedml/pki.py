@@ -289,12 +289,12 @@ def _write_public(path: Path, data: bytes) -> None:
 def _require(paths: list[Path], directory: Path, role: str) -> None:
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        hint = (
-            f"fedml certs init {directory}"
+        fix = (
+            f"Create them with `fedml certs init {directory}`, or pass the folder it wrote."
             if role == "server"
-            else "the folder fedml certs add-node NAME wrote to PKI/sites/NAME"
+            else "Pass the folder that `fedml certs add-node NAME` wrote (PKI/sites/NAME)."
         )
-        raise FedmlError(f"{directory} lacks {', '.join(missing)}; pass {hint}.")
+        raise FedmlError(f"{directory} lacks {', '.join(missing)}. {fix}")
 
 
 def _load_cert(path: Path):  # -> x509.Certificate

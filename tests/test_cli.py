@@ -191,7 +191,7 @@ def test_report_overlays_runs_and_explains_what_it_cannot_plot(tmp_path):
     summary = (tmp_path / "cmp" / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary] == ["run", "a", "b"]
     missing = _run("report", str(tmp_path / "nowhere"))
-    assert missing.returncode == 2 and "neither a run directory" in missing.stderr
+    assert missing.returncode == 2 and "nowhere does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 
@@ -214,3 +214,21 @@ def test_each_config_option_is_in_the_one_flag_table_and_sets_a_real_key():
     assert options - set(CONFIG_FLAGS) == not_config | deployment
     given = config_overrides({"lr": 0.3, "out": Path("runs/x"), "verbose": True, "seed": None})
     assert given == {"client.lr": 0.3, "out": "runs/x", "seed": None}
+
+
+def test_ctrl_c_says_what_was_kept(tmp_path):
+    """Ctrl-C's last line names what survives: nothing, no round yet, or the rounds."""
+    from fedml.cli import _stopped_message
+    from fedml.config import load_config
+    from fedml.runstore import RunStore
+
+    cfg = load_config(None, {"out": str(tmp_path / "run"), "rounds": 2})
+    assert "nothing was written" in _stopped_message(None)
+    assert "nothing was written" in _stopped_message(cfg)
+    RunStore.create(tmp_path / "run", cfg).close()
+    assert "before any round was committed" in _stopped_message(cfg)
+    from simulations.engine import simulate
+
+    simulate(load_config(None, {"out": str(tmp_path / "done"), "rounds": 2}))
+    done = load_config(None, {"out": str(tmp_path / "done")})
+    assert "stopped: 2 committed round(s) are kept" in _stopped_message(done)

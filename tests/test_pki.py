@@ -90,7 +90,7 @@ def test_a_site_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
 def test_bad_pki_folders_are_clear_errors(tmp_path):
     with pytest.raises(FedmlError, match="fedml certs init"):
         add_node(tmp_path / "none", "a")
-    with pytest.raises(FedmlError, match=r"lacks ca\.crt, server\.crt, server\.key"):
+    with pytest.raises(FedmlError, match=r"lacks ca\.crt, server\.crt, server\.key\. Create them"):
         server_files(tmp_path)
     with pytest.raises(FedmlError, match="neither an IP address nor a DNS name"):
         init_pki(tmp_path / "x", ["bad host"])

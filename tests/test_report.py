@@ -239,8 +239,11 @@ def test_a_run_without_rounds_is_a_clear_message_not_a_crash(two_runs, tmp_path)
 
 
 def test_not_a_run_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(FedmlError, match="neither a run directory nor a folder of runs"):
+    with pytest.raises(FedmlError, match="nothing does not exist"):
         write_report([tmp_path / "nothing"], tmp_path / "report")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FedmlError, match="neither a run directory nor a folder of runs"):
+        write_report([tmp_path / "empty"], tmp_path / "report")
 
 
 def test_runs_with_the_same_name_get_labels_that_tell_them_apart(two_runs, tmp_path):

@@ -69,6 +69,8 @@ def find_runs(path: Path) -> list[Path]:
     """`path` itself when it is a run directory, else the run directories inside it."""
     if (path / CONFIG).is_file():
         return [path]
+    if not path.exists():
+        raise FedmlError(f"{path} does not exist. Pass a run directory or a folder of runs.")
     runs = sorted(p for p in path.iterdir() if (p / CONFIG).is_file()) if path.is_dir() else []
     if not runs:
         raise FedmlError(
