@@ -33,6 +33,8 @@ message (see simulations/virtual_nodes.py).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
@@ -59,13 +61,14 @@ from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
 from fedml.data.site import DEFAULT_LABEL_COLUMN, X_FILE, load_prepared, read_site_data
 from fedml.models import model_for
-from fedml.node_state import PARTITION_KEY, carry_node_state
+from fedml.node_state import PARTITION_KEY, PARTITIONS_KEY, carry_node_state
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
 from fedml.records import DEVICE_RECORD
 from fedml.secagg import messages as wire
 from fedml.settings import NUM_CLASSES_KEY, SERVER_ROUND_KEY, TrainSettings
 
 app = ClientApp(mods=[carry_node_state])
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ class LocalJob:
                 "node config has neither 'data-path' (a data site: start it with fedml "
                 "client --data) nor 'partition-id' (a simulated client): it holds no data"
             )
-        return _local_job(run_config, int(node[PARTITION_KEY]))
+        partitions = int(node.get(PARTITIONS_KEY, 0))  # type: ignore[arg-type]
+        return _local_job(run_config, int(node[PARTITION_KEY]), partitions)
 
     @classmethod
     def load(cls, cfg: RunConfig, pid: int) -> LocalJob:
@@ -152,10 +156,33 @@ def _run_config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
 
 
 @lru_cache(maxsize=256)
-def _local_job(run_config: tuple[tuple[str, Any], ...], pid: int) -> LocalJob:
+def _local_job(run_config: tuple[tuple[str, Any], ...], pid: int, partitions: int) -> LocalJob:
     """Jobs of the most recently served nodes, so a virtual client's shard is not
-    re-materialised every round (bounded: memory stays below 256 shards)."""
-    return LocalJob.load(_run_config(run_config), pid)
+    re-materialised every round (bounded: memory stays below 256 shards).
+
+    A simulated node holds partition `pid` of `partitions` (its node config's
+    `num-partitions`, Flower's convention), which fedml's engines set to
+    `simulation.clients`. Under a plain `flwr run` the federation decides (Flower's
+    local simulation starts 2 SuperNodes): the data is split that many ways, as
+    `fedml simulate --clients N` would, and the difference is said once."""
+    cfg = _run_config(run_config)
+    if partitions and partitions != cfg.simulation.clients:
+        _say_partitions(partitions, cfg.simulation.clients)
+        cfg = dataclasses.replace(
+            cfg, simulation=dataclasses.replace(cfg.simulation, clients=partitions)
+        )
+    return LocalJob.load(cfg, pid)
+
+
+@lru_cache(maxsize=1)
+def _say_partitions(partitions: int, clients: int) -> None:
+    log.warning(
+        "the federation runs %d simulated nodes (node config num-partitions) while "
+        "simulation.clients is %d: the data is split %d ways, one partition per node",
+        partitions,
+        clients,
+        partitions,
+    )
 
 
 @lru_cache(maxsize=4)

@@ -17,6 +17,7 @@ from flwr.clientapp.typing import ClientAppCallable
 STATE_MARKER = "fedml.node-state"  # present: this message carries its node's state
 STATE_PREFIX = "fedml.node-state/"  # + the name of a record in Context.state
 PARTITION_KEY = "partition-id"  # the query reply's metric naming the node's client
+PARTITIONS_KEY = "num-partitions"  # a simulated node's node config: how many there are
 
 
 def take_state(content: RecordDict) -> RecordDict:

@@ -21,6 +21,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedml.node_state import PARTITION_KEY, PARTITIONS_KEY
 from simulations.flower_internals import claim_server_identity, set_message_id
 
 log = getLogger(__name__)
@@ -46,7 +47,7 @@ class InProcessGrid(Grid):
             node_id: Context(
                 run_id=run_id,
                 node_id=node_id,
-                node_config={"partition-id": node_id - 1, "num-partitions": num_nodes},
+                node_config={PARTITION_KEY: node_id - 1, PARTITIONS_KEY: num_nodes},
                 state=RecordDict(),
                 run_config=dict(run_config),
             )

@@ -3,6 +3,7 @@ the ClientApp's view of it, and `fedml client`'s checks before it starts anythin
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import ssl
@@ -232,3 +233,27 @@ def test_the_refusal_watch_finds_a_line_written_in_pieces_and_reads_each_byte_on
         handle.write(REFUSED_MARK[9:] + ".\n")
     assert watch.saw(REFUSED_MARK)
     assert watch.offset == log.stat().st_size
+
+
+def test_a_flower_federation_with_fewer_nodes_splits_the_data_that_many_ways(caplog):
+    """Under a plain `flwr run`, Flower's local simulation starts 2 SuperNodes (node
+    config num-partitions 2) while the config says 10 clients: each node holds its
+    partition of 2, as `fedml simulate --clients 2` would, and the log says so."""
+    from flwr.app import Context, RecordDict
+
+    from clients.app import LocalJob
+
+    cfg = load_config(None, {"simulation.clients": 10})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 1, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=cfg.to_flat(),
+    )
+    with caplog.at_level(logging.WARNING, logger="clients.app"):
+        job = LocalJob.from_context(context)
+    two = LocalJob.load(load_config(None, {"simulation.clients": 2}), 1)
+    assert np.array_equal(job.train.x, two.train.x) and np.array_equal(job.val.y, two.val.y)
+    assert len(job.train) + len(job.val) > 500  # half of digits' training pool, not a tenth
+    assert "split 2 ways" in caplog.text
