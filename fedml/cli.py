@@ -25,6 +25,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 app = typer.Typer(
     help="fedml: federated learning across data sites, built on Flower.",
+    context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -51,6 +52,11 @@ def _quiet_flower(verbose: bool) -> None:
 
 
 Opt = typer.Option
+
+ConfigArg = Annotated[
+    Path | None,
+    typer.Argument(help="A TOML run config or a bundled preset's name.", show_default=False),
+]
 
 # Options `fedml simulate` and `fedml server` share: one declaration, one help text.
 StrategyOpt = Annotated[
@@ -133,17 +139,28 @@ def config_overrides(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fedml import __version__
+
+        console.print(f"fedml {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def root() -> None:
+def root(
+    version: Annotated[
+        bool | None,
+        Opt("--version", callback=_print_version, is_eager=True, help="Print the version."),
+    ] = None,
+) -> None:
     """fedml: federated learning across data sites, built on Flower."""
 
 
 @app.command()
 def simulate(
     ctx: typer.Context,
-    config: Annotated[
-        Path | None, typer.Argument(help="TOML run config; defaults when omitted.")
-    ] = None,
+    config: ConfigArg = None,
     strategy: StrategyOpt = None,
     rounds: RoundsOpt = None,
     clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
@@ -218,6 +235,9 @@ def simulate(
 ) -> None:
     """Run a federated experiment with simulated clients: in this process (default), or
     on Flower's Simulation Runtime (Ray) with --engine ray.
+
+    CONFIG: a TOML run config or a bundled preset (digits-dp, digits-fedavg,
+    fedprox-synthetic); omitted, the defaults. Flags override it.
 
     Example: fedml simulate --strategy fedprox --dataset synthetic --rounds 30
 
@@ -379,9 +399,7 @@ def report(
 @app.command()
 def server(
     ctx: typer.Context,
-    config: Annotated[
-        Path | None, typer.Argument(help="TOML run config or preset; defaults when omitted.")
-    ] = None,
+    config: ConfigArg = None,
     pki: Annotated[
         Path | None, Opt(help="PKI folder from `fedml certs init` (TLS, site keys).")
     ] = None,

@@ -14,9 +14,10 @@ FEDML = [sys.executable, "-m", "fedml.cli"]
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "120"}
 
 
-def _run(*args, cwd=None):
+def _run(*args, cwd=None, env_columns=None):
+    env = ENV if env_columns is None else {**ENV, "COLUMNS": str(env_columns)}
     return subprocess.run(
-        [*FEDML, *args], capture_output=True, text=True, timeout=300, env=ENV, cwd=cwd
+        [*FEDML, *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd
     )
 
 
@@ -232,3 +233,14 @@ def test_ctrl_c_says_what_was_kept(tmp_path):
     simulate(load_config(None, {"out": str(tmp_path / "done"), "rounds": 2}))
     done = load_config(None, {"out": str(tmp_path / "done")})
     assert "stopped: 2 committed round(s) are kept" in _stopped_message(done)
+
+
+def test_version_short_help_and_the_presets_in_simulates_help():
+    from fedml import __version__
+    from simulations.presets import preset_names
+
+    assert _run("--version").stdout.strip() == f"fedml {__version__}"
+    helped = _run("simulate", "-h", env_columns=200)
+    assert helped.returncode == 0
+    for name in preset_names():  # the docstring lists every bundled preset
+        assert name in helped.stdout
