@@ -25,6 +25,7 @@ from typing import Any, get_type_hints
 import tomli_w
 import tomllib
 
+from fedml.data.datasets import npz_shard_count
 from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
 from fedml.monitor import RECORDED_METRICS, Target
@@ -308,6 +309,12 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
             raise FedmlError(f"Config file {path} is not valid TOML: {exc}.") from exc
         flat = _flatten(raw, source=str(path))
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    dataset = flat.get("data.dataset")
+    if isinstance(dataset, str) and dataset.startswith("npz:") and "simulation.clients" not in flat:
+        # a folder of shards is a federation of that many clients, unless told otherwise
+        shards = npz_shard_count(Path(dataset[4:]).expanduser())
+        if shards:
+            flat["simulation.clients"] = shards
     return RunConfig.from_flat(flat)
 
 

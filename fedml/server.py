@@ -121,15 +121,19 @@ class Experiment:
     validator: UpdateValidator
 
     @classmethod
-    def prepare(cls, cfg: RunConfig, reproducible: bool = True) -> Experiment:
+    def prepare(
+        cls, cfg: RunConfig, reproducible: bool = True, sites_hold_data: bool = False
+    ) -> Experiment:
         """Load the data, build the model and the strategy; a user error here raises
         `FedmlError` while the run directory does not exist yet. `reproducible`: DP noise
         drawn on the server follows the run seed (simulation; a deployment draws secret
-        noise from OS entropy)."""
+        noise from OS entropy). `sites_hold_data`: deployed, so the server reads only its
+        own test set (`npz:<dir>` may hold just test.npz)."""
         v = cfg.validation
         validator = UpdateValidator(v.norm_factor, v.clip_norm, v.max_weight_factor)
         strategy = build_strategy(cfg, reproducible)
-        return cls(cfg, strategy, CentralEvaluator(cfg, federation_for(cfg)), validator)
+        federation = federation_for(cfg, sites_hold_data)
+        return cls(cfg, strategy, CentralEvaluator(cfg, federation), validator)
 
 
 def run_experiment(
@@ -425,7 +429,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg, flags = RunConfig.from_run_config(dict(context.run_config))
     # Simulated (the Ray engine): the run seed drives server-side DP noise too, and the
     # nodes are numbered like the in-process engine's; deployed: secret noise, real nodes.
-    experiment = Experiment.prepare(cfg, reproducible=flags.simulated)
+    experiment = Experiment.prepare(
+        cfg, reproducible=flags.simulated, sites_hold_data=not flags.simulated
+    )
     if flags.simulated:
         grid = SimulatedNodesGrid(grid, cfg.simulation.clients)
     resume = RunStore.open(Path(cfg.out)) if flags.resume else None

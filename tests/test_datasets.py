@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedml.config import load_config
 from fedml.data import load_federation, read_shard, split_validation
-from fedml.data.datasets import Shard, inspect_shard, synthetic_federation
+from fedml.data.datasets import Shard, federation_for, inspect_shard, synthetic_federation
 from fedml.errors import FedmlError
 
 
@@ -253,3 +254,24 @@ def test_a_fortran_ordered_shard_is_checked_like_a_c_ordered_one(tmp_path):
             check(path)
     np.savez(path, x=np.zeros((5, 0), dtype=np.float32), y=np.zeros(5, dtype=np.int64))
     assert inspect_shard(path).feature_shape == read_shard(path).x.shape[1:] == (0,)
+
+
+def test_a_folder_of_shards_is_that_many_clients_unless_the_config_says(tmp_path):
+    """`--dataset npz:DIR` with 5 shards is a federation of 5 clients; an explicit
+    `simulation.clients` still wins (and must match, as before)."""
+    _write_shards(tmp_path, 5)
+    assert load_config(None, {"data.dataset": f"npz:{tmp_path}"}).simulation.clients == 5
+    with pytest.raises(FedmlError, match=r"needs client-0\.npz \.\. client-3\.npz"):
+        federation_for(
+            load_config(None, {"data.dataset": f"npz:{tmp_path}", "simulation.clients": 4})
+        )
+
+
+def test_a_deployed_server_needs_only_its_test_set(tmp_path):
+    """The sites hold the shards: a server's npz folder may hold just test.npz."""
+    _write_shards(tmp_path, 0)
+    cfg = load_config(None, {"data.dataset": f"npz:{tmp_path}"})
+    served = federation_for(cfg, sites_hold_data=True)
+    assert served.input_shape == (5,) and served.num_classes == 4 and len(served.test) == 10
+    with pytest.raises(FedmlError, match="holds shards none"):
+        federation_for(cfg)  # a simulation needs the clients' shards

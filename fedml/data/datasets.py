@@ -73,22 +73,44 @@ def split_validation(shard: Shard, fraction: float, seed: int) -> tuple[Shard, S
     return shard.take(np.sort(order[n_val:])), shard.take(np.sort(order[:n_val]))
 
 
-def federation_for(cfg: RunConfig) -> Federation:
-    """The run's federation (`cfg.data` split across `cfg.simulation.clients`)."""
+def federation_for(cfg: RunConfig, sites_hold_data: bool = False) -> Federation:
+    """The run's federation (`cfg.data` split across `cfg.simulation.clients`).
+    `sites_hold_data`: a deployed server's view, which needs only its own test set (an
+    `npz:<dir>` holding just `test.npz` will do)."""
     data = cfg.data
     return load_federation(
-        data.dataset, data.partition, cfg.simulation.clients, data.test_fraction, cfg.seed
+        data.dataset,
+        data.partition,
+        cfg.simulation.clients,
+        data.test_fraction,
+        cfg.seed,
+        sites_hold_data,
+    )
+
+
+def npz_shard_count(directory: Path) -> int:
+    """How many `client-<i>.npz` shards a folder holds (the clients of its federation)."""
+    return sum(
+        1 for p in directory.glob("client-*.npz") if re.fullmatch(r"client-\d+\.npz", p.name)
     )
 
 
 @lru_cache(maxsize=4)
 def load_federation(
-    dataset: str, partition_spec: str, num_clients: int, test_fraction: float, seed: int
+    dataset: str,
+    partition_spec: str,
+    num_clients: int,
+    test_fraction: float,
+    seed: int,
+    sites_hold_data: bool = False,
 ) -> Federation:
     """Build the federation for a dataset spec (cached per process: every virtual client
     of the in-process engine shares one copy)."""
     if dataset.startswith("npz:"):
-        return _npz_federation(Path(dataset[4:]).expanduser(), num_clients, partition_spec)
+        directory = Path(dataset[4:]).expanduser()
+        if sites_hold_data and (directory / "test.npz").exists():
+            return _npz_test_only(directory, num_clients)
+        return _npz_federation(directory, num_clients, partition_spec)
     if dataset.startswith("synthetic"):
         alpha, beta = _parse_synthetic(dataset)
         if parse_partition(partition_spec)[0] not in ("auto", "natural"):
@@ -319,6 +341,18 @@ def _check_finite(path: Path, x: np.ndarray, first_row: int) -> None:
                 f"{path}: row {row} of 'x' holds NaN or infinite features; clean or "
                 "impute them first."
             )
+
+
+def _npz_test_only(directory: Path, num_clients: int) -> Federation:
+    """A deployed server's npz federation: its test set, which also fixes the model's
+    input shape and output size (so it must hold the highest class)."""
+    test = read_shard(directory / "test.npz")
+    return Federation(
+        num_clients=num_clients,
+        num_classes=int(test.y.max()) + 1,
+        input_shape=test.x.shape[1:],
+        test=test,
+    )
 
 
 def _npz_federation(directory: Path, num_clients: int, partition_spec: str) -> Federation:

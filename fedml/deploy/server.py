@@ -89,7 +89,8 @@ def serve(
     if not resume:
         refuse_existing_run(run_dir)
     _check_port_free(options.host, options.port)
-    Experiment.prepare(cfg, reproducible=False)  # config, data, model, strategy: checked
+    # config, test data, model, strategy: checked before anything starts
+    Experiment.prepare(cfg, reproducible=False, sites_hold_data=True)
     node_keys = _node_keys(options)
     cfg = _with_out(cfg, run_dir)
     sweep_stale_work_folders()
