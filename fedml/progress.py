@@ -116,7 +116,11 @@ def print_summary(
     privacy = next((r["privacy"] for r in reversed(summary.history) if r.get("privacy")), None)
     if privacy:
         table.add_row("privacy", describe_privacy(privacy))
-    table.add_row("wall time", f"{summary.seconds:.1f} s")
+    wall = f"{summary.seconds:.1f} s"
+    if summary.resumed_from is not None:  # this session's, and what the run took in all
+        in_rounds = sum(row.get("seconds", 0.0) for row in summary.history)
+        wall += f" this session; {in_rounds:.1f} s in the run's rounds"
+    table.add_row("wall time", wall)
     table.add_row("run directory", str(summary.run_dir))
     if report_dir is not None:
         table.add_row("report", str(report_dir))

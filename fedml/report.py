@@ -6,8 +6,9 @@ resumed one, or one still running. It writes, into one folder:
 
 - `accuracy.png`, `loss.png`: test (server-side, centralized) and federated metrics
   per round, train loss too; one colour per run, one line style per source;
-- `clients.png`: clients replied, failed and rejected per round (declined too when a
-  run spent a privacy budget);
+- `clients.png`: clients replied, aggregated, failed and rejected per round, and the
+  stragglers, timed-out and declined (privacy budget spent) clients when a run had any:
+  a strategy that drops stragglers' partial work shows as fewer aggregated;
 - `privacy.png`: epsilon spent per round, when any run used differential privacy;
 - `time.png`: wall-clock seconds per round;
 - `summary.csv`: one row per run; `rounds.csv`: one row per run and round with every
@@ -39,7 +40,7 @@ DPI = 100
 SIZES: dict[str, tuple[float, float]] = {
     "accuracy": (8, 5),
     "loss": (8, 5),
-    "clients": (8, 7),
+    "clients": (8, 9),
     "privacy": (8, 5),
     "time": (8, 4),
 }
@@ -60,7 +61,8 @@ PRIVACY_LINES = (
     (records.EPSILON_MAX, "max over clients", "-"),
     (records.EPSILON_MEAN, "mean over clients", "--"),
 )
-CLIENT_PANELS = ("replied", "failed", "rejected")
+CLIENT_PANELS = ("replied", "aggregated", "failed", "rejected")
+OCCASIONAL_CLIENT_PANELS = ("stragglers", "timed_out", "declined")  # drawn when nonzero
 
 
 @dataclass(frozen=True)
@@ -177,16 +179,18 @@ def _line_figure(
 def _clients_figure(runs: Sequence[RunSeries]) -> Figure:
     from matplotlib.ticker import MaxNLocator
 
-    panels = list(CLIENT_PANELS)
-    if any(any(run.points("clients/declined")[1]) for run in runs):
-        panels.append("declined")
+    panels = list(CLIENT_PANELS) + [
+        panel
+        for panel in OCCASIONAL_CLIENT_PANELS
+        if any(any(run.points(f"clients/{panel}")[1]) for run in runs)
+    ]
     figure, axes = _new_figure("clients", len(panels))
     for ax, panel in zip(axes, panels, strict=True):
         for colour, run in _coloured(runs):
             rounds, values = run.points(f"clients/{panel}")
             if rounds:
                 ax.plot(rounds, values, "-", color=colour, marker=".", label=run.label)
-        ax.set_ylabel(f"clients {panel}")
+        ax.set_ylabel(f"clients {panel.replace('_', ' ')}")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))  # counts: from 0, at least 1
     _legend_or_note(axes[0])

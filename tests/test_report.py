@@ -120,7 +120,12 @@ def test_a_finished_run_gets_every_figure_with_one_point_per_round(two_runs, tmp
     (seconds,) = drawn["time"].axes[0].get_lines()
     assert list(seconds.get_ydata()) == [row["seconds"] for row in history]
     panels = [ax.get_ylabel() for ax in drawn["clients"].axes]
-    assert panels == ["clients replied", "clients failed", "clients rejected"]
+    assert panels == [
+        "clients replied",
+        "clients aggregated",
+        "clients failed",
+        "clients rejected",
+    ]
     replied = drawn["clients"].axes[0].get_lines()[0]
     assert list(replied.get_ydata()) == [4, 4, 4]
 
@@ -155,7 +160,7 @@ def test_two_runs_overlay_on_the_same_axes_with_a_legend(two_runs, tmp_path):
     assert list(fedprox_test.get_xdata()) == [1, 2, 3, 4]
     (fedavg_test,) = _lines(drawn["accuracy"], "fedavg: test")
     assert fedavg_test.get_color() != fedprox_test.get_color()
-    failed_panel = drawn["clients"].axes[1]
+    failed_panel = drawn["clients"].axes[2]
     by_run = {line.get_label(): list(line.get_ydata()) for line in failed_panel.get_lines()}
     assert by_run["fedavg"] == [0, 0, 0]
     assert by_run["fedprox"] == [row["clients"]["failed"] for row in histories["fedprox"]]
@@ -252,3 +257,39 @@ def test_runs_with_the_same_name_get_labels_that_tell_them_apart(two_runs, tmp_p
         _simulate(tmp_path / group / "exp", rounds=1)
     runs, _ = load_runs([tmp_path / "a" / "exp", tmp_path / "b" / "exp", root / "fedavg"])
     assert [run.label for run in runs] == ["a/exp", "b/exp", f"{root.name}/fedavg"]
+
+
+def test_dropped_stragglers_show_as_fewer_aggregated_than_replied(tmp_path):
+    """FedAvg drops stragglers' partial work and FedProx keeps it: the clients figure
+    tells the two runs apart (replied alone would not)."""
+    for name in ("fedavg", "fedprox"):
+        _simulate(tmp_path / name, **{"strategy.name": name, "simulation.stragglers": 0.5})
+    runs, _ = load_runs([tmp_path / "fedavg", tmp_path / "fedprox"])
+    drawn = figures(runs)["clients"]
+    panels = {ax.get_ylabel(): ax for ax in drawn.axes}
+    assert "clients stragglers" in panels
+
+    def by_run(panel: str) -> dict[str, list]:
+        lines = panels[panel].get_lines()
+        return {line.get_label(): list(line.get_ydata()) for line in lines}
+
+    aggregated, replied = by_run("clients aggregated"), by_run("clients replied")
+    assert aggregated["fedprox"] == replied["fedprox"] == [4, 4, 4]
+    assert aggregated["fedavg"] == [4 - 2, 4 - 2, 4 - 2]  # 2 of 4 straggled each round
+
+
+def test_a_resumed_runs_summary_gives_the_whole_runs_time_too(tmp_path):
+    """Resuming a finished run plays no round: its summary must not read as a run that
+    took 0.0 s."""
+    from rich.console import Console
+
+    from fedml.progress import print_summary
+
+    _simulate(tmp_path / "run", rounds=2)
+    store, cfg = open_resume(tmp_path / "run", {})
+    summary = simulate(cfg, resume=store)
+    console = Console(record=True, width=120)
+    print_summary(summary, console)
+    text = console.export_text()
+    in_rounds = sum(row["seconds"] for row in summary.history)
+    assert f"{in_rounds:.1f} s in the run's rounds" in text and "this session" in text
