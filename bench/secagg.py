@@ -65,7 +65,7 @@ def fedml_app(secure: bool) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg = load_config(None, {**dict(context.run_config)})
+        cfg = load_config(None, dict(context.run_config))
         trained = _trained(msg.content["arrays"])
         if secure:
             reference = {k: to_numpy(a) for k, a in msg.content["arrays"].items()}
@@ -84,14 +84,8 @@ def fedml_app(secure: bool) -> ClientApp:
         cfg = load_config(None, dict(context.run_config))
         return site_side.advertise(msg, context, cfg, int(context.node_config["partition-id"]))
 
-    @app.train(wire.SHARE_ACTION)
-    def share(msg: Message, context: Context) -> Message:
-        return site_side.share(msg, context)
-
-    @app.train(wire.UNMASK_ACTION)
-    def unmask(msg: Message, context: Context) -> Message:
-        return site_side.unmask(msg, context)
-
+    app.train(wire.SHARE_ACTION)(site_side.share)
+    app.train(wire.UNMASK_ACTION)(site_side.unmask)
     return app
 
 

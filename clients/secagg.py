@@ -14,7 +14,6 @@ bit for bit); a data site draws them from OS entropy.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -23,6 +22,7 @@ from fedml.config import RunConfig
 from fedml.secagg import messages as wire
 from fedml.secagg.encoding import Layout, encode
 from fedml.secagg.protocol import SiteSecAgg
+from fedml.validation import clip_to_norm
 
 METRICS = ("loss",)  # the train metrics a secure round sums
 
@@ -78,7 +78,7 @@ def masked_update(
     site = _load(context, msg)
     user_dp = cfg.dp.mode == "user-fixed"
     clip_norm = cfg.dp.clip_norm if user_dp else cfg.validation.clip_norm
-    clipped = clip_update(trained, reference, clip_norm)
+    clipped = clip_to_norm(trained, reference, clip_norm)
     layout = Layout.of(reference, cfg.secagg.clip, cfg.secagg.bits, METRICS)
     weight = 1 if user_dp else num_examples
     vector = encode(layout, clipped, reference, num_examples, rng, metrics, weight)
@@ -97,27 +97,6 @@ def unmask(msg: Message, context: Context) -> Message:
     answers = site.unmask(survivors, dropped)
     del context.state[wire.STATE]
     return Message(RecordDict({wire.SHARES: wire.by_node(answers)}), reply_to=msg)
-
-
-def clip_update(
-    trained: dict[str, np.ndarray], reference: dict[str, np.ndarray], clip_norm: float
-) -> dict[str, np.ndarray]:
-    """`trained` with its floating-point update scaled down to L2 norm `clip_norm`
-    (0: unchanged). Integer arrays (counters) are not part of the update's norm."""
-    floats = [k for k, v in trained.items() if np.issubdtype(v.dtype, np.floating)]
-    if clip_norm <= 0 or not floats:
-        return trained
-    norm = math.sqrt(
-        sum(float(np.sum((trained[k].astype(np.float64) - reference[k]) ** 2)) for k in floats)
-    )
-    if norm <= clip_norm:
-        return trained
-    scale = clip_norm / norm
-    clipped = dict(trained)
-    for k in floats:
-        update = (trained[k].astype(np.float64) - reference[k]) * scale
-        clipped[k] = (reference[k] + update).astype(trained[k].dtype)
-    return clipped
 
 
 def _save(context: Context, site: SiteSecAgg) -> None:

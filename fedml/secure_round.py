@@ -37,7 +37,7 @@ from fedml.secagg import crypto
 from fedml.secagg import messages as wire
 from fedml.secagg.encoding import Layout, decode
 from fedml.secagg.protocol import PublicKeys, SecAggFailure, ServerSecAgg
-from fedml.validation import Tally
+from fedml.validation import Tally, update_norm
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,7 @@ class SecureRound:
         dp = self.cfg.dp
         limit = dp.clip_norm if dp.mode == "user-fixed" else self.cfg.validation.clip_norm
         if limit > 0:
-            norm = math.sqrt(
-                sum(float(np.sum((mean[k].astype(np.float64) - reference[k]) ** 2)) for k in floats)
-            )
+            norm = update_norm(mean, reference)
             quantum = 2 * self.cfg.secagg.clip / (2**self.cfg.secagg.bits - 1)
             if norm > limit + quantum * math.sqrt(sum(mean[k].size for k in floats)):
                 tally.rejected["aggregate beyond clip_norm"] += 1

@@ -144,7 +144,7 @@ class UpdateValidator:
             if problem:
                 tally.rejected[problem] += 1
                 continue
-            norm = _update_norm(arrays, reference)
+            norm = update_norm(arrays, reference)
             norms.append(norm)
             if len(norms) <= sample:  # the first ones wait, then judge each other
                 waiting.append((reply, arrays, norm))
@@ -253,19 +253,11 @@ class UpdateValidator:
     ) -> Message:
         tally.accepted += 1
         memory.observe(norm, self._cap_weight(reply.content, memory.claim_median, tally))
-        if self.clip_norm <= 0 or norm <= self.clip_norm:
+        clipped = clip_to_norm(arrays, reference, self.clip_norm, norm)
+        if clipped is arrays:
             return reply
-        scale = self.clip_norm / norm
-        clipped = {
-            k: from_numpy(
-                (reference[k] + (v - reference[k]) * scale).astype(v.dtype)
-                if v.dtype.kind == "f"
-                else v
-            )
-            for k, v in arrays.items()
-        }
         key = next(iter(reply.content.array_records))
-        reply.content[key] = record_of(clipped)
+        reply.content[key] = record_of({k: from_numpy(v) for k, v in clipped.items()})
         return reply
 
     # -- evaluation replies ----------------------------------------------------------------
@@ -327,7 +319,7 @@ def _finite_metric(value: object) -> bool:
     return all(map(finite_number, value if isinstance(value, list) else [value]))
 
 
-def _update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+def update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
     """L2 norm of w - w_global over the floating-point arrays, in float64."""
     total = 0.0
     for key, values in arrays.items():
@@ -335,3 +327,25 @@ def _update_norm(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]
             delta = values.astype(np.float64) - reference[key].astype(np.float64)
             total += float(np.dot(delta.ravel(), delta.ravel()))
     return math.sqrt(total)
+
+
+def clip_to_norm(
+    arrays: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    clip_norm: float,
+    norm: float | None = None,
+) -> dict[str, np.ndarray]:
+    """`arrays` with the floating-point update w - w_global scaled down to L2 norm
+    `clip_norm` (0: off), other arrays (counters) as they are; `arrays` itself when no
+    scaling is needed. `norm`: the update's norm, when the caller has it already. Used
+    by the server's screen and, under secure aggregation, by each site on its own update."""
+    if clip_norm <= 0:
+        return arrays
+    norm = update_norm(arrays, reference) if norm is None else norm
+    if norm <= clip_norm:
+        return arrays
+    scale = clip_norm / norm
+    return {
+        k: (reference[k] + (v - reference[k]) * scale).astype(v.dtype) if v.dtype.kind == "f" else v
+        for k, v in arrays.items()
+    }
