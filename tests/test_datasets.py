@@ -275,3 +275,62 @@ def test_a_deployed_server_needs_only_its_test_set(tmp_path):
     assert served.input_shape == (5,) and served.num_classes == 4 and len(served.test) == 10
     with pytest.raises(FedmlError, match="holds shards none"):
         federation_for(cfg)  # a simulation needs the clients' shards
+
+
+# ---- `fedml data split`: a built-in dataset's split as site files --------------------
+@pytest.mark.parametrize("dataset", ["digits", "breast-cancer", "synthetic:0.5,0.5"])
+def test_split_files_hold_exactly_the_federation_simulate_trains(tmp_path, dataset):
+    """The files are the same shards and test set, preprocessed the same way (digits:
+    pixels / 16, 1x8x8; breast-cancer: standardised), so a site's file matches what the
+    server's model was built for; `npz:DIR` reads the same federation back."""
+    from fedml.data.export import write_split
+    from fedml.data.site import read_site_data
+
+    built_in = load_federation(dataset, "auto", 3, 0.2, 0)
+    written = write_split(built_in, tmp_path / "split")
+    assert [(p.name, n) for p, n in written] == [
+        *[(f"client-{i}.npz", len(built_in.client(i))) for i in range(3)],
+        ("test.npz", len(built_in.test)),
+    ]
+    back = load_federation(f"npz:{tmp_path / 'split'}", "auto", 3, 0.2, 0)
+    assert back.input_shape == built_in.input_shape and back.num_classes == built_in.num_classes
+    for i in range(3):
+        site = read_site_data(tmp_path / "split" / f"client-{i}.npz")  # what `fedml client` reads
+        assert np.array_equal(site.x, built_in.client(i).x) and site.x.dtype == np.float32
+        assert np.array_equal(site.y, built_in.client(i).y) and site.y.dtype == np.int64
+        assert np.array_equal(back.client(i).x, built_in.client(i).x)
+    assert np.array_equal(back.test.x, built_in.test.x)
+    assert np.array_equal(back.test.y, built_in.test.y)
+
+
+def test_split_refuses_a_folder_with_a_split_and_force_removes_the_stale_shards(tmp_path):
+    """Writing 2 shards over a folder of 3 must not leave client-2.npz behind: `npz:DIR`
+    would count it as a third client."""
+    from fedml.data.export import write_split
+
+    out = tmp_path / "split"
+    write_split(load_federation("digits", "auto", 3, 0.2, 0), out)
+    before = (out / "client-0.npz").read_bytes()
+    with pytest.raises(FedmlError, match=r"already holds 4 split file.*--force"):
+        write_split(load_federation("digits", "iid", 2, 0.2, 0), out)
+    assert (out / "client-0.npz").read_bytes() == before  # nothing lost
+    (out / "notes.txt").write_text("the user's own file")
+    write_split(load_federation("digits", "iid", 2, 0.2, 0), out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "client-0.npz", "client-1.npz", "notes.txt", "test.npz",
+    ]  # fmt: skip
+
+
+def test_data_split_command_writes_the_files_and_says_how_to_use_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedml.cli import app
+
+    out = tmp_path / "shards"
+    runner = CliRunner()
+    done = runner.invoke(app, ["data", "split", "digits", "--clients", "2", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "client-1.npz" in done.output and f"--dataset npz:{out}" in done.output
+    assert sorted(p.name for p in out.iterdir()) == ["client-0.npz", "client-1.npz", "test.npz"]
+    refused = runner.invoke(app, ["data", "split", "npz:" + str(out), "--out", str(tmp_path)])
+    assert refused.exit_code == 2 and "already split" in refused.output

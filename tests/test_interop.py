@@ -3,6 +3,12 @@ our ClientApp under Flower's stock FedAvg and its own `Strategy.start` loop."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -13,6 +19,7 @@ from torch import nn
 from clients.app import app as fedml_client_app
 from fedml.config import load_config
 from fedml.data import load_federation
+from fedml.deploy.processes import flower_command, flower_env, free_port
 from fedml.models import build_model
 from fedml.runstore import RunStore
 from fedml.server import Experiment, run_experiment
@@ -97,3 +104,54 @@ def test_server_app_runs_the_same_loop_as_simulate(tmp_path):
     )
     fedml_server_app(grid, context)
     assert len(RunStore.open(tmp_path / "r").history()) == 2
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def _kill_managed_superlink(flower_home: Path, port: int) -> None:
+    """`flwr run` leaves its managed SuperLink running, detached in its own process
+    group, and the SuperLink's executor in another: kill every Flower process that names
+    this test's Flower home or SuperLink port, with its group."""
+    marks = (str(flower_home).encode(), f"127.0.0.1:{port}".encode())
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(b"flower-" in a or b"flwr-" in a for a in argv) and any(
+            mark in a for mark in marks for a in argv
+        ):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                os.killpg(int(proc.name), signal.SIGKILL)
+
+
+def test_flwr_run_on_flowers_managed_local_simulation(tmp_path):
+    """What a Flower user types first: `flwr run .` with a fresh Flower home and runtime
+    dependency installation off. Flower starts its managed local SuperLink with its
+    default 2 simulated SuperNodes; the run directory holds the committed rounds, and
+    each node trained half of the data (num-partitions 2), not a tenth of it."""
+    home, run = tmp_path / "flower-home", tmp_path / "run"
+    port = free_port()
+    env = {
+        **flower_env(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
+    overrides = f'rounds=2 "client.local_epochs"=1 out="{run}"'
+    command = [*flower_command("flwr"), "run", ".", "--run-config", overrides, "--stream"]
+    try:
+        done = subprocess.run(
+            command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        _kill_managed_superlink(home, port)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = RunStore.open(run).history()
+    assert [row["round"] for row in rows] == [1, 2]
+    assert [row["clients"]["aggregated"] for row in rows] == [2, 2]
+    digits_training_pool = 1797 * 0.8 * 0.8  # test and validation fractions held out
+    assert rows[-1]["train"]["num-examples"] == pytest.approx(digits_training_pool, rel=0.02)
+    assert rows[-1]["server"]["accuracy"] > 0.6
