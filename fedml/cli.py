@@ -6,6 +6,7 @@ must not pay for torch, Flower's runtime, matplotlib or the trackers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
 console = Console()
@@ -58,28 +60,66 @@ ConfigArg = Annotated[
     typer.Argument(help="A TOML run config or a bundled preset's name.", show_default=False),
 ]
 
+
+@functools.cache
+def _embedded_defaults() -> dict[str, Any]:
+    from fedml.config import RunConfig
+
+    return RunConfig().to_flat()
+
+
+def default_of(key: str) -> str:
+    """An option's default as `--help` shows it: the embedded config's value of its key
+    (a CONFIG file or preset given with the flag may set another)."""
+    value = _embedded_defaults()[key]
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value) if value != "" else "none"
+
+
 # Options `fedml simulate` and `fedml server` share: one declaration, one help text.
 StrategyOpt = Annotated[
     str | None,
-    Opt(help="Aggregation strategy: a name from `fedml strategies`, or module:Class."),
+    Opt(
+        show_default=default_of("strategy.name"),
+        help="Aggregation strategy: a name from `fedml strategies`, or module:Class.",
+    ),
 ]
-RoundsOpt = Annotated[int | None, Opt(help="Number of federated rounds.")]
+RoundsOpt = Annotated[
+    int | None, Opt(show_default=default_of("rounds"), help="Number of federated rounds.")
+]
 MinRepliesOpt = Annotated[
-    int | None, Opt(help="Updates a round needs to count (else participation policy).")
+    int | None,
+    Opt(
+        show_default=default_of("participation.min_replies"),
+        help="Updates a round needs to count (else participation policy).",
+    ),
 ]
 RoundTimeoutOpt = Annotated[
-    float | None, Opt(help="Seconds to wait for replies per phase (0: all).")
+    float | None,
+    Opt(
+        show_default=default_of("participation.timeout"),
+        help="Seconds to wait for replies per phase (0: all).",
+    ),
 ]
 MaxSecondsOpt = Annotated[
-    float | None, Opt(help="Wall-clock budget for the rounds, in seconds (0: none).")
+    float | None,
+    Opt(
+        show_default=default_of("stop.max_seconds"),
+        help="Wall-clock budget for the rounds, in seconds (0: none).",
+    ),
 ]
-OutOpt = Annotated[Path | None, Opt(help="Run directory (default runs/<timestamp>).")]
+OutOpt = Annotated[Path | None, Opt(help="Run directory (default runs/DATE-TIME).")]
 ResumeOpt = Annotated[
     Path | None, Opt(help="Continue the run in this directory from its last intact commit.")
 ]
 SecAggOpt = Annotated[
     bool | None,
-    Opt("--secagg/--no-secagg", help="Secure aggregation: the server sees only the sum."),
+    Opt(
+        "--secagg/--no-secagg",
+        show_default=default_of("secagg.enabled"),
+        help="Secure aggregation: the server sees only the sum.",
+    ),
 ]
 ReportOpt = Annotated[
     bool, Opt(help="Write plots and CSV files to RUN_DIR/report when the run ends.")
@@ -163,63 +203,167 @@ def simulate(
     config: ConfigArg = None,
     strategy: StrategyOpt = None,
     rounds: RoundsOpt = None,
-    clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
+    clients: Annotated[
+        int | None,
+        Opt(show_default=default_of("simulation.clients"), help="Number of simulated clients."),
+    ] = None,
     fraction_train: Annotated[
-        float | None, Opt(help="Fraction of clients sampled per round.")
+        float | None,
+        Opt(
+            show_default=default_of("strategy.fraction_train"),
+            help="Fraction of clients sampled per round.",
+        ),
     ] = None,
     dataset: Annotated[
-        str | None, Opt(help="digits | breast-cancer | synthetic[:a,b] | npz:DIR.")
+        str | None,
+        Opt(
+            show_default=default_of("data.dataset"),
+            help="digits | breast-cancer | synthetic[:a,b] | npz:DIR.",
+        ),
     ] = None,
-    partition: Annotated[str | None, Opt(help="iid | dirichlet:ALPHA | shards:K | auto.")] = None,
-    model: Annotated[str | None, Opt(help="logreg | mlp | cnn | module:factory.")] = None,
-    local_epochs: Annotated[int | None, Opt(help="Local epochs per round.")] = None,
-    batch_size: Annotated[int | None, Opt(help="Local minibatch size.")] = None,
-    lr: Annotated[float | None, Opt(help="Client learning rate.")] = None,
-    proximal_mu: Annotated[float | None, Opt(help="FedProx proximal weight mu.")] = None,
-    stragglers: Annotated[float | None, Opt(help="Fraction of clients doing partial work.")] = None,
+    partition: Annotated[
+        str | None,
+        Opt(
+            show_default=default_of("data.partition"),
+            help="iid | dirichlet:ALPHA | shards:K | auto.",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        Opt(show_default=default_of("model.name"), help="logreg | mlp | cnn | module:factory."),
+    ] = None,
+    local_epochs: Annotated[
+        int | None,
+        Opt(show_default=default_of("client.local_epochs"), help="Local epochs per round."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, Opt(show_default=default_of("client.batch_size"), help="Local minibatch size.")
+    ] = None,
+    lr: Annotated[
+        float | None, Opt(show_default=default_of("client.lr"), help="Client learning rate.")
+    ] = None,
+    proximal_mu: Annotated[
+        float | None,
+        Opt(show_default=default_of("strategy.proximal_mu"), help="FedProx proximal weight mu."),
+    ] = None,
+    stragglers: Annotated[
+        float | None,
+        Opt(
+            show_default=default_of("simulation.stragglers"),
+            help="Fraction of clients doing partial work.",
+        ),
+    ] = None,
     dropout: Annotated[
-        float | None, Opt(help="Fraction of sampled clients failing each round.")
+        float | None,
+        Opt(
+            show_default=default_of("simulation.dropout"),
+            help="Fraction of sampled clients failing each round.",
+        ),
     ] = None,
-    lr_decay: Annotated[float | None, Opt(help="Client lr factor per round (0-1].")] = None,
-    server_lr: Annotated[float | None, Opt(help="Server learning rate on the update.")] = None,
+    lr_decay: Annotated[
+        float | None,
+        Opt(show_default=default_of("client.lr_decay"), help="Client lr factor per round (0-1]."),
+    ] = None,
+    server_lr: Annotated[
+        float | None,
+        Opt(show_default=default_of("server.lr"), help="Server learning rate on the update."),
+    ] = None,
     server_momentum: Annotated[
-        float | None, Opt(help="Server momentum on the update (FedAvgM).")
+        float | None,
+        Opt(
+            show_default=default_of("server.momentum"),
+            help="Server momentum on the update (FedAvgM).",
+        ),
     ] = None,
     min_replies: MinRepliesOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     early_stop: Annotated[
-        str | None, Opt(help="Early-stopping metric, e.g. server.loss (with --patience).")
+        str | None,
+        Opt(
+            show_default=default_of("stop.metric"),
+            help="Early-stopping metric, e.g. server.loss (with --patience).",
+        ),
     ] = None,
-    patience: Annotated[int | None, Opt(help="Rounds without improvement before stopping.")] = None,
+    patience: Annotated[
+        int | None,
+        Opt(
+            show_default=default_of("stop.patience"),
+            help="Rounds without improvement before stopping.",
+        ),
+    ] = None,
     target: Annotated[
-        str | None, Opt(help='Stop when reached, e.g. "server.accuracy >= 0.95".')
+        str | None,
+        Opt(
+            show_default=default_of("stop.target"),
+            help='Stop when reached, e.g. "server.accuracy >= 0.95".',
+        ),
     ] = None,
     max_seconds: MaxSecondsOpt = None,
     dp: Annotated[
-        str | None, Opt(help="Differential privacy: off | sample | user-fixed | user-adaptive.")
+        str | None,
+        Opt(
+            show_default=default_of("dp.mode"),
+            help="Differential privacy: off | sample | user-fixed | user-adaptive.",
+        ),
     ] = None,
-    noise_multiplier: Annotated[float | None, Opt(help="DP noise multiplier.")] = None,
+    noise_multiplier: Annotated[
+        float | None,
+        Opt(show_default=default_of("dp.noise_multiplier"), help="DP noise multiplier."),
+    ] = None,
     target_epsilon: Annotated[
-        float | None, Opt(help="Derive the DP noise to spend this epsilon over --rounds.")
+        float | None,
+        Opt(
+            show_default=default_of("dp.target_epsilon"),
+            help="Derive the DP noise to spend this epsilon over --rounds.",
+        ),
     ] = None,
     max_epsilon: Annotated[
-        float | None, Opt(help="DP budget a client (sample) or the run (user) may not pass.")
+        float | None,
+        Opt(
+            show_default=default_of("dp.max_epsilon"),
+            help="DP budget a client (sample) or the run (user) may not pass.",
+        ),
     ] = None,
     max_grad_norm: Annotated[
-        float | None, Opt(help="Per-example gradient clip norm (DP-SGD).")
+        float | None,
+        Opt(
+            show_default=default_of("dp.max_grad_norm"),
+            help="Per-example gradient clip norm (DP-SGD).",
+        ),
     ] = None,
     secagg: SecAggOpt = None,
-    seed: Annotated[int | None, Opt(help="Seed for every random choice of the run.")] = None,
-    device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N.")] = None,
-    engine: Annotated[
-        str | None, Opt(help="inprocess (one process) | ray (Flower's Simulation Runtime).")
+    seed: Annotated[
+        int | None,
+        Opt(show_default=default_of("seed"), help="Seed for every random choice of the run."),
     ] = None,
-    num_cpus: Annotated[int | None, Opt(help="Ray: CPUs each client reserves.")] = None,
+    device: Annotated[
+        str | None,
+        Opt(show_default=default_of("client.device"), help="auto | cpu | cuda | cuda:N."),
+    ] = None,
+    engine: Annotated[
+        str | None,
+        Opt(
+            show_default=default_of("simulation.engine"),
+            help="inprocess (one process) | ray (Flower's Simulation Runtime).",
+        ),
+    ] = None,
+    num_cpus: Annotated[
+        int | None,
+        Opt(show_default=default_of("simulation.num_cpus"), help="Ray: CPUs each client reserves."),
+    ] = None,
     num_gpus: Annotated[
-        float | None, Opt(help="Ray: GPUs each client reserves (0.25: four share one).")
+        float | None,
+        Opt(
+            show_default=default_of("simulation.num_gpus"),
+            help="Ray: GPUs each client reserves (0.25: four share one).",
+        ),
     ] = None,
     ray_address: Annotated[
-        str | None, Opt(help="Ray: join this Ray cluster (e.g. ray://head:10001).")
+        str | None,
+        Opt(
+            show_default=default_of("simulation.ray_address"),
+            help="Ray: join this Ray cluster (e.g. ray://head:10001).",
+        ),
     ] = None,
     out: OutOpt = None,
     resume: ResumeOpt = None,
@@ -493,7 +637,13 @@ def client(
     insecure: Annotated[
         bool, Opt(help="No TLS, no authentication: local experiments only.")
     ] = False,
-    device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N (default: the run's).")] = "",
+    device: Annotated[
+        str,
+        Opt(
+            show_default=default_of("client.device"),
+            help="auto | cpu | cuda | cuda:N (default: the run's).",
+        ),
+    ] = "",
     label_column: Annotated[str, Opt(help="The label column of a CSV file.")] = "label",
     state_dir: Annotated[
         Path, Opt(help="The site's own folder: prepared data, privacy ledger, logs.")
@@ -606,17 +756,29 @@ def data_split(
     dataset: Annotated[
         str, typer.Argument(help="A built-in dataset: digits | breast-cancer | synthetic[:a,b].")
     ],
-    out: Annotated[Path, Opt(help="Folder to write the files into.")],
-    clients: Annotated[int, Opt(help="Number of sites (one file each).")] = 3,
-    partition: Annotated[str, Opt(help="iid | dirichlet:ALPHA | shards:K | auto.")] = "auto",
+    out: Annotated[
+        Path, Opt(show_default=default_of("data.dataset"), help="Folder to write the files into.")
+    ],
+    clients: Annotated[
+        int,
+        Opt(show_default=default_of("simulation.clients"), help="Number of sites (one file each)."),
+    ] = 3,
+    partition: Annotated[
+        str,
+        Opt(
+            show_default=default_of("data.partition"),
+            help="iid | dirichlet:ALPHA | shards:K | auto.",
+        ),
+    ] = "auto",
     test_fraction: Annotated[float, Opt(help="Fraction held out as the server's test set.")] = 0.2,
-    seed: Annotated[int, Opt(help="Seed of the split.")] = 0,
+    seed: Annotated[int, Opt(show_default=default_of("seed"), help="Seed of the split.")] = 0,
     force: Annotated[bool, Opt(help="Replace the split files already in OUT.")] = False,
 ) -> None:
-    """Write a built-in dataset's split as site files: OUT/client-<i>.npz for each site
-    and OUT/test.npz for the server, each holding x (float32, preprocessed exactly as
-    `fedml simulate` does it) and y (int64 labels). It is the federation that `fedml
-    simulate --dataset DATASET --clients N --partition P --seed S` trains.
+    """Write a built-in dataset's split as site files: OUT/client-0.npz ..
+    client-(N-1).npz, one per site, and OUT/test.npz for the server, each holding x
+    (float32, preprocessed exactly as `fedml simulate` does it) and y (int64 labels).
+    It is the federation that `fedml simulate --dataset DATASET --clients N --partition P
+    --seed S` trains.
 
     Example: fedml data split digits --clients 3 --out shards
     """

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from fedml.config import RunConfig
 from fedml.privacy import describe_privacy
@@ -45,6 +45,22 @@ def describe_row(row: HistoryRow) -> str:
     return ", ".join(parts)
 
 
+def round_progress(console: Console) -> Progress:
+    """The progress display: a short bar, rounds done of planned and the elapsed time,
+    then the newest round's line, which wraps under itself rather than being cut, so
+    that an 80-column terminal shows all of it."""
+    return Progress(
+        TextColumn("[bold]rounds"),
+        BarColumn(bar_width=16),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}", table_column=Column(ratio=1, overflow="fold")),
+        console=console,
+        transient=False,
+        expand=True,
+    )
+
+
 def run_with_progress(
     cfg: RunConfig,
     console: Console,
@@ -68,15 +84,9 @@ def run_with_progress(
             on_round=also(lambda row: console.print(describe_row(row), highlight=False)),
             resume=resume,
         )
-    columns = (
-        TextColumn("[bold]federated rounds"),
-        BarColumn(bar_width=20),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=cfg.rounds)
+    with round_progress(console) as progress:
+        starting = "starting Ray and its actors" if cfg.simulation.engine == "ray" else "starting"
+        task = progress.add_task(starting, total=cfg.rounds)
 
         def advance(row: HistoryRow) -> None:
             progress.update(task, completed=row["round"], description=describe_row(row))

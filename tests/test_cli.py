@@ -217,6 +217,30 @@ def test_each_config_option_is_in_the_one_flag_table_and_sets_a_real_key():
     assert given == {"client.lr": 0.3, "out": "runs/x", "seed": None}
 
 
+def test_help_shows_each_config_options_default_from_the_embedded_config():
+    """`--help` shows what a flag left out means: the embedded config's value of its key
+    (the options stay None so that a CONFIG file's value is not overridden)."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from fedml.cli import CONFIG_FLAGS, app
+    from fedml.config import RunConfig
+
+    defaults = RunConfig().to_flat()
+    commands = typer.main.get_command(app).commands
+    for command in ("simulate", "server"):
+        for param in commands[command].params:
+            if param.name not in CONFIG_FLAGS or param.name == "out":
+                continue
+            expected = defaults[CONFIG_FLAGS[param.name]]
+            if isinstance(expected, bool):
+                shown = "on" if expected else "off"
+            else:
+                shown = str(expected) if expected != "" else "none"
+            assert param.default is None and param.show_default == shown, param.name
+    assert "[default: (fedavg)]" in CliRunner().invoke(app, ["simulate", "--help"]).output
+
+
 def test_ctrl_c_says_what_was_kept(tmp_path):
     """Ctrl-C's last line names what survives: nothing, no round yet, or the rounds."""
     from fedml.cli import _stopped_message
