@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedml import records
+from fedml.data import effective_partition
 from fedml.errors import FedmlError
 from fedml.runstore import RunStatus, atomic_write, find_runs, run_status, storage_error
 
@@ -256,7 +257,7 @@ def summary_row(run: RunSeries) -> dict[str, Any]:
         "strategy": cfg.strategy.name,
         "model": cfg.model.name,
         "dataset": cfg.data.dataset,
-        "partition": cfg.data.partition,
+        "partition": effective_partition(cfg.data.dataset, cfg.data.partition),
         "clients": cfg.simulation.clients,
         "seed": cfg.seed,
         "dp": cfg.dp.mode,

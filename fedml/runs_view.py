@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fedml.data import effective_partition
 from fedml.privacy import describe_privacy
 from fedml.runstore import CONFIG, RunStatus, find_runs, run_status
 
@@ -75,7 +76,8 @@ def _best_text(status: RunStatus) -> str:
 def _experiment_text(status: RunStatus) -> str:
     cfg = status.cfg
     dp = "" if cfg.dp.mode == "off" else f", DP {cfg.dp.mode}"
+    split = effective_partition(cfg.data.dataset, cfg.data.partition)
     return (
-        f"{cfg.strategy.name}, {cfg.model.name} on {cfg.data.dataset} "
-        f"({cfg.data.partition}), {cfg.simulation.clients} clients, seed {cfg.seed}{dp}"
+        f"{cfg.strategy.name}, {cfg.model.name} on {cfg.data.dataset} ({split}), "
+        f"{cfg.simulation.clients} clients, seed {cfg.seed}{dp}"
     )

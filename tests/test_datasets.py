@@ -334,3 +334,18 @@ def test_data_split_command_writes_the_files_and_says_how_to_use_them(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["client-0.npz", "client-1.npz", "test.npz"]
     refused = runner.invoke(app, ["data", "split", "npz:" + str(out), "--out", str(tmp_path)])
     assert refused.exit_code == 2 and "already split" in refused.output
+
+
+def test_one_split_shows_under_one_name():
+    """`auto` is the bundled sets' dirichlet:0.5 and the data's own split elsewhere, so a
+    run configured `auto` and one written out (the digits-fedavg preset) show alike."""
+    from fedml.data import effective_partition
+
+    assert effective_partition("digits", "auto") == "dirichlet:0.5"
+    assert effective_partition("digits", "dirichlet:0.5") == "dirichlet:0.5"
+    assert effective_partition("breast-cancer", "iid") == "iid"
+    assert effective_partition("synthetic:1,1", "auto") == "natural"
+    assert effective_partition("npz:/data", "auto") == "natural"
+    auto = load_federation("digits", "auto", 4, 0.2, 0)
+    written_out = load_federation("digits", "dirichlet:0.5", 4, 0.2, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(auto.parts, written_out.parts, strict=True))

@@ -175,6 +175,7 @@ def test_summary_csv_has_one_row_per_run_and_rounds_csv_one_per_round(two_runs, 
     for name, history in histories.items():
         line = summary[name]
         assert line["strategy"] == name
+        assert line["partition"] == "dirichlet:0.5"  # `auto` shows as the split it is
         assert int(line["rounds"]) == len(history)
         assert line["stop_reason"] == "max rounds"
         assert float(line["last_test_accuracy"]) == history[-1]["server"]["accuracy"]

@@ -3,6 +3,7 @@
 from fedml.data.datasets import (
     Federation,
     Shard,
+    effective_partition,
     federation_for,
     load_federation,
     read_shard,
@@ -12,6 +13,7 @@ from fedml.data.datasets import (
 __all__ = [
     "Federation",
     "Shard",
+    "effective_partition",
     "federation_for",
     "load_federation",
     "read_shard",

@@ -88,6 +88,15 @@ def federation_for(cfg: RunConfig, sites_hold_data: bool = False) -> Federation:
     )
 
 
+def effective_partition(dataset: str, partition_spec: str) -> str:
+    """The split a run uses, as runs and reports show it: `auto` is `dirichlet:0.5` for
+    the bundled scikit-learn sets and the data's own split (`natural`) for synthetic and
+    `npz:` data, so one split always shows under one name."""
+    if partition_spec != "auto":
+        return partition_spec
+    return "natural" if dataset.startswith(("npz:", "synthetic")) else "dirichlet:0.5"
+
+
 def npz_shard_count(directory: Path) -> int:
     """How many `client-<i>.npz` shards a folder holds (the clients of its federation)."""
     return sum(
@@ -120,7 +129,7 @@ def load_federation(
             )
         return synthetic_federation(alpha, beta, num_clients, test_fraction, seed)
     pool, test = _sklearn_pool(dataset, test_fraction, seed)
-    spec = "dirichlet:0.5" if partition_spec == "auto" else partition_spec
+    spec = effective_partition(dataset, partition_spec)
     if parse_partition(spec)[0] == "natural":
         raise FedmlError(
             f"{dataset} has no natural split; use iid, dirichlet:<alpha> or shards:<k>."
