@@ -51,6 +51,7 @@ from fedml.data import Federation, federation_for
 from fedml.models import model_for
 from fedml.privacy import without_privacy_keys
 from fedml.records import DEVICE_RECORD, HistoryRow, device_label
+from fedml.reply_stream import PollingGrid
 from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
 from fedml.secure_round import SecureRound
 from fedml.settings import NUM_CLASSES_KEY, TrainSettings
@@ -434,6 +435,8 @@ def main(grid: Grid, context: Context) -> None:
     )
     if flags.simulated:
         grid = SimulatedNodesGrid(grid, cfg.simulation.clients)
+    else:  # Flower's deployment Grid answers a phase 0-3 s after its last reply
+        grid = PollingGrid(grid)
     resume = RunStore.open(Path(cfg.out)) if flags.resume else None
     store, checkpoint = open_run(cfg, resume, deployed=not flags.simulated)
     run_experiment(grid, experiment, store, checkpoint=checkpoint)

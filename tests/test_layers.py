@@ -43,7 +43,18 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             ]
         ],
     ),
-    ("round loop", [["fedml.server", "fedml.controls", "fedml.components", "fedml.secure_round"]]),
+    (
+        "round loop",
+        [
+            [
+                "fedml.server",
+                "fedml.controls",
+                "fedml.components",
+                "fedml.secure_round",
+                "fedml.reply_stream",
+            ]
+        ],
+    ),
     (
         "parts",
         [
