@@ -24,8 +24,12 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
         "engines",
         [
             ["simulations.engine", "simulations.inprocess", "simulations.ray_engine"],
-            ["fedml.deploy.server", "fedml.deploy.client", "fedml.deploy.site_executor"],
-            ["fedml.deploy.site_task"],
+            [
+                "fedml.deploy.server",
+                "fedml.deploy.client",
+                "fedml.deploy.site_executor",
+                "fedml.deploy.site_task",
+            ],
             ["simulations.presets"],
         ],
     ),

@@ -298,3 +298,59 @@ def test_a_task_whose_executor_is_gone_ends_at_once_instead_of_retrying_for_ever
     finally:
         task.kill()
         task.wait(30)
+
+
+TASKS_RUN_HERE = 0  # a module-level counter, as a ClientApp might keep one
+
+
+def test_each_task_runs_in_a_fresh_fork_and_nothing_it_changes_reaches_the_next(tmp_path):
+    """The executor forks each task from its warm state: two tasks run in two new
+    processes, children of the executor, and a module-level counter that each task
+    increments is 1 in both (the first task's change died with it)."""
+    from fedml.deploy import site_executor
+
+    seen = tmp_path / "tasks.txt"
+
+    def task(runtime_api_address: str, token: str, executor_pid: int) -> int:
+        global TASKS_RUN_HERE
+        TASKS_RUN_HERE += 1
+        with seen.open("a") as out:
+            out.write(f"{token} {os.getpid()} {executor_pid} {TASKS_RUN_HERE}\n")
+        return 0
+
+    original = site_executor.run_task
+    site_executor.run_task = task
+    try:
+        pids = [site_executor.fork_task("127.0.0.1:1", token) for token in ("t1", "t2")]
+    finally:
+        site_executor.run_task = original
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    lines = [line.split() for line in seen.read_text().splitlines()]
+    assert sorted(token for token, *_ in lines) == ["t1", "t2"]
+    assert {int(pid) for _, pid, _, _ in lines} == set(pids) and os.getpid() not in pids
+    assert all(int(parent) == os.getpid() for _, _, parent, _ in lines)
+    assert [count for *_, count in lines] == ["1", "1"]
+    assert TASKS_RUN_HERE == 0  # and nothing came back into the executor
+
+
+def test_the_executor_warms_up_without_starting_pytorchs_thread_pool():
+    """Forking is safe only if the executor has not started PyTorch's intra-op threads
+    (or opened a device) before: warm_up only imports."""
+    probe = (
+        "import os; from fedml.deploy.site_executor import warm_up; warm_up(); "
+        "import sys, torch; print(len(os.listdir('/proc/self/task')), "
+        "'torch._dynamo' in sys.modules, 'clients.app' in sys.modules, "
+        "torch.cuda.is_initialized())"
+    )
+    before = subprocess.run(
+        [sys.executable, "-c", "import os, numpy; print(len(os.listdir('/proc/self/task')))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    after = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    threads, dynamo, app, cuda = after.stdout.split()
+    assert int(threads) == int(before.stdout)  # NumPy's BLAS pool only, no more
+    assert (dynamo, app, cuda) == ("True", "True", "False")

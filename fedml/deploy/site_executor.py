@@ -2,17 +2,24 @@
 
 `fedml client` runs `flower-supernode --isolation process`: the SuperNode pulls messages
 from the SuperLink and queues them as tasks on its local Runtime API (127.0.0.1), but
-starts nothing itself. This executor takes each ClientApp task and starts
-`python -m fedml.deploy.site_task` for it, in a fresh process (Flower's isolation: one
-process per message), which checks the run's app and runs only fedml's installed
-ClientApp (see fedml.deploy.site_task). It replaces Flower's `flower-superexec`, which
-would start `flwr-clientapp`, which would run whatever app the run carries.
+starts nothing itself. This executor takes each ClientApp task and runs it in a fresh
+process of its own (Flower's isolation: one process per message), which checks the run's
+app and runs only fedml's installed ClientApp (see fedml.deploy.site_task). It replaces
+Flower's `flower-superexec`, which would start `flwr-clientapp`, which would run
+whatever app the run carries.
+
+Each task's process is forked from this one, which has already imported what every task
+imports (PyTorch, `torch._dynamo`, Flower, fedml's ClientApp: 2-3 s per process
+otherwise). The fork is a copy: whatever a task changes (module state, the model, the
+privacy ledger in memory) ends with it, and the next task starts again from the warm,
+untouched state. Before forking, this process starts no thread pool, opens no device and
+reads no site data (the prepared data is memory-mapped by each task).
 
 Run as `python -m fedml.deploy.site_executor --runtime-api-address 127.0.0.1:PORT
 --secret-file F`; it ends with its parent (`--parent-pid`, the `fedml client` that
 started it). The secret (the SuperNode's `--superexec-auth-secret-file`) proves to the
-SuperNode that this process may take tasks; a task's token reaches its process on
-standard input, never on a command line other users could read.
+SuperNode that this process may take tasks; a task's token stays in memory, never on a
+command line other users could read.
 """
 
 from __future__ import annotations
@@ -20,13 +27,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from fedml.deploy import flower_runtime as runtime
-from fedml.deploy.processes import die_with_parent
+from fedml.deploy.processes import die_with_parent, pid_alive
+from fedml.deploy.site_task import run_task
 
 POLL_SECONDS = 0.2  # how often to ask the SuperNode for a task (Flower's default: 1 s)
 MAX_TASKS = 4  # tasks running at once; more wait queued at the SuperNode
@@ -35,22 +42,30 @@ RETRY_SECONDS = 2.0  # after a failed call to the SuperNode (it may be restartin
 log = logging.getLogger("fedml.site")
 
 
+def warm_up() -> None:
+    """Import, once, what every task imports, so that a forked task starts ready. Only
+    imports: no tensor operation (it would start PyTorch's thread pool), no device."""
+    import torch._dynamo  # noqa: F401  (an optimizer's first step imports it: 1.3-1.9 s)
+
+    import clients.app  # noqa: F401  (PyTorch, Flower, fedml's ClientApp)
+
+
 def serve(runtime_api_address: str, secret: bytes, parent_pid: int | None) -> None:
-    """Start one site task per ClientApp task the SuperNode queues, until stopped. A
-    failed call (the SuperNode restarting, say) is logged and retried, never fatal."""
-    if parent_pid is not None:
-        runtime.exit_with_parent(parent_pid)
+    """Fork one site task per ClientApp task the SuperNode queues, until stopped (or
+    until `parent_pid` is gone). A failed call (the SuperNode restarting, say) is logged
+    and retried, never fatal."""
+    warm_up()
     client = runtime.connect(runtime_api_address, secret=secret)
-    running: list[subprocess.Popen] = []
-    while True:
-        running = [task for task in running if task.poll() is None]  # reap the finished
+    running: set[int] = set()
+    while parent_pid is None or pid_alive(parent_pid):
+        running = {pid for pid in running if not _finished(pid)}
         if len(running) >= MAX_TASKS:
             time.sleep(POLL_SECONDS)
             continue
         try:
             token = runtime.acquire_clientapp_task(client)
             if token is not None:
-                running.append(_start_task(runtime_api_address, token))
+                running.add(fork_task(runtime_api_address, token))
         except Exception:  # the site must keep serving: log, wait, try again
             log.exception("could not take or start a task; retrying")
             time.sleep(RETRY_SECONDS)
@@ -59,19 +74,32 @@ def serve(runtime_api_address: str, secret: bytes, parent_pid: int | None) -> No
             time.sleep(POLL_SECONDS)
 
 
-def _start_task(runtime_api_address: str, token: str) -> subprocess.Popen:
-    """`python -m fedml.deploy.site_task` for one task, its token on standard input."""
-    command = [
-        sys.executable, "-m", "fedml.deploy.site_task",
-        "--runtime-api-address", runtime_api_address,
-        "--parent-pid", str(os.getpid()),
-    ]  # fmt: skip
-    # the task dies with this executor (Linux), and watches it besides (site_task)
-    task = subprocess.Popen(command, stdin=subprocess.PIPE, preexec_fn=die_with_parent)
-    assert task.stdin is not None
-    task.stdin.write(token.encode() + b"\n")
-    task.stdin.close()
-    return task
+def fork_task(runtime_api_address: str, token: str) -> int:
+    """Run one task in a forked copy of this process; its pid."""
+    executor = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the task: never returns into the executor's loop
+        code = 1
+        try:
+            die_with_parent()  # Linux: SIGKILLed with the executor (site_task watches too)
+            code = run_task(runtime_api_address, token, executor)
+        except BaseException:
+            log.exception("the task failed to run")
+        finally:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def _finished(pid: int) -> bool:
+    """Reap task `pid` if it has ended."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done != 0
 
 
 def main(argv: list[str] | None = None) -> None:

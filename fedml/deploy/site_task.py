@@ -2,8 +2,9 @@
 
 `fedml client` runs its SuperNode with `--isolation process`, so the SuperNode starts
 no app code itself; fedml's site executor (fedml.deploy.site_executor) takes each task
-from the SuperNode's local Runtime API and starts this module in a fresh process for it
-(one process per message, as Flower's `flwr-clientapp` does). This replaces
+from the SuperNode's local Runtime API and runs `run_task` in a fresh process for it, a
+fork of its warm self (one process per message, as Flower's `flwr-clientapp` does; `python
+-m fedml.deploy.site_task` runs one task in a process of its own). This replaces
 `flwr-clientapp`, which would install the run's app bundle and import the ClientApp
 named in it. Here:
 
@@ -85,7 +86,8 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
 
 def _run_clientapp(message: Message, context: Context) -> Message:
     """fedml's ClientApp, as installed at this site; its failure is an error reply.
-    Imported here, after the app check passed: a refused task never loads torch."""
+    Imported here, after the app check passed: a task run on its own loads PyTorch only
+    for a run the site accepts (the site executor has imported it already)."""
     from clients.app import app
 
     try:
