@@ -32,12 +32,14 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Lines are never wrapped by us (soft wrap): a path or a command broken in two cannot be
+# copied; the terminal wraps what does not fit. Tables still fit the width.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: FedmlError) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -480,9 +482,7 @@ def _report_run(run_dir: Path) -> Path | None:
     try:
         return write_report([run_dir], run_dir / "report").out
     except FedmlError as exc:
-        err_console.print(
-            f"[yellow]warning:[/] no report: {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
+        err_console.print(f"[yellow]warning:[/] no report: {escape(str(exc))}", highlight=False)
         return None
 
 
@@ -803,15 +803,12 @@ def data_split(
     except FedmlError as exc:
         _fail(exc)
     for path, examples in written:
-        console.print(f"{path}  {examples} examples", highlight=False, soft_wrap=True)
-    console.print(
-        f"simulate it: fedml simulate --dataset npz:{out}", highlight=False, soft_wrap=True
-    )
+        console.print(f"{path}  {examples} examples", highlight=False)
+    console.print(f"simulate it: fedml simulate --dataset npz:{out}", highlight=False)
     console.print(
         f"deploy it: site i runs fedml client --data {out}/client-<i>.npz ...; the server "
         f"fedml server --dataset npz:{out} ... (it reads test.npz)",
         highlight=False,
-        soft_wrap=True,
     )
 
 
@@ -852,7 +849,7 @@ def main() -> None:
         from fedml.runstore import storage_error
 
         message = escape(str(storage_error(exc, "writing")))
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False)
         sys.exit(2)
 
 

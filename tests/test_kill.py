@@ -196,7 +196,6 @@ def test_secure_rounds_killed_mid_protocol_resume_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_killed_at_many_random_moments_and_resumed_ends_bit_identical(tmp_path):
-    plan = [*KILL_POINTS, *["random"] * 16]
-    codes = _run_chain(tmp_path, rounds=60, strategy="fedprox", plan=plan)
-    assert codes[: len(KILL_POINTS)] == [-signal.SIGKILL] * len(KILL_POINTS), codes
-    assert codes.count(-signal.SIGKILL) >= len(KILL_POINTS) + 12, codes
+    """Moments no one chose (the chosen points are the test above's, under FedAvg)."""
+    codes = _run_chain(tmp_path, rounds=40, strategy="fedprox", plan=["random"] * 16)
+    assert codes.count(-signal.SIGKILL) >= 12, codes
