@@ -220,7 +220,7 @@ def simulate(
         str | None,
         Opt(
             show_default=default_of("data.dataset"),
-            help="digits | breast-cancer | synthetic[:a,b] | npz:DIR.",
+            help="digits | mnist-5k | breast-cancer | synthetic[:a,b] | npz:DIR.",
         ),
     ] = None,
     partition: Annotated[
@@ -232,7 +232,10 @@ def simulate(
     ] = None,
     model: Annotated[
         str | None,
-        Opt(show_default=default_of("model.name"), help="logreg | mlp | cnn | module:factory."),
+        Opt(
+            show_default=default_of("model.name"),
+            help="logreg | mlp | cnn | lenet | resnet18-gn | module:factory.",
+        ),
     ] = None,
     local_epochs: Annotated[
         int | None,
@@ -754,7 +757,10 @@ app.add_typer(data, name="data")
 @data.command("split")
 def data_split(
     dataset: Annotated[
-        str, typer.Argument(help="A built-in dataset: digits | breast-cancer | synthetic[:a,b].")
+        str,
+        typer.Argument(
+            help="A built-in dataset: digits | mnist-5k | breast-cancer | synthetic[:a,b]."
+        ),
     ],
     out: Annotated[
         Path, Opt(show_default=default_of("data.dataset"), help="Folder to write the files into.")

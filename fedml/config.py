@@ -30,7 +30,7 @@ from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
 from fedml.monitor import RECORDED_METRICS, Target
 
-DATASETS = ("digits", "breast-cancer", "synthetic", "npz:<dir>")
+DATASETS = ("digits", "mnist-5k", "breast-cancer", "synthetic", "npz:<dir>")
 MODELS = ("logreg", "mlp", "cnn", "<module>:<factory>")
 OPTIMIZERS = ("sgd", "adam")
 ENGINES = ("inprocess", "ray")
@@ -439,7 +439,7 @@ def validate(cfg: RunConfig) -> None:
 
     data = cfg.data
     _check(
-        data.dataset in ("digits", "breast-cancer")
+        data.dataset in ("digits", "mnist-5k", "breast-cancer")
         or data.dataset.startswith(("synthetic", "npz:")),
         f"data.dataset '{data.dataset}' is unknown. Use one of: {', '.join(DATASETS)}.",
     )

@@ -1,4 +1,4 @@
-"""Model zoo (logreg, mlp, cnn) and user models given as `module:factory`.
+"""Model zoo (logreg, mlp, cnn, lenet, resnet18-gn) and user models as `module:factory`.
 
 A factory is called as `factory(input_shape=(...), num_classes=N)` and returns a
 `torch.nn.Module` mapping a batch shaped `(B, *input_shape)` to `(B, num_classes)` logits.
@@ -34,34 +34,127 @@ def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.
     )
 
 
-def cnn(input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
-    """Two conv blocks and a linear head, for image data shaped (C, H, W) or (H, W)."""
-    reshape: nn.Module = nn.Identity()
+def _image_input(name: str, input_shape: tuple[int, ...]) -> tuple[tuple[int, ...], nn.Module]:
+    """The (C, H, W) shape a convolutional model sees, and the layer that gives a batch
+    that shape: (H, W) examples get one channel."""
     if len(input_shape) == 2:
-        input_shape = (1, *input_shape)
-        reshape = nn.Unflatten(1, (1, input_shape[1]))
+        return (1, *input_shape), nn.Unflatten(1, (1, input_shape[0]))
     if len(input_shape) != 3:
         raise FedmlError(
-            f"model 'cnn' needs image data shaped (C, H, W) or (H, W); this dataset's "
+            f"model '{name}' needs image data shaped (C, H, W) or (H, W); this dataset's "
             f"examples are shaped {input_shape}. Use 'mlp' or 'logreg'."
         )
-    channels = input_shape[0]
-    return nn.Sequential(
+    return input_shape, nn.Identity()
+
+
+def _features(body: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """How many features `body` makes of one example (what sizes the head)."""
+    with torch.no_grad():
+        return body(torch.zeros(1, *input_shape)).numel()
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int, hidden: int = 0) -> nn.Module:
+    """The CNN of the FedAvg paper (McMahan et al. 2017): two 5x5 convolutions of 32 and
+    64 channels, each followed by ReLU and 2x2 max pooling, a fully connected layer of
+    512 ReLU units and the output layer; 1,663,370 parameters on 28x28 MNIST. The
+    convolutions keep the size (padding 2) and pooling rounds up, so any H x W works,
+    down to digits' 8x8. No BatchNorm: DP-SGD (Opacus) trains it as it is. `hidden`
+    is not used: the paper's 512 units are part of the model."""
+    shape, reshape = _image_input("cnn", input_shape)
+    body = nn.Sequential(
         reshape,
-        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.Conv2d(shape[0], 32, 5, padding=2),
         nn.ReLU(),
         nn.MaxPool2d(2, ceil_mode=True),
-        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(32, 64, 5, padding=2),
         nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
+        nn.MaxPool2d(2, ceil_mode=True),
         nn.Flatten(),
-        nn.Linear(32 * 4, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, num_classes),
     )
+    head = [nn.Linear(_features(body, input_shape), 512), nn.ReLU(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*body, *head)
 
 
-BUILTIN: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn": cnn}
+def lenet(input_shape: tuple[int, ...], num_classes: int, hidden: int = 0) -> nn.Module:
+    """The small CNN of Flower's PyTorch quickstart, LeNet-5 style, for colour images such
+    as CIFAR-10's 3x32x32: two 5x5 convolutions of 6 and 16 channels, each followed by
+    ReLU and 2x2 max pooling, then 120 and 84 ReLU units; 62,006 parameters on CIFAR-10.
+    Images smaller than 32x32 are zero-padded to it (its unpadded convolutions need
+    the room). `hidden` is not used."""
+    shape, reshape = _image_input("lenet", input_shape)
+    pad_h, pad_w = max(0, 32 - shape[1]), max(0, 32 - shape[2])
+    body = nn.Sequential(
+        reshape,
+        nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)),
+        nn.Conv2d(shape[0], 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    head = [
+        nn.Linear(_features(body, input_shape), 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    ]
+    return nn.Sequential(*body, *head)
+
+
+RESNET_GROUPS = 2  # GroupNorm groups per layer, as in Hsieh et al. 2020
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions and a shortcut, GroupNorm after each."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(RESNET_GROUPS, outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(RESNET_GROUPS, outputs)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride, bias=False),
+                nn.GroupNorm(RESNET_GROUPS, outputs),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18_gn(input_shape: tuple[int, ...], num_classes: int, hidden: int = 0) -> nn.Module:
+    """ResNet-18 (He et al. 2016) in its CIFAR form (a 3x3 stem, no max pooling), with
+    GroupNorm of 2 groups in place of BatchNorm, the usual non-IID CIFAR baseline (Hsieh
+    et al. 2020): batch statistics mislead when each site's data differs, and DP-SGD
+    cannot train BatchNorm. 11,173,962 parameters on CIFAR-10. `hidden` is not used."""
+    shape, reshape = _image_input("resnet18-gn", input_shape)
+    layers: list[nn.Module] = [
+        reshape,
+        nn.Conv2d(shape[0], 64, 3, 1, 1, bias=False),
+        nn.GroupNorm(RESNET_GROUPS, 64),
+        nn.ReLU(),
+    ]
+    inputs = 64
+    for outputs, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_BasicBlock(inputs, outputs, stride), _BasicBlock(outputs, outputs, 1)]
+        inputs = outputs
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {
+    "logreg": logreg,
+    "mlp": mlp,
+    "cnn": cnn,
+    "lenet": lenet,
+    "resnet18-gn": resnet18_gn,
+}
 
 
 def build_model(
@@ -118,8 +211,8 @@ def _user_model(reference: str, input_shape: tuple[int, ...], num_classes: int) 
     module_name, _, attr = reference.partition(":")
     if not module_name or not attr:
         raise FedmlError(
-            f"model.name '{reference}' is neither a built-in model (logreg, mlp, cnn) nor a "
-            "'module:factory' reference."
+            f"model.name '{reference}' is neither a built-in model ({', '.join(BUILTIN)}) "
+            "nor a 'module:factory' reference."
         )
     try:
         module = importlib.import_module(module_name)

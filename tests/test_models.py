@@ -12,10 +12,49 @@ from fedml.errors import FedmlError
 from fedml.models import build_model
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn", "lenet", "resnet18-gn"])
 def test_builtin_models_map_inputs_to_logits(name):
     model = build_model(name, (1, 8, 8), 10, seed=0)
     assert model(torch.zeros(4, 1, 8, 8)).shape == (4, 10)
+
+
+# Each image model on the inputs it is meant for, with its documented parameter count.
+INTENDED = [
+    ("cnn", (1, 28, 28), 1_663_370),  # MNIST: the FedAvg paper's count
+    ("cnn", (1, 8, 8), None),  # scikit-learn's digits
+    ("cnn", (28, 28), 1_663_370),  # images without a channel axis
+    ("lenet", (3, 32, 32), 62_006),  # CIFAR-10: Flower's quickstart Net
+    ("resnet18-gn", (3, 32, 32), 11_173_962),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "parameters"), INTENDED)
+def test_image_models_learn_their_inputs_and_opacus_trains_them(name, shape, parameters):
+    """Sized from the input shape, trainable (8 fixed images are fitted: the loss falls
+    well below ln 10), and accepted by Opacus as they are: per-example gradients for
+    every parameter, no layer to replace."""
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    model = build_model(name, shape, 10, seed=0)
+    if parameters is not None:
+        assert sum(p.numel() for p in model.parameters()) == parameters
+    assert ModuleValidator.validate(model, strict=False) == []
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(8, *shape, generator=generator)
+    y = torch.arange(8) % 10
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0] and losses[0] > 1.5
+    private = GradSampleModule(model)
+    torch.nn.functional.cross_entropy(private(x[:4]), y[:4]).backward()
+    assert all(p.grad_sample.shape[0] == 4 for p in private.parameters())
 
 
 def test_same_seed_same_weights_different_seed_different_weights():

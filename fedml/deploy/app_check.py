@@ -33,7 +33,7 @@ from fedml.node_state import STATE_MARKER
 CLIENTAPP = "clients.app:app"
 PUBLISHER = "fedml"
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
-BUILTIN_MODELS = frozenset({"logreg", "mlp", "cnn"})
+BUILTIN_MODELS = frozenset({"logreg", "mlp", "cnn", "lenet", "resnet18-gn"})  # fedml.models.BUILTIN
 MODEL_KEY = "model.name"  # in the flat run config
 ALLOWED_MODELS_KEY = "allowed-models"  # node config: the allowed module:factory, comma-separated
 MAX_FAB_BYTES = 1 << 20  # a config-only app is a few KB
