@@ -541,6 +541,25 @@ def report(
         err_console.print(f"[yellow]skipped:[/] {escape(reason)}", highlight=False)
     for path in written.files:
         console.print(str(path), highlight=False)
+    if any(row["target"] for row in written.summary):
+        _print_rounds_to_target(written.summary)
+
+
+def _print_rounds_to_target(summary: list[dict[str, Any]]) -> None:
+    """Rounds each run took to reach its target (the FedAvg paper's Table 2 shape)."""
+    from rich.table import Table
+
+    table = Table(title="rounds to target", title_justify="left")
+    for column in ("run", "split", "C", "E", "B", "target", "reached in round", "rounds run"):
+        table.add_column(column)
+    for row in summary:
+        reached = str(row["target_round"]) if row["target_round"] != "" else "not reached"
+        table.add_row(
+            escape(row["run"]), row["partition"], str(row["fraction_train"]),
+            str(row["local_epochs"]), str(row["batch_size"]), escape(row["target"] or "-"),
+            reached if row["target"] else "-", str(row["rounds"]),
+        )  # fmt: skip
+    console.print(table)
 
 
 @app.command()

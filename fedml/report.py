@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from fedml import records
 from fedml.data import effective_partition
 from fedml.errors import FedmlError
+from fedml.monitor import Target
 from fedml.runstore import RunStatus, atomic_write, find_runs, run_status, storage_error
 
 if TYPE_CHECKING:  # for type hints only: matplotlib is imported when a report is drawn
@@ -93,6 +94,7 @@ class Report:
     out: Path
     files: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    summary: list[dict[str, Any]] = field(default_factory=list)  # summary.csv's rows
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[RunSeries], list[str]]:
@@ -234,7 +236,8 @@ def write_report(paths: Sequence[Path], out: Path) -> Report:
             image = io.BytesIO()
             figure.savefig(image, dpi=DPI, format="png")
             report.files.append(_write(out / f"{name}.png", image.getvalue()))
-        report.files.append(_write_csv(out / SUMMARY_CSV, [summary_row(run) for run in runs]))
+        report.summary = [summary_row(run) for run in runs]
+        report.files.append(_write_csv(out / SUMMARY_CSV, report.summary))
         report.files.append(_write_csv(out / ROUNDS_CSV, _round_rows(runs)))
     except OSError as exc:
         raise storage_error(exc, f"writing the report to {out}") from exc
@@ -261,11 +264,16 @@ def summary_row(run: RunSeries) -> dict[str, Any]:
         "clients": cfg.simulation.clients,
         "seed": cfg.seed,
         "dp": cfg.dp.mode,
+        "local_epochs": cfg.client.local_epochs,
+        "batch_size": cfg.client.batch_size,
+        "fraction_train": cfg.strategy.fraction_train,
         "rounds": status.rounds_done,
         "stop_reason": status.stop_reason or "",
         "best_round": best["round"] if best else "",
         "best_metric": status.best_metric or "",
         "best_value": _cell(best_value),
+        "target": cfg.stop.target,
+        "target_round": _cell(target_round(status)),
         "last_test_accuracy": _cell(run.last(records.SERVER_ACCURACY)),
         "last_test_loss": _cell(run.last(records.SERVER_LOSS)),
         "last_federated_accuracy": _cell(run.last(records.FEDERATED_ACCURACY)),
@@ -274,6 +282,15 @@ def summary_row(run: RunSeries) -> dict[str, Any]:
         "epsilon": _cell(run.last(records.EPSILON_MAX)),
         "seconds": _cell(math.fsum(run.series.get(records.SECONDS, {}).values())),
     }
+
+
+def target_round(status: RunStatus) -> int | None:
+    """The first committed round that met the run's `stop.target` (the FedAvg paper's
+    "rounds to reach a target accuracy"), or None (no target, or not reached)."""
+    if not status.cfg.stop.target:
+        return None
+    target = Target.parse(status.cfg.stop.target)
+    return next((row["round"] for row in status.rows if target.reached(row)), None)
 
 
 def _round_rows(runs: Sequence[RunSeries]) -> list[dict[str, Any]]:

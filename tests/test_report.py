@@ -294,3 +294,44 @@ def test_a_resumed_runs_summary_gives_the_whole_runs_time_too(tmp_path):
     text = console.export_text()
     in_rounds = sum(row["seconds"] for row in summary.history)
     assert f"{in_rounds:.1f} s in the run's rounds" in text and "this session" in text
+
+
+def test_rounds_to_target_is_the_first_round_that_met_the_runs_target(two_runs):
+    """summary.csv's `target_round` (the FedAvg paper's Table 2 measure): the first
+    committed round whose metric met `stop.target`; empty when never met or no target."""
+    import dataclasses
+
+    from fedml.config import with_overrides
+    from fedml.report import summary_row, target_round
+
+    root, histories = two_runs
+    (run,) = load_runs([root / "fedprox"])[0]
+    accuracies = [row["server"]["accuracy"] for row in histories["fedprox"]]
+    assert target_round(run.status) is None and summary_row(run)["target_round"] == ""
+    for threshold in sorted(set(accuracies)):
+        target = f"server.accuracy >= {threshold!r}"
+        status = dataclasses.replace(
+            run.status, cfg=with_overrides(run.status.cfg, {"stop.target": target})
+        )
+        expected = 1 + next(i for i, a in enumerate(accuracies) if a >= threshold)
+        assert target_round(status) == expected
+        line = summary_row(dataclasses.replace(run, status=status))
+        assert (line["target"], line["target_round"]) == (target, expected)
+    never = with_overrides(run.status.cfg, {"stop.target": "server.accuracy > 1.0"})
+    assert target_round(dataclasses.replace(run.status, cfg=never)) is None
+
+
+def test_report_prints_rounds_to_target_for_runs_with_a_target(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedml.cli import app
+
+    _simulate(tmp_path / "runs" / "quick", **{"stop.target": "server.accuracy >= 0.5"})
+    _simulate(tmp_path / "runs" / "never", **{"stop.target": "server.accuracy > 1.0"})
+    done = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r")])
+    assert done.exit_code == 0, done.output
+    summary = {row["run"]: row for row in _read_csv(tmp_path / "r" / "summary.csv")}
+    assert summary["quick"]["target_round"] == summary["quick"]["rounds"]  # it stopped there
+    assert summary["never"]["target_round"] == "" and summary["never"]["rounds"] == "3"
+    table = done.output[done.output.index("rounds to target") :]
+    assert "not reached" in table and "quick" in table and "never" in table
