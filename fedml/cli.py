@@ -662,7 +662,6 @@ def client(
     device: Annotated[
         str,
         Opt(
-            show_default=default_of("client.device"),
             help="auto | cpu | cuda | cuda:N (default: the run's).",
         ),
     ] = "",
@@ -781,22 +780,19 @@ def data_split(
             help="A built-in dataset: digits | mnist-5k | breast-cancer | synthetic[:a,b]."
         ),
     ],
-    out: Annotated[
-        Path, Opt(show_default=default_of("data.dataset"), help="Folder to write the files into.")
-    ],
+    out: Annotated[Path, Opt(help="Folder to write the files into.")],
     clients: Annotated[
         int,
-        Opt(show_default=default_of("simulation.clients"), help="Number of sites (one file each)."),
+        Opt(help="Number of sites (one file each)."),
     ] = 3,
     partition: Annotated[
         str,
         Opt(
-            show_default=default_of("data.partition"),
             help="iid | dirichlet:ALPHA | shards:K | auto.",
         ),
     ] = "auto",
     test_fraction: Annotated[float, Opt(help="Fraction held out as the server's test set.")] = 0.2,
-    seed: Annotated[int, Opt(show_default=default_of("seed"), help="Seed of the split.")] = 0,
+    seed: Annotated[int, Opt(help="Seed of the split.")] = 0,
     force: Annotated[bool, Opt(help="Replace the split files already in OUT.")] = False,
 ) -> None:
     """Write a built-in dataset's split as site files: OUT/client-0.npz ..

@@ -31,7 +31,8 @@ from fedml.errors import FedmlError
 from fedml.monitor import RECORDED_METRICS, Target
 
 DATASETS = ("digits", "mnist-5k", "breast-cancer", "synthetic", "npz:<dir>")
-MODELS = ("logreg", "mlp", "cnn", "<module>:<factory>")
+# The built-in models (fedml.models.BUILTIN, which imports torch; a test keeps them equal).
+MODELS = ("logreg", "mlp", "cnn", "lenet", "resnet18-gn")
 OPTIMIZERS = ("sgd", "adam")
 ENGINES = ("inprocess", "ray")
 DP_MODES = ("off", "sample", "user-fixed", "user-adaptive")
@@ -462,8 +463,9 @@ def validate(cfg: RunConfig) -> None:
 
     model = cfg.model
     _check(
-        model.name in ("logreg", "mlp", "cnn") or ":" in model.name,
-        f"model.name '{model.name}' is unknown. Use one of: {', '.join(MODELS)}.",
+        model.name in MODELS or ":" in model.name,
+        f"model.name '{model.name}' is unknown. Use one of: {', '.join(MODELS)}, "
+        "or <module>:<factory>.",
     )
     _check(model.hidden >= 1, f"model.hidden must be at least 1, got {model.hidden}.")
 

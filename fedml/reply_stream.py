@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from flwr.app import Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -49,6 +50,9 @@ class PollingGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()
 
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.inner.get_nodes()
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(messages)
 
@@ -61,14 +65,17 @@ class PollingGrid(Grid):
         """Push `messages`, then yield each reply once it arrives, until all have
         replied or `timeout` seconds have passed (None: wait for all), as Flower's
         `send_and_receive` does, without its 3 s pauses."""
-        waiting = set(self.inner.push_messages(messages))
+        pushed = list(self.inner.push_messages(messages))
+        del messages  # the phase's outgoing models need not live while replies come
+        waiting = {message_id for message_id in pushed if message_id}  # none: not pushed
         deadline = None if timeout is None else time.monotonic() + timeout
         while waiting:
+            last = deadline is not None and time.monotonic() >= deadline
             for reply in self.inner.pull_messages(list(waiting)):
-                waiting.discard(reply.metadata.reply_to_message_id)
-                yield reply
-            if not waiting:
+                if reply.metadata.reply_to_message_id in waiting:  # each reply once
+                    waiting.discard(reply.metadata.reply_to_message_id)
+                    yield reply
+            if last:  # this pull came after the deadline: what arrived in time is in
                 return
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            time.sleep(self.interval)
+            if waiting:
+                time.sleep(self.interval)

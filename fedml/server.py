@@ -48,6 +48,7 @@ from fedml.contracts import (
 )
 from fedml.controls import EXTENSIBLE_STOPS
 from fedml.data import Federation, federation_for
+from fedml.errors import FedmlError
 from fedml.models import model_for
 from fedml.privacy import without_privacy_keys
 from fedml.records import DEVICE_RECORD, HistoryRow, device_label
@@ -156,6 +157,7 @@ def run_experiment(
     controls = components.controls
     arrays = from_state_dict(evaluator.model.state_dict())
     if checkpoint is not None:
+        _check_architecture(arrays, checkpoint.arrays, cfg.model.name)
         arrays = checkpoint.arrays
         components.restore(checkpoint.state)
         if isinstance(grid, NodeStateGrid):
@@ -440,6 +442,18 @@ def main(grid: Grid, context: Context) -> None:
     resume = RunStore.open(Path(cfg.out)) if flags.resume else None
     store, checkpoint = open_run(cfg, resume, deployed=not flags.simulated)
     run_experiment(grid, experiment, store, checkpoint=checkpoint)
+
+
+def _check_architecture(built: ArrayRecord, stored: ArrayRecord, name: str) -> None:
+    """A clear error when the committed model is not the architecture `name` builds now
+    (a run made by an earlier fedml whose `cnn` was a different network, say)."""
+    shapes = {key: tuple(array.shape) for key, array in built.items()}
+    if shapes != {key: tuple(array.shape) for key, array in stored.items()}:
+        raise FedmlError(
+            f"This run's committed model is not the network model '{name}' builds now "
+            "(its layers or their shapes differ: the run was made by another fedml "
+            "version). Resume it with the fedml that started it, or start a new run."
+        )
 
 
 def _exit_with_parent(interval: float = 1.0) -> None:

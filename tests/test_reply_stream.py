@@ -50,3 +50,27 @@ def test_a_phase_ends_at_its_timeout_with_the_replies_that_came():
     replies = list(PollingGrid(sites, interval=0.05).send_and_receive([1, 2], timeout=0.3))
     assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
     assert 0.3 <= time.monotonic() - started < 5
+
+
+class OnePushFails(SlowSites):
+    def push_messages(self, messages):
+        self.pushed_at = time.monotonic()
+        return ["a", None]  # Flower's id for a message it could not push
+
+
+def test_a_message_that_could_not_be_pushed_is_not_waited_for():
+    sites = OnePushFails(delay_b=0)
+    replies = list(PollingGrid(sites, interval=0.01).send_and_receive([1, 2], timeout=30))
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert sites.pulled == [["a"]]  # asked for `a` only, once
+
+
+def test_the_last_pull_comes_after_the_deadline_so_a_reply_in_time_is_kept():
+    """The phase's deadline passes while the round loop screens earlier replies: a reply
+    that reached the SuperLink meanwhile is still collected."""
+    sites = SlowSites(delay_b=0.2)
+    stream = PollingGrid(sites, interval=0.05).send_and_receive([1, 2], timeout=0.1)
+    first = next(stream)
+    time.sleep(0.4)  # the caller is busy with `a` past the deadline; `b` arrives
+    rest = list(stream)
+    assert [r.metadata.reply_to_message_id for r in (first, *rest)] == ["a", "b"]

@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 
 from clients import app as fedml_client
 from fedml.config import load_config
+from fedml.errors import FedmlError
 from fedml.runstore import RunStore, open_resume
 from fedml.server import Experiment, run_experiment
 from simulations.engine import simulate
@@ -259,3 +260,26 @@ def test_a_run_whose_commits_were_deleted_is_refused_not_rewritten(tmp_path):
     assert "holds rounds up to 3" in message and "were commits deleted?" in message
     assert "--out NEW_DIR" in message
     assert (run / "history.jsonl").read_bytes() == before
+
+
+def test_a_run_whose_model_is_not_what_its_name_builds_now_is_a_clear_error(tmp_path, monkeypatch):
+    """A run made by an earlier fedml whose `cnn` was another network: resuming it is one
+    error naming the problem, and the run directory is left as it was."""
+    from torch import nn
+
+    from fedml import models
+
+    run = tmp_path / "run"
+    quick = {"rounds": 1, "simulation.clients": 2, "client.local_epochs": 1}
+    simulate(load_config(None, {**quick, "model.name": "cnn", "out": str(run)}))
+    before = sorted((p.relative_to(run), p.stat().st_size) for p in run.rglob("*") if p.is_file())
+
+    def earlier_cnn(input_shape, num_classes, hidden=0):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+    monkeypatch.setitem(models.BUILTIN, "cnn", earlier_cnn)
+    store, cfg = open_resume(run, {"rounds": 2})
+    with pytest.raises(FedmlError, match="not the network model 'cnn' builds now"):
+        simulate(cfg, resume=store)
+    after = sorted((p.relative_to(run), p.stat().st_size) for p in run.rglob("*") if p.is_file())
+    assert after == before

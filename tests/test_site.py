@@ -76,10 +76,13 @@ def test_a_damaged_or_oversized_bundle_is_refused_not_raised(fab):
 
 
 def test_models_a_site_builds_are_the_built_ins_and_those_it_allows():
+    from fedml.config import MODELS
     from fedml.deploy.app_check import BUILTIN_MODELS
     from fedml.models import BUILTIN
 
-    assert set(BUILTIN) == BUILTIN_MODELS  # the check's copy (it must not import torch)
+    # the config's and the site check's copies (neither may import torch)
+    assert set(BUILTIN) == BUILTIN_MODELS == set(MODELS)
+    assert all(load_config(None, {"model.name": name}).model.name == name for name in BUILTIN)
     assert all(config_refusal({"model.name": name}, []) is None for name in BUILTIN)
     assert config_refusal({"model.name": "mypkg.nets:resnet"}, ["mypkg.nets:resnet"]) is None
     for name in ["os:system", "shutil:rmtree", "", 3]:

@@ -12,14 +12,18 @@ Each task's process is forked from this one, which has already imported what eve
 imports (PyTorch, `torch._dynamo`, Flower, fedml's ClientApp: 2-3 s per process
 otherwise). The fork is a copy: whatever a task changes (module state, the model, the
 privacy ledger in memory) ends with it, and the next task starts again from the warm,
-untouched state. Before forking, this process starts no thread pool, opens no device and
-reads no site data (the prepared data is memory-mapped by each task).
+untouched state. Before forking, this process runs no tensor operation (so PyTorch's
+thread pool is not started; NumPy's BLAS threads, which survive a fork, are the only
+others), opens no device and reads no site data (each task memory-maps the prepared
+data). A task is a copy of the executor and so could use its SuperExec secret; it runs
+only fedml's installed ClientApp, and the secret file is the site user's anyway.
 
 Run as `python -m fedml.deploy.site_executor --runtime-api-address 127.0.0.1:PORT
---secret-file F`; it ends with its parent (`--parent-pid`, the `fedml client` that
-started it). The secret (the SuperNode's `--superexec-auth-secret-file`) proves to the
-SuperNode that this process may take tasks; a task's token stays in memory, never on a
-command line other users could read.
+--secret-file F`; `fedml client` starts it with Linux's parent-death signal, so it ends
+with `fedml client` (`--parent-pid` adds a watch on another process). The secret (the
+SuperNode's `--superexec-auth-secret-file`) proves to the SuperNode that this process
+may take tasks; a task's token stays in memory, never on a command line other users
+could read.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import time
 from pathlib import Path
 
 from fedml.deploy import flower_runtime as runtime
-from fedml.deploy.processes import die_with_parent, pid_alive
+from fedml.deploy.processes import die_with_parent
 from fedml.deploy.site_task import run_task
 
 POLL_SECONDS = 0.2  # how often to ask the SuperNode for a task (Flower's default: 1 s)
@@ -52,12 +56,14 @@ def warm_up() -> None:
 
 def serve(runtime_api_address: str, secret: bytes, parent_pid: int | None) -> None:
     """Fork one site task per ClientApp task the SuperNode queues, until stopped (or
-    until `parent_pid` is gone). A failed call (the SuperNode restarting, say) is logged
-    and retried, never fatal."""
+    `parent_pid` is gone). A failed call (the SuperNode restarting, say) is logged and
+    retried, never fatal."""
+    if parent_pid is not None:
+        runtime.exit_with_parent(parent_pid)  # a watch thread: forks do not inherit it
     warm_up()
     client = runtime.connect(runtime_api_address, secret=secret)
     running: set[int] = set()
-    while parent_pid is None or pid_alive(parent_pid):
+    while True:
         running = {pid for pid in running if not _finished(pid)}
         if len(running) >= MAX_TASKS:
             time.sleep(POLL_SECONDS)
@@ -78,7 +84,7 @@ def fork_task(runtime_api_address: str, token: str) -> int:
     """Run one task in a forked copy of this process; its pid."""
     executor = os.getpid()
     pid = os.fork()
-    if pid == 0:  # the task: never returns into the executor's loop
+    if pid == 0:  # the task: whatever happens, it ends here and never returns
         code = 1
         try:
             die_with_parent()  # Linux: SIGKILLed with the executor (site_task watches too)
@@ -86,9 +92,12 @@ def fork_task(runtime_api_address: str, token: str) -> int:
         except BaseException:
             log.exception("the task failed to run")
         finally:
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            try:
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except BaseException:  # a full disk, say: still end here
+                pass
             os._exit(code)
     return pid
 
