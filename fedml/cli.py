@@ -549,16 +549,19 @@ def _print_rounds_to_target(summary: list[dict[str, Any]]) -> None:
     """Rounds each run took to reach its target (the FedAvg paper's Table 2 shape)."""
     from rich.table import Table
 
-    table = Table(title="rounds to target", title_justify="left")
-    for column in ("run", "split", "C", "E", "B", "target", "reached in round", "rounds run"):
-        table.add_column(column)
+    targets = {row["target"] for row in summary}
+    one = targets.pop() if len(targets) == 1 else None
+    table = Table(title=f"rounds to {one or 'target'}", title_justify="left")
+    columns = ["run", "split", "C", "E", "B", *([] if one else ["target"]), "round", "of"]
+    for column in columns:
+        table.add_column(column, overflow="fold")
     for row in summary:
         reached = str(row["target_round"]) if row["target_round"] != "" else "not reached"
-        table.add_row(
-            escape(row["run"]), row["partition"], str(row["fraction_train"]),
-            str(row["local_epochs"]), str(row["batch_size"]), escape(row["target"] or "-"),
-            reached if row["target"] else "-", str(row["rounds"]),
-        )  # fmt: skip
+        cells = [escape(row["run"]), row["partition"], str(row["fraction_train"])]
+        cells += [str(row["local_epochs"]), str(row["batch_size"])]
+        cells += [] if one else [escape(row["target"] or "-")]
+        cells += [reached if row["target"] else "-", str(row["rounds"])]
+        table.add_row(*cells)
     console.print(table)
 
 
