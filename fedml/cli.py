@@ -386,7 +386,7 @@ def simulate(
     on Flower's Simulation Runtime (Ray) with --engine ray.
 
     CONFIG: a TOML run config or a bundled preset (digits-dp, digits-fedavg,
-    fedprox-synthetic); omitted, the defaults. Flags override it.
+    fedavg-mnist, fedprox-synthetic); omitted, the defaults. Flags override it.
 
     Example: fedml simulate --strategy fedprox --dataset synthetic --rounds 30
 

@@ -47,6 +47,12 @@ def test_preset_by_name():
     assert cfg.data.dataset == "synthetic:1,1"
     dp = load_config(resolve_config(Path("digits-dp"))).dp
     assert (dp.mode, dp.target_epsilon, dp.max_epsilon) == ("sample", 8.0, 0.0)
+    paper = load_config(resolve_config(Path("fedavg-mnist")))  # McMahan et al.'s setting
+    assert (paper.data.dataset, paper.model.name, paper.simulation.clients) == (
+        "mnist-5k", "cnn", 100,
+    )  # fmt: skip
+    assert (paper.strategy.fraction_train, paper.client.local_epochs) == (0.1, 5)
+    assert (paper.client.batch_size, paper.stop.target) == (10, "server.accuracy >= 0.95")
 
 
 @pytest.mark.parametrize(
