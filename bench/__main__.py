@@ -1,6 +1,6 @@
 """The benchmark suite: one command, every ratio against a baseline measured in the same run.
 
-    python -m bench [--only overhead engines clients commit dp]
+    python -m bench [--only overhead engines clients commit dp] [--device cuda]
 
 | benchmark | measured                                         | baseline (same run)             |
 |-----------|--------------------------------------------------|---------------------------------|
@@ -10,7 +10,8 @@
 | commit    | rounds that persist (1M-parameter model)         | the same rounds persisting none |
 | dp        | one client's local training with DP-SGD          | the same training without DP    |
 
-Each benchmark also has its own module with more options and detail (`python -m
+`--device cuda` runs the benchmarks that train on a device (overhead, dp) with both sides
+on the GPU. Each benchmark also has its own module with more options and detail (`python -m
 bench.overhead`, `bench.ray`, `bench.memory`, `bench.commit`, `bench.dp`). The whole
 suite takes about two minutes on a 2-core machine.
 """
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+DEVICE = "cpu"  # where overhead and dp train: set by --device
+GPU_BENCHMARKS = ("overhead", "dp")
 SYNTHETIC_MLP = {"data.dataset": "synthetic", "model.name": "mlp", "model.hidden": 64}
 
 
@@ -48,7 +51,7 @@ def overhead(repeats: int = 3) -> list[Result]:
     fedml_best = plain_best = float("inf")
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats + 1):  # the first of each side warms up
-            cfg = bench_config(50, 5, Path(tmp) / f"run{repeat}")
+            cfg = bench_config(50, 5, Path(tmp) / f"run{repeat}", DEVICE)
             fedml_wall, _, _ = timed(simulate, cfg)
             plain_wall, _, _ = timed(plain_pytorch, cfg)
             if repeat:
@@ -56,7 +59,7 @@ def overhead(repeats: int = 3) -> list[Result]:
     return [
         Result(
             "overhead",
-            f"fedml in-process {fedml_best:.2f} s",
+            f"fedml in-process {fedml_best:.2f} s on {DEVICE}",
             f"plain loop {plain_best:.2f} s",
             fedml_best / plain_best,
         )
@@ -126,19 +129,24 @@ def commit() -> list[Result]:
 
 
 def dp(repeats: int = 7) -> list[Result]:
-    """One client's local training: Opacus DP-SGD vs plain."""
-    from bench.dp import bench_config, slowdown
+    """One client's local training: Opacus DP-SGD (the engine fedml picks) vs plain,
+    for the MLP on digits and the FedAvg CNN on MNIST images."""
+    from bench.dp import case_config, slowdown
 
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        plain, private = slowdown(bench_config(4, 15, Path(tmp) / "probe"), repeats)
-    return [
-        Result(
-            "dp",
-            f"DP-SGD {private * 1000:.1f} ms",
-            f"plain {plain * 1000:.1f} ms",
-            private / plain,
-        )
-    ]
+        for model in ("mlp", "cnn"):
+            cfg = case_config(model, Path(tmp))
+            plain, private = slowdown(cfg, repeats, device=DEVICE)
+            results.append(
+                Result(
+                    "dp",
+                    f"{model} ({cfg.data.dataset}) DP-SGD {private['auto'] * 1000:.1f} ms",
+                    f"plain {plain * 1000:.1f} ms",
+                    private["auto"] / plain,
+                )
+            )
+    return results
 
 
 BENCHMARKS: dict[str, Callable[[], list[Result]]] = {
@@ -151,14 +159,23 @@ BENCHMARKS: dict[str, Callable[[], list[Result]]] = {
 
 
 def main() -> None:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS))
+    parser.add_argument(
+        "--device", default="cpu", help=f"cpu, cuda, cuda:N (for {', '.join(GPU_BENCHMARKS)})"
+    )
     args = parser.parse_args()
+    DEVICE = args.device
+    on_cpu = args.device == "cpu"
+    chosen = args.only or (list(BENCHMARKS) if on_cpu else list(GPU_BENCHMARKS))
+    if not on_cpu and set(chosen) - set(GPU_BENCHMARKS):
+        parser.error(f"--device {args.device} applies to {', '.join(GPU_BENCHMARKS)} only")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(1)  # in-process sides alike; avoids thread-pool noise on 2 cores
     started = time.perf_counter()
     results: list[Result] = []
-    for name in args.only:
+    for name in chosen:
         print(f"running {name} ...", flush=True)
         results += BENCHMARKS[name]()
     print()

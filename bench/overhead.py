@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from clients.app import _derive_seed
-from clients.trainer import evaluate, train_local
+from clients.trainer import evaluate, resolve_device, train_local
 from fedml.config import RunConfig, load_config
 from fedml.data import federation_for, split_validation
 from fedml.models import model_for
@@ -32,7 +32,7 @@ from fedml.settings import TrainSettings
 from simulations.engine import simulate
 
 
-def bench_config(clients: int, rounds: int, out: Path) -> RunConfig:
+def bench_config(clients: int, rounds: int, out: Path, device: str = "cpu") -> RunConfig:
     return load_config(
         None,
         {
@@ -43,6 +43,7 @@ def bench_config(clients: int, rounds: int, out: Path) -> RunConfig:
             "strategy.fraction_evaluate": 0.0,
             "client.lr": 0.01,
             "client.momentum": 0.0,
+            "client.device": device,
             "out": str(out),
         },
     )
@@ -59,21 +60,21 @@ def plain_pytorch(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
     global_model = model_for(cfg, fed.input_shape, fed.num_classes)
     settings = TrainSettings.for_round(c, c.lr)
-    cpu = torch.device("cpu")
+    device = resolve_device(c.device)
     for server_round in range(1, cfg.rounds + 1):
         state = global_model.state_dict()
-        sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
+        sums = {k: torch.zeros_like(v, dtype=torch.float64, device="cpu") for k, v in state.items()}
         total = 0
         for i, shard in enumerate(shards):
             model = model_for(cfg, fed.input_shape, fed.num_classes)
             model.load_state_dict(global_model.state_dict())
             generator = torch.Generator().manual_seed(_derive_seed(cfg.seed, server_round, i))
-            train_local(model, shard, settings, cpu, generator)
+            train_local(model, shard, settings, device, generator)
             for k, v in model.state_dict().items():
-                sums[k] += v.double() * len(shard)
+                sums[k] += v.double().cpu() * len(shard)
             total += len(shard)
         global_model.load_state_dict({k: (v / total).float() for k, v in sums.items()})
-        evaluate(global_model, fed.test, cpu)
+        evaluate(global_model, fed.test, device)
     return global_model.state_dict()
 
 
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both sides)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # both sides alike; avoids thread-pool noise on 2 cores
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -97,7 +99,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # one warm-up of each side (imports, dataset cache), then alternate the sides
         for repeat in range(args.repeats + 1):
-            cfg = bench_config(args.clients, args.rounds, Path(tmp) / f"run{repeat}")
+            cfg = bench_config(args.clients, args.rounds, Path(tmp) / f"run{repeat}", args.device)
             fedml_wall, fedml_cpu, _ = timed(simulate, cfg)
             plain_wall, plain_cpu, plain_state = timed(plain_pytorch, cfg)
             if repeat:
@@ -106,12 +108,12 @@ def main() -> None:
         from safetensors.numpy import load_file
 
         ours = load_file(Path(tmp) / f"run{args.repeats}" / "model.safetensors")
-    diff = max(float(np.abs(ours[k] - plain_state[k].numpy()).max()) for k in ours)
+    diff = max(float(np.abs(ours[k] - plain_state[k].cpu().numpy()).max()) for k in ours)
     # best of N: the run least disturbed by the rest of the machine
     best = {side: (min(w for w, _ in r), min(c for _, c in r)) for side, r in runs.items()}
     print(
         f"workload: {args.clients} clients x {args.rounds} rounds, mlp, synthetic(1,1), "
-        f"best of {args.repeats}"
+        f"best of {args.repeats}, on {args.device}"
     )
     print(f"{'':22}{'wall s':>9}{'cpu s':>9}")
     print(f"{'plain PyTorch loop':22}{best['plain'][0]:9.2f}{best['plain'][1]:9.2f}")

@@ -292,7 +292,14 @@ def _train_private(
     # Reproducible noise only for simulated nodes; a real site draws from OS entropy.
     noise_seed = seed if PARTITION_KEY in context.node_config else None
     result, history = privacy.train_private(
-        model, job.train, settings, device, plan, dp.max_grad_norm, noise_seed
+        model,
+        job.train,
+        settings,
+        device,
+        plan,
+        dp.max_grad_norm,
+        noise_seed,
+        grad_sample_mode=dp.grad_sample_mode,
     )
     ledger = privacy.PrivacyLedger(history, [*ledger.rounds, server_round], plan.noise_multiplier)
     privacy.save_ledger(context, ledger)

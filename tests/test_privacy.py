@@ -201,6 +201,58 @@ def test_huge_noise_moves_the_weights_far_more_than_little_noise():
     assert change(100.0) > 10 * change(0.01)
 
 
+def _tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Unflatten(1, (2, 2, 2)), nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(3, 2)
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("make_model", [lambda: nn.Sequential(nn.Linear(8, 2)), _tiny_cnn])
+def test_every_grad_sample_mode_clips_the_same_gradients(make_model):
+    """Ghost clipping and functorch must take exactly the steps that hooks take: same
+    batches, same per-example clipping, same noise (same seeds), same weights."""
+    settings = _settings(local_epochs=2, lr=0.5)
+    plan = _plan(64, settings, noise=0.5)
+
+    def trained(mode):
+        torch.manual_seed(0)
+        model = make_model()
+        result, history = client_privacy.train_private(
+            model, _shard(64), settings, torch.device("cpu"), plan, 0.1, 7, grad_sample_mode=mode
+        )
+        assert tuple(history) == plan.history_after and result.steps == plan.steps
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    hooks = trained("hooks")
+    torch.manual_seed(0)
+    start = torch.cat([p.detach().flatten() for p in make_model().parameters()])
+    assert (hooks - start).norm() > 0.01  # the steps moved the weights
+    for mode in ("ghost", "functorch"):
+        torch.testing.assert_close(trained(mode), hooks, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_picks_ghost_clipping_for_convolutions_and_hooks_otherwise():
+    assert client_privacy.resolve_grad_sample_mode("auto", _tiny_cnn()) == "ghost"
+    assert client_privacy.resolve_grad_sample_mode("auto", nn.Linear(8, 2)) == "hooks"
+    assert client_privacy.resolve_grad_sample_mode("functorch", _tiny_cnn()) == "functorch"
+
+
+def test_ghost_clipping_steps_through_empty_poisson_batches():
+    settings = _settings(batch_size=1, local_epochs=5)  # q = 1/3: some batches are empty
+    plan = _plan(3, settings)
+    result, history = client_privacy.train_private(
+        _tiny_cnn(), _shard(3), settings, torch.device("cpu"), plan, 1.0, 3, "ghost"
+    )
+    assert result.steps == 15 and tuple(history) == plan.history_after
+    assert math.isfinite(result.loss)
+
+
+def test_an_unknown_grad_sample_mode_is_refused_naming_the_choices():
+    with pytest.raises(FedmlError, match=r"dp.grad_sample_mode 'ew' is unknown.*hooks, ghost"):
+        load_config(None, {"dp.mode": "sample", "dp.grad_sample_mode": "ew"})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dp_training_on_cuda_keeps_model_noise_and_data_on_the_gpu():
     settings = _settings()
