@@ -44,6 +44,9 @@ def bench_config(clients: int, rounds: int, out: Path, device: str = "cpu") -> R
             "client.lr": 0.01,
             "client.momentum": 0.0,
             "client.device": device,
+            # the plain loop weighs every client by its examples, uncapped; fedml's cap
+            # on outsized example counts (a defence) would change what is computed
+            "validation.max_weight_factor": 0.0,
             "out": str(out),
         },
     )

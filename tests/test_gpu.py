@@ -1,6 +1,7 @@
-"""Whole runs on a CUDA GPU: the in-process engine with DP off and on, and the Ray engine
-with four clients sharing one GPU. Skipped without CUDA (CI has none); run them on a GPU
-machine with `pytest -q tests/test_gpu.py`."""
+"""Whole runs on a CUDA GPU: the in-process engine with DP off and on, a device index,
+and the Ray engine with four clients sharing one GPU. Skipped without CUDA (CI has none);
+run them on a GPU machine with `pytest -q tests/test_gpu.py`, or with the run kit
+`bench/gpu/run.sh` (DEVELOPERS.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import importlib.util
 import pytest
 import torch
 
+from clients.trainer import resolve_device
 from fedml.config import load_config
+from fedml.errors import FedmlError
 from simulations.engine import simulate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,3 +51,16 @@ def test_ray_engine_shares_one_gpu_between_four_clients(tmp_path):
     summary = simulate(cfg)
     assert summary.stop_reason == "max rounds"
     assert _trained_on_cuda(summary.history)
+
+
+def test_a_device_index_trains_on_that_gpu_and_one_past_the_last_is_refused(tmp_path):
+    cfg = load_config(
+        None,
+        {"rounds": 1, "simulation.clients": 2, "client.device": "cuda:0",
+         "out": str(tmp_path / "run")},
+    )  # fmt: skip
+    summary = simulate(cfg)
+    assert set(summary.history[-1]["devices"]) == {"cuda:0"}
+    past = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(FedmlError, match=f"has {torch.cuda.device_count()} CUDA device"):
+        resolve_device(past)
