@@ -6,7 +6,7 @@
 |-----------|--------------------------------------------------|---------------------------------|
 | overhead  | `fedml simulate`, 50 clients x 5 rounds          | a plain PyTorch loop, same work |
 | engines   | fedml's Ray and in-process engines, 10 x 5 rounds | stock Flower's Ray simulation   |
-| clients   | 1,000 clients, 10% sampled per round, 3 rounds   | 10 clients, all sampled         |
+| clients   | 10,000 clients, 1% sampled, 3 rounds (memory, s/round) | 1,000 clients, 10% sampled |
 | commit    | rounds that persist (1M-parameter model)         | the same rounds persisting none |
 | dp        | one client's local training with DP-SGD          | the same training without DP    |
 
@@ -86,28 +86,43 @@ def engines() -> list[Result]:
 
 
 def clients() -> list[Result]:
-    """Peak memory and seconds per round: 1,000 clients (10% per round) vs 10."""
+    """Peak memory and seconds per round of 10,000 clients vs 1,000, 100 sampled in each
+    (training and federated evaluation alike), in-process."""
     from bench.memory import measure
 
-    def run(count: int, fraction: float) -> dict:
+    def run(count: int) -> dict:
+        fraction = 100 / count
         overrides = {**SYNTHETIC_MLP, "rounds": 3, "simulation.clients": count}
-        return measure({**overrides, "strategy.fraction_train": fraction})
+        return measure(
+            {
+                **overrides,
+                "strategy.fraction_train": fraction,
+                "strategy.fraction_evaluate": fraction,
+            }
+        )
 
-    few, many = run(10, 1.0), run(1000, 0.1)
+    few, many = run(1_000), run(10_000)
 
     def shown(result: dict, what: str) -> str:
         return (
-            f"{what}: peak RSS {result['peak_mib']:.0f} MiB (data pool "
-            f"{result['data_mib']:.0f} MiB), {result['seconds_per_round']:.2f} s/round"
+            f"{what}: peak RSS {result['peak_mib']:.0f} MiB (data {result['data_mib']:.0f} "
+            f"MiB), {result['seconds_per_round']:.2f} s/round"
         )
 
+    def per_example(result: dict) -> float:
+        """Seconds per 1,000 examples trained: client sizes follow a power law, so the
+        100 sampled clients hold different amounts of data in the two runs."""
+        return 1000 * result["seconds_per_round"] / result["examples_per_round"]
+
+    measured, baseline = shown(many, "10,000 clients x 1%"), shown(few, "1,000 x 10%")
     return [
+        Result("clients", measured, baseline, many["peak_mib"] / few["peak_mib"]),
         Result(
             "clients",
-            shown(many, "1,000 clients x 10%"),
-            shown(few, "10 clients x 100%"),
-            many["peak_mib"] / few["peak_mib"],
-        )
+            f"10,000 clients: {per_example(many):.3f} s per 1,000 examples trained",
+            f"1,000 clients: {per_example(few):.3f} s",
+            per_example(many) / per_example(few),
+        ),
     ]
 
 

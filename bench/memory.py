@@ -48,7 +48,8 @@ def child(overrides: dict) -> None:
         cfg = load_config(None, {**overrides, "out": str(Path(tmp) / "run")})
         summary = simulate(cfg)
         model_bytes = (Path(tmp) / "run" / "model.safetensors").stat().st_size
-    pool = federation_for(cfg).pool  # cached: the federation the run used
+    federation = federation_for(cfg)  # cached: the federation the run used
+    held = [s for s in (federation.pool, federation.test) if s is not None]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     rows = summary.history
     print(
@@ -58,9 +59,10 @@ def child(overrides: dict) -> None:
                 "aggregated": rows[0]["clients"]["aggregated"],
                 "peak_mib": peak_kib / 1024,
                 "model_mib": model_bytes / 2**20,
-                "data_mib": (pool.x.nbytes + pool.y.nbytes) / 2**20 if pool is not None else 0.0,
+                "data_mib": sum(s.x.nbytes + s.y.nbytes for s in held) / 2**20,
                 "seconds": rows[0]["seconds"],
                 "seconds_per_round": sum(r["seconds"] for r in rows) / len(rows),
+                "examples_per_round": sum(r["train"]["num-examples"] for r in rows) / len(rows),
                 "rounds": len(rows),
             }
         )

@@ -137,6 +137,7 @@ CONFIG_FLAGS: dict[str, str] = {
     "rounds": "rounds",
     "clients": "simulation.clients",
     "fraction_train": "strategy.fraction_train",
+    "fraction_evaluate": "strategy.fraction_evaluate",
     "dataset": "data.dataset",
     "partition": "data.partition",
     "model": "model.name",
@@ -214,6 +215,13 @@ def simulate(
         Opt(
             show_default=default_of("strategy.fraction_train"),
             help="Fraction of clients sampled per round.",
+        ),
+    ] = None,
+    fraction_evaluate: Annotated[
+        float | None,
+        Opt(
+            show_default=default_of("strategy.fraction_evaluate"),
+            help="Fraction of clients sampled for federated evaluation (0: none).",
         ),
     ] = None,
     dataset: Annotated[

