@@ -2,13 +2,14 @@
 
     python -m bench [--only overhead engines clients commit dp] [--device cuda]
 
-| benchmark | measured                                         | baseline (same run)             |
-|-----------|--------------------------------------------------|---------------------------------|
-| overhead  | `fedml simulate`, 50 clients x 5 rounds          | a plain PyTorch loop, same work |
-| engines   | fedml's Ray and in-process engines, 10 x 5 rounds | stock Flower's Ray simulation   |
-| clients   | 10,000 clients, 1% sampled, 3 rounds (memory, s/round) | 1,000 clients, 10% sampled |
-| commit    | rounds that persist (1M-parameter model)         | the same rounds persisting none |
-| dp        | one client's local training with DP-SGD          | the same training without DP    |
+| benchmark | measured                                    | baseline (same run)           |
+|-----------|---------------------------------------------|-------------------------------|
+| overhead  | `fedml simulate`, 50 clients x 5 rounds,    | a plain PyTorch loop, same    |
+|           | in this process and as a whole process      | work (bench/plain.py)         |
+| engines   | fedml's Ray and in-process engines, 10 x 5  | stock Flower's Ray simulation |
+| clients   | 10,000 clients, 1% sampled, 3 rounds        | 1,000 clients, 10% sampled    |
+| commit    | rounds that persist (1M-parameter model)    | the same rounds persisting none |
+| dp        | one client's local training with DP-SGD     | the same training without DP  |
 
 `--device cuda` runs the benchmarks that train on a device (overhead, dp) with both sides
 on the GPU. Each benchmark also has its own module with more options and detail (`python -m
@@ -44,11 +45,12 @@ class Result:
 
 
 def overhead(repeats: int = 3) -> list[Result]:
-    """`fedml simulate` (in-process) vs a plain PyTorch loop doing the same training."""
-    from bench.overhead import bench_config, plain_pytorch, timed
+    """`fedml simulate` (in-process) vs a plain PyTorch loop doing the same training, in
+    this process and as whole processes (start to exit: imports and the report too)."""
+    from bench.overhead import bench_config, plain_pytorch, timed, whole_process
     from simulations.engine import simulate
 
-    fedml_best = plain_best = float("inf")
+    fedml_best = plain_best = fedml_whole = plain_whole = float("inf")
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats + 1):  # the first of each side warms up
             cfg = bench_config(50, 5, Path(tmp) / f"run{repeat}", DEVICE)
@@ -56,13 +58,22 @@ def overhead(repeats: int = 3) -> list[Result]:
             plain_wall, _, _ = timed(plain_pytorch, cfg)
             if repeat:
                 fedml_best, plain_best = min(fedml_best, fedml_wall), min(plain_best, plain_wall)
+            cfg = bench_config(50, 5, Path(tmp) / f"whole{repeat}", DEVICE)
+            fedml_wall, plain_wall = whole_process(cfg, Path(tmp))
+            fedml_whole, plain_whole = min(fedml_whole, fedml_wall), min(plain_whole, plain_wall)
     return [
         Result(
             "overhead",
             f"fedml in-process {fedml_best:.2f} s on {DEVICE}",
             f"plain loop {plain_best:.2f} s",
             fedml_best / plain_best,
-        )
+        ),
+        Result(
+            "overhead",
+            f"`fedml simulate` process {fedml_whole:.2f} s",
+            f"plain script process {plain_whole:.2f} s",
+            fedml_whole / plain_whole,
+        ),
     ]
 
 

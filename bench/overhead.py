@@ -6,16 +6,22 @@ mean, and the global model is evaluated on the server's test set after each roun
 The plain loop has no Flower messages, no strategy, no run directory. Federated
 evaluation is off on the fedml side (the plain loop has none).
 
-    python -m bench.overhead [--clients 50] [--rounds 5] [--repeats 5]
+    python -m bench.overhead [--clients 50] [--rounds 5] [--repeats 5] [--device cuda]
 
 Prints the best-of-N wall and CPU time of each side, their ratios (target <= 1.15),
 and the largest weight difference between the two final models (they agree exactly).
+Then the same work as whole processes, start to exit: `fedml simulate CONFIG` (imports,
+run directory, end-of-run report) vs the plain script `python -m bench.plain CONFIG`
+(`bench/plain.py`), best of N wall times and their ratio (target <= 1.10).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clients.app import _derive_seed
-from clients.trainer import evaluate, resolve_device, train_local
+from bench.plain import plain_pytorch
 from fedml.config import RunConfig, load_config
-from fedml.data import federation_for, split_validation
-from fedml.models import model_for
-from fedml.settings import TrainSettings
 from simulations.engine import simulate
 
 
@@ -52,40 +54,31 @@ def bench_config(clients: int, rounds: int, out: Path, device: str = "cpu") -> R
     )
 
 
-def plain_pytorch(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The same federated computation as a bare loop over clients."""
-    d, c = cfg.data, cfg.client
-    fed = federation_for(cfg)
-    shards = [
-        split_validation(fed.client(i), d.val_fraction, seed=_derive_seed(cfg.seed, i))[0]
-        for i in range(fed.num_clients)
-    ]
-
-    global_model = model_for(cfg, fed.input_shape, fed.num_classes)
-    settings = TrainSettings.for_round(c, c.lr)
-    device = resolve_device(c.device)
-    for server_round in range(1, cfg.rounds + 1):
-        state = global_model.state_dict()
-        sums = {k: torch.zeros_like(v, dtype=torch.float64, device="cpu") for k, v in state.items()}
-        total = 0
-        for i, shard in enumerate(shards):
-            model = model_for(cfg, fed.input_shape, fed.num_classes)
-            model.load_state_dict(global_model.state_dict())
-            generator = torch.Generator().manual_seed(_derive_seed(cfg.seed, server_round, i))
-            train_local(model, shard, settings, device, generator)
-            for k, v in model.state_dict().items():
-                sums[k] += v.double().cpu() * len(shard)
-            total += len(shard)
-        global_model.load_state_dict({k: (v / total).float() for k, v in sums.items()})
-        evaluate(global_model, fed.test, device)
-    return global_model.state_dict()
-
-
 def timed(fn, *args) -> tuple[float, float, object]:
     """(wall seconds, CPU seconds of this process, result)."""
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn(*args)
     return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def whole_process(cfg: RunConfig, root: Path) -> tuple[float, float]:
+    """Wall seconds from start to exit of `fedml simulate CONFIG` (imports, run directory
+    and the end-of-run report included) and of the plain script `python -m bench.plain
+    CONFIG` (imports, training, saving the model)."""
+    config = root / "bench.toml"
+    config.write_text(cfg.to_toml())
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    fedml = Path(sys.executable).with_name("fedml")
+    commands = {
+        "fedml": [str(fedml), "simulate", str(config)],
+        "plain": [sys.executable, "-m", "bench.plain", str(config), str(root / "plain.st")],
+    }
+    seconds = {}
+    for side, command in commands.items():
+        started = time.perf_counter()
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        seconds[side] = time.perf_counter() - started
+    return seconds["fedml"], seconds["plain"]
 
 
 def main() -> None:
@@ -126,6 +119,19 @@ def main() -> None:
         f"{best['fedml'][1] / best['plain'][1]:9.3f}"
     )
     print(f"max |w_fedml - w_plain| = {diff:.3g} (same seeds, same computation)")
+
+    whole: dict[str, list[float]] = {"fedml": [], "plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            cfg = bench_config(args.clients, args.rounds, Path(tmp) / f"w{repeat}", args.device)
+            fedml_wall, plain_wall = whole_process(cfg, Path(tmp))
+            whole["fedml"].append(fedml_wall)
+            whole["plain"].append(plain_wall)
+    fedml_best, plain_best = min(whole["fedml"]), min(whole["plain"])
+    print("whole process, start to exit (imports, and fedml's run directory and report):")
+    print(f"{'plain script':22}{plain_best:9.2f}")
+    print(f"{'fedml simulate':22}{fedml_best:9.2f}")
+    print(f"{'ratio (target <= 1.10)':22}{fedml_best / plain_best:9.3f}")
 
 
 if __name__ == "__main__":
