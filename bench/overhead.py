@@ -8,7 +8,7 @@ evaluation is off on the fedml side (the plain loop has none).
 
     python -m bench.overhead [--clients 50] [--rounds 5] [--repeats 5] [--device cuda]
 
-Prints the best-of-N wall and CPU time of each side, their ratios (target <= 1.15),
+Prints the best-of-N wall and CPU time of each side, their ratios (target <= 1.05),
 and the largest weight difference between the two final models (they agree exactly).
 Then the same work as whole processes, start to exit: `fedml simulate CONFIG` (imports,
 run directory, end-of-run report) vs the plain script `python -m bench.plain CONFIG`
@@ -68,9 +68,8 @@ def whole_process(cfg: RunConfig, root: Path) -> tuple[float, float]:
     config = root / "bench.toml"
     config.write_text(cfg.to_toml())
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    fedml = Path(sys.executable).with_name("fedml")
-    commands = {
-        "fedml": [str(fedml), "simulate", str(config)],
+    commands = {  # fedml.cli as a module: works where fedml is on PYTHONPATH, not installed
+        "fedml": [sys.executable, "-m", "fedml.cli", "simulate", str(config)],
         "plain": [sys.executable, "-m", "bench.plain", str(config), str(root / "plain.st")],
     }
     seconds = {}
@@ -115,7 +114,7 @@ def main() -> None:
     print(f"{'plain PyTorch loop':22}{best['plain'][0]:9.2f}{best['plain'][1]:9.2f}")
     print(f"{'fedml simulate':22}{best['fedml'][0]:9.2f}{best['fedml'][1]:9.2f}")
     print(
-        f"{'ratio (target <= 1.15)':22}{best['fedml'][0] / best['plain'][0]:9.3f}"
+        f"{'ratio (target <= 1.05)':22}{best['fedml'][0] / best['plain'][0]:9.3f}"
         f"{best['fedml'][1] / best['plain'][1]:9.3f}"
     )
     print(f"max |w_fedml - w_plain| = {diff:.3g} (same seeds, same computation)")

@@ -5,8 +5,8 @@ Every client trains on its own shard (SGD, cross-entropy, one shuffled pass per 
 drawn from the seeded generator fedml's clients use), the server takes the
 example-weighted mean in float64 and evaluates it on the test set after each round.
 It reads the data and builds the model with fedml's own data and model functions, so
-the two sides compute the same thing: `bench.overhead` checks that the final weights
-agree bit for bit. It imports neither Flower nor fedml's client and server.
+the two sides compute the same thing: `bench.overhead` prints how far the final weights
+differ (0: bit for bit). It imports neither Flower nor fedml's client and server.
 
     python -m bench.plain CONFIG.toml MODEL_OUT.safetensors    # the whole-process side
 """

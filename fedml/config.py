@@ -38,7 +38,7 @@ ENGINES = ("inprocess", "ray")
 DP_MODES = ("off", "sample", "user-fixed", "user-adaptive")
 ACCOUNTANTS = ("rdp", "prv")
 # Opacus's per-example gradient engines that fedml offers ("auto": see
-# clients.privacy.grad_sample_mode). Opacus's "ew" (expanded weights) is left out: it
+# clients.privacy.resolve_grad_sample_mode). Opacus's "ew" (expanded weights) is left out: it
 # fails on the empty batches that Poisson sampling draws.
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
 

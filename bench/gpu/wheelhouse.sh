@@ -16,11 +16,13 @@ PACKAGES=(
     cryptography cffi pycparser grpcio grpcio-health-checking protobuf iterators pycryptodome
     tomli prompt-toolkit wcwidth fastapi starlette pydantic pydantic-core annotated-types
     typing-inspection sqlalchemy greenlet alembic mako uvicorn safetensors mlxtend
+    hypothesis sortedcontainers httpx httpcore h11 anyio idna certifi pygments markdown-it-py
+    mdurl typing-extensions packaging requests pyyaml pathspec
 )
 rm -rf .whl && mkdir -p .whl
 for name in "${PACKAGES[@]}"; do
-    version=$(python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
-    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    version=$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --abi cp312 --abi abi3 --abi none \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
