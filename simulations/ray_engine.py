@@ -59,8 +59,12 @@ def simulate_on_ray(
 
 def ray_env(cfg: RunConfig) -> dict[str, str]:
     """What the SuperLink's environment (which the Simulation Runtime inherits) adds to
-    Flower's: `RAY_ADDRESS` when the run joins a Ray cluster (Ray reads it)."""
-    return {"RAY_ADDRESS": cfg.simulation.ray_address} if cfg.simulation.ray_address else {}
+    Flower's: Ray's usage statistics off (Ray would otherwise report them), and
+    `RAY_ADDRESS` when the run joins a Ray cluster (Ray reads it)."""
+    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    if cfg.simulation.ray_address:
+        env["RAY_ADDRESS"] = cfg.simulation.ray_address
+    return env
 
 
 def federation_config(cfg: RunConfig) -> str:

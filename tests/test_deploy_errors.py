@@ -258,6 +258,61 @@ def test_stale_work_folders_of_dead_servers_are_swept_and_live_ones_kept():
             subprocess.run(["rm", "-rf", str(folder)], check=False)
 
 
+def _follow_while_held(run: Path, tmp_path: Path) -> tuple[bool, bool, bool]:
+    """Follow `run` with stand-ins for `flwr run` and the SuperLink that never end, while
+    this test holds the run's lock as a ServerApp does, then lets go. Returns: still
+    following while held; still following 5 s after the release (then `flwr run` is
+    ended); what follow_rounds returned."""
+    import fcntl
+    import threading
+
+    from fedml.deploy.launch import follow_rounds
+    from fedml.deploy.processes import Child
+
+    forever = [sys.executable, "-c", "import time; time.sleep(120)"]
+    flwr_run = Child("flwr run", forever, tmp_path / "flwr-run.log", ENV)
+    superlink = Child("SuperLink", forever, tmp_path / "superlink.log", ENV)
+    lock = (run / ".lock").open("a+")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    result: dict[str, bool] = {}
+    follower = threading.Thread(
+        target=lambda: result.update(over=follow_rounds(run, flwr_run, superlink, 0, None))
+    )
+    try:
+        follower.start()
+        time.sleep(1.0)
+        following_while_held = follower.is_alive()
+        lock.close()  # the ServerApp lets go of the run directory
+        follower.join(5.0)
+        following_after = follower.is_alive()
+        flwr_run.stop(grace=0.0)  # a follow that goes on ends with `flwr run`
+        follower.join(5.0)
+        return following_while_held, following_after, result["over"]
+    finally:
+        flwr_run.stop(grace=0.0)
+        superlink.stop(grace=0.0)
+
+
+def test_following_a_run_ends_when_its_directory_says_it_finished_not_flowers_shutdown(
+    tmp_path,
+):
+    """After the last commit Flower still shuts Ray down and streams its last log lines
+    (seconds): `fedml simulate --engine ray` and `fedml server` stop waiting as soon as
+    the ServerApp has let go of a finished run; an unfinished run is followed until
+    `flwr run` ends."""
+    import shutil
+
+    from fedml.config import load_config
+    from simulations.engine import simulate
+
+    run = tmp_path / "run"
+    simulate(load_config(None, {"rounds": 1, "simulation.clients": 2, "out": str(run)}))
+    assert _follow_while_held(run, tmp_path / "finished") == (True, False, True)
+
+    shutil.rmtree(run / "commits")  # as if its ServerApp had died before any commit
+    assert _follow_while_held(run, tmp_path / "unfinished") == (True, True, False)
+
+
 def test_sigterm_stops_the_server_cleanly_and_leaves_no_work_folder(tmp_path):
     port, log = free_port(), tmp_path / "server.log"
     server_args = (

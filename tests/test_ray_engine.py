@@ -171,6 +171,7 @@ def test_engine_options_are_checked_and_reach_flowers_federation_config(monkeypa
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with superlink_run("fedml-test-", tmp_path, ray_engine.ray_env(cfg)) as link:
         assert "RAY_ADDRESS" not in link.env
+        assert link.env["RAY_USAGE_STATS_ENABLED"] == "0"  # Ray phones home otherwise
         assert link.env["FLWR_TELEMETRY_ENABLED"] == "0"
     assert not link.work.exists()  # the work folder goes with the run
 
@@ -221,6 +222,9 @@ def test_ray_engine_matches_the_in_process_history(tmp_path):
     assert summary.stop_reason == "max rounds" and summary.run_dir == tmp_path / "ray"
     _rows_close(summary.history, reference.history)
     assert (tmp_path / "ray" / "logs" / "superlink.log").exists()
+    # it returned once the run directory said the run was over, before Flower's own
+    # shutdown: what Flower and Ray still ran was stopped, nothing outlives the run
+    assert _ray_processes() == []
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from fedml.runstore import (
     CONFIG,
     RunStatus,
     commit_round,
+    is_locked,
     list_commit_dirs,
     read_history,
     run_status,
@@ -38,6 +39,7 @@ from fedml.server import RoundCallback
 CONNECTION = "fedml"  # the SuperLink connection's name in the generated Flower config
 APP_NAME = "fedml-app"
 LOGS = "logs"  # RUN_DIR/logs: the SuperLink's and `flwr run`'s logs
+FOLLOW_POLL_S = 0.2  # how often the run directory is looked at while a run goes on
 
 
 @dataclass
@@ -59,6 +61,7 @@ class SuperLinkRun:
     children: list[Child] = field(default_factory=list)
     superlink: Child | None = None
     flwr_run: Child | None = None
+    over: bool = False  # the run directory says the run finished: stop the rest at once
 
     @property
     def logs(self) -> Path:
@@ -95,7 +98,9 @@ class SuperLinkRun:
         assert self.superlink is not None, "start_superlink first"
         app_dir = write_app(self.work / "app", cfg, resume, simulated)
         self.flwr_run = self.adopt(submit(app_dir, self.logs, self.env, federation_config))
-        follow_rounds(self.run_dir, self.flwr_run, self.superlink, start_round, on_round)
+        self.over = follow_rounds(
+            self.run_dir, self.flwr_run, self.superlink, start_round, on_round
+        )
 
     def finished_status(self, resume_command: str) -> RunStatus:
         """The run directory's status once the run has ended (see `finished_status`)."""
@@ -108,7 +113,9 @@ def superlink_run(
     work_prefix: str, run_dir: Path, extra_env: dict[str, str] | None = None
 ) -> Iterator[SuperLinkRun]:
     """A `SuperLinkRun` with a fresh work folder in the temporary directory (named
-    `work_prefix`...) and Flower's environment (`flower_env`, plus `extra_env`)."""
+    `work_prefix`...) and Flower's environment (`flower_env`, plus `extra_env`). Once the
+    run directory says the run is over, the children are killed without a grace period:
+    their shutdown (Ray's, the log stream's) would only keep the caller waiting."""
     work = Path(tempfile.mkdtemp(prefix=work_prefix))
     link = SuperLinkRun(run_dir, work, env={})
     try:
@@ -116,7 +123,7 @@ def superlink_run(
         yield link
     finally:
         for child in reversed(link.children):
-            child.stop()
+            child.stop(grace=0.0 if link.over else 10.0)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -211,22 +218,36 @@ def follow_rounds(
     superlink: Child,
     start_round: int,
     on_round: RoundCallback | None,
-) -> None:
-    """Pass each newly committed history row to `on_round` until `flwr run` ends."""
+) -> bool:
+    """Pass each newly committed history row to `on_round` until the run is over; True
+    when it ended by the run directory's word, before `flwr run` did.
+
+    The run is over when `flwr run` ends, or as soon as the run directory says so: its
+    ServerApp took the directory's lock during this follow, has let go of it (every
+    write is done), and the last commit holds a stop reason. What Flower does after that
+    (shutting down Ray, streaming the last log lines) takes seconds and changes nothing
+    in the run, so the caller may stop it (`SuperLinkRun.run`)."""
     shown = start_round
+    held = False  # the ServerApp held the run directory's lock during this follow
     while True:
-        finished = not flwr_run.alive()
+        ended = not flwr_run.alive()
+        locked = is_locked(run_dir)
+        released, held = held and not locked, held or locked
         committed = _newest_commit(run_dir)
-        for row in read_history(run_dir):
-            if shown < row["round"] <= committed:
-                shown = row["round"]
-                if on_round is not None:
-                    on_round(row)
-        if finished:
-            return
+        if committed > shown:
+            for row in read_history(run_dir):
+                if shown < row["round"] <= committed:
+                    shown = row["round"]
+                    if on_round is not None:
+                        on_round(row)
+        if ended:
+            return False
+        if released and run_status(run_dir).stop_reason is not None:
+            return True
         if not superlink.alive():
             raise FedmlError(f"The SuperLink exited; its log ends with:\n{superlink.tail()}")
-        time.sleep(0.5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            flwr_run.wait(FOLLOW_POLL_S)  # returns at once when `flwr run` ends
 
 
 def finished_status(run_dir: Path, flwr_run: Child, resume_command: str) -> RunStatus:

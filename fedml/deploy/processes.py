@@ -47,6 +47,9 @@ def flower_command(name: str) -> list[str]:
     return [found]
 
 
+KILL_WAIT_S = 10.0  # a SIGKILLed process is gone within this (bounded anyway)
+
+
 class Child:
     """One started process with its own process group and log file."""
 
@@ -76,21 +79,24 @@ class Child:
         return self.process.wait(timeout)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL what is left after `grace` seconds, and
+        """SIGTERM the process group, SIGKILL what is left after `grace` seconds (at once
+        when `grace` is 0: nothing it would do on the way out matters any more), and
         every process group its descendants had started: Flower runs its SuperExec in a
         session of its own, and Ray's workers and agents live in that one, so they would
         outlive the SuperLink otherwise."""
         table = _process_table()
         groups = {self.process.pid} | {table[d][1] for d in descendants(self.pid, table)}
         groups.discard(os.getpgrp())  # never our own
-        if self.alive():
+        if self.alive() and grace > 0:
             _signal_group(self.process.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.process.pid, signal.SIGKILL)
-                self.process.wait(grace)
-        for group in sorted(groups):  # what outlived it, or was born while it died
+        if self.alive():
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait(KILL_WAIT_S)
+        for group in groups:  # what outlived it, or was born while it died: all at
+            _signal_group(group, signal.SIGKILL)  # once, so they die side by side
+        for group in sorted(groups):
             sweep_group(group)
         self._log_handle.close()
 
