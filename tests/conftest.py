@@ -10,6 +10,13 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Workers for `-n auto` (pyproject's addopts): one per core this process may use, at
+    most 4. Many tests start servers, sites or Ray clusters of their own: more workers
+    than cores would only make them wait for each other."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 @pytest.fixture
 def small_overrides(tmp_path):
     """A few quick rounds on digits with 4 clients."""

@@ -127,6 +127,7 @@ def _kill_managed_superlink(flower_home: Path, port: int) -> None:
                 os.killpg(int(proc.name), signal.SIGKILL)
 
 
+@pytest.mark.xdist_group("ray")  # Flower's local simulation starts Ray
 def test_flwr_run_on_flowers_managed_local_simulation(tmp_path):
     """What a Flower user types first: `flwr run .` with a fresh Flower home and runtime
     dependency installation off. Flower starts its managed local SuperLink with its

@@ -29,6 +29,8 @@ from simulations.flower_internals import claim_server_identity
 from simulations.inprocess import InProcessGrid
 from simulations.virtual_nodes import SimulatedNodesGrid
 
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time (pyproject addopts)
+
 
 class FlowerLikeGrid(InProcessGrid):
     """What Flower's Simulation Runtime looks like to a ServerApp: random node IDs that
