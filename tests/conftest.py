@@ -10,6 +10,21 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist, each worker and every process its tests start size their
+    thread pools (PyTorch's OpenMP, NumPy's BLAS) to their share of the cores. A pool as
+    wide as the machine in each of N workers spins against the others (OpenMP threads
+    busy-wait): a 2 s test took 45 s. Set before PyTorch is imported, which reads it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(name, share)
+
+
+_share_the_cores_between_workers()
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """Workers for `-n auto` (pyproject's addopts): one per core this process may use, at
     most 4. Many tests start servers, sites or Ray clusters of their own: more workers

@@ -111,20 +111,30 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 
 def _kill_managed_superlink(flower_home: Path, port: int) -> None:
     """`flwr run` leaves its managed SuperLink running, detached in its own process
-    group, and the SuperLink's executor in another: kill every Flower process that names
-    this test's Flower home or SuperLink port, with its group."""
+    group, and the SuperLink's executor and simulation in others: kill every Flower
+    process that names this test's Flower home or SuperLink port, everything they
+    started (Ray's processes too), with their groups, and wait until all are gone."""
+    from fedml.deploy.processes import _process_table, descendants, sweep_group
+
     marks = (str(flower_home).encode(), f"127.0.0.1:{port}".encode())
-    for proc in Path("/proc").iterdir():
+    table = _process_table()
+    roots = set()
+    for pid in table:
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
             continue
         if any(b"flower-" in a or b"flwr-" in a for a in argv) and any(
             mark in a for mark in marks for a in argv
         ):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(proc.name), signal.SIGKILL)
-                os.killpg(int(proc.name), signal.SIGKILL)
+            roots.add(pid)
+    doomed = roots | {child for root in roots for child in descendants(root, table)}
+    groups = {table[pid][1] for pid in doomed} - {os.getpgrp()}
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for group in groups:
+        sweep_group(group)
 
 
 @pytest.mark.xdist_group("ray")  # Flower's local simulation starts Ray
