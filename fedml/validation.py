@@ -47,6 +47,7 @@ evaluation claims (evaluation replies are collected anyway, so order does not ma
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -137,7 +138,8 @@ class UpdateValidator:
         # with no earlier round to outvote colluders, more of the first updates wait
         sample = NORM_SAMPLE if earlier else FIRST_ROUND_SAMPLE
         reference = {k: to_numpy(v) for k, v in global_arrays.items()}
-        norms: list[float] = []  # norms of the valid updates so far
+        norms: list[float] = []  # norms of the valid updates so far, as they came
+        ordered = SortedValues()  # the same, in order: the median of those before each one
         waiting: list[tuple[Message, dict[str, np.ndarray], float]] = []
         for reply in _answered(replies, tally):
             problem, arrays = self._check_train(reply.content, reference)
@@ -151,8 +153,9 @@ class UpdateValidator:
                 if len(norms) == sample:
                     yield from self._judge_first(waiting, norms, earlier, reference, tally, memory)
                     waiting.clear()
-            elif not self._outsized(norm, norms[:-1], tally):
+            elif not self._outsized(norm, ordered.median(), tally):
                 yield self._accept(reply, arrays, norm, reference, tally, memory)
+            ordered.add(norm)
         if waiting and (len(waiting) >= NORM_SAMPLE or earlier):  # ended before `sample`
             yield from self._judge_first(waiting, norms, earlier, reference, tally, memory)
         else:  # too few for a norm check, and nothing earlier to judge by
@@ -171,13 +174,16 @@ class UpdateValidator:
         """The first updates of a round (they lead `norms`), each judged against the
         round's other valid updates so far and the previous round's median."""
         for index, (early, early_arrays, early_norm) in enumerate(waiting):
-            if not self._outsized(early_norm, norms[:index] + norms[index + 1 :] + earlier, tally):
+            others = norms[:index] + norms[index + 1 :] + earlier  # a few: the first ones
+            median = float(np.median(others)) if others else None
+            if not self._outsized(early_norm, median, tally):
                 yield self._accept(early, early_arrays, early_norm, reference, tally, memory)
 
-    def _outsized(self, norm: float, others: list[float], tally: Tally) -> bool:
-        if self.norm_factor <= 0 or not others:  # the norm check is off, or no reference
+    def _outsized(self, norm: float, median: float | None, tally: Tally) -> bool:
+        """Whether `norm` is over `norm_factor` times the `median` of the others' norms
+        (None: there are none), counted as rejected when it is."""
+        if self.norm_factor <= 0 or median is None:  # the check is off, or no reference
             return False
-        median = float(np.median(others))
         if median > 0 and norm > self.norm_factor * median:
             tally.rejected["norm"] += 1
             return True
@@ -272,9 +278,9 @@ class UpdateValidator:
             tally.accepted += 1
             valid.append(reply)
         claims = [self._claim(reply.content) for reply in valid]
-        for index, reply in enumerate(valid):  # the whole list: order does not matter
-            others = claims[:index] + claims[index + 1 :]
-            self._cap_weight(reply.content, float(np.median(others)) if others else None, tally)
+        # each claim against the median of all the others: order does not matter
+        for reply, median in zip(valid, medians_of_the_others(claims), strict=True):
+            self._cap_weight(reply.content, median, tally)
         return valid
 
 
@@ -290,6 +296,46 @@ def _decoded(array: Array, expected: np.ndarray) -> np.ndarray | None:
     if values.shape != expected.shape or values.dtype != expected.dtype:
         return None
     return values
+
+
+class SortedValues:
+    """Numbers kept sorted as they arrive, so that the median of those so far costs a
+    lookup instead of a sort: a round of many thousand replies stays linear, not
+    quadratic. The median is NumPy's: the middle value, or the mean of the two middle
+    values for an even count."""
+
+    def __init__(self) -> None:
+        self._values: list[float] = []
+
+    def add(self, value: float) -> None:
+        bisect.insort(self._values, value)
+
+    def median(self) -> float | None:
+        """The median of the values so far (None before the first)."""
+        return _sorted_median(self._values, len(self._values), skip=len(self._values))
+
+
+def medians_of_the_others(values: list[float]) -> list[float | None]:
+    """For each value, the median of all the other values (None when there are none),
+    equal to `np.median` of the list without it; one sort instead of one per value."""
+    ordered = sorted(values)
+    return [
+        _sorted_median(ordered, len(ordered) - 1, skip=bisect.bisect_left(ordered, value))
+        for value in values
+    ]
+
+
+def _sorted_median(ordered: list[float], count: int, skip: int) -> float | None:
+    """The median of the `count` values of sorted `ordered` left when the one at index
+    `skip` is skipped (`skip` past the end: none is)."""
+    if count == 0:
+        return None
+
+    def at(index: int) -> float:
+        return ordered[index if index < skip else index + 1]
+
+    middle = count // 2
+    return float(at(middle)) if count % 2 else (at(middle - 1) + at(middle)) / 2
 
 
 def _answered(replies: Iterable[Message], tally: Tally) -> Iterator[Message]:

@@ -11,7 +11,13 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedml.validation import ScreeningMemory, Tally, UpdateValidator
+from fedml.validation import (
+    ScreeningMemory,
+    SortedValues,
+    Tally,
+    UpdateValidator,
+    medians_of_the_others,
+)
 from simulations.inprocess import InProcessGrid
 
 GLOBAL = {"w": np.zeros((4, 3), dtype=np.float32), "steps": np.array(5, dtype=np.int64)}
@@ -356,3 +362,24 @@ def test_an_array_whose_bytes_say_another_dtype_or_shape_than_its_metadata_is_re
         forged = _hostile(data=stream.getvalue())  # metadata: float32 (4, 3)
         accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, forged]))
         assert accepted == [1, 2, 3, 4] and tally.rejected == {"malformed": 1}
+
+
+# ---- medians without a sort per reply (a round may bring many thousand replies) --------
+finite = st.floats(-1e300, 1e300, allow_nan=False) | st.integers(0, 10**6).map(float)
+
+
+@given(st.lists(finite, max_size=40))
+def test_the_running_median_is_numpys_median_of_the_values_so_far(values):
+    ordered = SortedValues()
+    for count, value in enumerate(values):
+        assert ordered.median() == (float(np.median(values[:count])) if count else None)
+        ordered.add(value)
+
+
+@given(st.lists(finite, max_size=40))
+def test_each_median_of_the_others_is_numpys_median_without_that_value(values):
+    expected = [
+        float(np.median(values[:i] + values[i + 1 :])) if len(values) > 1 else None
+        for i in range(len(values))
+    ]
+    assert medians_of_the_others(values) == expected
