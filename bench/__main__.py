@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-DEVICE = "cpu"  # where overhead and dp train: set by --device
-GPU_BENCHMARKS = ("overhead", "dp")
+GPU_BENCHMARKS = ("overhead", "dp")  # the benchmarks that take --device
 SYNTHETIC_MLP = {"data.dataset": "synthetic", "model.name": "mlp", "model.hidden": 64}
 
 
@@ -44,7 +43,7 @@ class Result:
     ratio: float
 
 
-def overhead(repeats: int = 3) -> list[Result]:
+def overhead(device: str, repeats: int = 3) -> list[Result]:
     """`fedml simulate` (in-process) vs a plain PyTorch loop doing the same training, in
     this process and as whole processes (start to exit: imports and the report too)."""
     from bench.overhead import bench_config, plain_pytorch, timed, whole_process
@@ -53,18 +52,18 @@ def overhead(repeats: int = 3) -> list[Result]:
     fedml_best = plain_best = fedml_whole = plain_whole = float("inf")
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats + 1):  # the first of each side warms up
-            cfg = bench_config(50, 5, Path(tmp) / f"run{repeat}", DEVICE)
+            cfg = bench_config(50, 5, Path(tmp) / f"run{repeat}", device)
             fedml_wall, _, _ = timed(simulate, cfg)
             plain_wall, _, _ = timed(plain_pytorch, cfg)
             if repeat:
                 fedml_best, plain_best = min(fedml_best, fedml_wall), min(plain_best, plain_wall)
-            cfg = bench_config(50, 5, Path(tmp) / f"whole{repeat}", DEVICE)
+            cfg = bench_config(50, 5, Path(tmp) / f"whole{repeat}", device)
             fedml_wall, plain_wall = whole_process(cfg, Path(tmp))
             fedml_whole, plain_whole = min(fedml_whole, fedml_wall), min(plain_whole, plain_wall)
     return [
         Result(
             "overhead",
-            f"fedml in-process {fedml_best:.2f} s on {DEVICE}",
+            f"fedml in-process {fedml_best:.2f} s on {device}",
             f"plain loop {plain_best:.2f} s",
             fedml_best / plain_best,
         ),
@@ -154,7 +153,7 @@ def commit() -> list[Result]:
     ]
 
 
-def dp(repeats: int = 7) -> list[Result]:
+def dp(device: str, repeats: int = 7) -> list[Result]:
     """One client's local training: Opacus DP-SGD (the engine fedml picks) vs plain,
     for the MLP on digits and the FedAvg CNN on MNIST images."""
     from bench.dp import case_config, slowdown
@@ -163,7 +162,7 @@ def dp(repeats: int = 7) -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         for model in ("mlp", "cnn"):
             cfg = case_config(model, Path(tmp))
-            plain, private = slowdown(cfg, repeats, device=DEVICE)
+            plain, private = slowdown(cfg, repeats, device=device)
             results.append(
                 Result(
                     "dp",
@@ -175,7 +174,7 @@ def dp(repeats: int = 7) -> list[Result]:
     return results
 
 
-BENCHMARKS: dict[str, Callable[[], list[Result]]] = {
+BENCHMARKS: dict[str, Callable[..., list[Result]]] = {  # GPU_BENCHMARKS take the device
     "overhead": overhead,
     "engines": engines,
     "clients": clients,
@@ -185,25 +184,26 @@ BENCHMARKS: dict[str, Callable[[], list[Result]]] = {
 
 
 def main() -> None:
-    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS))
     parser.add_argument(
         "--device", default="cpu", help=f"cpu, cuda, cuda:N (for {', '.join(GPU_BENCHMARKS)})"
     )
     args = parser.parse_args()
-    DEVICE = args.device
     on_cpu = args.device == "cpu"
     chosen = args.only or (list(BENCHMARKS) if on_cpu else list(GPU_BENCHMARKS))
     if not on_cpu and set(chosen) - set(GPU_BENCHMARKS):
         parser.error(f"--device {args.device} applies to {', '.join(GPU_BENCHMARKS)} only")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine's PyTorch sees no CUDA GPU")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(1)  # in-process sides alike; avoids thread-pool noise on 2 cores
     started = time.perf_counter()
     results: list[Result] = []
     for name in chosen:
         print(f"running {name} ...", flush=True)
-        results += BENCHMARKS[name]()
+        benchmark = BENCHMARKS[name]
+        results += benchmark(args.device) if name in GPU_BENCHMARKS else benchmark()
     print()
     print(f"{'benchmark':10} {'ratio':>6}  measured  /  baseline (same run)")
     for result in results:
