@@ -258,7 +258,7 @@ def test_stale_work_folders_of_dead_servers_are_swept_and_live_ones_kept():
             subprocess.run(["rm", "-rf", str(folder)], check=False)
 
 
-def _follow_while_held(run: Path, tmp_path: Path) -> tuple[bool, bool, bool]:
+def _follow_while_held(run: Path, tmp_path: Path, start_round: int = 0) -> tuple[bool, bool, bool]:
     """Follow `run` with stand-ins for `flwr run` and the SuperLink that never end, while
     this test holds the run's lock as a ServerApp does, then lets go. Returns: still
     following while held; still following 5 s after the release (then `flwr run` is
@@ -275,9 +275,11 @@ def _follow_while_held(run: Path, tmp_path: Path) -> tuple[bool, bool, bool]:
     lock = (run / ".lock").open("a+")
     fcntl.flock(lock, fcntl.LOCK_EX)
     result: dict[str, bool] = {}
-    follower = threading.Thread(
-        target=lambda: result.update(over=follow_rounds(run, flwr_run, superlink, 0, None))
-    )
+
+    def follow() -> None:
+        result["over"] = follow_rounds(run, flwr_run, superlink, start_round, None)
+
+    follower = threading.Thread(target=follow)
     try:
         follower.start()
         time.sleep(1.0)
@@ -298,8 +300,8 @@ def test_following_a_run_ends_when_its_directory_says_it_finished_not_flowers_sh
 ):
     """After the last commit Flower still shuts Ray down and streams its last log lines
     (seconds): `fedml simulate --engine ray` and `fedml server` stop waiting as soon as
-    the ServerApp has let go of a finished run; an unfinished run is followed until
-    `flwr run` ends."""
+    the ServerApp has let go of a run that finished during the follow; any other run is
+    followed until `flwr run` ends."""
     import shutil
 
     from fedml.config import load_config
@@ -308,6 +310,9 @@ def test_following_a_run_ends_when_its_directory_says_it_finished_not_flowers_sh
     run = tmp_path / "run"
     simulate(load_config(None, {"rounds": 1, "simulation.clients": 2, "out": str(run)}))
     assert _follow_while_held(run, tmp_path / "finished") == (True, False, True)
+    # resumed to go further, its ServerApp let go without committing: its earlier stop
+    # reason is not this run's end
+    assert _follow_while_held(run, tmp_path / "resumed", start_round=1) == (True, True, False)
 
     shutil.rmtree(run / "commits")  # as if its ServerApp had died before any commit
     assert _follow_while_held(run, tmp_path / "unfinished") == (True, True, False)

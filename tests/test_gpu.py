@@ -42,6 +42,7 @@ def test_in_process_run_trains_every_client_on_the_gpu(tmp_path, dp):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs flwr[simulation]")
+@pytest.mark.xdist_group("ray")  # one Ray cluster at a time (pyproject addopts)
 def test_ray_engine_shares_one_gpu_between_four_clients(tmp_path):
     cfg = load_config(
         None,

@@ -275,6 +275,22 @@ def test_one_writer_at_a_time(tmp_path):
     _resume(tmp_path)[0].close()  # free again
 
 
+def test_a_run_is_not_refused_because_someone_is_looking_at_its_lock(tmp_path):
+    """`is_locked` (the Ray engine and `fedml server` poll it while a run goes on;
+    `fedml runs` too) holds a shared lock for an instant: a writer that starts at that
+    instant waits it out instead of failing as "in use"."""
+    import fcntl
+    import threading
+
+    _run_with_commits(tmp_path, [0.1])
+    looker = (tmp_path / "run" / ".lock").open("a+")
+    fcntl.flock(looker, fcntl.LOCK_SH)  # someone looking, right now
+    threading.Timer(0.3, looker.close).start()  # ... who looks away soon after
+    store, _ = _resume(tmp_path)
+    assert run_status(tmp_path / "run").state == "running"
+    store.close()
+
+
 # ---------------------------------------------------------------------------- status
 def test_status_reports_progress_best_and_damage(tmp_path):
     store = _run_with_commits(tmp_path, [0.4, 0.9, 0.5, 0.6], **{"rounds": 6})

@@ -47,7 +47,10 @@ def _sklearn_file(name: str) -> Path:
             "The digits and breast-cancer datasets ship with scikit-learn, which is not "
             "installed: pip install scikit-learn."
         )
-    return root / "datasets" / "data" / name
+    path = root / "datasets" / "data" / name
+    if not path.is_file():
+        raise FedmlError(f"scikit-learn's data file {path} is missing; reinstall scikit-learn.")
+    return path
 
 
 def read_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +97,13 @@ def stratified_split(
     n_test = math.ceil(test_fraction * len(y))
     n_train = len(y) - n_test
     _, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
-    if class_counts.min() < 2 or min(n_train, n_test) < len(class_counts):
+    if class_counts.min() < 2:
+        raise FedmlError(
+            f"Cannot split {len(y)} examples into train and test sets with every class in "
+            f"both: {int((class_counts < 2).sum())} class(es) have a single example. Give "
+            "each class at least two examples."
+        )
+    if min(n_train, n_test) < len(class_counts):
         raise FedmlError(
             f"Cannot split {len(y)} examples of {len(class_counts)} classes into train and "
             f"test sets of {n_train} and {n_test} with every class in both; choose a "

@@ -31,6 +31,7 @@ from fedml.runstore import (
     commit_round,
     is_locked,
     list_commit_dirs,
+    newest_stop_reason,
     read_history,
     run_status,
 )
@@ -223,8 +224,9 @@ def follow_rounds(
     when it ended by the run directory's word, before `flwr run` did.
 
     The run is over when `flwr run` ends, or as soon as the run directory says so: its
-    ServerApp took the directory's lock during this follow, has let go of it (every
-    write is done), and the last commit holds a stop reason. What Flower does after that
+    ServerApp took the directory's lock during this follow and has let go of it (every
+    write is done), and a round committed during this follow holds a stop reason (a
+    resumed run's older stop reason does not count). What Flower does after that
     (shutting down Ray, streaming the last log lines) takes seconds and changes nothing
     in the run, so the caller may stop it (`SuperLinkRun.run`)."""
     shown = start_round
@@ -242,7 +244,7 @@ def follow_rounds(
                         on_round(row)
         if ended:
             return False
-        if released and run_status(run_dir).stop_reason is not None:
+        if released and committed > start_round and newest_stop_reason(run_dir):
             return True
         if not superlink.alive():
             raise FedmlError(f"The SuperLink exited; its log ends with:\n{superlink.tail()}")

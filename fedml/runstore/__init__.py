@@ -58,6 +58,7 @@ from fedml.runstore.format import (
     commit_round,
     find_runs,
     list_commit_dirs,
+    newest_stop_reason,
     read_history,
     read_model,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "find_runs",
     "is_locked",
     "list_commit_dirs",
+    "newest_stop_reason",
     "open_resume",
     "open_run",
     "read_history",

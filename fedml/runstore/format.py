@@ -123,6 +123,19 @@ def list_commit_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: commit_round(p) or 0)
 
 
+def newest_stop_reason(run_dir: Path) -> str | None:
+    """The stop reason in the newest commit's state file, unverified: a cheap look while
+    another process writes the run (`run_status` verifies every commit). None when there
+    is no commit, no stop reason, or the file cannot be read."""
+    commits = list_commit_dirs(run_dir)
+    try:
+        state = json.loads((commits[-1] / STATE_FILE).read_bytes())
+    except (IndexError, OSError, ValueError):
+        return None
+    reason = state.get("stop_reason") if isinstance(state, dict) else None
+    return reason if isinstance(reason, str) else None
+
+
 # ------------------------------------------------------------------------ digests
 def file_digest(data: bytes) -> dict[str, Any]:
     """A manifest's entry for one file (or the history prefix): SHA-256 and size."""

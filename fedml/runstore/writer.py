@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -67,6 +68,24 @@ from fedml.runstore.policy import (
 from fedml.statefile import encode_state, recorddict_to_bytes
 
 log = logging.getLogger(__name__)
+
+
+LOCK_PATIENCE_S = 1.0  # how long a lock held for a moment (`is_locked` looking) may delay us
+
+
+def _flock_exclusive(handle: IO[str]) -> None:
+    """Take the exclusive lock on `handle`, or raise BlockingIOError when another process
+    holds it. `is_locked` (a follower polling the run, `fedml runs`) holds a shared lock
+    for an instant: a refusal is retried for `LOCK_PATIENCE_S` before it counts."""
+    deadline = time.monotonic() + LOCK_PATIENCE_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def default_run_path(root: Path = Path("runs")) -> Path:
@@ -421,7 +440,7 @@ class RunStore:
             )
         handle = open(self.path / LOCK, "a+")  # noqa: SIM115 - held until close()
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_exclusive(handle)
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "unknown"
