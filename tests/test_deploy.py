@@ -22,7 +22,7 @@ import pytest
 
 from fedml.config import load_config
 from fedml.data import federation_for
-from fedml.deploy.processes import free_port
+from fedml.deploy.processes import free_port, port_open
 from fedml.pki import add_node, init_pki
 from fedml.runstore import is_locked
 
@@ -198,6 +198,9 @@ def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_de
     superlink = f"127.0.0.1:{port}"
     for name, shard in zip("abc", data, strict=True):
         _client(fleet, name, superlink, shard, pki)
+    # The intruder's 10 s of patience start once the SuperLink listens (the server's own
+    # start-up, slow on a loaded machine, is not what this checks).
+    _wait(lambda: port_open("127.0.0.1", port), 180, "the SuperLink's port", fleet)
     intruder = _client(fleet, "intruder", superlink, data[0], pki, "--join-timeout", "10")
     assert intruder.wait(180) == 2, fleet.log("client-intruder")
     assert "refused this site's key" in fleet.log("client-intruder")
