@@ -282,7 +282,7 @@ def _follow_while_held(run: Path, tmp_path: Path, start_round: int = 0) -> tuple
     follower = threading.Thread(target=follow)
     try:
         follower.start()
-        time.sleep(1.0)
+        time.sleep(2.0)  # time for the follower to see the lock held, on a busy machine too
         following_while_held = follower.is_alive()
         lock.close()  # the ServerApp lets go of the run directory
         follower.join(5.0)
