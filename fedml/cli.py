@@ -115,6 +115,144 @@ OutOpt = Annotated[Path | None, Opt(help="Run directory (default runs/DATE-TIME)
 ResumeOpt = Annotated[
     Path | None, Opt(help="Continue the run in this directory from its last intact commit.")
 ]
+FractionTrainOpt = Annotated[
+    float | None,
+    Opt(
+        show_default=default_of("strategy.fraction_train"),
+        help="Fraction of clients sampled per round.",
+    ),
+]
+
+FractionEvaluateOpt = Annotated[
+    float | None,
+    Opt(
+        show_default=default_of("strategy.fraction_evaluate"),
+        help="Fraction of clients sampled for federated evaluation (0: none).",
+    ),
+]
+
+DatasetOpt = Annotated[
+    str | None,
+    Opt(
+        show_default=default_of("data.dataset"),
+        help="digits | mnist-5k | breast-cancer | synthetic[:a,b] | npz:DIR.",
+    ),
+]
+
+ModelOpt = Annotated[
+    str | None,
+    Opt(
+        show_default=default_of("model.name"),
+        help="logreg | mlp | cnn | lenet | resnet18-gn | module:factory.",
+    ),
+]
+
+LocalEpochsOpt = Annotated[
+    int | None,
+    Opt(show_default=default_of("client.local_epochs"), help="Local epochs per round."),
+]
+
+BatchSizeOpt = Annotated[
+    int | None, Opt(show_default=default_of("client.batch_size"), help="Local minibatch size.")
+]
+
+LrOpt = Annotated[
+    float | None, Opt(show_default=default_of("client.lr"), help="Client learning rate.")
+]
+
+ProximalMuOpt = Annotated[
+    float | None,
+    Opt(show_default=default_of("strategy.proximal_mu"), help="FedProx proximal weight mu."),
+]
+
+LrDecayOpt = Annotated[
+    float | None,
+    Opt(show_default=default_of("client.lr_decay"), help="Client lr factor per round (0-1]."),
+]
+
+ServerLrOpt = Annotated[
+    float | None,
+    Opt(show_default=default_of("server.lr"), help="Server learning rate on the update."),
+]
+
+ServerMomentumOpt = Annotated[
+    float | None,
+    Opt(
+        show_default=default_of("server.momentum"),
+        help="Server momentum on the update (FedAvgM).",
+    ),
+]
+
+EarlyStopOpt = Annotated[
+    str | None,
+    Opt(
+        show_default=default_of("stop.metric"),
+        help="Early-stopping metric, e.g. server.loss (with --patience).",
+    ),
+]
+
+PatienceOpt = Annotated[
+    int | None,
+    Opt(
+        show_default=default_of("stop.patience"),
+        help="Rounds without improvement before stopping.",
+    ),
+]
+
+TargetOpt = Annotated[
+    str | None,
+    Opt(
+        show_default=default_of("stop.target"),
+        help='Stop when reached, e.g. "server.accuracy >= 0.95".',
+    ),
+]
+
+DpOpt = Annotated[
+    str | None,
+    Opt(
+        show_default=default_of("dp.mode"),
+        help="Differential privacy: off | sample | user-fixed | user-adaptive.",
+    ),
+]
+
+NoiseMultiplierOpt = Annotated[
+    float | None,
+    Opt(show_default=default_of("dp.noise_multiplier"), help="DP noise multiplier."),
+]
+
+TargetEpsilonOpt = Annotated[
+    float | None,
+    Opt(
+        show_default=default_of("dp.target_epsilon"),
+        help="Derive the DP noise to spend this epsilon over --rounds.",
+    ),
+]
+
+MaxEpsilonOpt = Annotated[
+    float | None,
+    Opt(
+        show_default=default_of("dp.max_epsilon"),
+        help="DP budget a client (sample) or the run (user) may not pass.",
+    ),
+]
+
+MaxGradNormOpt = Annotated[
+    float | None,
+    Opt(
+        show_default=default_of("dp.max_grad_norm"),
+        help="Per-example gradient clip norm (DP-SGD).",
+    ),
+]
+
+SeedOpt = Annotated[
+    int | None,
+    Opt(show_default=default_of("seed"), help="Seed for every random choice of the run."),
+]
+
+DeviceOpt = Annotated[
+    str | None,
+    Opt(show_default=default_of("client.device"), help="auto | cpu | cuda | cuda:N."),
+]
 SecAggOpt = Annotated[
     bool | None,
     Opt(
@@ -210,27 +348,9 @@ def simulate(
         int | None,
         Opt(show_default=default_of("simulation.clients"), help="Number of simulated clients."),
     ] = None,
-    fraction_train: Annotated[
-        float | None,
-        Opt(
-            show_default=default_of("strategy.fraction_train"),
-            help="Fraction of clients sampled per round.",
-        ),
-    ] = None,
-    fraction_evaluate: Annotated[
-        float | None,
-        Opt(
-            show_default=default_of("strategy.fraction_evaluate"),
-            help="Fraction of clients sampled for federated evaluation (0: none).",
-        ),
-    ] = None,
-    dataset: Annotated[
-        str | None,
-        Opt(
-            show_default=default_of("data.dataset"),
-            help="digits | mnist-5k | breast-cancer | synthetic[:a,b] | npz:DIR.",
-        ),
-    ] = None,
+    fraction_train: FractionTrainOpt = None,
+    fraction_evaluate: FractionEvaluateOpt = None,
+    dataset: DatasetOpt = None,
     partition: Annotated[
         str | None,
         Opt(
@@ -238,27 +358,11 @@ def simulate(
             help="iid | dirichlet:ALPHA | shards:K | auto.",
         ),
     ] = None,
-    model: Annotated[
-        str | None,
-        Opt(
-            show_default=default_of("model.name"),
-            help="logreg | mlp | cnn | lenet | resnet18-gn | module:factory.",
-        ),
-    ] = None,
-    local_epochs: Annotated[
-        int | None,
-        Opt(show_default=default_of("client.local_epochs"), help="Local epochs per round."),
-    ] = None,
-    batch_size: Annotated[
-        int | None, Opt(show_default=default_of("client.batch_size"), help="Local minibatch size.")
-    ] = None,
-    lr: Annotated[
-        float | None, Opt(show_default=default_of("client.lr"), help="Client learning rate.")
-    ] = None,
-    proximal_mu: Annotated[
-        float | None,
-        Opt(show_default=default_of("strategy.proximal_mu"), help="FedProx proximal weight mu."),
-    ] = None,
+    model: ModelOpt = None,
+    local_epochs: LocalEpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    proximal_mu: ProximalMuOpt = None,
     stragglers: Annotated[
         float | None,
         Opt(
@@ -273,86 +377,23 @@ def simulate(
             help="Fraction of sampled clients failing each round.",
         ),
     ] = None,
-    lr_decay: Annotated[
-        float | None,
-        Opt(show_default=default_of("client.lr_decay"), help="Client lr factor per round (0-1]."),
-    ] = None,
-    server_lr: Annotated[
-        float | None,
-        Opt(show_default=default_of("server.lr"), help="Server learning rate on the update."),
-    ] = None,
-    server_momentum: Annotated[
-        float | None,
-        Opt(
-            show_default=default_of("server.momentum"),
-            help="Server momentum on the update (FedAvgM).",
-        ),
-    ] = None,
+    lr_decay: LrDecayOpt = None,
+    server_lr: ServerLrOpt = None,
+    server_momentum: ServerMomentumOpt = None,
     min_replies: MinRepliesOpt = None,
     round_timeout: RoundTimeoutOpt = None,
-    early_stop: Annotated[
-        str | None,
-        Opt(
-            show_default=default_of("stop.metric"),
-            help="Early-stopping metric, e.g. server.loss (with --patience).",
-        ),
-    ] = None,
-    patience: Annotated[
-        int | None,
-        Opt(
-            show_default=default_of("stop.patience"),
-            help="Rounds without improvement before stopping.",
-        ),
-    ] = None,
-    target: Annotated[
-        str | None,
-        Opt(
-            show_default=default_of("stop.target"),
-            help='Stop when reached, e.g. "server.accuracy >= 0.95".',
-        ),
-    ] = None,
+    early_stop: EarlyStopOpt = None,
+    patience: PatienceOpt = None,
+    target: TargetOpt = None,
     max_seconds: MaxSecondsOpt = None,
-    dp: Annotated[
-        str | None,
-        Opt(
-            show_default=default_of("dp.mode"),
-            help="Differential privacy: off | sample | user-fixed | user-adaptive.",
-        ),
-    ] = None,
-    noise_multiplier: Annotated[
-        float | None,
-        Opt(show_default=default_of("dp.noise_multiplier"), help="DP noise multiplier."),
-    ] = None,
-    target_epsilon: Annotated[
-        float | None,
-        Opt(
-            show_default=default_of("dp.target_epsilon"),
-            help="Derive the DP noise to spend this epsilon over --rounds.",
-        ),
-    ] = None,
-    max_epsilon: Annotated[
-        float | None,
-        Opt(
-            show_default=default_of("dp.max_epsilon"),
-            help="DP budget a client (sample) or the run (user) may not pass.",
-        ),
-    ] = None,
-    max_grad_norm: Annotated[
-        float | None,
-        Opt(
-            show_default=default_of("dp.max_grad_norm"),
-            help="Per-example gradient clip norm (DP-SGD).",
-        ),
-    ] = None,
+    dp: DpOpt = None,
+    noise_multiplier: NoiseMultiplierOpt = None,
+    target_epsilon: TargetEpsilonOpt = None,
+    max_epsilon: MaxEpsilonOpt = None,
+    max_grad_norm: MaxGradNormOpt = None,
     secagg: SecAggOpt = None,
-    seed: Annotated[
-        int | None,
-        Opt(show_default=default_of("seed"), help="Seed for every random choice of the run."),
-    ] = None,
-    device: Annotated[
-        str | None,
-        Opt(show_default=default_of("client.device"), help="auto | cpu | cuda | cuda:N."),
-    ] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     engine: Annotated[
         str | None,
         Opt(
@@ -593,12 +634,33 @@ def server(
     sites: Annotated[
         int, Opt(help="With --insecure: sites to wait for before round 1 (0: none).")
     ] = 0,
+    dataset: DatasetOpt = None,
+    model: ModelOpt = None,
     strategy: StrategyOpt = None,
     rounds: RoundsOpt = None,
+    fraction_train: FractionTrainOpt = None,
+    fraction_evaluate: FractionEvaluateOpt = None,
+    local_epochs: LocalEpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    proximal_mu: ProximalMuOpt = None,
+    lr_decay: LrDecayOpt = None,
+    server_lr: ServerLrOpt = None,
+    server_momentum: ServerMomentumOpt = None,
     min_replies: MinRepliesOpt = None,
     round_timeout: RoundTimeoutOpt = None,
+    early_stop: EarlyStopOpt = None,
+    patience: PatienceOpt = None,
+    target: TargetOpt = None,
     max_seconds: MaxSecondsOpt = None,
+    dp: DpOpt = None,
+    noise_multiplier: NoiseMultiplierOpt = None,
+    target_epsilon: TargetEpsilonOpt = None,
+    max_epsilon: MaxEpsilonOpt = None,
+    max_grad_norm: MaxGradNormOpt = None,
     secagg: SecAggOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = None,
     report: ReportOpt = True,
@@ -607,7 +669,12 @@ def server(
     running the fedml ServerApp; sites join with `fedml client`. Writes the same run
     directory as `fedml simulate`.
 
-    Example: fedml server run.toml --pki pki --host 0.0.0.0 --port 8000
+    Example: fedml server --pki pki --host 0.0.0.0 --dataset npz:shards --rounds 20
+
+    The run's settings come from CONFIG (a TOML file or preset) and the flags, as in
+    `fedml simulate`; --dataset is the server's own test set (npz:DIR holding test.npz),
+    which also fixes the model's input shape and classes. --device is where sites train
+    unless a site's own --device says otherwise.
 
     Resume after a crash: fedml server --resume runs/exp1 --pki pki [--rounds 40]
     """
@@ -678,8 +745,13 @@ def client(
     ] = "",
     label_column: Annotated[str, Opt(help="The label column of a CSV file.")] = "label",
     state_dir: Annotated[
-        Path, Opt(help="The site's own folder: prepared data, privacy ledger, logs.")
-    ] = Path("fedml-site"),
+        Path | None,
+        Opt(
+            help="The site's own folder: prepared data, privacy ledger, logs; locked while "
+            "this client runs.",
+            show_default="fedml-site-NAME for --pki .../NAME (--insecure: the data file's name)",
+        ),
+    ] = None,
     port: Annotated[
         int, Opt(help="The SuperNode's local port (distinct per node on one machine).")
     ] = 9094,
@@ -838,8 +910,8 @@ def data_split(
         console.print(f"{path}  {examples} examples", highlight=False)
     console.print(f"simulate it: fedml simulate --dataset npz:{out}", highlight=False)
     console.print(
-        f"deploy it: site i runs fedml client --data {out}/client-<i>.npz ...; the server "
-        f"fedml server --dataset npz:{out} ... (it reads test.npz)",
+        f"deploy it: the server runs fedml server --dataset npz:{out} ... (it reads only "
+        f"test.npz); site i runs fedml client --data client-<i>.npz ... with its own file",
         highlight=False,
     )
 

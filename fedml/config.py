@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -49,6 +51,14 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
 MAX_SEED = 2**32 - 1  # scikit-learn's random_state takes no larger seed
 RESUME_KEY = "deploy.resume"
 SIMULATED_KEY = "deploy.simulated"
+
+# A deployed run's config travels to every site, so its server-side paths do not: `fedml
+# server` sends these keys as the placeholders below and hands the ServerApp the real
+# values in the environment variable SERVER_LOCAL_ENV (JSON), which its SuperLink passes
+# on to the ServerApp process and to nothing else. A site needs neither: its data is its
+# own `--data`.
+SERVER_LOCAL_ENV = "FEDML_SERVER_LOCAL"
+SERVER_LOCAL = {"out": "server-side", "data.dataset": "npz:server-side"}
 
 
 @dataclass
@@ -293,9 +303,25 @@ class RunConfig:
         )
         return cls.from_flat(flat), flags
 
+    def server_local(self) -> dict[str, str]:
+        """The keys a deployed run keeps on the server (see SERVER_LOCAL), as JSON-able
+        values for SERVER_LOCAL_ENV."""
+        flat = self.to_flat()
+        return {key: flat[key] for key in SERVER_LOCAL}
+
     def to_toml(self) -> str:
         """The resolved config as TOML text (what a run directory stores)."""
         return tomli_w.dumps(self.to_tables())
+
+
+def with_server_local(run_config: dict[str, Any]) -> dict[str, Any]:
+    """A ServerApp's run config with the server-side values `fedml server` kept out of
+    it (SERVER_LOCAL_ENV); unchanged anywhere else (simulation, a plain `flwr run`)."""
+    local = os.environ.get(SERVER_LOCAL_ENV)
+    if local is None:
+        return run_config
+    values = json.loads(local)
+    return {**run_config, **{key: values[key] for key in SERVER_LOCAL if key in values}}
 
 
 @dataclass(frozen=True)
@@ -325,7 +351,23 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
         shards = npz_shard_count(Path(dataset[4:]).expanduser())
         if shards:
             flat["simulation.clients"] = shards
-    return RunConfig.from_flat(flat)
+    cfg = RunConfig.from_flat(flat)
+    check_data_path(cfg)
+    return cfg
+
+
+def check_data_path(cfg: RunConfig) -> None:
+    """The run's `npz:<dir>` must exist on this machine. Checked where the data is read
+    (the CLI, the ServerApp), never by `validate`: a data site parses the same run config
+    and must not look for the server's folders on its own disk."""
+    if cfg.data.dataset.startswith("npz:"):
+        directory = Path(cfg.data.dataset[4:]).expanduser()
+        _check(
+            directory.is_dir(),
+            f"data.dataset '{cfg.data.dataset}': directory {directory} does not exist. "
+            "Point npz:<dir> at a directory holding client-<i>.npz shards (or, for "
+            "fedml server, just test.npz).",
+        )
 
 
 def with_overrides(base: RunConfig, flat: dict[str, Any]) -> RunConfig:
@@ -453,13 +495,6 @@ def validate(cfg: RunConfig) -> None:
         or data.dataset.startswith(("synthetic", "npz:")),
         f"data.dataset '{data.dataset}' is unknown. Use one of: {', '.join(DATASETS)}.",
     )
-    if data.dataset.startswith("npz:"):
-        directory = Path(data.dataset[4:]).expanduser()
-        _check(
-            directory.is_dir(),
-            f"data.dataset '{data.dataset}': directory {directory} does not exist. "
-            "Point npz:<dir> at a directory holding client-<i>.npz shards.",
-        )
     parse_partition(data.partition)
     _check(
         0.0 < data.test_fraction < 1.0,

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Message
 
 from fedml.errors import FedmlError
+from fedml.failures import DECLINED_CODE
 from fedml.validation import finite_number
 
 if TYPE_CHECKING:  # for a type hint only
     from fedml.config import DPConfig
 
-DECLINED_CODE = 4001  # Error.code of a client that declines to train: budget spent
 EPSILON_KEY = "dp-epsilon"
 DELTA_KEY = "dp-delta"
 PRIVACY_KEYS = (EPSILON_KEY, DELTA_KEY)

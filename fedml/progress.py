@@ -34,6 +34,10 @@ def describe_row(row: HistoryRow) -> str:
     parts.append(f"clients {clients['aggregated']}/{clients['sampled']}")
     if clients.get("rejected"):
         parts.append(f"rejected {clients['rejected']}")
+    if clients.get("failed"):
+        reasons = row.get("failed_reasons", {})
+        why = "; ".join(f"{n}x {reason}" for reason, n in reasons.items())
+        parts.append(f"failed {clients['failed']}" + (f" ({why})" if why else ""))
     if clients.get("declined"):
         parts.append(f"declined {clients['declined']} (privacy budget)")
     if row.get("privacy"):

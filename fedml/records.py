@@ -54,8 +54,9 @@ class HistoryRow(TypedDict, total=False):
     stop: str  # the stop reason, on the run's last row
 
 
-# Keys that identify a row rather than measure it.
-NOT_SERIES = frozenset({"round"})
+# Keys that identify a row rather than measure it, and "failed_reasons", whose keys are
+# texts sent by sites (counted in "clients/failed" already; not a column per reason).
+NOT_SERIES = frozenset({"round", "failed_reasons"})
 
 # The series the report plots, and how a legend names them.
 SERVER_ACCURACY = "server/accuracy"

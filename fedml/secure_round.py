@@ -94,8 +94,7 @@ class SecureRound:
             inbox = server.route(shared)
             self.row["shared"] = len(shared)
             for reply in observe(self._train(nodes, shared, inbox)):
-                _count(reply, tally)
-                if reply.has_error():
+                if not tally.answered(reply):
                     continue
                 node = reply.metadata.src_node_id
                 masked = wire.masked_from(reply.content, layout.size)
@@ -224,10 +223,3 @@ class SecureRound:
                 tally.rejected["aggregate beyond clip_norm"] += 1
                 return None
         return record_of({k: from_numpy(v) for k, v in mean.items()})
-
-
-def _count(reply: Message, tally: Tally) -> None:
-    if reply.has_error():
-        tally.failed += 1
-    else:
-        tally.replied += 1

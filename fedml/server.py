@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from clients.trainer import evaluate, resolve_device
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.components import RoundComponents
-from fedml.config import RunConfig
+from fedml.config import RunConfig, check_data_path, with_server_local
 from fedml.contracts import (
     NodeStateGrid,
     Retractable,
@@ -131,6 +131,7 @@ class Experiment:
         drawn on the server follows the run seed (simulation; a deployment draws secret
         noise from OS entropy). `sites_hold_data`: deployed, so the server reads only its
         own test set (`npz:<dir>` may hold just test.npz)."""
+        check_data_path(cfg)
         v = cfg.validation
         validator = UpdateValidator(v.norm_factor, v.clip_norm, v.max_weight_factor)
         strategy = build_strategy(cfg, reproducible)
@@ -341,6 +342,8 @@ def train_round(
         "aggregated": kept.messages,
     }
     row["rejected"] = dict(sorted(tally.rejected.items()))
+    if tally.failed_reasons:
+        row["failed_reasons"] = dict(sorted(tally.failed_reasons.items()))
     if tally.capped:
         row["weights_capped"] = tally.capped
     if devices.replies:
@@ -429,7 +432,7 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point under Flower's runtimes (`flwr run`: `fedml server`, the Ray engine):
     the same loop as `fedml simulate`."""
     _exit_with_parent()
-    cfg, flags = RunConfig.from_run_config(dict(context.run_config))
+    cfg, flags = RunConfig.from_run_config(with_server_local(dict(context.run_config)))
     # Simulated (the Ray engine): the run seed drives server-side DP noise too, and the
     # nodes are numbered like the in-process engine's; deployed: secret noise, real nodes.
     experiment = Experiment.prepare(

@@ -58,6 +58,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.common.constant import SType
 
 from fedml.arrays import from_numpy, record_of, to_numpy
+from fedml.failures import DECLINED_CODE, MAX_REASONS, OTHER_REASON, failure_reason
 
 NORM_SAMPLE = 3  # valid updates needed before the norm check starts
 FIRST_ROUND_SAMPLE = 5  # updates that wait when no earlier round's median exists
@@ -75,6 +76,20 @@ class Tally:
     accepted: int = 0
     capped: int = 0  # accepted replies whose weight claim was cut down
     rejected: Counter[str] = field(default_factory=Counter)
+    failed_reasons: Counter[str] = field(default_factory=Counter)  # privacy declines aside
+
+    def answered(self, reply: Message) -> bool:
+        """Count `reply`: whether it carries content (else it failed, and why is noted:
+        at most MAX_REASONS distinct reasons a round, the rest as OTHER_REASON)."""
+        if not reply.has_error():
+            self.replied += 1
+            return True
+        self.failed += 1
+        if reply.error.code != DECLINED_CODE:
+            reason = failure_reason(reply.error)
+            known = reason in self.failed_reasons or len(self.failed_reasons) < MAX_REASONS
+            self.failed_reasons[reason if known else OTHER_REASON] += 1
+        return False
 
 
 @dataclass
@@ -341,11 +356,8 @@ def _sorted_median(ordered: list[float], count: int, skip: int) -> float | None:
 def _answered(replies: Iterable[Message], tally: Tally) -> Iterator[Message]:
     """The replies that carry content; error replies are counted as failed."""
     for reply in replies:
-        if reply.has_error():
-            tally.failed += 1
-            continue
-        tally.replied += 1
-        yield reply
+        if tally.answered(reply):
+            yield reply
 
 
 def finite_number(value: object) -> bool:

@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.deploy.processes",
                 "fedml.deploy.flower_runtime",
                 "fedml.deploy.app_check",
+                "fedml.deploy.site_state",
                 "fedml.deploy",  # the package's own __init__ only
                 "fedml.pki",
             ]
@@ -78,6 +79,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             [
                 "fedml",  # the package's own __init__: FedmlError and the version
                 "fedml.errors",
+                "fedml.failures",
                 "fedml.arrays",
                 "fedml.statefile",
                 "fedml.records",

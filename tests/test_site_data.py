@@ -212,27 +212,52 @@ def test_a_sites_supernode_gets_its_data_ledger_and_device_through_the_node_conf
     node_config = command[command.index("--node-config") + 1]
     assert node_config == (
         f'data-path="{tmp_path / "site" / "data"}" '
-        f'privacy-ledger="{tmp_path / "site" / "privacy-ledger.json"}" device="cpu"'
+        f'privacy-ledger="{tmp_path / "site" / "privacy-ledger.json"}" site-name="shard" '
+        'device="cpu"'
     )
     assert command[-1] == "--insecure" and command[command.index("--port") + 1] == "9999"
     assert said[0].startswith("site data: 20 examples of (4,) features, labels 0..2")
     assert (tmp_path / "site" / "data" / X_FILE).is_file()
 
 
-def test_the_refusal_watch_finds_a_line_written_in_pieces_and_reads_each_byte_once(tmp_path):
-    from fedml.deploy.client import REFUSED_MARK, _LogWatch
+def test_the_log_watch_returns_lines_written_in_pieces_once_each_after_the_offset(tmp_path):
+    from fedml.deploy.client import REFUSED_MARK, NewLines
 
     log = tmp_path / "supernode.log"
     log.write_text("old attempt: " + REFUSED_MARK + "\n")
-    watch = _LogWatch(log, log.stat().st_size)  # only what this attempt writes counts
-    assert not watch.saw(REFUSED_MARK)
+    watch = NewLines(log, log.stat().st_size)  # only what this attempt writes counts
+    assert watch.read() == []
     with log.open("a") as handle:
         handle.write("ERROR: " + REFUSED_MARK[:9])
-    assert not watch.saw(REFUSED_MARK)
+    assert watch.read() == []  # half a line is not a line yet
     with log.open("a") as handle:
-        handle.write(REFUSED_MARK[9:] + ".\n")
-    assert watch.saw(REFUSED_MARK)
-    assert watch.offset == log.stat().st_size
+        handle.write(REFUSED_MARK[9:] + ".\nnext\n")
+    assert watch.read() == ["ERROR: " + REFUSED_MARK + ".", "next"]
+    assert watch.read() == [] and watch.offset == log.stat().st_size
+
+
+def test_the_site_console_names_each_failed_task_and_shouts_after_three_in_a_row(tmp_path):
+    from fedml.deploy.client import TaskReport
+    from fedml.deploy.site_state import TASK_DONE_MARK, TASK_FAILED_MARK
+
+    log = tmp_path / "executor.log"
+    log.write_text(f"{TASK_FAILED_MARK}train: an old run's failure\n")
+    said: list[str] = []
+    report = TaskReport(log, said.append)
+
+    def task(line: str) -> None:
+        with log.open("a") as handle:
+            handle.write(f"2026-12-03 INFO {line}\n")
+        report.read()
+
+    task(f"{TASK_DONE_MARK}train")
+    assert said == []  # a task that worked is not news; the old failure is not this run's
+    for _ in range(3):
+        task(f"{TASK_FAILED_MARK}train: site a: FedmlError: <x.npy> is damaged")
+    assert said[0] == f"task failed: train: site a: FedmlError: <x.npy> is damaged (details: {log})"
+    assert len(said) == 4 and "FAILED ITS LAST 3 TASKS" in said[3]
+    task(f"{TASK_DONE_MARK}train")
+    assert said[-1] == "tasks succeed again after 3 failures"
 
 
 def test_a_flower_federation_with_fewer_nodes_splits_the_data_that_many_ways(caplog):

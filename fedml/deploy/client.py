@@ -43,12 +43,22 @@ from fedml.deploy.processes import (
     port_open,
     split_address,
 )
+from fedml.deploy.site_state import (
+    SITE_NAME_KEY,
+    TASK_DONE_MARK,
+    TASK_FAILED_MARK,
+    claim,
+    default_state_dir,
+    key_fingerprint,
+    site_name,
+)
 from fedml.errors import FedmlError
 from fedml.pki import site_files
 
 DATA_FOLDER = "data"
 LEDGER_FILE = "privacy-ledger.json"
 LOCAL_HOST = "127.0.0.1"  # the SuperNode's Runtime API: this machine only
+EXECUTOR_LOG = "executor.log"  # in the state folder: every task's log lines
 SECRET_FILE = "executor.secret"  # in the state folder: the SuperExec secret
 REFUSED_MARK = "Failed to activate SuperNode"  # Flower's log line when auth fails
 QUICK_EXIT, MAX_QUICK_EXITS = 15.0, 5  # seconds; exits that short in a row: give up
@@ -63,11 +73,21 @@ class ClientOptions:
     pki: Path | None  # the site's folder (PKI/sites/NAME); None only when insecure
     insecure: bool = False
     device: str = ""  # "" keeps the run config's client.device
-    state_dir: Path = Path("fedml-site")
+    state_dir: Path | None = None  # None: derived from the site (site_state.default_state_dir)
     label_column: str = "label"
     port: int = 9094  # the SuperNode's local Runtime API port (one per node on a machine)
     join_timeout: float = 60.0  # seconds to wait for the SuperLink, or while it refuses us
     allowed_models: tuple[str, ...] = ()  # module:factory models this site agrees to build
+
+    @property
+    def name(self) -> str:
+        """The site's name: its PKI folder's (sites/NAME), or its data file's."""
+        return site_name(None if self.insecure else self.pki, self.data)
+
+    @property
+    def state(self) -> Path:
+        """The site's state folder: `state_dir`, or the default derived from the site."""
+        return self.state_dir or default_state_dir(self.name)
 
 
 def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
@@ -75,9 +95,7 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
     host, port = split_address(options.superlink)
     security = _security_options(options)
     _check_local_port(options.port)
-    folder, shard = prepare_site(
-        options.data, options.state_dir / DATA_FOLDER, options.label_column
-    )
+    folder, shard = prepare_site(options.data, options.state / DATA_FOLDER, options.label_column)
     classes = sorted({int(c) for c in shard.y})
     say(
         f"site data: {len(shard)} examples of {tuple(shard.x.shape[1:])} features, "
@@ -89,7 +107,8 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
         say(f"device: {resolve_device(options.device)}")
     node_config = {
         "data-path": str(folder.resolve()),
-        "privacy-ledger": str((options.state_dir / LEDGER_FILE).resolve()),
+        "privacy-ledger": str((options.state / LEDGER_FILE).resolve()),
+        SITE_NAME_KEY: options.name,
     }
     if options.device:
         node_config["device"] = options.device
@@ -211,10 +230,19 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
     registers its sites just after it starts), then it is an error; so is a SuperNode
     that keeps failing right after it starts."""
     host, port = split_address(options.superlink)
-    command = prepare(options, say)
-    options.state_dir.mkdir(parents=True, exist_ok=True)
-    command += ["--superexec-auth-secret-file", str(_write_secret(options.state_dir).resolve())]
-    log = options.state_dir / "supernode.log"
+    _security_options(options)  # the site's own files first: its key names its folder
+    fingerprint = key_fingerprint(None if options.insecure else options.pki)
+    with claim(options.state, fingerprint, options.data):
+        _serve(options, host, port, prepare(options, say), say)
+
+
+def _serve(
+    options: ClientOptions, host: str, port: int, command: list[str], say: Callable[[str], None]
+) -> None:
+    """Run the SuperNode and the executor until stopped (see `run_site`)."""
+    command += ["--superexec-auth-secret-file", str(_write_secret(options.state).resolve())]
+    log = options.state / "supernode.log"
+    tasks = TaskReport(options.state / EXECUTOR_LOG, say)
     refused_since: float | None = None
     quick_exits = 0
     while True:
@@ -224,7 +252,7 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
         executor = _start_executor(options)
         say(f"SuperNode started (log: {log}); Ctrl-C stops it")
         try:
-            refused, ended = _run_until_exit(supernode, executor, offset)
+            refused, ended = _run_until_exit(supernode, executor, offset, tasks)
         finally:
             executor.stop()
         if refused:
@@ -257,9 +285,9 @@ def _start_executor(options: ClientOptions) -> Child:
     command = [
         sys.executable, "-m", "fedml.deploy.site_executor",
         "--runtime-api-address", f"{LOCAL_HOST}:{options.port}",
-        "--secret-file", str(_secret_file(options.state_dir).resolve()),
+        "--secret-file", str(_secret_file(options.state).resolve()),
     ]  # fmt: skip
-    return Child("site executor", command, options.state_dir / "executor.log", flower_env())
+    return Child("site executor", command, options.state / EXECUTOR_LOG, flower_env())
 
 
 def _secret_file(state_dir: Path) -> Path:
@@ -277,38 +305,72 @@ def _write_secret(state_dir: Path) -> Path:
     return path
 
 
-def _run_until_exit(supernode: Child, executor: Child, start: int) -> tuple[bool, Child]:
+def _run_until_exit(
+    supernode: Child, executor: Child, start: int, tasks: TaskReport
+) -> tuple[bool, Child]:
     """Wait for the SuperNode or its executor to exit, stopping the SuperNode on the way
     out; whether it was because the SuperLink refused its key (the SuperNode's log after
-    byte `start` says so), and which of the two ended. The log is read incrementally: a
-    site runs for days."""
-    reader = _LogWatch(supernode.log, start)
+    byte `start` says so), and which of the two ended. Meanwhile the executor's task
+    outcomes go to `tasks`. Logs are read incrementally: a site runs for days."""
+    supernode_log = NewLines(supernode.log, start)
+    refused = False
     ended = supernode
     try:
         while supernode.alive() and executor.alive():
             time.sleep(0.5)
-            if reader.saw(REFUSED_MARK):
+            tasks.read()
+            if any(REFUSED_MARK in line for line in supernode_log.read()):
+                refused = True
                 break
         ended = executor if not executor.alive() else supernode
     finally:
         supernode.stop()
-    return reader.saw(REFUSED_MARK), ended
+    tasks.read()
+    return refused, ended
 
 
-class _LogWatch:
-    """Whether a text has appeared in a growing log since a byte offset, reading each
-    new byte once."""
+class NewLines:
+    """The complete lines a growing log gains after a byte offset, each read once."""
 
     def __init__(self, log: Path, offset: int) -> None:
-        self.log, self.offset, self.tail, self.found = log, offset, "", False
+        self.log, self.offset, self.partial = log, offset, b""
 
-    def saw(self, text: str) -> bool:
-        if not self.found:
+    def read(self) -> list[str]:
+        try:
             with self.log.open("rb") as handle:
                 handle.seek(self.offset)
                 new = handle.read()
-            self.offset += len(new)
-            window = self.tail + new.decode("utf-8", errors="replace")
-            self.found = text in window
-            self.tail = window[-len(text) :]
-        return self.found
+        except FileNotFoundError:
+            return []
+        self.offset += len(new)
+        *lines, self.partial = (self.partial + new).split(b"\n")
+        return [line.decode("utf-8", errors="replace") for line in lines]
+
+
+class TaskReport:
+    """What the site's console says of its tasks: each failure with its reason and
+    where the details are, and loudly when the site has failed every task in a row."""
+
+    LOUD_AFTER = 3  # failed tasks in a row
+
+    def __init__(self, executor_log: Path, say: Callable[[str], None]) -> None:
+        self.lines = NewLines(
+            executor_log, executor_log.stat().st_size if executor_log.exists() else 0
+        )
+        self.executor_log, self.say, self.failed_in_a_row = executor_log, say, 0
+
+    def read(self) -> None:
+        for line in self.lines.read():
+            if TASK_DONE_MARK in line:
+                if self.failed_in_a_row >= self.LOUD_AFTER:
+                    self.say(f"tasks succeed again after {self.failed_in_a_row} failures")
+                self.failed_in_a_row = 0
+            elif TASK_FAILED_MARK in line:
+                self.failed_in_a_row += 1
+                reason = line.split(TASK_FAILED_MARK, 1)[1]
+                self.say(f"task failed: {reason} (details: {self.executor_log})")
+                if self.failed_in_a_row == self.LOUD_AFTER:
+                    self.say(
+                        f"THIS SITE HAS FAILED ITS LAST {self.failed_in_a_row} TASKS; the "
+                        "server counts it as failed until the cause above is fixed"
+                    )

@@ -22,7 +22,7 @@ from typing import Any
 
 import tomli_w
 
-from fedml.config import RESUME_KEY, SIMULATED_KEY, RunConfig
+from fedml.config import RESUME_KEY, SERVER_LOCAL, SIMULATED_KEY, RunConfig
 from fedml.deploy.processes import Child, flower_command, flower_env, wait_for_port
 from fedml.errors import FedmlError
 from fedml.runstore import (
@@ -136,6 +136,8 @@ def write_app(folder: Path, cfg: RunConfig, resume: bool, simulated: bool = Fals
     config[RESUME_KEY] = resume
     if simulated:
         config[SIMULATED_KEY] = True
+    else:  # deployed: the server's paths stay on the server (SERVER_LOCAL_ENV)
+        config.update(SERVER_LOCAL)
     project = {
         "project": {
             "name": APP_NAME,

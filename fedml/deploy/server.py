@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedml.config import RunConfig, with_overrides
+from fedml.config import SERVER_LOCAL_ENV, RunConfig, with_overrides
 from fedml.deploy.launch import CONNECTION, RoundCallback, local_host, superlink_run
 from fedml.deploy.processes import (
     Child,
@@ -94,7 +94,8 @@ def serve(
     node_keys = _node_keys(options)
     cfg = _with_out(cfg, run_dir)
     sweep_stale_work_folders()
-    with superlink_run(WORK_PREFIX, run_dir) as link, _sigterm_as_interrupt():
+    local = {SERVER_LOCAL_ENV: json.dumps(cfg.server_local())}  # for the ServerApp only
+    with superlink_run(WORK_PREFIX, run_dir, local) as link, _sigterm_as_interrupt():
         (link.work / OWNER_FILE).write_text(str(os.getpid()))
         private_port = free_port()
         ca = None if options.insecure or options.pki is None else options.pki / "ca.crt"
@@ -180,7 +181,12 @@ def _node_keys(options: ServerOptions) -> list[Path]:
 
 
 def _with_out(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    return with_overrides(cfg, {"out": str(run_dir)})
+    """The config the ServerApp receives: the run directory and an `npz:` test folder
+    as absolute paths on this machine (the ServerApp's working directory is Flower's)."""
+    overrides = {"out": str(run_dir)}
+    if cfg.data.dataset.startswith("npz:"):
+        overrides["data.dataset"] = "npz:" + str(Path(cfg.data.dataset[4:]).expanduser().resolve())
+    return with_overrides(cfg, overrides)
 
 
 def _security(options: ServerOptions) -> list[str]:

@@ -34,6 +34,8 @@ from fedml.deploy.app_check import (
     fab_refusal,
     message_refusal,
 )
+from fedml.deploy.site_state import SITE_NAME_KEY, TASK_DONE_MARK, TASK_FAILED_MARK
+from fedml.failures import without_paths
 
 APP_REFUSED_CODE = ErrorCode.INVALID_FAB  # error reply: the site refused the run's app
 APP_FAILED_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION  # error reply: the ClientApp raised
@@ -68,9 +70,11 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
         else:
             reply = _run_clientapp(message, context)
             status, details = runtime.COMPLETED, ""
+        reply = _say_outcome(message, reply, str(context.node_config.get(SITE_NAME_KEY, "")))
     except Exception as exc:  # whatever happens, the SuperNode hears of it
         log.exception("the task failed")
         details = f"{type(exc).__name__}: {exc}"
+        log.error("%s%s", TASK_FAILED_MARK, without_paths(details))
     finally:
         try:
             if reply is not None and context is not None:
@@ -82,6 +86,21 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
         heartbeat.stop()
         client.close()
     return 0 if reply is not None else 1
+
+
+def _say_outcome(message: Message, reply: Message, site: str) -> Message:
+    """Log the task's outcome on one marked line (the site's console repeats failures)
+    and, for a failure, make the reply's reason safe to send: local paths removed, the
+    site's name in front, so the server can say which site failed and why."""
+    kind = message.metadata.message_type
+    if not reply.has_error():
+        log.info("%s%s", TASK_DONE_MARK, kind)
+        return reply
+    reason = without_paths(reply.error.reason or f"error code {reply.error.code}")
+    if site:
+        reason = f"site {site}: {reason}"
+    log.error("%s%s: %s", TASK_FAILED_MARK, kind, reason)
+    return Message(Error(code=reply.error.code, reason=reason), reply_to=message)
 
 
 def _run_clientapp(message: Message, context: Context) -> Message:
