@@ -60,6 +60,7 @@ from fedml.arrays import from_state_dict, to_numpy, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
 from fedml.data.site import DEFAULT_LABEL_COLUMN, X_FILE, load_prepared, read_site_data
+from fedml.errors import FedmlError
 from fedml.models import model_for
 from fedml.node_state import PARTITION_KEY, PARTITIONS_KEY, carry_node_state
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
@@ -139,7 +140,14 @@ class LocalJob:
         """The configured model holding the received global weights. Its output size is
         the server's "num-classes" (a site may not hold every class), else the job's."""
         num_classes = int(config.get(NUM_CLASSES_KEY, self.num_classes))
+        if self.num_classes > num_classes:
+            raise FedmlError(
+                f"This site's labels go up to {self.num_classes - 1} but the run has "
+                f"{num_classes} classes (0 .. {num_classes - 1}). Labels must be class "
+                "indices numbered as in the server's test set."
+            )
         model = model_for(self.cfg, self.input_shape, num_classes)
+        _check_fits(model, arrays, self.input_shape)
         model.load_state_dict(to_state_dict(arrays), strict=True)
         return model
 
@@ -147,6 +155,20 @@ class LocalJob:
         """Training settings: the message's config over the run config's defaults."""
         defaults = TrainSettings.for_round(self.cfg.client, self.cfg.client.lr)
         return TrainSettings.from_record(config, defaults)
+
+
+def _check_fits(model: torch.nn.Module, arrays: ArrayRecord, input_shape: tuple[int, ...]) -> None:
+    """One clear error when the server's model does not fit this site's data (another
+    number of features, another image size): the first layer that differs, and the fix."""
+    local = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    for key, array in arrays.items():
+        if key in local and tuple(array.shape) != local[key]:
+            raise FedmlError(
+                f"The run's model does not fit this site's data: its {key} has shape "
+                f"{tuple(array.shape)}, but this site's examples of shape {input_shape} "
+                f"make it {local[key]}. Every site's file needs the features of the "
+                "server's test set, in the same order and preprocessed the same way."
+            )
 
 
 @lru_cache(maxsize=8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import numpy as np
 import pytest
 
 from fedml.config import load_config
-from fedml.data import federation_for
+from fedml.data import load_federation
+from fedml.data.export import write_split
 from fedml.deploy.processes import free_port, port_open
 from fedml.pki import add_node, init_pki
 from fedml.runstore import is_locked
@@ -32,19 +34,32 @@ ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK":
 
 
 class Fleet:
-    """The processes one test starts, each logged to a file, all killed at the end."""
+    """The processes one test starts, each logged to a file, all killed at the end.
+
+    Each process runs as a separate machine would: in its own folder (its working
+    directory and its HOME), given relative paths only. The server's folder holds its
+    PKI and `shards/test.npz`; a site's folder holds its own data file and its
+    `sites/NAME` PKI folder, and nothing of the server's."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.started: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def machine(self, name: str) -> Path:
+        """The folder that stands for machine `name` (made on first use)."""
+        folder = self.root / name
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def start(self, name: str, machine: str, *args: str) -> subprocess.Popen:
         log = (self.root / f"{name}.log").open("wb")
+        home = self.machine(machine)
         process = subprocess.Popen(
             [sys.executable, "-m", "fedml.cli", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=ENV,
+            env={**ENV, "HOME": str(home)},
+            cwd=home,
             start_new_session=True,
         )
         self.started[name] = process
@@ -94,49 +109,77 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
-def _shards(root: Path, count: int) -> list[Path]:
-    """Each site's private shard: client i of the digits federation, as an .npz file."""
-    federation = federation_for(load_config(None, {"simulation.clients": count}))
-    paths = []
-    for i in range(count):
-        shard = federation.client(i)
-        path = root / f"site-{i}.npz"
-        np.savez(path, x=shard.x, y=shard.y)
-        paths.append(path)
-    return paths
+SERVER = "server"  # the server machine's folder
 
 
-def _pki(root: Path, sites: list[str]) -> Path:
-    pki = root / "pki"
+def _split(fleet: Fleet, sites: str) -> dict[str, str]:
+    """The digits federation split for `sites` (one letter each), as `fedml data split`
+    writes it: the server's folder gets only `shards/test.npz`, site X's folder only its
+    own `client-<i>.npz`. Returns each site's data file name (relative to its folder)."""
+    scratch = fleet.root / "split"
+    federation = load_federation("digits", "auto", len(sites), 0.2, 0)
+    write_split(federation, scratch)
+    shards = fleet.machine(SERVER) / "shards"
+    shards.mkdir()
+    shutil.move(scratch / "test.npz", shards / "test.npz")
+    names = {}
+    for i, site in enumerate(sites):
+        names[site] = f"client-{i}.npz"
+        shutil.move(scratch / names[site], fleet.machine(f"site-{site}") / names[site])
+    shutil.rmtree(scratch)
+    return names
+
+
+def _pki(fleet: Fleet, sites: str) -> Path:
+    """The server's PKI (in its folder), and each site's `sites/NAME` folder copied to
+    that site's machine, as README says to."""
+    pki = fleet.machine(SERVER) / "pki"
     init_pki(pki)
-    for name in sites:
-        add_node(pki, name)
+    for site in sites:
+        add_node(pki, site)
+        shutil.copytree(pki / "sites" / site, fleet.machine(f"site-{site}") / site)
     return pki
 
 
-def _client(fleet: Fleet, name: str, superlink: str, data: Path, pki: Path, *extra: str):
+def _client(fleet: Fleet, site: str, superlink: str, data: str, *extra: str, machine: str = ""):
+    """Site `site` from its own folder: relative --data and --pki, the default state folder."""
     return fleet.start(
-        f"client-{name}",
+        f"client-{site}",
+        machine or f"site-{site}",
         "client",
         "--superlink", superlink,
-        "--data", str(data),
-        "--pki", str(pki / "sites" / name),
-        "--state-dir", str(fleet.root / f"state-{name}"),
+        "--data", data,
+        "--pki", site,
         "--port", str(free_port()),
         *extra,
     )  # fmt: skip
 
 
-def _server(fleet: Fleet, name: str, pki: Path, port: int, *args: str):
+def _server(fleet: Fleet, name: str, port: int, *args: str):
     return fleet.start(
         name,
+        SERVER,
         "server",
-        "--pki", str(pki),
+        "--pki", "pki",
         "--port", str(port),
         "--wait-for-sites", "180",
         "--no-report",
         *args,
     )  # fmt: skip
+
+
+def _train_examples(files: list[Path]) -> int:
+    """How many examples sites holding `files` train on each round (each file less its
+    validation split, as `clients.app` takes it)."""
+    total = 0
+    for path in files:
+        n = len(np.load(path)["y"])
+        total += n - min(n - 1, max(1, round(n * 0.2)))
+    return total
+
+
+def _site_files(fleet: Fleet, data: dict[str, str]) -> list[Path]:
+    return [fleet.machine(f"site-{site}") / name for site, name in data.items()]
 
 
 def _attack_from_outside(root: Path, port: int, pki: Path, rogue_key: Path, run_id: str):
@@ -187,25 +230,35 @@ def _attack_from_outside(root: Path, port: int, pki: Path, rogue_key: Path, run_
 def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_dead_site_does_not_stop_the_run(  # noqa: E501
     tmp_path, fleet
 ):
-    pki = _pki(tmp_path, ["a", "b", "c", "intruder"])
+    data = _split(fleet, "abc")
+    pki = _pki(fleet, "abc")
+    add_node(pki, "intruder")
+    intruder_home = fleet.machine("site-intruder")
+    shutil.copytree(pki / "sites" / "intruder", intruder_home / "intruder")
+    shutil.copy(fleet.machine("site-a") / data["a"], intruder_home / data["a"])
     rogue_key = tmp_path / "rogue.pub"
     (pki / "nodes" / "intruder.pub").rename(rogue_key)  # a key the server does not know
-    data = _shards(tmp_path, 3)
-    port, run = free_port(), tmp_path / "run"
+    port, run = free_port(), fleet.machine(SERVER) / "run"
     server = _server(
-        fleet, "server", pki, port, "--rounds", "3", "--min-replies", "2", "--out", str(run)
+        fleet, "server", port, "--dataset", "npz:shards", "--rounds", "3", "--min-replies", "2",
+        "--out", "run",
     )  # fmt: skip
     superlink = f"127.0.0.1:{port}"
-    for name, shard in zip("abc", data, strict=True):
-        _client(fleet, name, superlink, shard, pki)
+    for site in "abc":
+        _client(fleet, site, superlink, data[site])
     # The intruder's 10 s of patience start once the SuperLink listens (the server's own
     # start-up, slow on a loaded machine, is not what this checks).
     _wait(lambda: port_open("127.0.0.1", port), 180, "the SuperLink's port", fleet)
-    intruder = _client(fleet, "intruder", superlink, data[0], pki, "--join-timeout", "10")
+    intruder = _client(fleet, "intruder", superlink, data["a"], "--join-timeout", "10")
     assert intruder.wait(180) == 2, fleet.log("client-intruder")
     assert "refused this site's key" in fleet.log("client-intruder")
 
     _wait(lambda: _committed(run, 1), 300, "round 1", fleet)
+    # A site goes down mid-run (no --round-timeout given), right after round 1: two
+    # rounds are still to come whatever the machine's load (killing it later, after the
+    # attack below, raced the run's own end on a busy machine).
+    killed_at = time.monotonic()
+    fleet.kill("client-c")
     run_id = (run / "logs" / "run.log").read_text().split("Successfully started run ")[1].split()[0]
     attempts = _attack_from_outside(tmp_path, port, pki, rogue_key, run_id)
     assert attempts.pop("runtime api")[0] == 403
@@ -216,8 +269,6 @@ def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_de
     for path in ["control/list-runs", "control/list-nodes", "control/start-run", "runtime/"]:
         assert f"refused POST '/v1/{path}" in refused
 
-    killed_at = time.monotonic()
-    fleet.kill("client-c")  # a site goes down mid-run (no --round-timeout given)
     assert server.wait(600) == 0, fleet.logs()
     # Flower marks the dead site offline about a minute after its last heartbeat; its
     # message is then a failed reply, and no round waits for it to come back
@@ -226,6 +277,7 @@ def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_de
     rows = _rows(run)
     assert [row["round"] for row in rows] == [1, 2, 3]
     assert rows[0]["clients"]["replied"] == 3
+    assert rows[0]["train"]["num-examples"] == _train_examples(_site_files(fleet, data))
     assert all(row["clients"]["sampled"] <= 3 for row in rows)  # the real sites only
     # after the kill the dead site is a failed or timed-out reply, or no longer sampled
     # once the SuperLink has noticed it is offline; every message is accounted for ...
@@ -244,24 +296,39 @@ def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_de
 
 
 def test_a_killed_server_resumes_from_its_last_commit_and_finishes(tmp_path, fleet):
-    pki = _pki(tmp_path, ["a", "b"])
-    data = _shards(tmp_path, 2)
-    port, run = free_port(), tmp_path / "run"
-    _server(fleet, "server", pki, port, "--rounds", "4", "--out", str(run))
-    for name, shard in zip("ab", data, strict=True):
-        _client(fleet, name, f"127.0.0.1:{port}", shard, pki)
+    """Both sites start from one shared folder (one machine, two sites), each with its
+    default state folder: each trains on its own file, as the example counts show."""
+    data = _split(fleet, "ab")
+    _pki(fleet, "ab")
+    shared = fleet.machine("site-ab")  # one machine holding both sites' files
+    for site in "ab":
+        shutil.move(fleet.machine(f"site-{site}") / site, shared / site)
+        shutil.move(fleet.machine(f"site-{site}") / data[site], shared / data[site])
+    port, run = free_port(), fleet.machine(SERVER) / "run"
+    _server(fleet, "server", port, "--dataset", "npz:shards", "--rounds", "4", "--out", "run")
+    for site in "ab":
+        _client(fleet, site, f"127.0.0.1:{port}", data[site], machine="site-ab")
     _wait(lambda: _committed(run, 2), 400, "round 2", fleet)
     fleet.kill("server")  # the server machine goes down
     _wait(lambda: not is_locked(run), 60, "the ServerApp to let go of the run", fleet)
     done = _rows(run)[-1]["round"]
     assert done in (2, 3)
 
-    resumed = _server(fleet, "resumed", pki, port, "--resume", str(run))
+    resumed = _server(fleet, "resumed", port, "--resume", "run")
     assert resumed.wait(600) == 0, fleet.logs()
     rows = _rows(run)
     assert [row["round"] for row in rows] == [1, 2, 3, 4]
     assert rows[-1]["stop"] == "max rounds"
     assert rows[-1]["server"]["accuracy"] > rows[0]["server"]["accuracy"]
+    for site in "ab":
+        assert (shared / f"fedml-site-{site}" / "data" / "x.npy").is_file()
+        with np.load(shared / data[site]) as original:
+            np.testing.assert_array_equal(
+                np.load(shared / f"fedml-site-{site}" / "data" / "y.npy"), original["y"]
+            )
+    for row in rows:
+        assert row["clients"]["aggregated"] == 2
+        assert row["train"]["num-examples"] == _train_examples([shared / n for n in data.values()])
 
 
 def test_a_run_that_never_starts_is_a_clear_error_with_flowers_words(tmp_path, monkeypatch):
@@ -292,14 +359,15 @@ def test_secure_aggregation_over_real_supernodes_with_tls(tmp_path, fleet):
     """Three sites behind TLS and node auth play secure rounds: each site's keys and
     secrets live in its SuperNode's context between the four exchanges, and the server
     unmasks only the sum."""
-    pki = _pki(tmp_path, ["a", "b", "c"])
-    data = _shards(tmp_path, 3)
-    port, run = free_port(), tmp_path / "run"
+    data = _split(fleet, "abc")
+    _pki(fleet, "abc")
+    port, run = free_port(), fleet.machine(SERVER) / "run"
     server = _server(
-        fleet, "server", pki, port, "--rounds", "2", "--secagg", "--out", str(run)
+        fleet, "server", port, "--dataset", "npz:shards", "--rounds", "2", "--secagg",
+        "--out", "run",
     )  # fmt: skip
-    for name, shard in zip("abc", data, strict=True):
-        _client(fleet, name, f"127.0.0.1:{port}", shard, pki)
+    for site in "abc":
+        _client(fleet, site, f"127.0.0.1:{port}", data[site])
     assert server.wait(600) == 0, fleet.logs()
     rows = _rows(run)
     assert [row["round"] for row in rows] == [1, 2]
@@ -309,5 +377,79 @@ def test_secure_aggregation_over_real_supernodes_with_tls(tmp_path, fleet):
         assert row["clients"]["aggregated"] == 3
     assert rows[-1]["server"]["accuracy"] > rows[0]["server"]["accuracy"]
     # the summed example count is the sites' training splits (20% of each is validation)
-    total = sum(len(np.load(p)["y"]) for p in data)
-    assert rows[-1]["train"]["num-examples"] == pytest.approx(0.8 * total, abs=3)
+    assert rows[-1]["train"]["num-examples"] == _train_examples(_site_files(fleet, data))
+
+
+def _fedml(fleet: Fleet, machine: str, *args: str) -> str:
+    """One short `fedml` command on `machine`, as a user types it there; its output."""
+    home = fleet.machine(machine)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedml.cli", *args],
+        capture_output=True, text=True, timeout=120, check=False, cwd=home,
+        env={**ENV, "HOME": str(home)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not_fit(fleet):
+    """README's "Deploying at data sites", command by command: the server's folder keeps
+    only `pki/` and `shards/test.npz`; each hospital's folder holds what README says to
+    copy there. A third site joins with a table of other columns: every one of its
+    tasks fails, and the reason names it on its console, the server's and in history."""
+    port = free_port()
+    _fedml(fleet, SERVER, "certs", "init", "pki", "--host", "superlink.example.org")
+    for site in ("hospital-a", "hospital-b", "hospital-c"):
+        _fedml(fleet, SERVER, "certs", "add-node", site, "--pki", "pki")
+    hint = _fedml(fleet, SERVER, "data", "split", "digits", "--clients", "2", "--out", "shards")
+    assert "fedml server --dataset npz:shards" in hint  # the hint names real flags
+    server_home = fleet.machine(SERVER)
+    for i, site in enumerate(("hospital-a", "hospital-b")):  # "copy ... to site A / B"
+        home = fleet.machine(site)
+        shutil.copytree(server_home / "pki" / "sites" / site, home / site)
+        shutil.move(server_home / "shards" / f"client-{i}.npz", home / f"client-{i}.npz")
+    assert [p.name for p in (server_home / "shards").iterdir()] == ["test.npz"]
+    hospital_c = fleet.machine("hospital-c")
+    shutil.copytree(server_home / "pki" / "sites" / "hospital-c", hospital_c / "hospital-c")
+    columns = ["age", "glucose", "lactate", "outcome"]  # not the server's 64 pixels
+    rows = [",".join(columns)] + [f"{50 + i},{100 + i},{i % 3},{i % 2}" for i in range(40)]
+    (hospital_c / "visits.csv").write_text("\n".join(rows) + "\n")
+
+    server = fleet.start(
+        "server", SERVER, "server", "--pki", "pki", "--host", "127.0.0.1", "--port", str(port),
+        "--dataset", "npz:shards", "--rounds", "3", "--min-replies", "2", "--no-report",
+    )  # fmt: skip
+    superlink = f"127.0.0.1:{port}"
+    for i, site in enumerate(("hospital-a", "hospital-b")):
+        fleet.start(
+            site, site, "client", "--superlink", superlink, "--data", f"client-{i}.npz",
+            "--pki", site, "--port", str(free_port()),
+        )  # fmt: skip
+    fleet.start(
+        "hospital-c", "hospital-c", "client", "--superlink", superlink, "--data", "visits.csv",
+        "--label-column", "outcome", "--pki", "hospital-c", "--port", str(free_port()),
+    )  # fmt: skip
+    assert server.wait(600) == 0, fleet.logs()
+
+    run = next((server_home / "runs").iterdir())
+    history = _rows(run)
+    assert [row["round"] for row in history] == [1, 2, 3]
+    files = [
+        fleet.machine(s) / f"client-{i}.npz" for i, s in enumerate(("hospital-a", "hospital-b"))
+    ]
+    why = "site hospital-c: FedmlError: The run's model does not fit this site's data"
+    for row in history:
+        assert row["clients"]["aggregated"] == 2  # both hospitals, every round
+        assert row["train"]["num-examples"] == _train_examples(files)
+        assert row["clients"]["failed"] == 1
+        [(reason, count)] = row["failed_reasons"].items()
+        assert reason.startswith(why) and count == 1
+        assert "/" not in reason  # no path of the site's
+    assert history[-1]["server"]["accuracy"] > 0.5
+    assert why in fleet.log("server")  # the server's console names the site and why
+    site_console = fleet.log("hospital-c")
+    assert "task failed: train: " + why in site_console
+    assert "THIS SITE HAS FAILED ITS LAST 3 TASKS" in site_console
+    for site in ("hospital-a", "hospital-b", "hospital-c"):  # the default state folders
+        assert (fleet.machine(site) / f"fedml-site-{site}" / "site.json").is_file()
+    assert not list(server_home.glob("fedml-site-*"))
