@@ -392,6 +392,9 @@ def _fedml(fleet: Fleet, machine: str, *args: str) -> str:
     return done.stdout
 
 
+HOSPITALS = ("hospital-a", "hospital-b")
+
+
 def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not_fit(fleet):
     """README's "Deploying at data sites", command by command: the server's folder keeps
     only `pki/` and `shards/test.npz`; each hospital's folder holds what README says to
@@ -404,7 +407,7 @@ def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not
     hint = _fedml(fleet, SERVER, "data", "split", "digits", "--clients", "2", "--out", "shards")
     assert "fedml server --dataset npz:shards" in hint  # the hint names real flags
     server_home = fleet.machine(SERVER)
-    for i, site in enumerate(("hospital-a", "hospital-b")):  # "copy ... to site A / B"
+    for i, site in enumerate(HOSPITALS):  # "copy ... to site A / B"
         home = fleet.machine(site)
         shutil.copytree(server_home / "pki" / "sites" / site, home / site)
         shutil.move(server_home / "shards" / f"client-{i}.npz", home / f"client-{i}.npz")
@@ -420,7 +423,7 @@ def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not
         "--dataset", "npz:shards", "--rounds", "3", "--min-replies", "2", "--no-report",
     )  # fmt: skip
     superlink = f"127.0.0.1:{port}"
-    for i, site in enumerate(("hospital-a", "hospital-b")):
+    for i, site in enumerate(HOSPITALS):
         fleet.start(
             site, site, "client", "--superlink", superlink, "--data", f"client-{i}.npz",
             "--pki", site, "--port", str(free_port()),
