@@ -12,7 +12,7 @@ from rich.table import Column, Table
 
 from fedml.config import RunConfig
 from fedml.privacy import describe_privacy
-from fedml.records import HistoryRow
+from fedml.records import HistoryRow, describe_secagg, secure_text
 from fedml.runstore import RunStore
 from fedml.server import RoundCallback, RunSummary
 from simulations.engine import simulate
@@ -42,6 +42,8 @@ def describe_row(row: HistoryRow) -> str:
         parts.append(f"declined {clients['declined']} (privacy budget)")
     if row.get("privacy"):
         parts.append(describe_privacy(row["privacy"], with_delta=False))
+    if row.get("secagg"):
+        parts.append(describe_secagg(row["secagg"]))
     if row.get("retries"):
         parts.append(f"retried {len(row['retries'])}x ({row['retries'][-1]})")
     if row.get("stop"):
@@ -130,6 +132,9 @@ def print_summary(
     privacy = next((r["privacy"] for r in reversed(summary.history) if r.get("privacy")), None)
     if privacy:
         table.add_row("privacy", describe_privacy(privacy))
+    secure = [r for r in summary.history if r.get("secagg")]
+    if secure:
+        table.add_row("secure aggregation", secure_text(secure))
     wall = f"{summary.seconds:.1f} s"
     if summary.resumed_from is not None:  # this session's, and what the run took in all
         in_rounds = sum(row.get("seconds", 0.0) for row in summary.history)

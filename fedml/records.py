@@ -40,6 +40,7 @@ class HistoryRow(TypedDict, total=False):
     train: dict[str, float] | None  # aggregated train metrics + "num-examples"
     clients: ClientCounts
     rejected: dict[str, int]  # screening: reason -> replies
+    failed_reasons: dict[str, int]  # failed replies by the reason their site gave
     weights_capped: int  # replies whose num-examples claim was capped
     devices: dict[str, int]  # where the replies trained: device label -> replies
     secagg: dict[str, float | int]  # a secure round: sampled, shared, unmasked, dropped, ...
@@ -72,6 +73,29 @@ SECONDS = "seconds"
 # "cuda:N", "name": the GPU's name); a history row counts the replies per device under
 # "devices" (series `devices/<device>`).
 DEVICE_RECORD = "device"
+
+
+def describe_secagg(entry: dict[str, Any]) -> str:
+    """A secure round's "secagg" entry in words: how many updates were masked and
+    whether the server could unmask their sum (it never sees one update)."""
+    unmasked, dropped = int(entry.get("unmasked", 0)), int(entry.get("dropped", 0))
+    if unmasked == 0:
+        return "secure aggregation: no sum unmasked this round"
+    text = f"secure aggregation: {unmasked} updates masked, only their sum unmasked"
+    return text + (f" ({dropped} dropped out)" if dropped else "")
+
+
+def masked_updates(rows: list[HistoryRow]) -> int:
+    """How many site updates reached the server only masked, over `rows`."""
+    return sum(int(row["secagg"].get("unmasked", 0)) for row in rows if row.get("secagg"))
+
+
+def secure_text(rows: list[HistoryRow]) -> str:
+    """What secure aggregation did over a run's secure rounds, for a summary."""
+    return (
+        f"on: {masked_updates(rows)} site updates reached the server only masked, over "
+        f"{len(rows)} rounds; the server unmasked sums only"
+    )
 
 
 def device_label(record: dict[str, Any]) -> str:

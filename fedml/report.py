@@ -264,6 +264,8 @@ def summary_row(run: RunSeries) -> dict[str, Any]:
         "clients": cfg.simulation.clients,
         "seed": cfg.seed,
         "dp": cfg.dp.mode,
+        "secagg": cfg.secagg.enabled,
+        "masked_updates": records.masked_updates(run.status.rows),
         "local_epochs": cfg.client.local_epochs,
         "batch_size": cfg.client.batch_size,
         "fraction_train": cfg.strategy.fraction_train,

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from fedml.data import effective_partition
 from fedml.privacy import describe_privacy
+from fedml.records import secure_text
 from fedml.runstore import CONFIG, RunStatus, find_runs, run_status
 
 
@@ -48,6 +49,9 @@ def print_status(status: RunStatus, console: Console) -> None:
     table.add_row("best round", _best_text(status))
     if status.privacy:
         table.add_row("privacy", describe_privacy(status.privacy))
+    secure = [r for r in status.rows if r.get("secagg")]
+    if secure:
+        table.add_row("secure aggregation", secure_text(secure))
     for check in status.commits:
         if check.problem:
             table.add_row("[red]damaged[/]", f"{check.path.name}: {check.problem}")
@@ -76,8 +80,15 @@ def _best_text(status: RunStatus) -> str:
 def _experiment_text(status: RunStatus) -> str:
     cfg = status.cfg
     dp = "" if cfg.dp.mode == "off" else f", DP {cfg.dp.mode}"
+    secure = ", secure aggregation" if cfg.secagg.enabled else ""
+    if status.deployed:  # real nodes: what the rounds saw, not simulation.clients
+        nodes = max((r["clients"]["sampled"] for r in status.rows), default=0)
+        return (
+            f"{cfg.strategy.name}, {cfg.model.name}, up to {nodes} nodes a round "
+            f"(deployed), seed {cfg.seed}{dp}{secure}"
+        )
     split = effective_partition(cfg.data.dataset, cfg.data.partition)
     return (
         f"{cfg.strategy.name}, {cfg.model.name} on {cfg.data.dataset} ({split}), "
-        f"{cfg.simulation.clients} clients, seed {cfg.seed}{dp}"
+        f"{cfg.simulation.clients} clients, seed {cfg.seed}{dp}{secure}"
     )
