@@ -38,7 +38,13 @@ from flwr.serverapp.strategy import Strategy
 from clients.trainer import evaluate, resolve_device
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.components import RoundComponents
-from fedml.config import RunConfig, check_data_path, with_server_local
+from fedml.config import (
+    SERVER_LOCAL,
+    SERVER_LOCAL_ENV,
+    RunConfig,
+    check_data_path,
+    with_server_local,
+)
 from fedml.contracts import (
     NodeStateGrid,
     Retractable,
@@ -433,6 +439,13 @@ def main(grid: Grid, context: Context) -> None:
     the same loop as `fedml simulate`."""
     _exit_with_parent()
     cfg, flags = RunConfig.from_run_config(with_server_local(dict(context.run_config)))
+    if cfg.out == SERVER_LOCAL["out"]:
+        raise FedmlError(
+            "This run's config was made by `fedml server`, which keeps the run directory "
+            f"and test data out of what sites receive and hands them to its ServerApp in "
+            f"{SERVER_LOCAL_ENV}; that variable is not set here. Start the run with "
+            "`fedml server`."
+        )
     # Simulated (the Ray engine): the run seed drives server-side DP noise too, and the
     # nodes are numbered like the in-process engine's; deployed: secret noise, real nodes.
     experiment = Experiment.prepare(

@@ -227,12 +227,18 @@ def _wait_for(predicate, timeout: float, what: str, logs: list[Path]) -> None:
 
 @pytest.mark.slow
 def test_a_site_refuses_a_foreign_app_without_importing_it_and_still_serves_fedml(tmp_path):
+    from fedml.config import SERVER_LOCAL_ENV
     from fedml.deploy.launch import CONNECTION, start_superlink, submit, write_flower_config
     from fedml.deploy.processes import flower_command, flower_env, free_port, run_quietly
 
     port, home = free_port(), tmp_path / "flwr-home"
     write_flower_config(home, f"127.0.0.1:{port}", None)
-    env = flower_env(home)
+    run = tmp_path / "run"
+    one_site = {"participation.min_replies": 1, "strategy.min_train_clients": 1}
+    one_site["strategy.min_evaluate_clients"] = 1
+    cfg = load_config(None, {"rounds": 1, "out": str(run), **one_site})
+    # as `fedml server` does: the ServerApp's own paths reach it through its environment
+    env = {**flower_env(home), SERVER_LOCAL_ENV: json.dumps(cfg.server_local())}
     # the SuperLink a compromised server would run: ours to submit anything through
     superlink = start_superlink("127.0.0.1", port, tmp_path / "superlink.log", env, ["--insecure"])
     site_log = tmp_path / "site.log"
@@ -266,10 +272,6 @@ def test_a_site_refuses_a_foreign_app_without_importing_it_and_still_serves_fedm
         assert "fedml site refused run" in (state / "executor.log").read_text()
 
         # the same site still serves fedml's own app
-        run = tmp_path / "run"
-        one_site = {"participation.min_replies": 1, "strategy.min_train_clients": 1}
-        one_site["strategy.min_evaluate_clients"] = 1
-        cfg = load_config(None, {"rounds": 1, "out": str(run), **one_site})
         app = write_app(tmp_path / "fedml-app", cfg, resume=False)
         flwr_run = submit(app, tmp_path / "logs", env)
         try:
