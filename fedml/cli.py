@@ -680,9 +680,16 @@ def server(
     """
     from fedml.config import load_config
     from fedml.deploy.server import ServerOptions, serve
-    from fedml.progress import describe_row
+    from fedml.progress import RepeatedFailures, describe_row
     from fedml.runstore import run_status
     from simulations.presets import resolve_config
+
+    failures = RepeatedFailures()
+
+    def show(row: Any) -> None:
+        console.print(describe_row(row), highlight=False)
+        for warning in failures.warnings(row):
+            err_console.print(f"[bold red]{escape(warning)}[/]", highlight=False)
 
     overrides = config_overrides(ctx.params)
     options = ServerOptions(pki, insecure, host, port, wait_for_sites, sites)
@@ -707,7 +714,7 @@ def server(
             cfg,
             options,
             resume=resume is not None,
-            on_round=lambda row: console.print(describe_row(row), highlight=False),
+            on_round=show,
             on_status=lambda text: console.print(text, highlight=False),
         )
     except FedmlError as exc:

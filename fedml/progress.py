@@ -51,6 +51,26 @@ def describe_row(row: HistoryRow) -> str:
     return ", ".join(parts)
 
 
+class RepeatedFailures:
+    """Watches the rounds for a failure that keeps coming back: a reason seen in
+    `LOUD_AFTER` rounds in a row (a site that fails every task) is said once, loudly,
+    so a deployment's operator does not have to read every progress line."""
+
+    LOUD_AFTER = 3
+
+    def __init__(self) -> None:
+        self.streaks: dict[str, int] = {}
+
+    def warnings(self, row: HistoryRow) -> list[str]:
+        reasons = row.get("failed_reasons", {})
+        self.streaks = {r: self.streaks.get(r, 0) + 1 for r in reasons}
+        return [
+            f"WARNING: failed in each of the last {self.LOUD_AFTER} rounds: {reason}"
+            for reason, streak in self.streaks.items()
+            if streak == self.LOUD_AFTER
+        ]
+
+
 def round_progress(console: Console) -> Progress:
     """The progress display: a short bar, rounds done of planned and the elapsed time,
     then the newest round's line, which wraps under itself rather than being cut, so

@@ -81,11 +81,11 @@ def _experiment_text(status: RunStatus) -> str:
     cfg = status.cfg
     dp = "" if cfg.dp.mode == "off" else f", DP {cfg.dp.mode}"
     secure = ", secure aggregation" if cfg.secagg.enabled else ""
-    if status.deployed:  # real nodes: what the rounds saw, not simulation.clients
+    if status.deployed:  # `fedml server`, `flwr run`: the nodes the rounds sampled
         nodes = max((r["clients"]["sampled"] for r in status.rows), default=0)
         return (
-            f"{cfg.strategy.name}, {cfg.model.name}, up to {nodes} nodes a round "
-            f"(deployed), seed {cfg.seed}{dp}{secure}"
+            f"{cfg.strategy.name}, {cfg.model.name}, up to {nodes} Flower nodes a "
+            f"round, seed {cfg.seed}{dp}{secure}"
         )
     split = effective_partition(cfg.data.dataset, cfg.data.partition)
     return (

@@ -450,6 +450,7 @@ def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not
         assert "/" not in reason  # no path of the site's
     assert history[-1]["server"]["accuracy"] > 0.5
     assert why in fleet.log("server")  # the server's console names the site and why
+    assert "WARNING: failed in each of the last 3 rounds: " + why in fleet.log("server")
     site_console = fleet.log("hospital-c")
     assert "task failed: train: " + why in site_console
     assert "THIS SITE HAS FAILED ITS LAST 3 TASKS" in site_console

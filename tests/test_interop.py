@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,8 @@ def test_flwr_run_on_flowers_managed_local_simulation(tmp_path):
     digits_training_pool = 1797 * 0.8 * 0.8  # test and validation fractions held out
     assert rows[-1]["train"]["num-examples"] == pytest.approx(digits_training_pool, rel=0.02)
     assert rows[-1]["server"]["accuracy"] > 0.6
+    # `fedml runs` describes the federation by the nodes that trained, not the config's 10
+    out = subprocess.run(
+        [sys.executable, "-m", "fedml.cli", "runs", str(run)], capture_output=True, text=True
+    )
+    assert "up to 2 Flower nodes a round" in out.stdout and "10 clients" not in out.stdout

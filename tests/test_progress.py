@@ -48,3 +48,46 @@ def test_the_ray_engine_says_it_is_starting_ray_until_the_first_round(monkeypatc
     run_with_progress(cfg, console)
     shown = console.export_text()
     assert "0/20" in shown and "starting Ray and its actors" in shown
+
+
+def _round(number: int, **extra) -> dict:
+    clients = {"sampled": 3, "aggregated": 2, "failed": 1, "rejected": 0, "declined": 0}
+    return {"round": number, "clients": clients, **extra}
+
+
+def test_the_progress_line_names_why_sites_failed_and_what_secure_aggregation_did():
+    secagg = {"sampled": 3, "shared": 3, "unmasked": 2, "dropped": 1}
+    line = describe_row(_round(4, failed_reasons={"site c: FedmlError: bad": 1}, secagg=secagg))
+    assert "failed 1 (1x site c: FedmlError: bad)" in line
+    assert "secure aggregation: 2 updates masked, only their sum unmasked (1 dropped out)" in line
+    assert "secure" not in describe_row(_round(5))
+
+
+def test_a_reason_failing_three_rounds_in_a_row_is_said_once_loudly():
+    from fedml.progress import RepeatedFailures
+
+    watch = RepeatedFailures()
+    seen = [
+        watch.warnings(_round(r, failed_reasons=reasons))
+        for r, reasons in enumerate(
+            [{"a": 1}, {"a": 1, "b": 1}, {"b": 1}, {"a": 1, "b": 1}, {"a": 1, "b": 1}, {"a": 1}],
+            start=1,
+        )
+    ]
+    # "a" breaks its streak in round 3 and reaches 3 again in round 6; "b" in round 4
+    assert seen[:3] == [[], [], []]
+    assert seen[3] == ["WARNING: failed in each of the last 3 rounds: b"]
+    assert seen[4] == [] and seen[5] == ["WARNING: failed in each of the last 3 rounds: a"]
+
+
+def test_the_summary_says_how_many_updates_reached_the_server_only_masked(tmp_path):
+    from fedml.progress import print_summary
+
+    rows = [
+        _round(r, secagg={"unmasked": 3, "dropped": 0}, server={"accuracy": 0.5, "loss": 1.0})
+        for r in (1, 2)
+    ]
+    out = io.StringIO()
+    summary = RunSummary(tmp_path, 2, 1.0, rows)
+    print_summary(summary, Console(file=out, width=200))
+    assert "6 site updates reached the server only masked, over 2 rounds" in out.getvalue()
