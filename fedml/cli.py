@@ -660,7 +660,6 @@ def server(
     max_grad_norm: MaxGradNormOpt = None,
     secagg: SecAggOpt = None,
     seed: SeedOpt = None,
-    device: DeviceOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = None,
     report: ReportOpt = True,
@@ -673,8 +672,8 @@ def server(
 
     The run's settings come from CONFIG (a TOML file or preset) and the flags, as in
     `fedml simulate`; --dataset is the server's own test set (npz:DIR holding test.npz),
-    which also fixes the model's input shape and classes. --device is where sites train
-    unless a site's own --device says otherwise.
+    which also fixes the model's input shape and classes. Each site picks its device
+    with its own `fedml client --device`.
 
     Resume after a crash: fedml server --resume runs/exp1 --pki pki [--rounds 40]
     """

@@ -321,7 +321,14 @@ def with_server_local(run_config: dict[str, Any]) -> dict[str, Any]:
     if local is None:
         return run_config
     values = json.loads(local)
-    return {**run_config, **{key: values[key] for key in SERVER_LOCAL if key in values}}
+    return {
+        **run_config,
+        **{
+            key: values[key]
+            for key, placeholder in SERVER_LOCAL.items()
+            if key in values and run_config.get(key) == placeholder  # another run: as it is
+        },
+    }
 
 
 @dataclass(frozen=True)

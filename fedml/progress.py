@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
@@ -36,7 +37,7 @@ def describe_row(row: HistoryRow) -> str:
         parts.append(f"rejected {clients['rejected']}")
     if clients.get("failed"):
         reasons = row.get("failed_reasons", {})
-        why = "; ".join(f"{n}x {reason}" for reason, n in reasons.items())
+        why = "; ".join(f"{n}x {escape(reason)}" for reason, n in reasons.items())
         parts.append(f"failed {clients['failed']}" + (f" ({why})" if why else ""))
     if clients.get("declined"):
         parts.append(f"declined {clients['declined']} (privacy budget)")

@@ -116,3 +116,17 @@ def test_resume_identity_treats_keys_added_later_as_their_defaults():
     changed = experiment_identity(with_overrides(RunConfig(), {"client.weight_decay": 0.1}))
     assert identity_changes(older_run, changed) == ["client.weight_decay: 0.0 -> 0.1"]
     assert identity_changes(current, {**current, "seed": 5}) == ["seed: 0 -> 5"]
+
+
+def test_the_servers_own_paths_replace_only_fedml_servers_placeholders(monkeypatch):
+    import json
+
+    from fedml.config import SERVER_LOCAL, SERVER_LOCAL_ENV, with_server_local
+
+    sent = {"rounds": 3, **SERVER_LOCAL}
+    assert with_server_local(sent) == sent  # no variable: unchanged
+    local = {"out": "/srv/runs/r1", "data.dataset": "npz:/srv/shards"}
+    monkeypatch.setenv(SERVER_LOCAL_ENV, json.dumps(local))
+    assert with_server_local(sent) == {"rounds": 3, **local}
+    other = {"rounds": 3, "out": "/elsewhere", "data.dataset": "digits"}  # another run
+    assert with_server_local(other) == other

@@ -127,16 +127,18 @@ def test_an_insecure_client_against_a_tls_server_and_the_reverse_fail_naming_the
     ):
         _wait_for_port(tls_port, tls_front, site / "tls.log")
         _wait_for_port(plain_port, plain_front, site / "plain.log")
-        common = ["--data", str(site / "a.npz"), "--state-dir", str(site / "s")]
+        common = ["--data", str(site / "a.npz")]
         code, out, seconds = _fedml(
             "client", "--insecure", "--superlink", f"127.0.0.1:{tls_port}", *common,
+            "--state-dir", str(site / "s-insecure"),
             "--port", str(free_port()),
         )  # fmt: skip
         assert code == 2 and "speaks TLS" in out and "--pki" in out, out
         assert seconds < 30
         code, out, seconds = _fedml(
             "client", "--pki", str(pki / "sites" / "a"), "--superlink",
-            f"127.0.0.1:{plain_port}", *common, "--port", str(free_port()),
+            f"127.0.0.1:{plain_port}", *common, "--state-dir", str(site / "s-key"),
+            "--port", str(free_port()),
         )  # fmt: skip
         assert code == 2 and "--insecure" in out and "TLS" in out, out
         assert seconds < 30

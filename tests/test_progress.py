@@ -91,3 +91,10 @@ def test_the_summary_says_how_many_updates_reached_the_server_only_masked(tmp_pa
     summary = RunSummary(tmp_path, 2, 1.0, rows)
     print_summary(summary, Console(file=out, width=200))
     assert "6 site updates reached the server only masked, over 2 rounds" in out.getvalue()
+
+
+def test_a_sites_reason_is_printed_as_text_never_as_markup():
+    out = io.StringIO()
+    line = describe_row(_round(1, failed_reasons={"[/] [bold]x[/bold]": 1}))
+    Console(file=out, width=200).print(line)  # a hostile site's reason must not raise
+    assert "[/] [bold]x[/bold]" in out.getvalue()

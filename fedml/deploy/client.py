@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from fedml.data.site import prepare_site
 from fedml.deploy.app_check import ALLOWED_MODELS_KEY
 from fedml.deploy.processes import (
@@ -368,7 +370,7 @@ class TaskReport:
             elif TASK_FAILED_MARK in line:
                 self.failed_in_a_row += 1
                 reason = line.split(TASK_FAILED_MARK, 1)[1]
-                self.say(f"task failed: {reason} (details: {self.executor_log})")
+                self.say(f"task failed: {escape(reason)} (details: {self.executor_log})")
                 if self.failed_in_a_row == self.LOUD_AFTER:
                     self.say(
                         f"THIS SITE HAS FAILED ITS LAST {self.failed_in_a_row} TASKS; the "

@@ -35,7 +35,7 @@ from fedml.deploy.app_check import (
     message_refusal,
 )
 from fedml.deploy.site_state import SITE_NAME_KEY, TASK_DONE_MARK, TASK_FAILED_MARK
-from fedml.failures import without_paths
+from fedml.failures import DECLINED_CODE, without_paths
 
 APP_REFUSED_CODE = ErrorCode.INVALID_FAB  # error reply: the site refused the run's app
 APP_FAILED_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION  # error reply: the ClientApp raised
@@ -93,7 +93,7 @@ def _say_outcome(message: Message, reply: Message, site: str) -> Message:
     and, for a failure, make the reply's reason safe to send: local paths removed, the
     site's name in front, so the server can say which site failed and why."""
     kind = message.metadata.message_type
-    if not reply.has_error():
+    if not reply.has_error() or reply.error.code == DECLINED_CODE:  # a decline is no fault
         log.info("%s%s", TASK_DONE_MARK, kind)
         return reply
     reason = without_paths(reply.error.reason or f"error code {reply.error.code}")
