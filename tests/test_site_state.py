@@ -149,3 +149,11 @@ def _error_reply(error: Error):
     reply = Reply()
     reply.error = error
     return reply
+
+
+def test_an_earlier_fedmls_shared_state_folder_is_never_silently_left_behind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert str(default_state_dir("hospital-a")) == "fedml-site-hospital-a"
+    (tmp_path / "fedml-site").mkdir()  # holds an upgraded site's privacy ledger
+    with pytest.raises(FedmlError, match=r"--state-dir fedml-site, or rename it"):
+        default_state_dir("hospital-a")

@@ -46,9 +46,20 @@ def site_name(pki: Path | None, data: Path) -> str:
     return name or "site"
 
 
+LEGACY_DEFAULT = Path("fedml-site")  # the default before it was named after the site
+
+
 def default_state_dir(name: str) -> Path:
     """The state folder site `name` uses unless `--state-dir` says otherwise (relative to
-    the working directory)."""
+    the working directory). A folder left by an earlier fedml under the old shared default
+    is never silently replaced by a new one: it holds the site's lifetime privacy ledger."""
+    if LEGACY_DEFAULT.is_dir():
+        raise FedmlError(
+            f"This folder holds {LEGACY_DEFAULT}/, the state folder of an earlier fedml "
+            "(with the site's lifetime privacy ledger); state folders are now named after "
+            f"the site ({DEFAULT_PREFIX}{name}). Keep using it with --state-dir "
+            f"{LEGACY_DEFAULT}, or rename it to {DEFAULT_PREFIX}{name}."
+        )
     return Path(DEFAULT_PREFIX + name)
 
 
