@@ -328,6 +328,8 @@ def _run_until_exit(
     finally:
         supernode.stop()
     tasks.read()
+    # the SuperNode may have logged the refusal and exited between two looks
+    refused = refused or any(REFUSED_MARK in line for line in supernode_log.read())
     return refused, ended
 
 
