@@ -16,10 +16,22 @@ logging who asked for what. With node authentication on, the front also checks e
 Fleet call's SuperNode signature (Flower's headers: the node's public key, a timestamp and
 its signature) against the registered site keys (`PKI/nodes/*.pub`) before it reads the
 body, so an outsider's bytes never reach the SuperLink; the SuperLink checks the same
-headers again. Bodies pass through unchanged (at most `MAX_BODY_BYTES`), headers too,
-except the per-connection ones and forwarding claims (`X-Forwarded-*`, `Forwarded`),
-which an outsider could forge. Node registration stays on the server machine: the Fleet
-API's own `register-node` is refused by the SuperLink whenever node authentication is on.
+headers again (and that the node id a call names is the signer's). Bodies pass through
+unchanged, headers too, except the per-connection ones and forwarding claims
+(`X-Forwarded-*`, `Forwarded`), which an outsider could forge. Node registration stays on
+the server machine: the Fleet API's own `register-node` is refused by the SuperLink
+whenever node authentication is on.
+
+A site speaks only for itself: Flower 1.42's SuperLink stores a pushed message whose
+source is the SuperLink (node 1) and that replies to nothing as an instruction to its
+destination, so a registered site could make another site train. The front therefore
+lets through only pushed messages that are replies from the pushing node to the
+SuperLink (`not_a_reply_from`).
+
+What one caller may cost is bounded (fedml.deploy.front_guard): a request head within
+10 s, 64 connections per address, a body of at most `MAX_BODY_BYTES` (Flower sends
+arrays in 5 MiB chunks) that keeps arriving (`BODY_IDLE_TIMEOUT`), and bodies held at
+once within `IN_FLIGHT_BYTES` in all and `IN_FLIGHT_PER_SENDER` per site.
 
 Run as `python -m fedml.deploy.front --host H --port P --backend URL [--certfile F
 --keyfile F --cafile F --node-keys DIR]`; `fedml server` starts it as a child process.
@@ -28,6 +40,7 @@ Run as `python -m fedml.deploy.front --host H --port P --backend URL [--certfile
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -38,7 +51,8 @@ from pathlib import Path
 
 import httpx
 from cryptography.hazmat.primitives import serialization
-from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+from flwr.common.constant import SUPERLINK_NODE_ID, SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+from flwr.proto.fleet_pb2 import PushMessagesRequest
 from flwr.supercore.error.base import ApiErrorCode, FlowerError
 from flwr.supercore.error.catalog import API_ERROR_MAP
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
@@ -48,6 +62,14 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from fedml.deploy.front_guard import (
+    HEAD_LIMIT_BYTES,
+    HEAD_TIMEOUT,
+    Budget,
+    raise_open_files_limit,
+    with_head_timeout,
+)
 
 HEALTH_PATH = "/health"
 SERVICE = "fedml-server"
@@ -63,8 +85,13 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 UNAUTHENTICATED = "Invalid SuperNode authentication\n"  # Flower's words for a 401
 ACTIVATE_PATH = "/v1/fleet/activate-node"  # where a SuperNode joins
-MAX_BODY_BYTES = 1 << 30  # one Fleet call: a message or one object of it (a model array)
-MAX_CONNECTIONS = 1024  # open connections beyond this are answered 503 (sites retry)
+PUSH_MESSAGES_PATH = "/v1/fleet/push-messages"  # where a SuperNode sends its replies
+MAX_BODY_BYTES = 64 << 20  # one Fleet call: a message or one object (arrays: 5 MiB chunks)
+BODY_IDLE_TIMEOUT = 30.0  # seconds a request body may pause before the call is dropped
+IN_FLIGHT_BYTES = 1 << 30  # request bodies the front holds at once, all senders together
+IN_FLIGHT_PER_SENDER = 128 << 20  # ... and per site (a SuperNode pushes 2 objects at once)
+MAX_CONNECTIONS = 4096  # open connections beyond this are answered 503 (sites retry)
+CLOSE = {"connection": "close"}  # refused calls end their connection
 REFUSED = (
     "fedml server exposes only the Fleet API (what data sites use) on this address. "
     "The Control and Runtime APIs answer on the server machine only.\n"
@@ -120,16 +147,39 @@ def _unregistered(path: str) -> Response:
     return JSONResponse(error.to_json(spec.public_message), status_code=spec.http_status_code)
 
 
+def not_a_reply_from(body: bytes) -> str | None:
+    """Why a push-messages call is not what a site may push (its own replies to the
+    SuperLink), or None when it is. The SuperLink checks that the call's node is the
+    signer; this checks that each message is that node's reply."""
+    try:
+        request = PushMessagesRequest.FromString(body)
+    except Exception:  # any bytes: the SuperLink answers what it cannot parse itself
+        return None
+    node = request.node.node_id
+    for message in request.messages_list:
+        meta = message.metadata
+        if meta.src_node_id != node:
+            return f"node {node} pushed a message from node {meta.src_node_id}"
+        if meta.dst_node_id != SUPERLINK_NODE_ID:
+            return f"node {node} pushed a message to node {meta.dst_node_id}"
+        if not meta.reply_to_message_id:
+            return f"node {node} pushed a message that replies to nothing"
+    return None
+
+
 def make_front(
     backend: str,
     verify: ssl.SSLContext | bool,
     tls: bool,
     node_keys: frozenset[bytes] | None = None,
+    body_idle_timeout: float = BODY_IDLE_TIMEOUT,
 ) -> Starlette:
     """The ASGI app: `GET /health`, the Fleet API's routes forwarded to `backend` (the
     SuperLink's private address), 403 for everything else. With `node_keys`, a Fleet call
-    must also be signed by one of them (refused otherwise, as the SuperLink would)."""
+    must also be signed by one of them (refused otherwise, as the SuperLink would). A
+    body that pauses for `body_idle_timeout` seconds ends its call (408)."""
     allowed = fleet_paths()
+    budget = Budget(IN_FLIGHT_BYTES, IN_FLIGHT_PER_SENDER)
     client = httpx.AsyncClient(
         base_url=backend,
         verify=verify,
@@ -146,6 +196,7 @@ def make_front(
         if request.method != "POST" or path not in allowed or request.url.query:
             log.warning("refused %s %r from %s", request.method, path, client_host)
             return PlainTextResponse(REFUSED, status_code=403)
+        sender = client_host
         if node_keys is not None:
             signer = node_signature(dict(request.headers))
             if signer is None:
@@ -154,11 +205,38 @@ def make_front(
             if signer not in node_keys:
                 log.warning("refused %r from %s: the key is not registered", path, client_host)
                 return _unregistered(path)
-        body = await _read_body(request)
+            sender = signer.decode("ascii", errors="replace")
+        declared = request.headers.get("content-length", "")
+        if not declared.isdigit():
+            return PlainTextResponse("a Content-Length is required\n", 411, headers=CLOSE)
+        size = int(declared)
+        if size > MAX_BODY_BYTES:
+            return PlainTextResponse("request body too large\n", 413, headers=CLOSE)
+        if not budget.take(sender, size):
+            log.warning("busy: %s sent a %d-byte call while at its share", client_host, size)
+            return PlainTextResponse("busy, retry\n", 503, headers={**CLOSE, "retry-after": "1"})
+        try:
+            return await _pass_on(request, path, size, client)
+        finally:
+            budget.give(sender, size)
+
+    async def _pass_on(
+        request: Request, path: str, size: int, client: httpx.AsyncClient
+    ) -> Response:
+        client_host = request.client.host if request.client else "?"
+        try:
+            body = await _read_body(request, size, body_idle_timeout)
+        except TimeoutError:
+            log.warning("dropped %r from %s: its body stalled", path, client_host)
+            return PlainTextResponse("request body stalled\n", 408, headers=CLOSE)
         if body is None:
-            return PlainTextResponse("request body too large\n", status_code=413)
+            return PlainTextResponse("body and Content-Length differ\n", 400, headers=CLOSE)
+        if path == PUSH_MESSAGES_PATH and (reason := not_a_reply_from(body)):
+            log.warning("refused %r from %s: %s", path, client_host, reason)
+            return PlainTextResponse(f"a site may push only its own replies ({reason})\n", 403)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         upstream = client.build_request("POST", path, headers=headers, content=body)
+        del body  # the request holds it until sent; the budget covers that
         try:
             reply = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
@@ -188,19 +266,21 @@ async def _closing(client: httpx.AsyncClient) -> AsyncIterator[None]:
     await client.aclose()
 
 
-async def _read_body(request: Request) -> bytes | None:
-    """The request's body (Fleet calls are unary: one protobuf each way), or None when
-    it is larger than `MAX_BODY_BYTES`."""
-    declared = request.headers.get("content-length", "0")
-    if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
+async def _read_body(request: Request, size: int, idle_timeout: float) -> bytes | None:
+    """The request's body (Fleet calls are unary: one protobuf each way), or None when it
+    is not `size` bytes long. TimeoutError when it pauses for `idle_timeout` seconds."""
+    body = bytearray()
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            break
+        body += chunk
+        if len(body) > size:
             return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return bytes(body) if len(body) == size else None
 
 
 async def _body(reply: httpx.Response) -> AsyncIterator[bytes]:
@@ -217,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keyfile", help="its key (server.key)")
     parser.add_argument("--cafile", help="the CA that signed the SuperLink's certificate")
     parser.add_argument("--node-keys", type=Path, help="PKI/nodes: accept only these sites")
+    parser.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, help="seconds")
+    parser.add_argument("--body-timeout", type=float, default=BODY_IDLE_TIMEOUT, help="seconds")
     args = parser.parse_args(argv)
     import uvicorn
 
@@ -226,14 +308,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.cafile:
         verify = ssl.create_default_context(cafile=args.cafile)
     keys = registered_keys(args.node_keys) if args.node_keys else None
+    raise_open_files_limit()
     uvicorn.run(
-        make_front(args.backend, verify, tls, keys),
+        make_front(args.backend, verify, tls, keys, args.body_timeout),
         host=args.host,
         port=args.port,
         ssl_certfile=args.certfile,
         ssl_keyfile=args.keyfile,
         log_level="warning",
         access_log=False,
+        http=with_head_timeout(args.head_timeout),
+        h11_max_incomplete_event_size=HEAD_LIMIT_BYTES,
         limit_concurrency=MAX_CONNECTIONS,
         timeout_keep_alive=30,
     )
