@@ -27,6 +27,7 @@ from typing import Any, get_type_hints
 import tomli_w
 import tomllib
 
+from fedml import regular_files
 from fedml.data.datasets import npz_shard_count
 from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
@@ -344,11 +345,13 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
     (A bundled preset's name becomes its path in `simulations.presets.resolve_config`.)"""
     flat: dict[str, Any] = {}
     if path is not None:
-        if not path.is_file():
+        if not path.exists():
             raise FedmlError(f"Config file {path} does not exist. Pass the path of a TOML file.")
         try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raw = tomllib.loads(regular_files.read_text(path))
+        except OSError as exc:
+            raise FedmlError(f"Cannot read config file {path}: {exc}.") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise FedmlError(f"Config file {path} is not valid TOML: {exc}.") from exc
         flat = _flatten(raw, source=str(path))
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})

@@ -36,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedml.errors import FedmlError
 
+MAX_DAYS = 36500  # certificate lifetimes: a hundred years at most
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
 NODES, SITES = "nodes", "sites"
@@ -71,8 +72,11 @@ def init_pki(
     # this machine's own names too: the server's CLI talks to its SuperLink locally
     hosts = list(dict.fromkeys([*(hosts or []), *DEFAULT_HOSTS]))
     names = [_subject_alt_name(h) for h in hosts]
-    if days < 1:
-        raise FedmlError(f"--days must be at least 1, not {days}.")
+    if not 1 <= days <= MAX_DAYS:
+        raise FedmlError(
+            f"--days must be between 1 and {MAX_DAYS} (a hundred years), not {days}: a "
+            "certificate's end date must fit X.509's calendar (year 9999 at the latest)."
+        )
     targets = [directory / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
     _refuse_overwrite(targets, force, "fedml certs init")
     now = dt.datetime.now(dt.timezone.utc)

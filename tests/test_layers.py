@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             [
                 "fedml.deploy.launch",
                 "fedml.deploy.front",
+                "fedml.deploy.front_guard",
                 "fedml.deploy.processes",
                 "fedml.deploy.flower_runtime",
                 "fedml.deploy.app_check",
@@ -79,6 +80,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
             [
                 "fedml",  # the package's own __init__: FedmlError and the version
                 "fedml.errors",
+                "fedml.regular_files",
                 "fedml.failures",
                 "fedml.arrays",
                 "fedml.statefile",

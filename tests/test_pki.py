@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedml.errors import FedmlError
-from fedml.pki import add_node, init_pki, server_files, site_files
+from fedml.pki import MAX_DAYS, add_node, init_pki, server_files, site_files
 
 
 def _mode(path) -> int:
@@ -128,3 +128,18 @@ def test_the_certs_commands(tmp_path):
     )
     again = fedml("certs", "init", str(tmp_path / "pki"))
     assert again.returncode == 2 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize("days", [0, MAX_DAYS + 1, 3_000_000, 1_000_000_000])
+def test_a_certificate_lifetime_outside_x509s_calendar_is_refused_before_anything_is_written(
+    tmp_path, days
+):
+    with pytest.raises(FedmlError, match=f"--days must be between 1 and {MAX_DAYS}"):
+        init_pki(tmp_path / "pki", days=days)
+    assert not (tmp_path / "pki").exists() or not any((tmp_path / "pki").iterdir())
+
+
+def test_the_longest_lifetime_still_makes_a_certificate(tmp_path):
+    init_pki(tmp_path / "pki", days=MAX_DAYS)
+    cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "server.crt").read_bytes())
+    assert cert.not_valid_after_utc.year >= 2026 + 99

@@ -75,6 +75,32 @@ def test_a_damaged_or_oversized_bundle_is_refused_not_raised(fab):
     assert fab_refusal(fab) is not None
 
 
+def _encrypted(fab: bytes) -> bytes:
+    """`fab` with every entry marked encrypted (zipfile cannot write encrypted zips)."""
+    data = bytearray(fab)
+    for header, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = data.find(header)
+        while start != -1:
+            data[start + flags_at] |= 0x01
+            start = data.find(header, start + 4)
+    return bytes(data)
+
+
+def test_a_hostile_bundle_that_makes_zip_or_toml_raise_is_refused_with_a_reason(tmp_path):
+    """Issue 34: a pyproject nested 20,000 deep (RecursionError) and an encrypted zip
+    (RuntimeError) raised out of the site's check instead of refusing."""
+    import io
+    import zipfile
+
+    nested = io.BytesIO()  # Flower's own builder would refuse to build it
+    with zipfile.ZipFile(nested, "w") as bundle:
+        bundle.writestr("pyproject.toml", b"a = " + b"[" * 20_000 + b"]" * 20_000 + b"\n")
+    why = fab_refusal(nested.getvalue())
+    assert why is not None and "RecursionError" in why
+    why = fab_refusal(_encrypted(_fab(_fedml_files(tmp_path))))
+    assert why is not None and "encrypted" in why
+
+
 def test_models_a_site_builds_are_the_built_ins_and_those_it_allows():
     from fedml.config import MODELS
     from fedml.deploy.app_check import BUILTIN_MODELS

@@ -3,6 +3,7 @@ the ClientApp's view of it, and `fedml client`'s checks before it starts anythin
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -282,3 +283,69 @@ def test_a_flower_federation_with_fewer_nodes_splits_the_data_that_many_ways(cap
     assert np.array_equal(job.train.x, two.train.x) and np.array_equal(job.val.y, two.val.y)
     assert len(job.train) + len(job.val) > 500  # half of digits' training pool, not a tenth
     assert "split 2 ways" in caplog.text
+
+
+def _finishes(call, seconds: float = 20.0):
+    """`call()`'s exception (or None), failing the test if it is still running after
+    `seconds` (a read of a FIFO would wait for ever: the thread is left behind)."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s: a hang"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("name", ["site.npz", "site.csv", "folder/client-0.npz"])
+def test_a_fifo_as_site_data_is_a_clear_error_not_a_hang(tmp_path, name):
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    os.mkfifo(path)
+    target = path.parent if name.startswith("folder") else path
+    error = _finishes(lambda: read_site_data(target))
+    assert isinstance(error, FedmlError) and "is a FIFO, not a regular file" in str(error)
+
+
+def _npz_declaring(path, shape: tuple[int, ...]) -> None:
+    """An .npz whose x.npy header declares `shape` (float64) but holds 64 bytes."""
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": shape}
+    )
+    y = io.BytesIO()
+    np.save(y, np.zeros(shape[0] if shape[0] < 100 else 1, dtype=np.int64))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(64))  # the header has the magic
+        archive.writestr("y.npy", y.getvalue())
+
+
+def test_an_npz_whose_header_declares_more_than_memory_is_refused_before_allocating(tmp_path):
+    """Issue 34: shape (10**12, 64) in x's header gave a NumPy _ArrayMemoryError traceback."""
+    _npz_declaring(tmp_path / "site.npz", (10**12, 64))
+    error = _finishes(lambda: read_site_data(tmp_path / "site.npz"))
+    assert isinstance(error, FedmlError) and "more than half this machine's memory" in str(error)
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """100 MB of zeros compress to about 100 KB: no real data does that."""
+    np.savez_compressed(
+        tmp_path / "site.npz", x=np.zeros((100_000, 125)), y=np.zeros(100_000, dtype=np.int64)
+    )
+    assert (tmp_path / "site.npz").stat().st_size < 200_000
+    error = _finishes(lambda: read_site_data(tmp_path / "site.npz"))
+    assert isinstance(error, FedmlError) and "real data does not compress that well" in str(error)
+    # ordinary compressed data passes
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2_000, 8)).astype(np.float32)
+    np.savez_compressed(tmp_path / "fine.npz", x=x, y=np.arange(2_000) % 3)
+    assert read_site_data(tmp_path / "fine.npz").x.shape == (2_000, 8)

@@ -11,6 +11,8 @@ the client's shard from the client's own seed, so it keeps only the server's tes
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import tokenize
 import zipfile
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedml import regular_files
 from fedml.data.bundled import (
     MNIST_5K,
     read_breast_cancer,
@@ -275,10 +278,16 @@ UNREADABLE = (
 )  # fmt: skip
 
 
+MAX_INFLATION = 1000  # declared array bytes per file byte: deflate's limit is about 1032
+SMALL_ARRAYS = 64 << 20  # bytes; arrays this small are never refused for inflating much
+
+
 def read_shard(path: Path) -> Shard:
     """Read one `.npz` shard holding `x` (features) and `y` (integer labels); no pickle.
     Every byte is read, so a damaged archive fails its checksums here."""
+    regular_files.require_regular(path, "The shard")
     try:
+        _check_declared_size(path)
         with np.load(path, allow_pickle=False) as npz:
             _check_members(path, npz.files)
             x, y = npz["x"], npz["y"]
@@ -301,18 +310,14 @@ def inspect_shard(path: Path) -> ShardInfo:
     """`read_shard`'s checks without keeping the features: their shape and type come
     from the `.npy` header inside the archive, and they are streamed through a few MB at
     a time (checksum and finiteness); only the labels are kept."""
+    regular_files.require_regular(path, "The shard")
     try:
+        _check_declared_size(path)
         with np.load(path, allow_pickle=False) as npz:
             _check_members(path, npz.files)
             y = npz["y"]
         with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
-            version = np.lib.format.read_magic(member)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran_order, dtype = read_header(member)
+            shape, fortran_order, dtype = _npy_header(member)
             if dtype.hasobject:
                 raise _unreadable(path, ValueError("'x' holds Python objects"))
             _check_shard(path, dtype, shape, y)
@@ -320,6 +325,45 @@ def inspect_shard(path: Path) -> ShardInfo:
     except UNREADABLE as exc:
         raise _unreadable(path, exc) from exc
     return ShardInfo(tuple(shape[1:]), int(y.max()))
+
+
+def _npy_header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from the `.npy` header at the start of `member`."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    return np.lib.format.read_array_header_2_0(member)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_declared_size(path: Path) -> None:
+    """Refuse, before NumPy allocates anything, a shard whose `.npy` headers declare
+    more than half this machine's memory (a lying header: NumPy would raise
+    MemoryError) or more than `MAX_INFLATION` bytes per byte of file (a deflate bomb:
+    real data does not compress that well)."""
+    declared = 0
+    with zipfile.ZipFile(path) as archive:
+        for name in {"x.npy", "y.npy"} & set(archive.namelist()):
+            with archive.open(name) as member:
+                shape, _, dtype = _npy_header(member)
+            declared += math.prod(shape) * dtype.itemsize
+    size = os.stat(path).st_size
+    if declared > memory_bytes() // 2:
+        raise FedmlError(
+            f"{path} declares {declared / 2**30:,.1f} GiB of arrays, more than half this "
+            f"machine's memory ({memory_bytes() / 2**30:,.1f} GiB): a damaged file, or "
+            "data to split into several smaller shards."
+        )
+    if declared > max(SMALL_ARRAYS, MAX_INFLATION * size):
+        raise FedmlError(
+            f"{path} is {size:,} bytes but declares {declared:,} bytes of arrays, more "
+            f"than {MAX_INFLATION}:1; real data does not compress that well (a damaged "
+            "file, or a decompression bomb). Save it with np.savez instead."
+        )
 
 
 def _stream_features(path: Path, member, shape: tuple[int, ...], dtype, fortran: bool) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedml import regular_files
 from fedml.data.datasets import MAX_CLASSES, Shard, read_shard
 from fedml.errors import FedmlError
 from fedml.runstore import atomic_write
@@ -59,7 +60,7 @@ def read_site_data(path: Path, label_column: str = DEFAULT_LABEL_COLUMN) -> Shar
 
 def _read_csv(path: Path, label_column: str) -> Shard:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = regular_files.read_text(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise FedmlError(f"Cannot read {path} as UTF-8 text: {exc}") from exc
     reader = csv.reader(io.StringIO(text))

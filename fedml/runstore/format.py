@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -18,6 +16,7 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
+from fedml import regular_files
 from fedml.arrays import from_numpy, to_numpy
 from fedml.config import RunConfig, load_config
 from fedml.errors import FedmlError
@@ -85,7 +84,7 @@ def read_history(path: Path) -> list[HistoryRow]:
     reporting: the commits, verified separately, say what is real)."""
     rows = []
     try:
-        lines = (path / HISTORY).read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = regular_files.read_text(path / HISTORY, errors="replace").splitlines()
     except OSError:
         return []
     for line in lines:
@@ -129,7 +128,7 @@ def newest_stop_reason(run_dir: Path) -> str | None:
     is no commit, no stop reason, or the file cannot be read."""
     commits = list_commit_dirs(run_dir)
     try:
-        state = json.loads((commits[-1] / STATE_FILE).read_bytes())
+        state = json.loads(regular_files.read_bytes(commits[-1] / STATE_FILE))
     except (IndexError, OSError, ValueError):
         return None
     reason = state.get("stop_reason") if isinstance(state, dict) else None
@@ -251,7 +250,7 @@ def load_commit(run_dir: Path, commit: Path) -> Checkpoint:
 def _read_verified(run_dir: Path, commit: Path) -> dict[str, bytes]:
     """The commit's files, each checked against the manifest; raises `DamagedCommit`."""
     try:
-        manifest = json.loads((commit / MANIFEST).read_bytes())
+        manifest = json.loads(regular_files.read_bytes(commit / MANIFEST))
     except FileNotFoundError:
         raise DamagedCommit(f"{MANIFEST} is missing") from None
     except (OSError, ValueError) as exc:
@@ -287,10 +286,11 @@ def _check_history_prefix(run_dir: Path, expected: dict[str, Any]) -> None:
     if type(size) is not int:
         raise DamagedCommit(f"{MANIFEST} records history size {size!r}, not a byte count")
     try:
-        with open(run_dir / HISTORY, "rb") as handle:
-            prefix = handle.read(size) if size >= 0 else b""
-    except OSError:
+        prefix = regular_files.read_bytes(run_dir / HISTORY)[: max(size, 0)]
+    except FileNotFoundError:
         raise DamagedCommit(f"{HISTORY} is missing") from None
+    except OSError as exc:
+        raise DamagedCommit(f"{HISTORY} is unreadable ({exc})") from None
     if len(prefix) != size:
         raise DamagedCommit(f"{HISTORY} is shorter than this commit recorded ({size} bytes)")
     if hashlib.sha256(prefix).hexdigest() != expected.get("sha256"):
@@ -300,8 +300,6 @@ def _check_history_prefix(run_dir: Path, expected: dict[str, Any]) -> None:
 def _read_regular(path: Path) -> bytes | None:
     """The bytes of `path` if it is a regular file (following links), else None."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        return path.read_bytes()
+        return regular_files.read_bytes(path)
     except OSError:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedml import regular_files
 from fedml.config import CheckpointConfig, RunConfig, experiment_identity, identity_changes
 from fedml.errors import FedmlError
 from fedml.monitor import Monitor
@@ -129,7 +130,7 @@ def covered_history_bytes(checkpoint: Checkpoint | None) -> int:
     """How much of history.jsonl `checkpoint` covers: resume truncates it to that."""
     if checkpoint is None:
         return 0
-    manifest = json.loads((checkpoint.path / MANIFEST).read_bytes())
+    manifest = json.loads(regular_files.read_bytes(checkpoint.path / MANIFEST))
     return manifest["history"]["bytes"]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedml import regular_files
 from fedml.config import RunConfig
 from fedml.monitor import Monitor
 from fedml.records import HistoryRow
@@ -75,8 +76,8 @@ def run_status(path: Path) -> RunStatus:
     if intact:
         newest = intact[-1].path
         rounds_done = intact[-1].round
-        created = json.loads((newest / MANIFEST).read_bytes()).get("created")
-        state = json.loads((newest / STATE_FILE).read_bytes())
+        created = json.loads(regular_files.read_bytes(newest / MANIFEST)).get("created")
+        state = json.loads(regular_files.read_bytes(newest / STATE_FILE))
         stop_reason, model_round = state.get("stop_reason"), state.get("model_round")
     committed = {c.round for c in intact}
     monitor = Monitor(cfg.checkpoint.monitor, cfg.checkpoint.mode)

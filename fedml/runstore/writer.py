@@ -27,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
+from fedml import regular_files
 from fedml.config import RunConfig, experiment_identity, resume_config, with_overrides
 from fedml.errors import FedmlError
 from fedml.records import HistoryRow
@@ -462,7 +463,7 @@ class RunStore:
     # -- reading ------------------------------------------------------------------------
     def history(self) -> list[HistoryRow]:
         """All history rows in history.jsonl."""
-        lines = (self.path / HISTORY).read_text(encoding="utf-8").splitlines()
+        lines = regular_files.read_text(self.path / HISTORY).splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
     @property
