@@ -295,6 +295,48 @@ def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_de
     assert all("--insecure" not in fleet.log(n) for n in fleet.started)
 
 
+def _front_pid(port: int) -> int:
+    """The pid of the front (`python -m fedml.deploy.front`) listening on `port`."""
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"fedml.deploy.front" in argv and str(port).encode() in argv:
+                return int(proc.name)
+    raise AssertionError(f"no front on port {port}")
+
+
+def test_a_site_whose_supernode_gave_up_during_an_outage_reconnects_and_the_run_finishes(
+    tmp_path, fleet
+):
+    """Issue 34: after TLS handshake timeouts (the front frozen here, as a flood froze
+    it there) Flower's SuperNode gives up and stays up, connected to nothing; the site
+    restarts it, and the run goes on with the site to its last round."""
+    data = _split(fleet, "ab")
+    _pki(fleet, "ab")
+    port, run = free_port(), fleet.machine(SERVER) / "run"
+    server = _server(
+        fleet, "server", port, "--dataset", "npz:shards", "--rounds", "3", "--min-replies", "2",
+        "--out", "run",
+    )  # fmt: skip
+    for site in "ab":
+        _client(fleet, site, f"127.0.0.1:{port}", data[site])
+    _wait(lambda: _committed(run, 1), 300, "round 1", fleet)
+    front = _front_pid(port)
+    os.kill(front, signal.SIGSTOP)  # connections queue; no TLS handshake completes
+    try:
+        _wait(
+            lambda: all("gave up reaching the SuperLink" in fleet.log(f"client-{s}") for s in "ab"),
+            180, "both sites' SuperNodes to give up", fleet,
+        )  # fmt: skip
+    finally:
+        os.kill(front, signal.SIGCONT)
+    assert server.wait(600) == 0, fleet.logs()
+    rows = _rows(run)
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert rows[-1]["stop"] == "max rounds"
+    assert rows[-1]["clients"]["aggregated"] == 2, fleet.logs()
+
+
 def test_a_killed_server_resumes_from_its_last_commit_and_finishes(tmp_path, fleet):
     """Both sites start from one shared folder (one machine, two sites), each with its
     default state folder: each trains on its own file, as the example counts show."""

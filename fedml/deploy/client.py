@@ -63,6 +63,9 @@ LOCAL_HOST = "127.0.0.1"  # the SuperNode's Runtime API: this machine only
 EXECUTOR_LOG = "executor.log"  # in the state folder: every task's log lines
 SECRET_FILE = "executor.secret"  # in the state folder: the SuperExec secret
 REFUSED_MARK = "Failed to activate SuperNode"  # Flower's log line when auth fails
+# Flower's SuperNode logs this when it stops retrying a call (after a TLS handshake
+# timeout, say) and then stays up, connected to nothing: the site restarts it.
+GAVE_UP_MARK = "Giving up reconnection"
 QUICK_EXIT, MAX_QUICK_EXITS = 15.0, 5  # seconds; exits that short in a row: give up
 
 
@@ -254,7 +257,7 @@ def _serve(
         executor = _start_executor(options)
         say(f"SuperNode started (log: {log}); Ctrl-C stops it")
         try:
-            refused, ended = _run_until_exit(supernode, executor, offset, tasks)
+            refused, gave_up, ended = _run_until_exit(supernode, executor, offset, tasks)
         finally:
             executor.stop()
         if refused:
@@ -277,7 +280,10 @@ def _serve(
                 f"{ended.process.returncode}). Its log ({ended.log}) ends with:\n"
                 f"{ended.tail()}"
             )
-        say("the SuperNode stopped (the SuperLink went away or restarted); reconnecting")
+        if gave_up:
+            say(f"the SuperNode gave up reaching the SuperLink (see {log}); reconnecting")
+        else:
+            say("the SuperNode stopped (the SuperLink went away or restarted); reconnecting")
         _wait_for_superlink(host, port, math.inf, say)
         time.sleep(2)
 
@@ -309,28 +315,30 @@ def _write_secret(state_dir: Path) -> Path:
 
 def _run_until_exit(
     supernode: Child, executor: Child, start: int, tasks: TaskReport
-) -> tuple[bool, Child]:
-    """Wait for the SuperNode or its executor to exit, stopping the SuperNode on the way
-    out; whether it was because the SuperLink refused its key (the SuperNode's log after
-    byte `start` says so), and which of the two ended. Meanwhile the executor's task
-    outcomes go to `tasks`. Logs are read incrementally: a site runs for days."""
+) -> tuple[bool, bool, Child]:
+    """Wait for the SuperNode or its executor to exit, or for the SuperNode to give up
+    reaching the SuperLink (it stays up then, connected to nothing), stopping the
+    SuperNode on the way out. Returns whether the SuperLink refused its key and whether
+    it gave up (the SuperNode's log after byte `start` says so), and which process
+    ended. Meanwhile the executor's task outcomes go to `tasks`. Logs are read
+    incrementally: a site runs for days."""
     supernode_log = NewLines(supernode.log, start)
-    refused = False
+    refused = gave_up = False
     ended = supernode
     try:
-        while supernode.alive() and executor.alive():
+        while supernode.alive() and executor.alive() and not (refused or gave_up):
             time.sleep(0.5)
             tasks.read()
-            if any(REFUSED_MARK in line for line in supernode_log.read()):
-                refused = True
-                break
+            lines = supernode_log.read()
+            refused = any(REFUSED_MARK in line for line in lines)
+            gave_up = any(GAVE_UP_MARK in line for line in lines)
         ended = executor if not executor.alive() else supernode
     finally:
         supernode.stop()
     tasks.read()
     # the SuperNode may have logged the refusal and exited between two looks
     refused = refused or any(REFUSED_MARK in line for line in supernode_log.read())
-    return refused, ended
+    return refused, gave_up, ended
 
 
 class NewLines:
