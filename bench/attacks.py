@@ -15,7 +15,13 @@ screen that judges replies as they arrive):
 - sign flip x4 (3 sites): w_global - 4 * the honest update (under the 10x norm screen);
 - weight grab (1 site): a random update of an honest norm, claiming 10**12 examples;
 - malformed (2 sites): arrays that do not decode (object dtype, a damaged header);
-- metric lie (2 sites): evaluation replies claiming accuracy 5.0 over 10**9 examples.
+- metric lie (2 sites): evaluation replies claiming accuracy 5.0 over 10**9 examples;
+- in-range lie (2 sites): evaluation replies claiming accuracy 1.0 over 10**9 examples,
+  in a run that stops at `--target "evaluate.accuracy >= 0.8"` (the cell says when a
+  target fired);
+- colluders x1000 (3 sites): as the two colluders, one more;
+- all five at once (5 sites): sites 1-2 scaled x1000, site 3 the weight grab, site 4
+  malformed arrays, site 5 the metric lie (issue 34's mix).
 
 Prints one row per strategy, one column per attack: the final server-side accuracy on
 the held-out test set (higher is better; compare with the honest column).
@@ -98,15 +104,38 @@ def metric_lie(request: Message, reply: Message) -> Message:
     return reply
 
 
-# name -> (hostile sites, what they do to training replies, to evaluation replies)
-ATTACKS: dict[str, tuple[int, Tamper | None, Tamper | None]] = {
-    "honest": (0, None, None),
-    "scaled x1000": (1, scaled(1000.0), None),
-    "colluders x1000": (2, scaled(1000.0, from_round=2), None),
-    "sign flip x4": (3, scaled(-4.0), None),
-    "weight grab": (1, weight_grab, None),
-    "malformed": (2, malformed, None),
-    "metric lie": (2, None, metric_lie),
+def in_range_lie(request: Message, reply: Message) -> Message:
+    reply.content["metrics"] = MetricRecord({"loss": 0.0, "accuracy": 1.0, "num-examples": 10**9})
+    return reply
+
+
+def by_site(tampers: dict[int, Tamper]) -> Tamper:
+    """Each hostile site (by node id) with its own tamper; the others reply honestly."""
+
+    def tamper(request: Message, reply: Message) -> Message:
+        chosen = tampers.get(request.metadata.dst_node_id)
+        return chosen(request, reply) if chosen else reply
+
+    return tamper
+
+
+MIX_TRAIN = by_site({1: scaled(1000.0), 2: scaled(1000.0), 3: weight_grab, 4: malformed})
+MIX_EVALUATE = by_site({5: metric_lie})
+TARGET = {"stop.target": "evaluate.accuracy >= 0.8"}
+
+# name -> (hostile sites, what they do to training replies, to evaluation replies, and
+# the run's options for this attack)
+ATTACKS: dict[str, tuple[int, Tamper | None, Tamper | None, dict]] = {
+    "honest": (0, None, None, {}),
+    "scaled x1000": (1, scaled(1000.0), None, {}),
+    "colluders x1000": (2, scaled(1000.0, from_round=2), None, {}),
+    "colluders x1000 (3)": (3, scaled(1000.0, from_round=2), None, {}),
+    "sign flip x4": (3, scaled(-4.0), None, {}),
+    "weight grab": (1, weight_grab, None, {}),
+    "malformed": (2, malformed, None, {}),
+    "metric lie": (2, None, metric_lie, {}),
+    "in-range lie": (2, None, in_range_lie, TARGET),
+    "all five at once": (5, MIX_TRAIN, MIX_EVALUATE, {}),
 }
 
 
@@ -146,10 +175,10 @@ def final_accuracy(strategy: str, attack: str, rounds: int, clients: int, work: 
         "client.local_epochs": 1,
         "strategy.name": strategy,
         **STRATEGIES[strategy],
-        "out": str(work / f"{strategy}-{attack}".replace(" ", "-")),
+        "out": str(work / "".join(c if c.isalnum() else "-" for c in f"{strategy}-{attack}")),
     }
-    cfg = load_config(None, options)
-    sites, train, evaluate = ATTACKS[attack]
+    sites, train, evaluate, extra = ATTACKS[attack]
+    cfg = load_config(None, {**options, **extra})
     grid = InProcessGrid(hostile_app(sites, train, evaluate), clients, cfg.to_flat())
     store = RunStore.create(Path(cfg.out), cfg)
     summary = run_experiment(grid, Experiment.prepare(cfg), store)

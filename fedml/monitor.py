@@ -107,8 +107,16 @@ class Target:
         return cls(match.group(1), match.group(2), number)
 
     def reached(self, row: HistoryRow) -> bool:
+        """Whether the row meets the condition. On federated evaluation both the
+        weighted mean and the median site must meet it (`fedml.validation.site_medians`):
+        a few sites' lies cannot stop a run."""
+        meets = _COMPARISONS[self.op]
         value = Monitor(self.metric).value(row)
-        return value is not None and _COMPARISONS[self.op](value, self.value)
+        if value is None or not meets(value, self.value):
+            return False
+        source, _, name = self.metric.partition(".")
+        median = (row.get("evaluate_median") or {}).get(name) if source == "evaluate" else None
+        return median is None or meets(median, self.value)
 
 
 def _to_float(text: str) -> float | None:

@@ -45,6 +45,7 @@ class HistoryRow(TypedDict, total=False):
     devices: dict[str, int]  # where the replies trained: device label -> replies
     secagg: dict[str, float | int]  # a secure round: sampled, shared, unmasked, dropped, ...
     evaluate: dict[str, float] | None  # federated evaluation (+ "num-examples")
+    evaluate_median: dict[str, float]  # each evaluation metric's median over the sites
     server: dict[str, float] | None  # centralised evaluation on the server's test set
     evaluate_rejected: dict[str, int]
     evaluate_weights_capped: int

@@ -62,7 +62,7 @@ from fedml.reply_stream import PollingGrid
 from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
 from fedml.secure_round import SecureRound
 from fedml.settings import NUM_CLASSES_KEY, TrainSettings
-from fedml.validation import Tally, UpdateValidator
+from fedml.validation import Tally, UpdateValidator, site_medians
 from simulations.virtual_nodes import SimulatedNodesGrid
 from strategies import build_strategy
 
@@ -397,7 +397,8 @@ def evaluate_round(
     experiment: Experiment,
 ) -> HistoryRow:
     """Federated and centralised evaluation of the new global arrays: the history row's
-    "evaluate" and "server" entries (and "evaluate_rejected" when replies were bad)."""
+    "evaluate", "evaluate_median" and "server" entries (and "evaluate_rejected" when
+    replies were bad)."""
     strategy = experiment.strategy
     settings = ConfigRecord({NUM_CLASSES_KEY: experiment.evaluator.num_classes})
     messages = list(strategy.configure_evaluate(server_round, arrays, settings, grid))
@@ -411,6 +412,8 @@ def evaluate_round(
         "evaluate": _with_examples(metrics, sum(_num_examples(m) for m in replies)),
         "server": experiment.evaluator(arrays),
     }
+    if replies:
+        result["evaluate_median"] = site_medians(replies)
     if tally.rejected:
         result["evaluate_rejected"] = dict(sorted(tally.rejected.items()))
     if tally.capped:

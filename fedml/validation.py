@@ -35,8 +35,9 @@ replies (`ScreeningMemory`: known before the round, so the cap does not depend o
 order replies arrive in; a site's data rarely changes between rounds). A capped reply is
 aggregated with the capped weight and counted in `Tally.capped`. With the default factor
 10 an honest FedAvg run is almost never touched; lower it (3, 2) where hostile sites are
-expected. A run's first round has no earlier claims: its weights are bounded only by
-MAX_EXAMPLES, and the cap starts with round 2.
+expected. A run's first round has no earlier claims: there the first replies (those
+that wait for the norm check) judge each other's claims, and later ones meet their
+median (`ClaimReference`).
 
 Screening streams: replies go through one at a time and at most four wait for the norm
 check, so the server holds O(model size) of client arrays, not O(clients x model size).
@@ -150,6 +151,7 @@ class UpdateValidator:
         round's."""
         memory = memory if memory is not None else ScreeningMemory()
         earlier = [memory.norm_median] if memory.norm_median is not None else []
+        claims = ClaimReference(memory.claim_median)
         # with no earlier round to outvote colluders, more of the first updates wait
         sample = NORM_SAMPLE if earlier else FIRST_ROUND_SAMPLE
         reference = {k: to_numpy(v) for k, v in global_arrays.items()}
@@ -166,16 +168,21 @@ class UpdateValidator:
             if len(norms) <= sample:  # the first ones wait, then judge each other
                 waiting.append((reply, arrays, norm))
                 if len(norms) == sample:
-                    yield from self._judge_first(waiting, norms, earlier, reference, tally, memory)
+                    yield from self._judge_first(
+                        waiting, norms, earlier, reference, tally, memory, claims
+                    )
                     waiting.clear()
             elif not self._outsized(norm, ordered.median(), tally):
-                yield self._accept(reply, arrays, norm, reference, tally, memory)
+                yield self._accept(reply, arrays, norm, reference, tally, memory, claims.median)
             ordered.add(norm)
         if waiting and (len(waiting) >= NORM_SAMPLE or earlier):  # ended before `sample`
-            yield from self._judge_first(waiting, norms, earlier, reference, tally, memory)
+            yield from self._judge_first(waiting, norms, earlier, reference, tally, memory, claims)
         else:  # too few for a norm check, and nothing earlier to judge by
-            for early, early_arrays, early_norm in waiting:
-                yield self._accept(early, early_arrays, early_norm, reference, tally, memory)
+            first = claims.judge_first([self._claim(r.content) for r, _, _ in waiting])
+            for (early, early_arrays, early_norm), median in zip(waiting, first, strict=True):
+                yield self._accept(
+                    early, early_arrays, early_norm, reference, tally, memory, median
+                )
 
     def _judge_first(
         self,
@@ -185,14 +192,20 @@ class UpdateValidator:
         reference: dict[str, np.ndarray],
         tally: Tally,
         memory: ScreeningMemory,
+        claims: ClaimReference,
     ) -> Iterator[Message]:
         """The first updates of a round (they lead `norms`), each judged against the
-        round's other valid updates so far and the previous round's median."""
+        round's other valid updates so far and the previous round's median; their weight
+        claims as `claims` says (see `ClaimReference`)."""
+        claim_medians = claims.judge_first([self._claim(r.content) for r, _, _ in waiting])
         for index, (early, early_arrays, early_norm) in enumerate(waiting):
             others = norms[:index] + norms[index + 1 :] + earlier  # a few: the first ones
             median = float(np.median(others)) if others else None
             if not self._outsized(early_norm, median, tally):
-                yield self._accept(early, early_arrays, early_norm, reference, tally, memory)
+                yield self._accept(
+                    early, early_arrays, early_norm, reference, tally, memory,
+                    claim_medians[index],
+                )  # fmt: skip
 
     def _outsized(self, norm: float, median: float | None, tally: Tally) -> bool:
         """Whether `norm` is over `norm_factor` times the `median` of the others' norms
@@ -271,9 +284,10 @@ class UpdateValidator:
         reference: dict[str, np.ndarray],
         tally: Tally,
         memory: ScreeningMemory,
+        claim_median: float | None,
     ) -> Message:
         tally.accepted += 1
-        memory.observe(norm, self._cap_weight(reply.content, memory.claim_median, tally))
+        memory.observe(norm, self._cap_weight(reply.content, claim_median, tally))
         clipped = clip_to_norm(arrays, reference, self.clip_norm, norm)
         if clipped is arrays:
             return reply
@@ -297,6 +311,41 @@ class UpdateValidator:
         for reply, median in zip(valid, medians_of_the_others(claims), strict=True):
             self._cap_weight(reply.content, median, tally)
         return valid
+
+
+class ClaimReference:
+    """The median weight claim each accepted training reply is capped against.
+
+    From a run's second round on it is the previous accepted round's median claim
+    (`ScreeningMemory`), the same for every reply. In the first round there is none, so
+    the first replies (those waiting for the norm check) judge each other: each claim
+    against the median of the other waiting claims, as their norms are judged; every
+    later reply of the round against the median of those first claims. A liar among the
+    first is outvoted by the honest rest; one after them meets their median. Either
+    way no claim outweighs `max_weight_factor` times an honest median from round 1 on."""
+
+    def __init__(self, earlier: float | None) -> None:
+        self.median = earlier
+
+    def judge_first(self, claims: list[float]) -> list[float | None]:
+        """The medians the first replies' `claims` are capped against."""
+        if self.median is not None:
+            return [self.median] * len(claims)
+        self.median = float(np.median(claims)) if claims else None
+        return medians_of_the_others(claims)
+
+
+def site_medians(replies: list[Message], weight_key: str = "num-examples") -> dict[str, float]:
+    """Each scalar metric's median over the (screened) replies that report it, the
+    weight claim aside: one site, one vote. A target on federated evaluation must be met
+    by this too, so a few sites claiming perfect scores over huge (capped) example
+    counts cannot stop a run: the median moves only within the honest sites' spread."""
+    values: dict[str, list[float]] = {}
+    for reply in replies:
+        for name, value in next(iter(reply.content.metric_records.values())).items():
+            if name != weight_key and not isinstance(value, list):
+                values.setdefault(name, []).append(float(value))
+    return {name: float(np.median(found)) for name, found in sorted(values.items())}
 
 
 def _decoded(array: Array, expected: np.ndarray) -> np.ndarray | None:

@@ -66,3 +66,18 @@ def test_a_cell_is_the_final_test_accuracy_of_a_real_run(tmp_path):
     assert set(ATTACKS) >= {"honest", "weight grab", "malformed"}
     cell = final_accuracy("fedavg", "malformed", rounds=2, clients=4, work=tmp_path)
     assert 0.2 < float(cell) <= 1.0  # two of four sites' replies rejected, still learning
+
+
+def test_an_in_range_evaluation_lie_does_not_fire_the_target(tmp_path):
+    """Two of six sites claim accuracy 1.0 over 10**9 examples in a run that stops at
+    evaluate.accuracy >= 0.8: the weighted mean is lifted, the median site is not, and
+    the run is not stopped at round 1 (issue 34: it was, at server accuracy 0.339)."""
+    cell = final_accuracy("fedavg", "in-range lie", rounds=2, clients=6, work=tmp_path)
+    assert "target reached" not in cell, cell
+
+
+def test_all_five_at_once_runs_every_hostile_site(tmp_path):
+    sites, train, evaluate, _ = ATTACKS["all five at once"]
+    assert sites == 5 and train is not None and evaluate is not None
+    cell = final_accuracy("fedavg", "all five at once", rounds=2, clients=8, work=tmp_path)
+    assert 0.0 < float(cell.split()[0]) <= 1.0

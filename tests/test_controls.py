@@ -79,6 +79,27 @@ def test_target_conditions(text, value, reached):
 
 
 @pytest.mark.parametrize(
+    ("text", "mean", "median", "reached"),
+    [
+        ("evaluate.accuracy >= 0.8", 0.811, 0.30, False),  # two liars lift the mean only
+        ("evaluate.accuracy >= 0.8", 0.85, 0.82, True),
+        ("evaluate.loss <= 0.2", 0.05, 0.9, False),
+        ("evaluate.loss <= 0.2", 0.15, 0.19, True),
+    ],
+)
+def test_a_target_on_federated_evaluation_needs_the_median_site_too(text, mean, median, reached):
+    """Issue 34: two of ten sites claiming accuracy 1.0 over 10**9 examples lifted the
+    weighted mean to 0.811 (honest 0.296) and stopped the run at round 1."""
+    target = Target.parse(text)
+    metric = target.metric.partition(".")[2]
+    row = _row(1, evaluate={metric: mean}, evaluate_median={metric: median})
+    assert target.reached(row) is reached
+    assert target.reached(_row(1, evaluate={metric: mean})) is (
+        mean >= 0.8 if ">" in text else mean <= 0.2
+    )
+
+
+@pytest.mark.parametrize(
     "text", ["accuracy >= 0.9", "server.accuracy => 0.9", "server.accuracy >= high", "x.y >= 1"]
 )
 def test_malformed_targets_are_config_errors(text):

@@ -17,6 +17,7 @@ from fedml.validation import (
     Tally,
     UpdateValidator,
     medians_of_the_others,
+    site_medians,
 )
 from simulations.inprocess import InProcessGrid
 
@@ -244,7 +245,7 @@ def _weights(messages: list[Message]) -> list[float]:
     return [float(m.content["metrics"]["num-examples"]) for m in messages]
 
 
-@pytest.mark.parametrize("position", [0, 1, 2, 4])
+@pytest.mark.parametrize("position", [0, 1, 2, 4, 5])
 def test_a_huge_weight_claim_is_capped_wherever_it_arrives(position):
     def contents() -> list[RecordDict]:
         honest = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(5)]  # 10 each
@@ -258,8 +259,11 @@ def test_a_huge_weight_claim_is_capped_wherever_it_arrives(position):
     accepted = list(screened)
     assert len(accepted) == 6 and tally.capped == 1
     assert sorted(_weights(accepted)) == [10.0] * 5 + [30.0]  # 3 x the last round's median
-    first_round = UpdateValidator().screen(_replies(contents()), _record(GLOBAL), Tally())
-    assert max(_weights(list(first_round))) == 10**12  # no earlier claims: no cap yet
+    # a run's first round: among the first five it is outvoted by the other four; the
+    # sixth meets the median of the first five (issue 34: it was taken whole)
+    tally = Tally()
+    first_round = UpdateValidator().screen(_replies(contents()), _record(GLOBAL), tally)
+    assert sorted(_weights(list(first_round))) == [10.0] * 5 + [100.0] and tally.capped == 1
 
 
 @given(
@@ -271,7 +275,9 @@ def test_every_accepted_weight_is_its_claim_capped_at_factor_times_the_last_medi
     claims, median, factor
 ):
     """Whatever the order of arrival: min(claim, factor x the previous round's median
-    claim), at least 1; no cap without a previous round or with the factor 0."""
+    claim), at least 1; no cap with the factor 0. Without a previous round's claims the
+    first replies (three here: a norm median exists) are capped against the median of
+    the others among them, and later ones against the median of those first."""
     contents = [
         _content(_update(1.0 + 0.01 * i, seed=i), {"loss": 0.5, "num-examples": c})
         for i, c in enumerate(claims)
@@ -280,9 +286,16 @@ def test_every_accepted_weight_is_its_claim_capped_at_factor_times_the_last_medi
     validator = UpdateValidator(max_weight_factor=factor)
     accepted = list(validator.screen(_replies(contents), _record(GLOBAL), Tally(), memory))
     assert len(accepted) == len(claims)  # similar norms: every update passes
+    first = [float(c) for c in claims[:3]]
+    references = (
+        [median] * len(claims)
+        if median is not None
+        else medians_of_the_others(first) + [float(np.median(first))] * (len(claims) - 3)
+    )
     for message, weight in zip(accepted, _weights(accepted), strict=True):
-        claim = claims[message.metadata.src_node_id - 1]
-        cap = max(1, math.floor(factor * median)) if factor and median is not None else claim
+        index = message.metadata.src_node_id - 1
+        claim, reference = claims[index], references[index]
+        cap = max(1, math.floor(factor * reference)) if factor and reference else claim
         assert weight == min(claim, cap)
     assert math.isfinite(sum(_weights(accepted)))
 
@@ -293,6 +306,18 @@ def test_evaluation_weights_are_capped_against_all_the_other_claims():
     tally = Tally()
     valid = UpdateValidator().screen_evaluation(_replies(replies), tally)
     assert sorted(_weights(valid)) == [10.0] * 4 + [100.0] and tally.capped == 1
+
+
+def test_site_medians_give_each_site_one_vote_whatever_its_claim():
+    honest = [
+        _content(None, {"loss": 0.5 + i / 10, "accuracy": 0.3, "num-examples": 10})
+        for i in range(8)
+    ]
+    liars = [_content(None, {"loss": 0.0, "accuracy": 1.0, "num-examples": 10**9})] * 2
+    valid = UpdateValidator().screen_evaluation(_replies([*liars, *honest]), Tally())
+    medians = site_medians(valid)
+    assert medians == {"accuracy": 0.3, "loss": pytest.approx(0.75)}  # num-examples aside
+    assert site_medians([]) == {}
 
 
 def test_two_colluders_replying_first_are_judged_against_the_previous_round_too():
