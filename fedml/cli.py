@@ -455,7 +455,7 @@ def simulate(
     Tracking: fedml simulate --tensorboard tb --mlflow mlflow.db (plots and CSV files
     go to RUN_DIR/report unless --no-report)
     """
-    from fedml.config import load_config
+    from fedml.config import check_dp_flags, load_config
     from simulations.presets import resolve_config
 
     overrides = config_overrides(ctx.params)
@@ -465,6 +465,7 @@ def simulate(
         store = None
         if resume is None:
             cfg = _with_run_dir(load_config(resolve_config(config), overrides))
+            check_dp_flags(cfg, overrides)
         else:
             from fedml.runstore import open_resume
 
@@ -677,7 +678,7 @@ def server(
 
     Resume after a crash: fedml server --resume runs/exp1 --pki pki [--rounds 40]
     """
-    from fedml.config import load_config
+    from fedml.config import check_dp_flags, load_config
     from fedml.deploy.server import ServerOptions, serve
     from fedml.progress import RepeatedFailures, describe_row
     from fedml.runstore import run_status
@@ -701,6 +702,7 @@ def server(
     try:
         if resume is None:
             cfg = _with_run_dir(load_config(resolve_config(config), overrides))
+            check_dp_flags(cfg, overrides)
         else:
             from fedml.runstore import open_resume
 

@@ -366,6 +366,23 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
     return cfg
 
 
+DP_ONLY = ("dp.noise_multiplier", "dp.target_epsilon", "dp.max_epsilon", "dp.max_grad_norm")
+
+
+def check_dp_flags(cfg: RunConfig, flags: dict[str, Any]) -> None:
+    """DP settings given on the command line (`flags`: the dotted keys of the options
+    typed) while DP is off would be ignored silently; a user who asks for noise believes
+    the run is private. One error instead. (A config file may keep DP settings with DP
+    switched off.)"""
+    given = [key for key in DP_ONLY if flags.get(key) is not None]
+    _check(
+        cfg.dp.mode != "off" or not given,
+        f"{', '.join(given)} only apply with differential privacy on, and dp.mode is "
+        "'off'. Add --dp sample (DP-SGD at each site), --dp user-fixed or --dp "
+        "user-adaptive (client-level DP), or drop them.",
+    )
+
+
 def check_data_path(cfg: RunConfig) -> None:
     """The run's `npz:<dir>` must exist on this machine. Checked where the data is read
     (the CLI, the ServerApp), never by `validate`: a data site parses the same run config
@@ -480,6 +497,9 @@ def _coerce(key: str, value: Any, expected: type) -> Any:
     return value
 
 
+MAX_STEP = 1e3  # learning rates, weight decay, mu: beyond this a step overflows float32
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise FedmlError(message)
@@ -571,8 +591,8 @@ def validate(cfg: RunConfig) -> None:
         "(0 turns federated evaluation off).",
     )
     _check(
-        strategy.proximal_mu >= 0.0,
-        f"strategy.proximal_mu must be >= 0, got {strategy.proximal_mu}.",
+        0.0 <= strategy.proximal_mu <= MAX_STEP,
+        f"strategy.proximal_mu must be in [0, {MAX_STEP:g}], got {strategy.proximal_mu}.",
     )
     for name in ("min_train_clients", "min_evaluate_clients"):
         value = getattr(strategy, name)
@@ -588,7 +608,11 @@ def validate(cfg: RunConfig) -> None:
         client.local_epochs >= 1, f"client.local_epochs must be >= 1, got {client.local_epochs}."
     )
     _check(client.batch_size >= 1, f"client.batch_size must be >= 1, got {client.batch_size}.")
-    _check(client.lr > 0.0, f"client.lr must be > 0, got {client.lr}.")
+    _check(
+        0.0 < client.lr <= MAX_STEP,
+        f"client.lr must be in (0, {MAX_STEP:g}], got {client.lr} (a larger step overflows "
+        "float32 weights).",
+    )
     _check(
         client.optimizer in OPTIMIZERS,
         f"client.optimizer '{client.optimizer}' is unknown. Use one of: {', '.join(OPTIMIZERS)}.",
@@ -597,7 +621,8 @@ def validate(cfg: RunConfig) -> None:
         0.0 <= client.momentum < 1.0, f"client.momentum must be in [0, 1), got {client.momentum}."
     )
     _check(
-        client.weight_decay >= 0.0, f"client.weight_decay must be >= 0, got {client.weight_decay}."
+        0.0 <= client.weight_decay <= MAX_STEP,
+        f"client.weight_decay must be in [0, {MAX_STEP:g}], got {client.weight_decay}.",
     )
     _check(
         0.0 < client.lr_decay <= 1.0, f"client.lr_decay must be in (0, 1], got {client.lr_decay}."
@@ -660,7 +685,10 @@ def _validate_controls(cfg: RunConfig) -> None:
     )
     _check(p.max_retries >= 0, f"participation.max_retries must be >= 0, got {p.max_retries}.")
 
-    _check(cfg.server.lr > 0.0, f"server.lr must be > 0, got {cfg.server.lr}.")
+    _check(
+        0.0 < cfg.server.lr <= MAX_STEP,
+        f"server.lr must be in (0, {MAX_STEP:g}], got {cfg.server.lr}.",
+    )
     _check(
         0.0 <= cfg.server.momentum < 1.0,
         f"server.momentum must be in [0, 1), got {cfg.server.momentum}.",

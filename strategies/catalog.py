@@ -47,6 +47,8 @@ class CatalogAdapter(SeededSampling):
     optimiser state that is committed and can be rolled back (`OPTIMISER_STATE`)."""
 
     OPTIMISER_STATE: tuple[str, ...] = ()
+    # (a, b): resisting f Byzantine clients needs a round of at least a * f + b replies
+    BYZANTINE_QUORUM: tuple[int, int] | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -171,20 +173,28 @@ class FedTrimmedAvg(CatalogAdapter, FlowerFedTrimmedAvg):
 
 class Krum(CatalogAdapter, FlowerKrum):
     """Krum (Blanchard et al., 2017): the update closest to its neighbours, robust to
-    `num_malicious_nodes` (0) Byzantine clients; Flower's implementation."""
+    `num_malicious_nodes` (0) Byzantine clients when there are at least 2 x that + 3
+    replies; Flower's implementation."""
+
+    BYZANTINE_QUORUM = (2, 3)
 
 
 class MultiKrum(CatalogAdapter, FlowerMultiKrum):
     """Multi-Krum (Blanchard et al., 2017): the mean of the `num_nodes_to_select` (1)
     updates closest to their neighbours, robust to `num_malicious_nodes` (0) Byzantine
-    clients; Flower's implementation. Averaging several keeps more of the honest
-    sites' data than Krum's single pick (which alone can stall on non-IID data)."""
+    clients (at least 2 x that + 3 replies); Flower's implementation. Averaging several
+    keeps more of the honest sites' data than Krum's single pick (which alone can stall
+    on non-IID data)."""
+
+    BYZANTINE_QUORUM = (2, 3)
 
 
 class Bulyan(CatalogAdapter, FlowerBulyan):
     """Bulyan (El Mhamdi et al., 2018): Multi-Krum selection, then a coordinate-wise
     trimmed mean around the median; robust to `num_malicious_nodes` (0) Byzantine
     clients when there are at least 4 x that + 3 replies. Flower's implementation."""
+
+    BYZANTINE_QUORUM = (4, 3)
 
 
 CATALOG: dict[str, str] = {

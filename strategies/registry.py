@@ -156,6 +156,7 @@ def strategy_arguments(cfg: RunConfig, cls: type) -> dict[str, Any]:
             f"{', '.join(sorted(accepted)) or 'no keyword arguments'}."
         )
     _check_option_values(s.name, cls, s.options)
+    _check_byzantine_quorum(s.name, cls, s.options, cfg.simulation.clients)
     kwargs = {k: v for k, v in standard.items() if k in accepted or takes_any}
     kwargs.update(s.options)
     return kwargs
@@ -185,6 +186,24 @@ def _check_option_values(name: str, cls: type, options: dict[str, Any]) -> None:
                     f"[strategy] {key} for '{name}' must be {wants} >= 0 (default "
                     f"{default}), not {value!r}."
                 )
+
+
+def _check_byzantine_quorum(name: str, cls: type, options: dict[str, Any], clients: int) -> None:
+    """Krum and Bulyan resist f Byzantine clients only when a round has enough replies
+    (`BYZANTINE_QUORUM`); a federation that can never have them is an error before the
+    run starts, not a strategy that silently guarantees nothing."""
+    quorum = getattr(cls, "BYZANTINE_QUORUM", None)
+    malicious = options.get("num_malicious_nodes", 0)
+    if quorum is None or not malicious:
+        return
+    needed = quorum[0] * malicious + quorum[1]
+    if needed > clients:
+        raise FedmlError(
+            f"[strategy] num_malicious_nodes = {malicious} for '{name}' needs at least "
+            f"{needed} clients a round ({quorum[0]} x {malicious} + {quorum[1]}); the "
+            f"federation has {clients}. Lower num_malicious_nodes to at most "
+            f"{max(0, (clients - quorum[1]) // quorum[0])}."
+        )
 
 
 def _parameter_defaults(cls: type) -> dict[str, Any]:

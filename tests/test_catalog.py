@@ -190,3 +190,25 @@ def test_catalog_options_are_checked_before_the_run_starts(options, fragment):
 def test_a_non_finite_option_or_config_value_is_refused():
     with pytest.raises(FedmlError, match=r"client\.weight_decay must be a finite number"):
         load_config(None, {"client.weight_decay": float("inf")})
+
+
+@pytest.mark.parametrize(
+    ("name", "malicious", "clients", "needed"),
+    [("krum", 50, 3, 103), ("multikrum", 1, 4, 5), ("bulyan", 1, 6, 7)],
+)
+def test_a_byzantine_count_the_federation_cannot_outvote_is_refused(
+    name, malicious, clients, needed
+):
+    """Issue 34: krum with num_malicious_nodes = 50 and 3 clients was accepted."""
+    cfg = load_config(
+        None,
+        {
+            "strategy.name": name, "strategy.num_malicious_nodes": malicious,
+            "simulation.clients": clients, "strategy.min_train_clients": 2,
+            "strategy.min_evaluate_clients": 2,
+        },
+    )  # fmt: skip
+    with pytest.raises(FedmlError, match=f"needs at least {needed} clients a round"):
+        build_strategy(cfg)
+    enough = load_config(None, {**cfg.to_flat(), "simulation.clients": needed})
+    assert build_strategy(enough).num_malicious_nodes == malicious

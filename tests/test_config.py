@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedml.config import RunConfig, load_config, with_overrides
+from fedml.config import RunConfig, check_dp_flags, load_config, with_overrides
 from fedml.errors import FedmlError
 from simulations.presets import resolve_config
 
@@ -130,3 +130,45 @@ def test_the_servers_own_paths_replace_only_fedml_servers_placeholders(monkeypat
     assert with_server_local(sent) == {"rounds": 3, **local}
     other = {"rounds": 3, "out": "/elsewhere", "data.dataset": "digits"}  # another run
     assert with_server_local(other) == other
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("client.lr", 1e308),
+        ("client.lr", 1e4),
+        ("server.lr", 1e308),
+        ("strategy.proximal_mu", 1e300),
+        ("client.weight_decay", 1e9),
+    ],
+)
+def test_step_sizes_a_float32_step_cannot_survive_are_refused(key, value):
+    """Issue 34: --lr 1e308 was accepted; every client then failed, and the run ended
+    "too few replies" with the cause only in a debug log."""
+    with pytest.raises(FedmlError, match=rf"{key} must be in .*1000"):
+        load_config(None, {key: value})
+    assert load_config(None, {key: 1000.0}) is not None  # the bound itself is allowed
+
+
+@pytest.mark.parametrize("key", ["dp.noise_multiplier", "dp.target_epsilon", "dp.max_grad_norm"])
+def test_dp_settings_given_while_dp_is_off_are_an_error_not_ignored(key):
+    """Issue 34: --noise-multiplier without --dp was ignored silently."""
+    with pytest.raises(FedmlError, match=rf"{key} only apply with differential privacy on"):
+        check_dp_flags(load_config(None, {key: 2.0}), {key: 2.0})
+    private = load_config(None, {key: 2.0, "dp.mode": "sample"})
+    check_dp_flags(private, {key: 2.0})  # DP on: they apply
+    check_dp_flags(load_config(None), {key: None})  # an option left out
+    check_dp_flags(load_config(None, {key: 2.0}), {})  # a config file may keep them
+
+
+def test_the_cli_refuses_a_noise_multiplier_without_dp(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fedml.cli", "simulate", "--noise-multiplier", "1.2",
+         "--rounds", "1", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "only apply with differential privacy on" in done.stderr
+    assert not (tmp_path / "run").exists()
