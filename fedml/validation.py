@@ -11,7 +11,9 @@ One broken or hostile site must not end or poison a run. A training reply is rej
 - "num-examples": its "num-examples" is missing, not a whole number, or not in
   [1, 2**53] (every weight is exact in float64, and any sum of them stays finite);
 - "metrics": a metric is not a finite number (or a list of them), or one whose range is
-  known is outside it: "accuracy" in [0, 1], "loss" >= 0;
+  known is outside it: "accuracy" in [0, 1], "loss" >= 0; or the reply carries more
+  than MAX_METRICS metrics, a name longer than MAX_METRIC_NAME characters or a list
+  longer than MAX_METRIC_LIST (every history row would carry them);
 - "keys": its arrays are not exactly the global model's keys;
 - "shape": an array's shape or dtype differs from the global model's;
 - "non-finite": an array holds NaN or inf;
@@ -66,6 +68,9 @@ FIRST_ROUND_SAMPLE = 5  # updates that wait when no earlier round's median exist
 MAX_EXAMPLES = 2**53  # the largest weight a reply may claim (exact in float64)
 UNIT_METRICS = ("accuracy",)  # metrics that must lie in [0, 1]
 NON_NEGATIVE_METRICS = ("loss",)  # metrics that must be >= 0
+MAX_METRICS = 64  # metrics one reply may carry (fedml's client sends a handful)
+MAX_METRIC_NAME = 64  # characters in a metric's name
+MAX_METRIC_LIST = 1024  # values in a list-valued metric
 
 
 @dataclass
@@ -249,6 +254,12 @@ class UpdateValidator:
         metrics = next(iter(content.metric_records.values()))
         if not _example_count(metrics.get(self.weight_key)):
             return "num-examples"
+        if len(metrics) > MAX_METRICS or any(
+            len(name) > MAX_METRIC_NAME
+            or (isinstance(value, list) and len(value) > MAX_METRIC_LIST)
+            for name, value in metrics.items()
+        ):
+            return "metrics"
         if not all(_finite_metric(value) for value in metrics.values()):
             return "metrics"
         for name, value in metrics.items():
@@ -419,6 +430,14 @@ def _example_count(value: object) -> bool:
         finite_number(value)
         and float(value).is_integer()  # type: ignore[arg-type]
         and 1 <= value <= MAX_EXAMPLES  # type: ignore[operator]
+    )
+
+
+def _bounded(item: tuple[str, object]) -> bool:
+    """A metric whose name and list length are within MAX_METRIC_NAME and MAX_METRIC_LIST."""
+    name, value = item
+    return len(name) <= MAX_METRIC_NAME and not (
+        isinstance(value, list) and len(value) > MAX_METRIC_LIST
     )
 
 

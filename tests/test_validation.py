@@ -408,3 +408,23 @@ def test_each_median_of_the_others_is_numpys_median_without_that_value(values):
         for i in range(len(values))
     ]
     assert medians_of_the_others(values) == expected
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {f"m{i}": 0.5 for i in range(200_000)},  # issue 34: every history row carried them
+        {"x" * 65: 0.5},
+        {"per-class": [0.5] * 1025},
+    ],
+    ids=["200,000 metrics", "a 65-character name", "a list of 1,025"],
+)
+def test_unbounded_metrics_are_rejected_in_training_and_evaluation(extra):
+    bloated = {"loss": 0.5, "accuracy": 0.5, "num-examples": 10, **extra}
+    accepted, tally = _screen(UpdateValidator(), _replies([_content(_update(1.0), bloated)]))
+    assert accepted == [] and tally.rejected == {"metrics": 1}
+    tally = Tally()
+    assert UpdateValidator().screen_evaluation(_replies([_content(None, bloated)]), tally) == []
+    assert tally.rejected == {"metrics": 1}
+    fine = {"loss": 0.5, "num-examples": 10, **{f"m{i}": 0.5 for i in range(60)}}
+    assert len(_screen(UpdateValidator(), _replies([_content(_update(1.0), fine)]))[0]) == 1
