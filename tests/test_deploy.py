@@ -337,6 +337,81 @@ def test_a_site_whose_supernode_gave_up_during_an_outage_reconnects_and_the_run_
     assert rows[-1]["clients"]["aggregated"] == 2, fleet.logs()
 
 
+def _node_id(site_folder: Path, name: str) -> int:
+    """The node id Flower gave site `name` (its SuperNode logs it once it has joined)."""
+    log = (site_folder / f"fedml-site-{name}" / "supernode.log").read_text(errors="replace")
+    return int(log.split("SuperNode ID: ")[-1].split()[0])
+
+
+def _forged_push(ca: Path, port: int, key: Path, sender: int, victim: int, run_id: int):
+    """What a registered site holding `key` (node `sender`) tries: a message from node 1
+    (the SuperLink) to the victim that replies to nothing, which Flower 1.42's SuperLink
+    stores as an instruction to the victim. The front's answer."""
+    import base64
+    import datetime as dt
+    import ssl
+
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+    from flwr.proto.fleet_pb2 import PushMessagesRequest
+    from flwr.proto.message_pb2 import Message, Metadata
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    private = serialization.load_ssh_private_key(key.read_bytes(), password=None)
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat()
+    headers = {
+        "flwr-public-key": base64.b64encode(public_key_to_bytes(private.public_key())).decode(),
+        "flwr-timestamp": stamp,
+        "flwr-signature": base64.b64encode(sign_message(private, stamp.encode())).decode(),
+        "content-type": "application/protobuf",
+    }
+    meta = Metadata(
+        run_id=run_id, message_id="f" * 64, src_node_id=1, dst_node_id=victim,
+        reply_to_message_id="", message_type="train", ttl=3600,
+        created_at=dt.datetime.now(dt.timezone.utc).timestamp(),
+    )  # fmt: skip
+    body = PushMessagesRequest(node=Node(node_id=sender), messages_list=[Message(metadata=meta)])
+    context = ssl.create_default_context(cafile=str(ca))
+    with httpx.Client(verify=context, timeout=30) as client:
+        return client.post(
+            f"https://127.0.0.1:{port}/v1/fleet/push-messages",
+            headers=headers, content=body.SerializeToString(),
+        )  # fmt: skip
+
+
+def test_a_registered_site_cannot_push_a_task_to_another_site(tmp_path, fleet):
+    """Issue 34's hole 3, as the attacker did it: site a, with its own registered key
+    and node id, pushes a Fleet message from node 1 to site b; the front refuses it
+    and the run trains on as before."""
+    data = _split(fleet, "ab")
+    pki = _pki(fleet, "ab")
+    port, run = free_port(), fleet.machine(SERVER) / "run"
+    server = _server(
+        fleet, "server", port, "--dataset", "npz:shards", "--rounds", "2", "--min-replies", "2",
+        "--out", "run",
+    )  # fmt: skip
+    for site in "ab":
+        _client(fleet, site, f"127.0.0.1:{port}", data[site])
+    _wait(lambda: _committed(run, 1), 300, "round 1", fleet)
+    run_id = int(
+        (run / "logs" / "run.log").read_text().split("Successfully started run ")[1].split()[0]
+    )
+    attacker, victim = (
+        _node_id(fleet.machine("site-a"), "a"),
+        _node_id(fleet.machine("site-b"), "b"),
+    )
+    answer = _forged_push(
+        pki / "ca.crt", port, pki / "sites" / "a" / "node.key", attacker, victim, run_id
+    )
+    assert answer.status_code == 403, answer.text
+    assert "pushed a message from node 1" in answer.text
+    assert server.wait(600) == 0, fleet.logs()
+    assert "refused '/v1/fleet/push-messages'" in (run / "logs" / "front.log").read_text()
+    rows = _rows(run)
+    assert [row["clients"]["aggregated"] for row in rows] == [2, 2]
+
+
 def test_a_killed_server_resumes_from_its_last_commit_and_finishes(tmp_path, fleet):
     """Both sites start from one shared folder (one machine, two sites), each with its
     default state folder: each trains on its own file, as the example counts show."""
