@@ -55,6 +55,12 @@ def print_status(status: RunStatus, console: Console) -> None:
     for check in status.commits:
         if check.problem:
             table.add_row("[red]damaged[/]", f"{check.path.name}: {check.problem}")
+    if status.lost_commits:
+        table.add_row(
+            "[red]damaged[/]",
+            f"history.jsonl records {status.history_rounds} round(s) but commits/ holds "
+            "none: the run's model and state are gone (resuming starts it over)",
+        )
     if status.set_aside:
         table.add_row("set aside", f"damaged/: {', '.join(status.set_aside)}")
     if status.state == "interrupted":

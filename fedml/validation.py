@@ -4,7 +4,7 @@ One broken or hostile site must not end or poison a run. A training reply is rej
 (counted, never aggregated) when:
 
 - "malformed": it has no single ArrayRecord, or no single MetricRecord, or an array
-  that does not decode as a plain NumPy array (an object dtype, another serialisation
+  that declares or decodes as no plain NumPy array (an object dtype, another serialisation
   type, a damaged header, a shape or dtype its bytes do not hold). Shape and dtype are
   compared with the global model's from the array's metadata before any byte is
   decoded, so an absurd shape is never allocated;
@@ -236,6 +236,8 @@ class UpdateValidator:
         arrays = {}
         for key, expected in reference.items():
             array = record[key]
+            if not _plain_dtype(array.dtype):
+                return "malformed", {}
             if tuple(array.shape) != expected.shape or array.dtype != str(expected.dtype):
                 return "shape", {}
             values = _decoded(array, expected)
@@ -357,6 +359,16 @@ def site_medians(replies: list[Message], weight_key: str = "num-examples") -> di
             if name != weight_key and not isinstance(value, list):
                 values.setdefault(name, []).append(float(value))
     return {name: float(np.median(found)) for name, found in sorted(values.items())}
+
+
+def _plain_dtype(name: object) -> bool:
+    """Whether an array's declared dtype is a plain number type (not object, not text
+    NumPy cannot parse): anything else is malformed, whatever the model's dtype."""
+    try:
+        dtype = np.dtype(name)  # type: ignore[call-overload]
+    except Exception:  # a hostile dtype string
+        return False
+    return dtype.kind in "biufc" and not dtype.hasobject
 
 
 def _decoded(array: Array, expected: np.ndarray) -> np.ndarray | None:

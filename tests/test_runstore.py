@@ -533,3 +533,23 @@ def test_rounds_pruned_by_retention_before_a_damaged_commit_are_not_called_lost(
     store, (checkpoint, damaged) = _resume(tmp_path)
     store.close()
     assert checkpoint.round == 1 and [c.round for c in damaged] == [4]
+
+
+def test_a_run_whose_commits_were_deleted_is_damaged_not_not_started(tmp_path):
+    """Issue 34: `fedml runs` said "not started" for a run whose commits/ was deleted
+    while its history held 4 rounds."""
+    import shutil
+    import subprocess
+    import sys
+
+    store = _run_with_commits(tmp_path, [0.1, 0.2, 0.3, 0.4])
+    store.close()
+    shutil.rmtree(tmp_path / "run" / "commits")
+    status = run_status(tmp_path / "run")
+    assert (status.state, status.rounds_done, status.history_rounds) == ("damaged", 0, 4)
+    shown = subprocess.run(
+        [sys.executable, "-m", "fedml.cli", "runs", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    text = " ".join(shown.stdout.split())
+    assert shown.returncode == 0 and "damaged" in text and "records 4 round(s)" in text, text

@@ -108,8 +108,11 @@ def _hostile(**fields) -> RecordDict:
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
-        # pickle bytes behind an object dtype: never decoded (NumPy would refuse anyway)
-        (_hostile(dtype="object", data=b"\x93NUMPY\x01\x00" + b"\x80\x04K\x01."), "shape"),
+        # pickle bytes behind an object dtype: never decoded (NumPy would refuse anyway);
+        # malformed, not a shape mismatch (issue 34 counted it as "shape")
+        (_hostile(dtype="object", data=b"\x93NUMPY\x01\x00" + b"\x80\x04K\x01."), "malformed"),
+        (_hostile(dtype="<U8"), "malformed"),
+        (_hostile(dtype="not a dtype"), "malformed"),
         (_hostile(stype="torch.raw"), "malformed"),
         (_hostile(data=b"\x93NUMPY\x01\x00{'descr': garbage" + b"\x00" * 64), "malformed"),
         (_hostile(data=b""), "malformed"),

@@ -48,6 +48,7 @@ class RunStatus:
     model_round: int | None  # the round model.safetensors holds when not the last (best)
 
     running: bool
+    history_rounds: int = 0  # the last round history.jsonl records, committed or not
     deployed: bool = False  # started by `fedml server`: resumed by it only
 
     @property
@@ -56,11 +57,19 @@ class RunStatus:
         return resume_command(self.path)
 
     @property
+    def lost_commits(self) -> bool:
+        """History records rounds, yet no commit is left at all (commits/ deleted): the
+        run is damaged, not "not started"."""
+        return not self.commits and self.history_rounds > 0
+
+    @property
     def state(self) -> str:
         """running | finished | interrupted | not started | damaged."""
         if self.running:
             return "running"
         if self.commits and not any(c.problem is None for c in self.commits):
+            return "damaged"
+        if self.lost_commits:
             return "damaged"
         if self.rounds_done == 0:
             return "not started"
@@ -81,7 +90,8 @@ def run_status(path: Path) -> RunStatus:
         stop_reason, model_round = state.get("stop_reason"), state.get("model_round")
     committed = {c.round for c in intact}
     monitor = Monitor(cfg.checkpoint.monitor, cfg.checkpoint.mode)
-    rows = [r for r in read_history(path) if r["round"] <= rounds_done]
+    recorded = read_history(path)
+    rows = [r for r in recorded if r["round"] <= rounds_done]
     best = monitor.best([r for r in rows if r["round"] in committed])
     privacy = next((r["privacy"] for r in reversed(rows) if r.get("privacy")), None)
     damaged_root = path / DAMAGED
@@ -100,6 +110,7 @@ def run_status(path: Path) -> RunStatus:
         model_round=model_round,
         running=is_locked(path),
         deployed=is_deployed(path),
+        history_rounds=max((r["round"] for r in recorded), default=0),
     )
 
 
