@@ -18,14 +18,16 @@ One broken or hostile site must not end or poison a run. A training reply is rej
 - "shape": an array's shape or dtype differs from the global model's;
 - "non-finite": an array holds NaN or inf;
 - "norm": its update norm ||w - w_global|| exceeds `norm_factor` times the median norm
-  of the round's other valid updates that arrived before it. The first three are judged
-  against each other and against the median accepted norm of the previous accepted
-  round (`ScreeningMemory`, committed with each round), a vote the round's first repliers do
-  not control: two colluders among the first three no longer vouch for each other. In a
-  run's first round there is no such vote, so the first five wait and are judged
-  against each other (two colluders among them are outvoted; a round that ends with
-  three or four is judged among those). With fewer than three valid updates and no
-  earlier round there is no norm check, as a median of fewer means little.
+  of the round's other valid updates that arrived before it. The first five wait and
+  are judged against each other and against the median accepted norm of the previous
+  accepted round (`ScreeningMemory`, committed with each round), a vote the round's first
+  repliers do not control: three colluders among the first five are outvoted (four are
+  not: they are the majority of those five votes). In a run's first round there is no
+  such vote, and two colluders among the first five are outvoted (three are not). A
+  round that ends with fewer is judged among those; with fewer than three valid
+  updates and no earlier round there is no norm check, as a median of fewer means
+  little. Later updates meet the median of all before them: colluders who reply late
+  are outvoted by the honest majority.
 
 With `clip_norm > 0` each accepted update is then scaled down to that L2 norm
 (w_global + (w - w_global) * min(1, clip / ||w - w_global||)).
@@ -63,8 +65,8 @@ from flwr.common.constant import SType
 from fedml.arrays import from_numpy, record_of, to_numpy
 from fedml.failures import DECLINED_CODE, MAX_REASONS, OTHER_REASON, failure_reason
 
-NORM_SAMPLE = 3  # valid updates needed before the norm check starts
-FIRST_ROUND_SAMPLE = 5  # updates that wait when no earlier round's median exists
+NORM_SAMPLE = 3  # valid updates a norm check needs when no earlier round votes
+FIRST_SAMPLE = 5  # the first valid updates of a round wait and judge each other
 MAX_EXAMPLES = 2**53  # the largest weight a reply may claim (exact in float64)
 UNIT_METRICS = ("accuracy",)  # metrics that must lie in [0, 1]
 NON_NEGATIVE_METRICS = ("loss",)  # metrics that must be >= 0
@@ -157,8 +159,7 @@ class UpdateValidator:
         memory = memory if memory is not None else ScreeningMemory()
         earlier = [memory.norm_median] if memory.norm_median is not None else []
         claims = ClaimReference(memory.claim_median)
-        # with no earlier round to outvote colluders, more of the first updates wait
-        sample = NORM_SAMPLE if earlier else FIRST_ROUND_SAMPLE
+        sample = FIRST_SAMPLE
         reference = {k: to_numpy(v) for k, v in global_arrays.items()}
         norms: list[float] = []  # norms of the valid updates so far, as they came
         ordered = SortedValues()  # the same, in order: the median of those before each one
