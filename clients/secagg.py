@@ -52,12 +52,20 @@ def advertise(msg: Message, context: Context, cfg: RunConfig, partition_id: int 
 
 
 def share(msg: Message, context: Context) -> Message:
-    """Step 2: this site's shares, sealed for each holder, and their digests."""
+    """Step 2: this site's shares, sealed for each holder, their digests, and its
+    commitment to its self-mask seed."""
     site = _load(context, msg)
     plan = wire.plan_from(msg.content.config_records[wire.ROUND])
-    sealed, digests = site.share(plan, wire.keys_from(msg.content.config_records.get(wire.KEYS)))
+    keys = wire.keys_from(msg.content.config_records.get(wire.KEYS))
+    sealed, digests, commitment = site.share(plan, keys)
     _save(context, site)
-    content = RecordDict({wire.SEALED: wire.by_node(sealed), wire.DIGESTS: wire.by_node(digests)})
+    content = RecordDict(
+        {
+            wire.SEALED: wire.by_node(sealed),
+            wire.DIGESTS: wire.by_node(digests),
+            wire.COMMITMENT: ConfigRecord({"seed": commitment}),
+        }
+    )
     return Message(content, reply_to=msg)
 
 

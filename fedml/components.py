@@ -20,6 +20,7 @@ from fedml.config import RunConfig
 from fedml.contracts import is_stateful
 from fedml.controls import Controls
 from fedml.privacy import PrivacyReport
+from fedml.secure_round import Exclusions
 from fedml.validation import ScreeningMemory
 from simulations.scenarios import Dropout, Stragglers
 
@@ -38,6 +39,7 @@ class RoundComponents:
     controls: Controls
     privacy: PrivacyReport
     screening: ScreeningMemory
+    hostile: Exclusions  # sites proven to break secure aggregation: left out
 
     @classmethod
     def for_run(cls, cfg: RunConfig, strategy: Strategy) -> RoundComponents:
@@ -50,6 +52,7 @@ class RoundComponents:
             controls=Controls(cfg, strategy),
             privacy=PrivacyReport(cfg.dp.mode, strategy if user_dp else None),
             screening=ScreeningMemory(),
+            hostile=Exclusions(),
         )
 
     def _named(self) -> dict[str, object]:
@@ -67,6 +70,8 @@ class RoundComponents:
         for name, part in self._named().items():
             if is_stateful(part) and name in state:
                 part.load_state_dict(state[name])
+            elif is_stateful(part):
+                continue  # a part newer than the commit: it starts as in a fresh run
             else:
                 log.warning(
                     "%s %s has no committed state (no state_dict()/load_state_dict()); "

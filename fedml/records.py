@@ -83,7 +83,10 @@ def describe_secagg(entry: dict[str, Any]) -> str:
     if unmasked == 0:
         return "secure aggregation: no sum unmasked this round"
     text = f"secure aggregation: {unmasked} updates masked, only their sum unmasked"
-    return text + (f" ({dropped} dropped out)" if dropped else "")
+    notes = [f"{dropped} dropped out"] if dropped else []
+    if entry.get("excluded"):
+        notes.append(f"{int(entry['excluded'])} left out as hostile")
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def masked_updates(rows: list[HistoryRow]) -> int:

@@ -17,7 +17,11 @@ masking instead), and the aggregate is FedAvg's weighted mean computed from the 
 not called; only FedAvg and FedProx are allowed with secure aggregation). The server
 checks the unmasked aggregate: finite, and its update within `validation.clip_norm`.
 A round whose secrets cannot be recovered (fewer than `threshold` sites answered) has
-no aggregate: the participation rules decide (retry, skip, stop).
+no aggregate: the participation rules decide (retry, skip, stop). A site proven to
+have broken the protocol (`HostileSite`: the shares it dealt rebuild no secret it
+committed to) fails that attempt too, but it is named, and `Exclusions` (run state,
+committed with each round) keeps it out of every later attempt and round, so a retry
+goes on with the others.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from fedml.config import RunConfig
 from fedml.secagg import crypto
 from fedml.secagg import messages as wire
 from fedml.secagg.encoding import Layout, decode
-from fedml.secagg.protocol import PublicKeys, SecAggFailure, ServerSecAgg
+from fedml.secagg.protocol import HostileSite, PublicKeys, SecAggFailure, ServerSecAgg
 from fedml.validation import Tally, update_norm
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,24 @@ METRICS = ("loss",)  # what clients/secagg.py sums besides the update
 def default_threshold(sites: int) -> int:
     """A majority of the sites taking part."""
     return sites // 2 + 1
+
+
+class Exclusions:
+    """Sites proven to have broken secure aggregation, by node id, with why: never sent
+    a secure round's messages again in this run. Run state (`state_dict()`), so a
+    resumed run keeps them out too."""
+
+    def __init__(self) -> None:
+        self.sites: dict[int, str] = {}
+
+    def add(self, site: int, why: str) -> None:
+        self.sites.setdefault(site, why)
+
+    def state_dict(self) -> dict[str, str]:
+        return {str(site): why for site, why in sorted(self.sites.items())}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        self.sites = {int(site): why for site, why in state.items()}
 
 
 class SecureRound:
@@ -72,19 +94,27 @@ class SecureRound:
         tally: Tally,
         observe: Callable[[Iterable[Message]], Iterator[Message]],
         excluded: set[int],
+        hostile: Exclusions,
     ) -> ArrayRecord | None:
-        """Play the four exchanges with the sites `messages` go to; the masked inputs of
-        `excluded` sites (stragglers whose partial work the strategy drops) are left out
-        of the sum like a dropout's. `observe` wraps the train replies' stream (privacy
-        report, device count)."""
+        """Play the four exchanges with the sites `messages` go to, except those in
+        `hostile` (which learns of any site this attempt proves hostile); the masked
+        inputs of `excluded` sites (stragglers whose partial work the strategy drops)
+        are left out of the sum like a dropout's. `observe` wraps the train replies'
+        stream (privacy report, device count)."""
         started = time.perf_counter()
-        nodes = {m.metadata.dst_node_id: m for m in messages}
+        nodes = {
+            m.metadata.dst_node_id: m
+            for m in messages
+            if m.metadata.dst_node_id not in hostile.sites
+        }
         reference = {k: to_numpy(a) for k, a in arrays.items()}
         sa = self.cfg.secagg
         threshold = sa.threshold or default_threshold(len(nodes))
         server = ServerSecAgg(self.server_round, threshold, sa.neighbours)
         self.row = {"sampled": len(nodes), "shared": 0, "unmasked": 0, "dropped": 0}
         self.row["threshold"] = threshold
+        if len(nodes) < len(messages):
+            self.row["excluded"] = len(messages) - len(nodes)
         layout = Layout.of(reference, sa.clip, sa.bits, METRICS)
         aggregate = None
         try:
@@ -109,6 +139,15 @@ class SecureRound:
                 raise ValueError("client-level DP needs one weight per site; the sum says not")
             self.examples, self.metrics = decoded.examples, decoded.metrics
             aggregate = self._checked(decoded.arrays, reference, tally)
+        except HostileSite as exc:
+            hostile.add(exc.site, str(exc))
+            self.row["hostile"] = exc.site
+            log.warning(
+                "round %d: secure aggregation failed: %s; that site is left out of every "
+                "later secure round of this run",
+                self.server_round,
+                exc,
+            )
         except (SecAggFailure, ValueError) as exc:
             log.warning("round %d: secure aggregation failed: %s", self.server_round, exc)
         self.row["seconds"] = round(time.perf_counter() - started, 4)
@@ -159,16 +198,20 @@ class SecureRound:
         shared = {}
         for reply in self._replies(ask):
             node = reply.metadata.src_node_id
-            sealed = wire.from_node_record(reply.content.config_records.get(wire.SEALED))
-            digests = wire.from_node_record(reply.content.config_records.get(wire.DIGESTS))
+            records = reply.content.config_records
+            sealed = wire.from_node_record(records.get(wire.SEALED))
+            digests = wire.from_node_record(records.get(wire.DIGESTS))
+            commitment = records.get(wire.COMMITMENT, ConfigRecord()).get("seed")
             holders = set(plan.holders(node))
             if (
                 node in plan.sampled
                 and set(digests) == holders
                 and all(len(d) == 64 for d in digests.values())
                 and set(sealed) == holders - {node}  # a share for every other holder
+                and isinstance(commitment, bytes)
+                and len(commitment) == 32
             ):
-                shared[node] = (sealed, digests)
+                shared[node] = (sealed, digests, commitment)
         return shared
 
     def _train(self, nodes: dict[int, Message], shared: dict, inbox: dict) -> Iterator[Message]:

@@ -318,7 +318,12 @@ def train_round(
     if cfg.secagg.enabled:
         secure = SecureRound(cfg, server_round, attempt, grid, timeout)
         aggregate = secure.run(
-            to_send, arrays, tally, lambda s: privacy.observe(devices.count(s)), dropping
+            to_send,
+            arrays,
+            tally,
+            lambda s: privacy.observe(devices.count(s)),
+            dropping,
+            components.hostile,
         )
         kept.messages = int(secure.row["unmasked"]) if aggregate is not None else 0
         if aggregate is not None and isinstance(strategy, SecureReleaser):

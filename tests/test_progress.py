@@ -61,6 +61,8 @@ def test_the_progress_line_names_why_sites_failed_and_what_secure_aggregation_di
     assert "failed 1 (1x site c: FedmlError: bad)" in line
     assert "secure aggregation: 2 updates masked, only their sum unmasked (1 dropped out)" in line
     assert "secure" not in describe_row(_round(5))
+    hostile = describe_row(_round(6, secagg={**secagg, "dropped": 0, "excluded": 1}))
+    assert "only their sum unmasked (1 left out as hostile)" in hostile
 
 
 def test_a_reason_failing_three_rounds_in_a_row_is_said_once_loudly():

@@ -15,16 +15,50 @@ from fedml.arrays import from_numpy, record_of, to_numpy
 from fedml.secagg import crypto
 from fedml.secagg import messages as wire
 from fedml.secagg.encoding import Layout, decode, encode
-from fedml.secagg.protocol import RoundPlan, SecAggFailure, ServerSecAgg, SiteSecAgg
+from fedml.secagg.protocol import (
+    HostileSite,
+    RoundPlan,
+    SecAggFailure,
+    ServerSecAgg,
+    SiteSecAgg,
+)
 from strategies.aggregate import WeightedMean
 
 SIZE = 12
 
 
-def _round(sites, threshold, neighbours, inputs, answering, tamper=None, liar=None):
+class BadDealer(SiteSecAgg):
+    """A hostile site: it deals random shares of its self-mask seed (or, `of_key`, of
+    its mask key), each with a digest that matches, so no holder can tell."""
+
+    of_key = False
+
+    def share(self, plan, keys):
+        import fedml.secagg.crypto as crypto_module
+
+        honest = crypto_module.split_secret
+        calls = []
+
+        def bad(secret, threshold, count):
+            shares = honest(secret, threshold, count)
+            calls.append(1)
+            if (len(calls) == 2) is self.of_key:  # the seed is split first, the key second
+                return [share[:8] + os.urandom(len(share) - 8) for share in shares]
+            return shares
+
+        crypto_module.split_secret = bad
+        try:
+            return super().share(plan, keys)
+        finally:
+            crypto_module.split_secret = honest
+
+
+def _round(sites, threshold, neighbours, inputs, answering, tamper=None, liar=None, dealers=None):
     """Play one round; `answering`: sites that send masked input (the rest drop out
-    after sharing). Returns the unmasked sum."""
-    parties = {v: SiteSecAgg(v, server_round=7) for v in sites}
+    after sharing); `dealers`: site -> its class (hostile ones). Returns the unmasked
+    sum."""
+    dealers = dealers or {}
+    parties = {v: dealers.get(v, SiteSecAgg)(v, server_round=7) for v in sites}
     server = ServerSecAgg(7, threshold, neighbours)
     plan, keys = server.holder_keys({v: p.advertise() for v, p in parties.items()})
     inbox = server.route({v: parties[v].share(plan, keys[v]) for v in plan.sampled})
@@ -94,6 +128,27 @@ def test_a_lying_site_is_outvoted_and_a_changed_ciphertext_is_left_out():
     # threshold 4 of 4 answering: the liar leaves too few valid shares
     with pytest.raises(SecAggFailure, match="valid share"):
         _round(range(1, 6), 4, 0, inputs, [1, 2, 3, 4], liar=2)
+
+
+class BadKeyDealer(BadDealer):
+    of_key = True
+
+
+@pytest.mark.parametrize(
+    ("dealer", "answering", "what"),
+    [
+        (BadDealer, [1, 2, 3, 4, 5], "self-mask seed"),  # it masks: its seed is rebuilt
+        (BadKeyDealer, [1, 3, 4, 5], "mask key"),  # it drops out: its key is rebuilt
+    ],
+)
+def test_a_site_that_deals_shares_of_no_committed_secret_is_named(dealer, answering, what):
+    """Issue 34: one hostile site of five ended every secure round ("Failed to combine
+    shares"), unnamed. Its shares pass their digests (it made both), but they rebuild
+    no secret it committed to: the server names it, and only it."""
+    inputs = {v: np.arange(SIZE, dtype=np.uint64) * v for v in range(1, 6)}
+    with pytest.raises(HostileSite, match=what) as caught:
+        _round(range(1, 6), 3, 0, inputs, answering, dealers={2: dealer})
+    assert caught.value.site == 2
 
 
 def test_a_masked_input_looks_uniform_and_hides_the_input():

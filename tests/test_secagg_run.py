@@ -116,3 +116,50 @@ def test_client_level_dp_adds_its_noise_to_the_unmasked_mean_and_accounts_it(tmp
     assert secure.final["privacy"] == plain.final["privacy"]
     assert secure.final["privacy"]["epsilon"] > 0
     assert abs(secure.final["server"]["accuracy"] - plain.final["server"]["accuracy"]) <= 0.02
+
+
+class HostileCommitment(InProcessGrid):
+    """The in-process grid, with site 2 committing to another self-mask seed than the
+    one it shares (its shares all pass their digests): the shape of issue 34's bad
+    Shamir shares, as the server sees it."""
+
+    sent: ClassVar[list[set[int]]] = []  # the sites each secure round's keys went to
+
+    def send_and_receive(self, messages, *, timeout=None):
+        import os
+
+        from flwr.app import ConfigRecord
+
+        if messages and messages[0].metadata.message_type.endswith(wire.KEYS_ACTION):
+            HostileCommitment.sent.append({m.metadata.dst_node_id for m in messages})
+        for reply in super().send_and_receive(messages, timeout=timeout):
+            shared = reply.metadata.message_type.endswith(wire.SHARE_ACTION)
+            if shared and reply.metadata.src_node_id == 2 and not reply.has_error():
+                reply.content[wire.COMMITMENT] = ConfigRecord({"seed": os.urandom(32)})
+            yield reply
+
+
+def test_a_site_that_breaks_secure_aggregation_is_named_and_left_out_and_the_run_goes_on(
+    tmp_path, monkeypatch
+):
+    """Issue 34: one hostile site of five ended a secure run at round 1, every retry
+    failing the same way. Now its first round's attempt fails naming it, the retry goes
+    on without it, and no later round sends it anything."""
+    HostileCommitment.sent = []
+    monkeypatch.setattr(engine, "InProcessGrid", HostileCommitment)
+    summary = _run(tmp_path, "hostile", rounds=3, **{"secagg.enabled": True})
+    rows = summary.history
+    assert [row["round"] for row in rows] == [1, 2, 3] and summary.stop_reason == "max rounds"
+    assert len(rows[0]["retries"]) == 1  # the attempt that proved it hostile
+    for row in rows:
+        assert row["secagg"]["excluded"] == 1 and row["secagg"]["unmasked"] == 4
+        assert row["clients"]["aggregated"] == 4
+    assert HostileCommitment.sent[0] == {1, 2, 3, 4, 5}
+    assert all(2 not in sites for sites in HostileCommitment.sent[1:])
+    assert rows[-1]["server"]["accuracy"] > 0.5
+    # committed with the round: a resumed run keeps it out too
+    import json
+
+    newest = sorted((tmp_path / "hostile" / "commits").iterdir())[-1]
+    hostile = json.loads((newest / "state.json").read_text())["components"]["hostile"]
+    assert list(hostile) == ["2"] and "site 2 dealt shares" in hostile["2"]

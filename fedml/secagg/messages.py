@@ -23,6 +23,7 @@ ROUND = "fedml.secagg"  # ConfigRecord: node, round (+ plan, survivors, dropped)
 KEYS = "fedml.secagg-keys"  # str(node) -> c || s public keys (64 bytes)
 SEALED = "fedml.secagg-sealed"  # str(holder) -> sealed shares
 DIGESTS = "fedml.secagg-digests"  # str(holder) -> SHA-256 of both shares
+COMMITMENT = "fedml.secagg-commitment"  # "seed": SHA-256 of the site's self-mask seed
 INBOX = "fedml.secagg-inbox"  # str(sender) -> sealed shares for this site
 SHARES = "fedml.secagg-shares"  # str(site) -> the share the server asked for
 MASKED = "masked"  # the ArrayRecord key of a masked input (uint64)

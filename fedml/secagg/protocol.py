@@ -9,20 +9,25 @@ The round's sampled sites S exchange four messages with the server (SecAgg+, Bel
    The site draws a self-mask seed b, Shamir-shares b and its mask key s_sk among its
    holders (any `threshold` recover them), seals each holder's pair of shares for that
    holder only (ChaCha20-Poly1305 under the c-agreement key, bound to sender, receiver
-   and round), and sends the ciphertexts plus a SHA-256 digest of each share.
+   and round), and sends the ciphertexts, a SHA-256 digest of each share and one of b
+   (its commitment: the b rebuilt from the shares must hash to it).
 3. masked input: the server routes the ciphertexts; each site sends
    y = x + PRG(b) + sum over neighbours v of (+PRG(s_uv) if v > u else -PRG(s_uv)),
    all mod 2^64. The pairwise masks cancel in the sum of the sites that answer.
 4. unmask: the server names the survivors (sent y) and the dropped (shared, no y). Each
    site opens the shares it holds and returns b's share of every survivor and s_sk's
    share of every dropped site, never both for one site. The server checks each share
-   against its digest (a lying site is excluded), rebuilds b of every survivor and s_sk
-   of every dropped site from `threshold` shares, and removes their masks: what is left
-   is the sum of the survivors' x, and nothing about any one of them.
+   against its digest (a lying holder's shares are left out), rebuilds b of every
+   survivor and s_sk of every dropped site from `threshold` shares, checks each against
+   what the site committed to (b's digest, s's public key), and removes their masks:
+   what is left is the sum of the survivors' x, and nothing about any one of them.
 
 Fewer than `threshold` answers for any secret is `SecAggFailure`: the round fails under
-the participation rules. The server is trusted to send every site the same survivor list
-(an honest-but-curious server; README's security model says so).
+the participation rules. Shares that pass their digests but do not rebuild the secret
+the site committed to can only come from the site that dealt them: `HostileSite` names
+it, so the round loop can leave it out of later attempts and rounds. The server is
+trusted to send every site the same survivor list (an honest-but-curious server;
+README's security model says so).
 """
 
 from __future__ import annotations
@@ -47,6 +52,15 @@ PublicKeys = tuple[bytes, bytes]  # (c: share encryption, s: pairwise masks)
 
 class SecAggFailure(RuntimeError):
     """The round cannot be unmasked (too few sites answered, or shares were bad)."""
+
+
+class HostileSite(SecAggFailure):
+    """A site provably broke the protocol: the shares it dealt (each matching the digest
+    it sent) do not rebuild the secret it committed to. No honest site can cause this."""
+
+    def __init__(self, site: int, why: str) -> None:
+        super().__init__(f"site {site} {why}")
+        self.site = site
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,14 @@ def associated(server_round: int, sender: int, receiver: int) -> bytes:
 
 def digest(share: bytes) -> bytes:
     return hashlib.sha256(share).digest()
+
+
+def _public_key_or_none(private: bytes) -> bytes | None:
+    """The X25519 public key of `private`, None when it is no private key at all."""
+    try:
+        return crypto.public_key(private)
+    except ValueError:
+        return None
 
 
 def _pack(first: bytes, second: bytes) -> bytes:
@@ -179,10 +201,10 @@ class SiteSecAgg:
     # -- 2. share ----------------------------------------------------------------------
     def share(
         self, plan: RoundPlan, keys: dict[int, PublicKeys]
-    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    ) -> tuple[dict[int, bytes], dict[int, bytes], bytes]:
         """Seal this site's shares for each holder; returns (ciphertexts, digests), both
-        by holder. `keys` must be exactly its holders' keys under `plan`, its own
-        unchanged."""
+        by holder, and its commitment to its self-mask seed (the seed's digest). `keys`
+        must be exactly its holders' keys under `plan`, its own unchanged."""
         plan.check()
         holders = plan.holders(self.node)
         if (
@@ -204,7 +226,7 @@ class SiteSecAgg:
             key = crypto.agree(self.c_private, keys[holder][0], SHARE_PURPOSE)
             ad = associated(plan.server_round, self.node, holder)
             sealed[holder] = crypto.seal(key, _pack(seed_share, key_share), ad)
-        return sealed, digests
+        return sealed, digests, digest(self.self_seed)
 
     # -- 3. masked input ---------------------------------------------------------------
     def masked(self, vector: np.ndarray, received: dict[int, bytes]) -> np.ndarray:
@@ -281,6 +303,7 @@ class ServerSecAgg:
         self.plan: RoundPlan | None = None
         self.keys: dict[int, PublicKeys] = {}
         self.digests: dict[int, dict[int, bytes]] = {}  # sender -> holder -> digests
+        self.commitments: dict[int, bytes] = {}  # sender -> digest of its self-mask seed
         self.survivors: set[int] = set()
         self.total: np.ndarray | None = None
 
@@ -299,13 +322,14 @@ class ServerSecAgg:
 
     # -- 2 -> 3 ------------------------------------------------------------------------
     def route(
-        self, shared: dict[int, tuple[dict[int, bytes], dict[int, bytes]]]
+        self, shared: dict[int, tuple[dict[int, bytes], dict[int, bytes], bytes]]
     ) -> dict[int, dict[int, bytes]]:
         """The ciphertexts each holder receives (sender -> sealed), from what each site
-        shared; keeps the digests to check the unmask answers."""
+        shared; keeps the digests and commitments to check the unmask answers."""
         inbox: dict[int, dict[int, bytes]] = {}
-        for sender, (sealed, digests) in shared.items():
+        for sender, (sealed, digests, commitment) in shared.items():
             self.digests[sender] = dict(digests)
+            self.commitments[sender] = commitment
             for holder, ciphertext in sealed.items():
                 inbox.setdefault(holder, {})[sender] = ciphertext
         return inbox
@@ -348,7 +372,9 @@ class ServerSecAgg:
 
     def _recover(self, site: int, answers: dict[int, dict[int, bytes]], kind: int) -> bytes:
         """A site's self-mask seed (kind 0) or mask key (kind 1) from the shares whose
-        digests match what the site committed to; lying answers are left out."""
+        digests match what the site committed to; lying answers are left out. Valid
+        shares that rebuild no secret, or another than the site committed to (the seed's
+        digest, the mask key's public key), were dealt so by the site: `HostileSite`."""
         committed = self.digests[site]
         shares = [
             answer[site]
@@ -361,4 +387,16 @@ class ServerSecAgg:
             raise SecAggFailure(
                 f"site {site}: {len(shares)} valid share(s), {self.threshold} needed"
             )
-        return crypto.join_shares(shares[: self.threshold])
+        what = "self-mask seed" if kind == 0 else "mask key"
+        try:
+            secret = crypto.join_shares(shares[: self.threshold])
+        except Exception as exc:  # shares of no single polynomial: Flower's combine raises
+            raise HostileSite(site, f"dealt shares of its {what} that do not combine") from exc
+        committed = (
+            digest(secret) == self.commitments.get(site)
+            if kind == 0
+            else _public_key_or_none(secret) == self.keys[site][1]
+        )
+        if not committed:
+            raise HostileSite(site, f"dealt shares of another {what} than it committed to")
+        return secret
