@@ -22,6 +22,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,14 +234,25 @@ def write_report(paths: Sequence[Path], out: Path) -> Report:
     except OSError as exc:
         raise FedmlError(f"Cannot create the report folder {out}: {exc}.") from exc
     report = Report(out, skipped=skipped)
-    try:  # each file whole or not at all: a full disk leaves no 0-byte figure
-        for name, figure in figures(runs).items():
-            image = io.BytesIO()
-            figure.savefig(image, dpi=DPI, format="png")
-            report.files.append(_write(out / f"{name}.png", image.getvalue()))
-        report.summary = [summary_row(run) for run in runs]
-        report.files.append(_write_csv(out / SUMMARY_CSV, report.summary))
-        report.files.append(_write_csv(out / ROUNDS_CSV, _round_rows(runs)))
+    # The whole report or none of it: every file is written into a staging folder
+    # inside `out` first, then renamed into place (a rename allocates nothing), so a
+    # full disk leaves the previous report as it was, not half of a new one.
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+        try:
+            staged = []
+            for name, figure in figures(runs).items():
+                image = io.BytesIO()
+                figure.savefig(image, dpi=DPI, format="png")
+                staged.append(_write(staging / f"{name}.png", image.getvalue()))
+            report.summary = [summary_row(run) for run in runs]
+            staged.append(_write_csv(staging / SUMMARY_CSV, report.summary))
+            staged.append(_write_csv(staging / ROUNDS_CSV, _round_rows(runs)))
+            for path in staged:
+                os.replace(path, out / path.name)
+                report.files.append(out / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:
         raise storage_error(exc, f"writing the report to {out}") from exc
     return report

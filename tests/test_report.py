@@ -335,3 +335,33 @@ def test_report_prints_rounds_to_target_for_runs_with_a_target(tmp_path):
     assert summary["never"]["target_round"] == "" and summary["never"]["rounds"] == "3"
     table = done.output[done.output.index("rounds to target") :]
     assert "not reached" in table and "quick" in table and "never" in table
+
+
+def test_a_full_disk_while_writing_leaves_the_previous_report_whole(
+    two_runs, tmp_path, monkeypatch
+):
+    """Issue 34: a report written to a full disk left a partial report. Now the old one
+    stays as it was, file for file, and no staging folder is left behind."""
+    import errno
+
+    import fedml.report as report_module
+
+    root, _ = two_runs
+    out = tmp_path / "report"
+    write_report([root / "fedavg"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    honest_write, calls = report_module.atomic_write, []
+
+    def full_after_two(path, data):
+        calls.append(path)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        honest_write(path, data)
+
+    monkeypatch.setattr(report_module, "atomic_write", full_after_two)
+    with pytest.raises(FedmlError, match="space"):
+        write_report([root / "fedprox"], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(report_module, "atomic_write", honest_write)
+    again = write_report([root / "fedprox"], out)
+    assert {p.name for p in out.iterdir()} == {p.name for p in again.files}
