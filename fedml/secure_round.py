@@ -46,6 +46,7 @@ from fedml.validation import Tally, update_norm
 log = logging.getLogger(__name__)
 
 METRICS = ("loss",)  # what clients/secagg.py sums besides the update
+LEFT_OUT = "left out: it broke secure aggregation earlier in this run"  # a failed reason
 
 
 def default_threshold(sites: int) -> int:
@@ -113,8 +114,10 @@ class SecureRound:
         server = ServerSecAgg(self.server_round, threshold, sa.neighbours)
         self.row = {"sampled": len(nodes), "shared": 0, "unmasked": 0, "dropped": 0}
         self.row["threshold"] = threshold
-        if len(nodes) < len(messages):
+        if len(nodes) < len(messages):  # sampled, never sent: failed, and said why
             self.row["excluded"] = len(messages) - len(nodes)
+            tally.failed += self.row["excluded"]
+            tally.failed_reasons[LEFT_OUT] += self.row["excluded"]
         layout = Layout.of(reference, sa.clip, sa.bits, METRICS)
         aggregate = None
         try:

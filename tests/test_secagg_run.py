@@ -11,6 +11,7 @@ from fedml.arrays import to_numpy
 from fedml.config import load_config
 from fedml.errors import FedmlError
 from fedml.secagg import messages as wire
+from fedml.secure_round import LEFT_OUT
 from simulations import engine
 from simulations.engine import simulate
 from simulations.inprocess import InProcessGrid
@@ -153,7 +154,9 @@ def test_a_site_that_breaks_secure_aggregation_is_named_and_left_out_and_the_run
     assert len(rows[0]["retries"]) == 1  # the attempt that proved it hostile
     for row in rows:
         assert row["secagg"]["excluded"] == 1 and row["secagg"]["unmasked"] == 4
-        assert row["clients"]["aggregated"] == 4
+        clients = row["clients"]
+        assert (clients["aggregated"], clients["failed"], clients["timed_out"]) == (4, 1, 0)
+        assert row["failed_reasons"] == {LEFT_OUT: 1}
     assert HostileCommitment.sent[0] == {1, 2, 3, 4, 5}
     assert all(2 not in sites for sites in HostileCommitment.sent[1:])
     assert rows[-1]["server"]["accuracy"] > 0.5
