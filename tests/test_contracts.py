@@ -41,10 +41,26 @@ def test_components_commit_under_their_field_names_and_restore_what_they_committ
     cfg = load_config(None, {"simulation.clients": 4, "simulation.stragglers": 0.5})
     parts = RoundComponents.for_run(cfg, build_strategy(cfg))
     state = parts.capture()
-    assert list(state) == ["strategy", "stragglers", "dropout", "controls", "privacy", "screening"]
+    assert list(state) == [
+        "strategy", "stragglers", "dropout", "controls", "privacy", "screening", "hostile",
+    ]  # fmt: skip
     parts.stragglers.rng.random()  # the RNG moves on ...
+    parts.hostile.add(3, "site 3 dealt shares of another self-mask seed")
     parts.restore(state)  # ... and comes back
     assert parts.capture() == state
+
+
+def test_a_part_newer_than_a_commit_starts_fresh_without_a_warning(caplog):
+    """A run committed before `hostile` existed resumes: that part starts as in a fresh
+    run; only a part that cannot hold state at all is warned about."""
+    import logging
+
+    cfg = load_config(None, {"simulation.clients": 4})
+    parts = RoundComponents.for_run(cfg, build_strategy(cfg))
+    older = {k: v for k, v in parts.capture().items() if k != "hostile"}
+    with caplog.at_level(logging.WARNING):
+        parts.restore(older)
+    assert parts.hostile.sites == {} and "no committed state" not in caplog.text
 
 
 def test_the_in_process_grid_keeps_node_state_and_flowers_grid_does_not():
