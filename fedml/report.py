@@ -251,6 +251,9 @@ def write_report(paths: Sequence[Path], out: Path) -> Report:
             for path in staged:
                 os.replace(path, out / path.name)
                 report.files.append(out / path.name)
+            for name in SIZES:  # a figure an earlier report drew and this one does not
+                if out / f"{name}.png" not in report.files:
+                    (out / f"{name}.png").unlink(missing_ok=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:

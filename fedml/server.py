@@ -418,7 +418,7 @@ def evaluate_round(
         "server": experiment.evaluator(arrays),
     }
     if replies:
-        result["evaluate_median"] = site_medians(replies)
+        result["evaluate_median"] = site_medians(replies, experiment.validator.weight_key)
     if tally.rejected:
         result["evaluate_rejected"] = dict(sorted(tally.rejected.items()))
     if tally.capped:

@@ -43,7 +43,7 @@ expected. A run's first round has no earlier claims: there the first replies (th
 that wait for the norm check) judge each other's claims, and later ones meet their
 median (`ClaimReference`).
 
-Screening streams: replies go through one at a time and at most four wait for the norm
+Screening streams: replies go through one at a time and at most five wait for the norm
 check, so the server holds O(model size) of client arrays, not O(clients x model size).
 Evaluation replies (metrics only) get the malformed / num-examples / metrics checks,
 and their weights are capped against the median of all of the round's other
@@ -443,14 +443,6 @@ def _example_count(value: object) -> bool:
         finite_number(value)
         and float(value).is_integer()  # type: ignore[arg-type]
         and 1 <= value <= MAX_EXAMPLES  # type: ignore[operator]
-    )
-
-
-def _bounded(item: tuple[str, object]) -> bool:
-    """A metric whose name and list length are within MAX_METRIC_NAME and MAX_METRIC_LIST."""
-    name, value = item
-    return len(name) <= MAX_METRIC_NAME and not (
-        isinstance(value, list) and len(value) > MAX_METRIC_LIST
     )
 
 

@@ -232,15 +232,72 @@ def test_a_header_that_never_ends_is_cut_off_cheaply(tmp_path, stand_in):
         assert _health(port, tls=True)[0] == 200
 
 
-def test_a_stalled_body_ends_its_call(tmp_path, stand_in):
+def test_a_stalled_or_trickling_body_ends_its_call_with_a_retry(tmp_path, stand_in):
+    """A body that pauses, or that trickles too slowly to ever finish (one byte every
+    half second: under the pause limit, it would hold its share of the budget for
+    ever), ends its call with 503 (Flower's SuperNodes retry a 503) and the connection."""
     with _front(tmp_path, stand_in.url, tls=False) as (port, _, _):
         with _connect(port, "127.0.0.4", tls=False) as sock:
             sock.sendall(PULL + b"content-length: 100\r\n\r\n" + b"x" * 10)
             started = time.monotonic()
             sock.settimeout(BODY_TIMEOUT + 20)
             reply = sock.recv(65536)
-        assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+        assert reply.startswith(b"HTTP/1.1 503"), reply[:80]
         assert time.monotonic() - started < BODY_TIMEOUT + 15
+        with _connect(port, "127.0.0.4", tls=False) as sock:
+            sock.sendall(PULL + b"content-length: 1000\r\n\r\n")
+            started, reply = time.monotonic(), b""
+            while time.monotonic() - started < BODY_TIMEOUT + 15 and not reply:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"x")
+                if select.select([sock], [], [], 0.5)[0]:
+                    reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 503"), reply[:80]
+
+
+def test_a_refused_caller_still_sending_its_body_is_cut_off(tmp_path, stand_in):
+    """The answer comes before the body (a 403 here; with node authentication, a 401
+    for a missing signature): the caller may not keep the connection by trickling the
+    body it declared (uvicorn would have held it, each byte re-starting its timers)."""
+    with (
+        _front(tmp_path, stand_in.url, tls=False) as (port, _, _),
+        _connect(port, "127.0.0.7", tls=False) as sock,
+    ):
+        sock.sendall(
+            b"POST /v1/control/list-runs HTTP/1.1\r\nHost: front\r\n"
+            b"content-length: 100000000\r\n\r\nx"
+        )
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 403"), answer[:80]
+        with contextlib.suppress(OSError):
+            sock.sendall(b"y" * 1000)
+        assert _is_closed(sock, 5)
+
+
+def test_websocket_upgrades_neither_pass_nor_use_up_an_address_share(tmp_path, stand_in):
+    upgrade = (
+        b"GET /v1/fleet/pull-messages HTTP/1.1\r\nHost: front\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    with _front(tmp_path, stand_in.url, tls=False) as (port, _, _):
+        for _ in range(MAX_CONNECTIONS_PER_IP + 10):
+            with _connect(port, "127.0.0.8", tls=False) as sock:
+                sock.sendall(upgrade)
+                answer = sock.recv(65536)
+                assert not answer.startswith(b"HTTP/1.1 101"), answer[:80]
+        with _connect(port, "127.0.0.8", tls=False) as sock:  # the address is not used up
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_one_ipv6_host_is_one_holder_whatever_address_of_its_64_it_uses():
+    from fedml.deploy.front_guard import holder
+
+    assert holder("2001:db8:1:2::1") == holder("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert holder("2001:db8:1:3::1") != holder("2001:db8:1:2::1")
+    assert holder("203.0.113.7") == "203.0.113.7"
+    assert holder("::ffff:203.0.113.7") == "203.0.113.7"  # IPv4 over an IPv6 socket
 
 
 def test_large_bodies_are_held_within_a_budget_and_the_superlink_gets_them_few_at_once(

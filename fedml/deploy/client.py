@@ -273,7 +273,8 @@ def _serve(
             time.sleep(5)
             continue
         refused_since = None
-        quick_exits = quick_exits + 1 if time.monotonic() - started < QUICK_EXIT else 0
+        quick = time.monotonic() - started < QUICK_EXIT and not gave_up  # gave up: it ran
+        quick_exits = quick_exits + 1 if quick else 0
         if quick_exits >= MAX_QUICK_EXITS:
             raise FedmlError(
                 f"The {ended.name} keeps exiting right after it starts (code "
@@ -336,8 +337,10 @@ def _run_until_exit(
     finally:
         supernode.stop()
     tasks.read()
-    # the SuperNode may have logged the refusal and exited between two looks
-    refused = refused or any(REFUSED_MARK in line for line in supernode_log.read())
+    # the SuperNode may have logged the refusal (or gave up) and exited between two looks
+    last = supernode_log.read()
+    refused = refused or any(REFUSED_MARK in line for line in last)
+    gave_up = gave_up or any(GAVE_UP_MARK in line for line in last)
     return refused, gave_up, ended
 
 

@@ -30,8 +30,9 @@ SuperLink (`not_a_reply_from`).
 
 What one caller may cost is bounded (fedml.deploy.front_guard): a request head within
 10 s, 64 connections per address, a body of at most `MAX_BODY_BYTES` (Flower sends
-arrays in 5 MiB chunks) that keeps arriving (`BODY_IDLE_TIMEOUT`), and bodies held at
-once within `IN_FLIGHT_BYTES` in all and `IN_FLIGHT_PER_SENDER` per site.
+arrays in 5 MiB chunks) that keeps arriving (`BODY_IDLE_TIMEOUT`, `MIN_BODY_RATE`), and
+bodies held at once within `IN_FLIGHT_BYTES` in all and `IN_FLIGHT_PER_SENDER` per site.
+Every refusal closes its connection.
 
 Run as `python -m fedml.deploy.front --host H --port P --backend URL [--certfile F
 --keyfile F --cafile F --node-keys DIR]`; `fedml server` starts it as a child process.
@@ -59,7 +60,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_sig
 from flwr.superlink.routers.fleet.router import router
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -88,6 +89,7 @@ ACTIVATE_PATH = "/v1/fleet/activate-node"  # where a SuperNode joins
 PUSH_MESSAGES_PATH = "/v1/fleet/push-messages"  # where a SuperNode sends its replies
 MAX_BODY_BYTES = 64 << 20  # one Fleet call: a message or one object (arrays: 5 MiB chunks)
 BODY_IDLE_TIMEOUT = 30.0  # seconds a request body may pause before the call is dropped
+MIN_BODY_RATE = 64 * 1024  # bytes/s a body must average (plus BODY_IDLE_TIMEOUT of grace)
 IN_FLIGHT_BYTES = 1 << 30  # request bodies the front holds at once, all senders together
 IN_FLIGHT_PER_SENDER = 128 << 20  # ... and per site (a SuperNode pushes 2 objects at once)
 MAX_CONNECTIONS = 4096  # open connections beyond this are answered 503 (sites retry)
@@ -141,10 +143,12 @@ def _unregistered(path: str) -> Response:
     to activate SuperNode" when it tries to join (the site then says its key was
     refused), Flower's 401 for any other call."""
     if path != ACTIVATE_PATH:
-        return PlainTextResponse(UNAUTHENTICATED, status_code=401)
+        return PlainTextResponse(UNAUTHENTICATED, status_code=401, headers=CLOSE)
     spec = API_ERROR_MAP[ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED]
     error = FlowerError(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED, "key not registered")
-    return JSONResponse(error.to_json(spec.public_message), status_code=spec.http_status_code)
+    return JSONResponse(
+        error.to_json(spec.public_message), status_code=spec.http_status_code, headers=CLOSE
+    )
 
 
 def not_a_reply_from(body: bytes) -> str | None:
@@ -195,13 +199,13 @@ def make_front(
         client_host = request.client.host if request.client else "?"
         if request.method != "POST" or path not in allowed or request.url.query:
             log.warning("refused %s %r from %s", request.method, path, client_host)
-            return PlainTextResponse(REFUSED, status_code=403)
+            return PlainTextResponse(REFUSED, status_code=403, headers=CLOSE)
         sender = client_host
         if node_keys is not None:
             signer = node_signature(dict(request.headers))
             if signer is None:
                 log.warning("refused %r from %s: no valid site signature", path, client_host)
-                return PlainTextResponse(UNAUTHENTICATED, status_code=401)
+                return PlainTextResponse(UNAUTHENTICATED, status_code=401, headers=CLOSE)
             if signer not in node_keys:
                 log.warning("refused %r from %s: the key is not registered", path, client_host)
                 return _unregistered(path)
@@ -226,14 +230,15 @@ def make_front(
         client_host = request.client.host if request.client else "?"
         try:
             body = await _read_body(request, size, body_idle_timeout)
-        except TimeoutError:
+        except TimeoutError:  # 503, not 408: Flower's SuperNode retries a 503
             log.warning("dropped %r from %s: its body stalled", path, client_host)
-            return PlainTextResponse("request body stalled\n", 408, headers=CLOSE)
+            return PlainTextResponse("request body stalled, retry\n", 503, headers=CLOSE)
         if body is None:
             return PlainTextResponse("body and Content-Length differ\n", 400, headers=CLOSE)
         if path == PUSH_MESSAGES_PATH and (reason := not_a_reply_from(body)):
             log.warning("refused %r from %s: %s", path, client_host, reason)
-            return PlainTextResponse(f"a site may push only its own replies ({reason})\n", 403)
+            answer = f"a site may push only its own replies ({reason})\n"
+            return PlainTextResponse(answer, 403, headers=CLOSE)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         upstream = client.build_request("POST", path, headers=headers, content=body)
         del body  # the request holds it until sent; the budget covers that
@@ -268,18 +273,24 @@ async def _closing(client: httpx.AsyncClient) -> AsyncIterator[None]:
 
 async def _read_body(request: Request, size: int, idle_timeout: float) -> bytes | None:
     """The request's body (Fleet calls are unary: one protobuf each way), or None when it
-    is not `size` bytes long. TimeoutError when it pauses for `idle_timeout` seconds."""
+    is not `size` bytes long or the caller went away. TimeoutError when it pauses for
+    `idle_timeout` seconds, or arrives slower than `MIN_BODY_RATE` overall (a trickle
+    would hold its share of the budget for ever)."""
     body = bytearray()
     stream = request.stream().__aiter__()
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout):
-                chunk = await stream.__anext__()
-        except StopAsyncIteration:
-            break
-        body += chunk
-        if len(body) > size:
-            return None
+    try:
+        async with asyncio.timeout(idle_timeout + size / MIN_BODY_RATE):
+            while True:
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+                body += chunk
+                if len(body) > size:
+                    return None
+    except ClientDisconnect:
+        return None
     return bytes(body) if len(body) == size else None
 
 
@@ -318,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level="warning",
         access_log=False,
         http=with_head_timeout(args.head_timeout),
+        ws="none",  # no WebSocket upgrade: the Fleet API has none, and it would leave the guard
         h11_max_incomplete_event_size=HEAD_LIMIT_BYTES,
         limit_concurrency=MAX_CONNECTIONS,
         timeout_keep_alive=30,

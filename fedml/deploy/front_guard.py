@@ -8,8 +8,9 @@ httptools kept reading a header that never ends) plus three guards:
 
 - a request head must be complete within `HEAD_TIMEOUT` seconds of the connection being
   made or of its first byte (slow or idle connections are closed, not held);
-- one address holds at most `MAX_CONNECTIONS_PER_IP` connections (more are closed at
-  once, before they cost anything);
+- one address (an IPv6 /64) holds at most `MAX_CONNECTIONS_PER_IP` connections (more
+  are closed at once, before they cost anything);
+- a caller that is still sending a body after its answer (a refusal) is cut off;
 - `Budget`: request bodies held at once are bounded in all and per sender, so neither
   many connections nor a registered site's large calls can balloon the server's memory
   (the front answers 503, which Flower's SuperNodes retry).
@@ -21,6 +22,7 @@ TLS handshakes happen before a connection reaches this protocol; asyncio bounds 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import resource
 import time
@@ -41,14 +43,32 @@ log = logging.getLogger("fedml.front")
 class Quiet:
     """Rate-limited warnings: an attacker's thousand connections make a few lines."""
 
+    REMEMBERED = 10_000  # addresses; then it starts over (a few repeated lines at most)
+
     def __init__(self) -> None:
         self.last: dict[tuple[str, str], float] = {}
 
     def warn(self, kind: str, address: str, message: str, *args: object) -> None:
         now = time.monotonic()
         if now - self.last.get((kind, address), -LOG_EVERY) >= LOG_EVERY:
+            if len(self.last) >= self.REMEMBERED:
+                self.last.clear()
             self.last[(kind, address)] = now
             log.warning(message, *args)
+
+
+def holder(address: str) -> str:
+    """Who holds an address, for the per-address limit: the address itself for IPv4,
+    its /64 for IPv6 (one host is given a whole /64 and may use any address in it)."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:  # IPv4 over an IPv6 socket
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
 
 
 QUIET = Quiet()
@@ -65,7 +85,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.address = self.client[0] if self.client else "?"
+        self.address = holder(self.client[0]) if self.client else "?"
         OPEN_PER_IP[self.address] += 1
         if OPEN_PER_IP[self.address] > MAX_CONNECTIONS_PER_IP:
             QUIET.warn(
@@ -90,6 +110,13 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._disarm_head_timer()  # the head is complete: the app takes over
+
+    def on_response_complete(self) -> None:
+        """After an answer: a caller still sending a body it was refused (an early 401,
+        403, 413, 503) is cut off, so no leftover body holds the connection open."""
+        super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self.transport.close()
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
