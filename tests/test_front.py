@@ -183,7 +183,8 @@ def test_idle_connections_from_many_addresses_are_closed_and_the_front_keeps_ans
     answering, and closes each within its head timeout. Plain HTTP here, as TLS
     handshakes would make this test slow; the guard works on the HTTP beneath TLS (the
     next tests use TLS)."""
-    with _front(tmp_path, stand_in.url, tls=False) as (port, _, _):
+    head_timeout = 15.0  # long enough to open them all on a loaded machine
+    with _front(tmp_path, stand_in.url, tls=False, head_timeout=head_timeout) as (port, _, _):
         held = []
         for address in range(20):
             for number in range(60):
@@ -192,9 +193,9 @@ def test_idle_connections_from_many_addresses_are_closed_and_the_front_keeps_ans
                     sock.sendall(PULL)
                 held.append(sock)
         status, seconds = _health(port, tls=False)
-        assert status == 200 and seconds < 2
-        assert not _closed(held, 0.2)  # held within each address's share...
-        assert len(_closed(held, HEAD_TIMEOUT + 20)) == len(held)  # ...but not for ever
+        assert status == 200 and seconds < 10
+        assert not _closed(held, 0.2)  # all held at once, within each address's share...
+        assert len(_closed(held, head_timeout + 30)) == len(held)  # ...but not for ever
         for sock in held:
             sock.close()
 
