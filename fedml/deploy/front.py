@@ -67,6 +67,7 @@ from starlette.routing import Route
 from fedml.deploy.front_guard import (
     HEAD_LIMIT_BYTES,
     HEAD_TIMEOUT,
+    QUIET,
     Budget,
     raise_open_files_limit,
     with_head_timeout,
@@ -181,7 +182,8 @@ def make_front(
     """The ASGI app: `GET /health`, the Fleet API's routes forwarded to `backend` (the
     SuperLink's private address), 403 for everything else. With `node_keys`, a Fleet call
     must also be signed by one of them (refused otherwise, as the SuperLink would). A
-    body that pauses for `body_idle_timeout` seconds ends its call (408)."""
+    body that pauses for `body_idle_timeout` seconds, or averages under `MIN_BODY_RATE`,
+    ends its call (503: sites retry)."""
     allowed = fleet_paths()
     budget = Budget(IN_FLIGHT_BYTES, IN_FLIGHT_PER_SENDER)
     client = httpx.AsyncClient(
@@ -217,7 +219,7 @@ def make_front(
         if size > MAX_BODY_BYTES:
             return PlainTextResponse("request body too large\n", 413, headers=CLOSE)
         if not budget.take(sender, size):
-            log.warning("busy: %s sent a %d-byte call while at its share", client_host, size)
+            QUIET.warn("busy", client_host, "busy: %s sent a call while at its share", client_host)
             return PlainTextResponse("busy, retry\n", 503, headers={**CLOSE, "retry-after": "1"})
         try:
             return await _pass_on(request, path, size, client)
