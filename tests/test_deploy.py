@@ -259,7 +259,7 @@ def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_de
     # attack below, raced the run's own end on a busy machine).
     killed_at = time.monotonic()
     fleet.kill("client-c")
-    run_id = (run / "logs" / "run.log").read_text().split("Successfully started run ")[1].split()[0]
+    run_id = _run_id(run)
     attempts = _attack_from_outside(tmp_path, port, pki, rogue_key, run_id)
     assert attempts.pop("runtime api")[0] == 403
     for name, (code, output) in attempts.items():
@@ -295,6 +295,28 @@ def test_three_sites_with_tls_and_node_auth_train_outsiders_are_refused_and_a_de
     assert all("--insecure" not in fleet.log(n) for n in fleet.started)
 
 
+def _run_id(run: Path) -> str:
+    """The Flower run id of a `fedml server` run (its run.log names it)."""
+    return (run / "logs" / "run.log").read_text().split("Successfully started run ")[1].split()[0]
+
+
+def _two_sites_past_round_1(fleet: Fleet, rounds: int) -> tuple[subprocess.Popen, Path, int, Path]:
+    """A server (`rounds` rounds, both sites' replies needed) and sites a and b, each on
+    its own machine, once round 1 is committed: the server process, its PKI, its port
+    and its run directory."""
+    data = _split(fleet, "ab")
+    pki = _pki(fleet, "ab")
+    port, run = free_port(), fleet.machine(SERVER) / "run"
+    server = _server(
+        fleet, "server", port, "--dataset", "npz:shards", "--rounds", str(rounds),
+        "--min-replies", "2", "--out", "run",
+    )  # fmt: skip
+    for site in "ab":
+        _client(fleet, site, f"127.0.0.1:{port}", data[site])
+    _wait(lambda: _committed(run, 1), 300, "round 1", fleet)
+    return server, pki, port, run
+
+
 def _front_pid(port: int) -> int:
     """The pid of the front (`python -m fedml.deploy.front`) listening on `port`."""
     for proc in Path("/proc").iterdir():
@@ -311,16 +333,7 @@ def test_a_site_whose_supernode_gave_up_during_an_outage_reconnects_and_the_run_
     """Issue 34: after TLS handshake timeouts (the front frozen here, as a flood froze
     it there) Flower's SuperNode gives up and stays up, connected to nothing; the site
     restarts it, and the run goes on with the site to its last round."""
-    data = _split(fleet, "ab")
-    _pki(fleet, "ab")
-    port, run = free_port(), fleet.machine(SERVER) / "run"
-    server = _server(
-        fleet, "server", port, "--dataset", "npz:shards", "--rounds", "3", "--min-replies", "2",
-        "--out", "run",
-    )  # fmt: skip
-    for site in "ab":
-        _client(fleet, site, f"127.0.0.1:{port}", data[site])
-    _wait(lambda: _committed(run, 1), 300, "round 1", fleet)
+    server, _, port, run = _two_sites_past_round_1(fleet, rounds=3)
     front = _front_pid(port)
     os.kill(front, signal.SIGSTOP)  # connections queue; no TLS handshake completes
     try:
@@ -384,19 +397,8 @@ def test_a_registered_site_cannot_push_a_task_to_another_site(tmp_path, fleet):
     """Issue 34's hole 3, as the attacker did it: site a, with its own registered key
     and node id, pushes a Fleet message from node 1 to site b; the front refuses it
     and the run trains on as before."""
-    data = _split(fleet, "ab")
-    pki = _pki(fleet, "ab")
-    port, run = free_port(), fleet.machine(SERVER) / "run"
-    server = _server(
-        fleet, "server", port, "--dataset", "npz:shards", "--rounds", "2", "--min-replies", "2",
-        "--out", "run",
-    )  # fmt: skip
-    for site in "ab":
-        _client(fleet, site, f"127.0.0.1:{port}", data[site])
-    _wait(lambda: _committed(run, 1), 300, "round 1", fleet)
-    run_id = int(
-        (run / "logs" / "run.log").read_text().split("Successfully started run ")[1].split()[0]
-    )
+    server, pki, port, run = _two_sites_past_round_1(fleet, rounds=2)
+    run_id = int(_run_id(run))
     attacker, victim = (
         _node_id(fleet.machine("site-a"), "a"),
         _node_id(fleet.machine("site-b"), "b"),

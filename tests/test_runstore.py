@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bounded import within
 from commit_compare import same_commit
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import given, settings
@@ -176,37 +177,14 @@ def _fifo_for(path: Path) -> None:
     os.mkfifo(path)
 
 
-def _within(seconds: float, call):
-    """`call()`'s result, failing the test if it has not returned after `seconds` (a
-    read of a FIFO waits for ever; the daemon thread is left behind)."""
-    import threading
-
-    result: list = []
-
-    def target() -> None:
-        try:
-            result.append(("value", call()))
-        except BaseException as exc:
-            result.append(("error", exc))
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert result, f"still running after {seconds} s: a hang"
-    kind, value = result[0]
-    if kind == "error":
-        raise value
-    return value
-
-
 def test_a_fifo_for_history_makes_every_commit_damaged_not_a_hang(tmp_path):
     """Issue 34: `fedml runs` and --resume hung on a history.jsonl that is a FIFO."""
     _run_with_commits(tmp_path, [0.1, 0.2])
     _fifo_for(tmp_path / "run" / "history.jsonl")
-    status = _within(20, lambda: run_status(tmp_path / "run"))
+    status = within(20, lambda: run_status(tmp_path / "run"))
     assert status.rounds_done == 0 and all("is a FIFO" in c.problem for c in status.commits)
     with pytest.raises(FedmlError, match=r"No intact commit"):
-        _within(20, lambda: _resume(tmp_path))
+        within(20, lambda: _resume(tmp_path))
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -216,7 +194,7 @@ def test_damaged_newest_commit_falls_back_to_the_previous_and_says_so(tmp_path, 
     harm, problem = DAMAGE[damage]
     harm(run)
     with caplog.at_level(logging.WARNING, logger="fedml.runstore"):
-        store, (checkpoint, damaged) = _within(60, lambda: _resume(tmp_path))
+        store, (checkpoint, damaged) = within(60, lambda: _resume(tmp_path))
     assert checkpoint.round == 2
     assert [c.path.name for c in damaged] == ["round-000003"] and problem in damaged[0].problem
     assert "round-000003 is damaged" in caplog.text and "resuming from round 2" in caplog.text

@@ -346,6 +346,19 @@ def test_two_colluders_replying_first_are_judged_against_the_previous_round_too(
     assert memory.state_dict() == {"norm_median": memory.norm_median, "claim_median": 10.0}
 
 
+def _screened_with_colluders(honest: int, positions: tuple[int, ...]) -> tuple[list[int], Tally]:
+    """`honest` similar updates with a x1000 colluder inserted at each of `positions`,
+    screened in a round after a remembered one: the accepted nodes, and the tally."""
+    contents = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(honest)]
+    for offset, position in enumerate(positions):
+        contents.insert(position, _content(_update(1000.0, seed=90 + offset)))
+    tally = Tally()
+    screened = UpdateValidator().screen(
+        _replies(contents), _record(GLOBAL), tally, ScreeningMemory(norm_median=1.1)
+    )
+    return [m.metadata.src_node_id for m in screened], tally
+
+
 @pytest.mark.parametrize("positions", [(0, 1, 2), (0, 2, 4), (1, 3, 4), (2, 5, 7)])
 def test_three_colluders_among_the_first_five_are_outvoted_once_a_round_is_remembered(
     positions,
@@ -353,17 +366,9 @@ def test_three_colluders_among_the_first_five_are_outvoted_once_a_round_is_remem
     """Issue 34: three x1000 colluders from round 2 passed the norm screen (the first
     three judged each other). Five wait now: three colluders are not their majority
     with the previous round's median voting too; four would be (README says so)."""
-    contents = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(7)]
-    for offset, position in enumerate(positions):
-        contents.insert(position, _content(_update(1000.0, seed=90 + offset)))
-    tally = Tally()
-    screened = UpdateValidator().screen(
-        _replies(contents), _record(GLOBAL), tally, ScreeningMemory(norm_median=1.1)
-    )
+    accepted, tally = _screened_with_colluders(7, positions)
     hostile = {p + 1 for p in positions}
-    assert [m.metadata.src_node_id for m in screened] == [
-        n for n in range(1, 11) if n not in hostile
-    ]
+    assert accepted == [n for n in range(1, 11) if n not in hostile]
     assert tally.rejected == {"norm": 3}
     honest = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(6)]
     four = [_content(_update(1000.0, seed=90 + i)) for i in range(4)] + honest
@@ -384,17 +389,9 @@ def test_a_discarded_attempt_leaves_the_memory_as_it_was():
 
 @pytest.mark.parametrize("positions", [(0, 1), (0, 2), (1, 2), (2, 4)])
 def test_colluders_anywhere_among_the_first_replies_are_outvoted_by_the_memory(positions):
-    contents = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(6)]
-    for offset, position in enumerate(positions):
-        contents.insert(position, _content(_update(1000.0, seed=90 + offset)))
-    tally = Tally()
-    screened = UpdateValidator().screen(
-        _replies(contents), _record(GLOBAL), tally, ScreeningMemory(norm_median=1.1)
-    )
+    accepted, tally = _screened_with_colluders(6, positions)
     hostile = {p + 1 for p in positions}
-    assert [m.metadata.src_node_id for m in screened] == [
-        n for n in range(1, 9) if n not in hostile
-    ]
+    assert accepted == [n for n in range(1, 9) if n not in hostile]
     assert tally.rejected == {"norm": 2}
 
 

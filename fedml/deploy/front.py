@@ -222,14 +222,12 @@ def make_front(
             QUIET.warn("busy", client_host, "busy: %s sent a call while at its share", client_host)
             return PlainTextResponse("busy, retry\n", 503, headers={**CLOSE, "retry-after": "1"})
         try:
-            return await _pass_on(request, path, size, client)
+            return await _pass_on(request, path, size, client_host)
         finally:
             budget.give(sender, size)
 
-    async def _pass_on(
-        request: Request, path: str, size: int, client: httpx.AsyncClient
-    ) -> Response:
-        client_host = request.client.host if request.client else "?"
+    async def _pass_on(request: Request, path: str, size: int, client_host: str) -> Response:
+        """Read the body, check a pushed message's source, forward to the SuperLink."""
         try:
             body = await _read_body(request, size, body_idle_timeout)
         except TimeoutError:  # 503, not 408: Flower's SuperNode retries a 503
