@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
@@ -59,9 +60,10 @@ from clients.trainer import TrainResult, evaluate, resolve_device, train_local
 from fedml.arrays import from_state_dict, to_numpy, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
+from fedml.data.features import STATS_ACTION, FeatureStats, Standardization
 from fedml.data.site import DEFAULT_LABEL_COLUMN, X_FILE, load_prepared, read_site_data
 from fedml.errors import FedmlError
-from fedml.models import model_for
+from fedml.models import model_for, with_standardization
 from fedml.node_state import PARTITION_KEY, PARTITIONS_KEY, carry_node_state
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
 from fedml.records import DEVICE_RECORD
@@ -83,6 +85,7 @@ class LocalJob:
     input_shape: tuple[int, ...]
     num_classes: int  # a site's guess from its labels; the server's "num-classes" wins
     device: str
+    has_missing: bool = False  # the features hold missing values (NaN)
 
     @classmethod
     def from_context(cls, context: Context) -> LocalJob:
@@ -119,6 +122,7 @@ class LocalJob:
             federation.input_shape,
             federation.num_classes,
             cfg.client.device,
+            federation.has_missing and _has_missing(train, val),
         )
 
     @classmethod
@@ -134,11 +138,15 @@ class LocalJob:
         train, val = split_validation(shard, cfg.data.val_fraction, seed=_derive_seed(cfg.seed))
         num_classes = int(shard.y.max()) + 1
         device = device or cfg.client.device
-        return cls(cfg, None, train, val, shard.x.shape[1:], num_classes, device)
+        missing = _has_missing(train, val)
+        return cls(cfg, None, train, val, shard.x.shape[1:], num_classes, device, missing)
 
     def model(self, arrays: ArrayRecord, config: ConfigRecord) -> torch.nn.Module:
         """The configured model holding the received global weights. Its output size is
-        the server's "num-classes" (a site may not hold every class), else the job's."""
+        the server's "num-classes" (a site may not hold every class), else the job's.
+        When the message carries the run's standardisation, the model applies it (and
+        imputes missing values) to this site's raw rows; without one, rows with missing
+        values are refused."""
         num_classes = int(config.get(NUM_CLASSES_KEY, self.num_classes))
         if self.num_classes > num_classes:
             raise FedmlError(
@@ -149,6 +157,22 @@ class LocalJob:
         model = model_for(self.cfg, self.input_shape, num_classes)
         _check_fits(model, arrays, self.input_shape)
         model.load_state_dict(to_state_dict(arrays), strict=True)
+        standardization = Standardization.from_config(config)
+        if standardization is not None:
+            features = math.prod(self.input_shape)
+            if standardization.num_features != features:
+                raise FedmlError(
+                    f"The run standardises {standardization.num_features} features but this "
+                    f"site's examples have {features}. Every site's file needs the features "
+                    "of the server's test set, in the same order."
+                )
+            return with_standardization(model, standardization)
+        if self.has_missing:
+            raise FedmlError(
+                "This site's data has missing values (NaN), and the run does not impute "
+                "them: the server runs with data.preprocess = 'none' (or under secure "
+                "aggregation). Fill them at the site, or run with data.preprocess = 'auto'."
+            )
         return model
 
     def settings(self, config: ConfigRecord) -> TrainSettings:
@@ -212,6 +236,10 @@ def _site_job(
     run_config: tuple[tuple[str, Any], ...], path: str, device: str, label_column: str
 ) -> LocalJob:
     return LocalJob.load_site(_run_config(run_config), Path(path), device, label_column)
+
+
+def _has_missing(*shards: Shard) -> bool:
+    return any(bool(np.isnan(shard.x).any()) for shard in shards if shard.x.dtype.kind == "f")
 
 
 def _derive_seed(*parts: int) -> int:
@@ -339,6 +367,15 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     loss, accuracy = evaluate(model, job.val, resolve_device(job.device))
     metrics = MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": len(job.val)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query(STATS_ACTION)
+def feature_stats(msg: Message, context: Context) -> Message:
+    """This node's feature statistics over its training rows (counts, sums and sums of
+    squares per feature: never a row), for the run's federated standardisation."""
+    job = LocalJob.from_context(context)
+    stats = FeatureStats.of_rows(job.train.x)
+    return Message(RecordDict({"metrics": MetricRecord(stats.to_metrics())}), reply_to=msg)
 
 
 @app.query()

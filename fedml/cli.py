@@ -135,7 +135,23 @@ DatasetOpt = Annotated[
     str | None,
     Opt(
         show_default=default_of("data.dataset"),
-        help="digits | mnist-5k | breast-cancer | synthetic[:a,b] | npz:DIR.",
+        help="digits | mnist-5k | breast-cancer | fed-heart-disease | synthetic[:a,b] | "
+        "npz:DIR | csv:DIR (one CSV per site).",
+    ),
+]
+PreprocessOpt = Annotated[
+    str | None,
+    Opt(
+        show_default=default_of("data.preprocess"),
+        help="auto | standardize | none: standardise tabular features and impute missing "
+        "values with statistics gathered across the sites (auto: tabular data).",
+    ),
+]
+LabelColumnOpt = Annotated[
+    str | None,
+    Opt(
+        show_default=default_of("data.label_column"),
+        help="The label column of csv:DIR files.",
     ),
 ]
 
@@ -278,6 +294,8 @@ CONFIG_FLAGS: dict[str, str] = {
     "fraction_evaluate": "strategy.fraction_evaluate",
     "dataset": "data.dataset",
     "partition": "data.partition",
+    "preprocess": "data.preprocess",
+    "label_column": "data.label_column",
     "model": "model.name",
     "local_epochs": "client.local_epochs",
     "batch_size": "client.batch_size",
@@ -351,6 +369,8 @@ def simulate(
     fraction_train: FractionTrainOpt = None,
     fraction_evaluate: FractionEvaluateOpt = None,
     dataset: DatasetOpt = None,
+    preprocess: PreprocessOpt = None,
+    label_column: LabelColumnOpt = None,
     partition: Annotated[
         str | None,
         Opt(
@@ -636,6 +656,8 @@ def server(
         int, Opt(help="With --insecure: sites to wait for before round 1 (0: none).")
     ] = 0,
     dataset: DatasetOpt = None,
+    preprocess: PreprocessOpt = None,
+    label_column: LabelColumnOpt = None,
     model: ModelOpt = None,
     strategy: StrategyOpt = None,
     rounds: RoundsOpt = None,

@@ -2,9 +2,10 @@
 
 Everything that decides later rounds is one of these fields and is committed with every
 round under the field's name (the run store's `state.json`): the strategy (sampling RNG,
-optimiser moments), the scenario RNGs, the convergence controls, the privacy report and
-the screening memory. A resumed run gets each part's committed state back, so it plays
-the rounds an uninterrupted run would have played. A new stateful part is a new field.
+optimiser moments), the scenario RNGs, the convergence controls, the privacy report, the
+screening memory, the hostile sites and the run's standardisation. A resumed run gets
+each part's committed state back, so it plays the rounds an uninterrupted run would have
+played. A new stateful part is a new field.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from fedml.config import RunConfig
 from fedml.contracts import is_stateful
 from fedml.controls import Controls
+from fedml.preprocessing import FeatureScaling
 from fedml.privacy import PrivacyReport
 from fedml.secure_round import Exclusions
 from fedml.validation import ScreeningMemory
@@ -40,10 +42,14 @@ class RoundComponents:
     privacy: PrivacyReport
     screening: ScreeningMemory
     hostile: Exclusions  # sites proven to break secure aggregation: left out
+    scaling: FeatureScaling  # the federated standardisation, gathered before round 1
 
     @classmethod
-    def for_run(cls, cfg: RunConfig, strategy: Strategy) -> RoundComponents:
-        """Fresh parts for a run of `cfg` (their seeds derive from the run seed)."""
+    def for_run(
+        cls, cfg: RunConfig, strategy: Strategy, scaling: FeatureScaling | None = None
+    ) -> RoundComponents:
+        """Fresh parts for a run of `cfg` (their seeds derive from the run seed);
+        `scaling`: the run's standardisation (None: the run has none)."""
         user_dp = cfg.dp.mode.startswith("user")
         return cls(
             strategy=strategy,
@@ -53,6 +59,7 @@ class RoundComponents:
             privacy=PrivacyReport(cfg.dp.mode, strategy if user_dp else None),
             screening=ScreeningMemory(),
             hostile=Exclusions(),
+            scaling=scaling or FeatureScaling(enabled=False, num_features=0, min_sites=0),
         )
 
     def _named(self) -> dict[str, object]:

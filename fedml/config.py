@@ -28,12 +28,16 @@ import tomli_w
 import tomllib
 
 from fedml import regular_files
-from fedml.data.datasets import npz_shard_count
+from fedml.data.datasets import natural_clients
 from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
 from fedml.monitor import RECORDED_METRICS, Target
 
-DATASETS = ("digits", "mnist-5k", "breast-cancer", "synthetic", "npz:<dir>")
+DATASETS = (
+    "digits", "mnist-5k", "breast-cancer", "fed-heart-disease", "synthetic", "npz:<dir>",
+    "csv:<dir>",
+)  # fmt: skip
+PREPROCESS = ("auto", "standardize", "none")
 # The built-in models (fedml.models.BUILTIN, which imports torch; a test keeps them equal).
 MODELS = ("logreg", "mlp", "cnn", "lenet", "resnet18-gn")
 OPTIMIZERS = ("sgd", "adam")
@@ -70,6 +74,10 @@ class DataConfig:
     partition: str = "auto"
     test_fraction: float = 0.2
     val_fraction: float = 0.2
+    # "auto": standardise tabular features (and impute missing values) with statistics
+    # gathered across the sites (fedml.preprocessing); "standardize"; "none".
+    preprocess: str = "auto"
+    label_column: str = "label"  # the label column of csv:<dir> site files
 
 
 @dataclass
@@ -356,11 +364,12 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> R
         flat = _flatten(raw, source=str(path))
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
     dataset = flat.get("data.dataset")
-    if isinstance(dataset, str) and dataset.startswith("npz:") and "simulation.clients" not in flat:
-        # a folder of shards is a federation of that many clients, unless told otherwise
-        shards = npz_shard_count(Path(dataset[4:]).expanduser())
-        if shards:
-            flat["simulation.clients"] = shards
+    if isinstance(dataset, str) and "simulation.clients" not in flat:
+        # data split into sites (a folder of shards or site files, the hospitals of
+        # fed-heart-disease) is a federation of that many clients, unless told otherwise
+        sites = natural_clients(dataset)
+        if sites:
+            flat["simulation.clients"] = sites
     cfg = RunConfig.from_flat(flat)
     check_data_path(cfg)
     return cfg
@@ -384,9 +393,9 @@ def check_dp_flags(cfg: RunConfig, flags: dict[str, Any]) -> None:
 
 
 def check_data_path(cfg: RunConfig) -> None:
-    """The run's `npz:<dir>` must exist on this machine. Checked where the data is read
-    (the CLI, the ServerApp), never by `validate`: a data site parses the same run config
-    and must not look for the server's folders on its own disk."""
+    """The run's `npz:<dir>` or `csv:<dir>` must exist on this machine. Checked where the
+    data is read (the CLI, the ServerApp), never by `validate`: a data site parses the
+    same run config and must not look for the server's folders on its own disk."""
     if cfg.data.dataset.startswith("npz:"):
         directory = Path(cfg.data.dataset[4:]).expanduser()
         _check(
@@ -394,6 +403,14 @@ def check_data_path(cfg: RunConfig) -> None:
             f"data.dataset '{cfg.data.dataset}': directory {directory} does not exist. "
             "Point npz:<dir> at a directory holding client-<i>.npz shards (or, for "
             "fedml server, just test.npz).",
+        )
+    if cfg.data.dataset.startswith("csv:"):
+        directory = Path(cfg.data.dataset[4:]).expanduser()
+        _check(
+            directory.is_dir(),
+            f"data.dataset '{cfg.data.dataset}': directory {directory} does not exist. "
+            "Point csv:<dir> at a directory holding one CSV file per site (or, for fedml "
+            "server, just test.csv).",
         )
 
 
@@ -521,9 +538,17 @@ def validate(cfg: RunConfig) -> None:
 
     data = cfg.data
     _check(
-        data.dataset in ("digits", "mnist-5k", "breast-cancer")
-        or data.dataset.startswith(("synthetic", "npz:")),
+        data.dataset in ("digits", "mnist-5k", "breast-cancer", "fed-heart-disease")
+        or data.dataset.startswith(("synthetic", "npz:", "csv:")),
         f"data.dataset '{data.dataset}' is unknown. Use one of: {', '.join(DATASETS)}.",
+    )
+    _check(
+        data.preprocess in PREPROCESS,
+        f"data.preprocess '{data.preprocess}' is unknown. Use one of: {', '.join(PREPROCESS)}.",
+    )
+    _check(
+        bool(data.label_column.strip()),
+        "data.label_column must name the label column of the site CSV files, e.g. 'label'.",
     )
     parse_partition(data.partition)
     _check(

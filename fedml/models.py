@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedml.config import RunConfig
+from fedml.data.features import Standardization
 from fedml.errors import FedmlError
 
 
@@ -237,3 +238,36 @@ def _user_model(reference: str, input_shape: tuple[int, ...], num_classes: int) 
             f"model '{reference}' returned {type(model).__name__}, not a torch.nn.Module."
         )
     return model
+
+
+STANDARDIZATION_HOOK = "_fedml_standardization"  # the attribute that marks a standardising model
+
+
+def with_standardization(model: nn.Module, standardization: Standardization) -> nn.Module:
+    """`model`, made to take raw rows: before its forward pass a missing value (NaN)
+    becomes its feature's mean and every feature is standardised, (x - mean) / scale,
+    with the run's federated statistics (`fedml.data.features`). The statistics are
+    buffers that are not part of the state dict, so the trained arrays (and everything
+    that aggregates, screens, masks or noises them) are the model's own weights alone.
+    Calling it again replaces the statistics."""
+    mean = torch.as_tensor(standardization.mean, dtype=torch.float32)
+    scale = torch.as_tensor(standardization.scale, dtype=torch.float32)
+    model.register_buffer("feature_mean", mean, persistent=False)
+    model.register_buffer("feature_scale", scale, persistent=False)
+    if getattr(model, STANDARDIZATION_HOOK, None) is None:
+        handle = model.register_forward_pre_hook(_standardize_input)
+        setattr(model, STANDARDIZATION_HOOK, handle)
+    return model
+
+
+def _standardize_input(model: nn.Module, args: tuple) -> tuple:
+    x, *rest = args
+    mean, scale = model.feature_mean, model.feature_scale
+    flat = x.reshape(len(x), -1)
+    if flat.shape[1] != len(mean):
+        raise FedmlError(
+            f"The run standardises {len(mean)} features but these examples have "
+            f"{flat.shape[1]}: every site's data needs the server's features, in its order."
+        )
+    flat = torch.where(torch.isnan(flat), mean, flat)
+    return ((flat - mean) / scale).reshape(x.shape), *rest

@@ -44,6 +44,7 @@ class HistoryRow(TypedDict, total=False):
     weights_capped: int  # replies whose num-examples claim was capped
     devices: dict[str, int]  # where the replies trained: device label -> replies
     secagg: dict[str, float | int]  # a secure round: sampled, shared, unmasked, dropped, ...
+    preprocess: dict[str, int]  # first row: features standardised, from how many sites and rows
     evaluate: dict[str, float] | None  # federated evaluation (+ "num-examples")
     evaluate_median: dict[str, float]  # each evaluation metric's median over the sites
     server: dict[str, float] | None  # centralised evaluation on the server's test set
@@ -56,9 +57,10 @@ class HistoryRow(TypedDict, total=False):
     stop: str  # the stop reason, on the run's last row
 
 
-# Keys that identify a row rather than measure it, and "failed_reasons", whose keys are
-# texts sent by sites (counted in "clients/failed" already; not a column per reason).
-NOT_SERIES = frozenset({"round", "failed_reasons"})
+# Keys that identify a row rather than measure it, "failed_reasons", whose keys are
+# texts sent by sites (counted in "clients/failed" already; not a column per reason), and
+# "preprocess", said once per run.
+NOT_SERIES = frozenset({"round", "failed_reasons", "preprocess"})
 
 # The series the report plots, and how a legend names them.
 SERVER_ACCURACY = "server/accuracy"

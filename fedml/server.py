@@ -23,6 +23,7 @@ Resume is the same loop started from a checkpoint: no second code path.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -54,8 +56,10 @@ from fedml.contracts import (
 )
 from fedml.controls import EXTENSIBLE_STOPS
 from fedml.data import Federation, federation_for
+from fedml.data.features import Standardization
 from fedml.errors import FedmlError
-from fedml.models import model_for
+from fedml.models import model_for, with_standardization
+from fedml.preprocessing import FeatureScaling, wants_standardization, warn_if_unscaled
 from fedml.privacy import without_privacy_keys
 from fedml.records import DEVICE_RECORD, HistoryRow, device_label
 from fedml.reply_stream import PollingGrid
@@ -108,8 +112,13 @@ class CentralEvaluator:
     def __init__(self, cfg: RunConfig, federation: Federation) -> None:
         self.test = federation.test
         self.num_classes = federation.num_classes
+        self.input_shape = federation.input_shape
         self.device = resolve_device(cfg.client.device)
         self.model = model_for(cfg, federation.input_shape, federation.num_classes)
+
+    def standardize(self, standardization: Standardization) -> None:
+        """Evaluate with the run's federated standardisation (the model takes raw rows)."""
+        with_standardization(self.model, standardization)
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float] | None:
         if self.test is None:
@@ -127,6 +136,7 @@ class Experiment:
     strategy: Strategy
     evaluator: CentralEvaluator
     validator: UpdateValidator
+    standardize: bool = False  # gather the sites' feature statistics before round 1
 
     @classmethod
     def prepare(
@@ -142,7 +152,32 @@ class Experiment:
         validator = UpdateValidator(v.norm_factor, v.clip_norm, v.max_weight_factor)
         strategy = build_strategy(cfg, reproducible)
         federation = federation_for(cfg, sites_hold_data)
-        return cls(cfg, strategy, CentralEvaluator(cfg, federation), validator)
+        standardize = wants_standardization(cfg, federation)
+        if not standardize:
+            warn_if_unscaled(federation)
+            refuse_missing_values(federation)
+        evaluator = CentralEvaluator(cfg, federation)
+        return cls(cfg, strategy, evaluator, validator, standardize)
+
+    def scaling(self) -> FeatureScaling:
+        """The run's (not yet gathered) federated standardisation."""
+        features = math.prod(self.evaluator.input_shape)
+        return FeatureScaling(self.standardize, features, self.cfg.strategy.min_train_clients)
+
+
+def refuse_missing_values(federation: Federation) -> None:
+    """Without standardisation nothing imputes a missing value: refuse data that has
+    some (the server's test set, or simulated clients' shards) before anything is
+    written. A deployed site refuses its own alike."""
+    where = "the clients' data" if federation.has_missing else None
+    if federation.test is not None and np.isnan(federation.test.x).any():
+        where = "the server's test set"
+    if where:
+        raise FedmlError(
+            f"{where[0].upper()}{where[1:]} has missing values (NaN), and this run does not "
+            "impute them. Set data.preprocess = 'auto' or 'standardize' (a missing value "
+            "then becomes its feature's mean across the sites), or fill them first."
+        )
 
 
 def run_experiment(
@@ -160,7 +195,7 @@ def run_experiment(
     """
     started = time.perf_counter()
     cfg, evaluator = experiment.cfg, experiment.evaluator
-    components = RoundComponents.for_run(cfg, experiment.strategy)
+    components = RoundComponents.for_run(cfg, experiment.strategy, experiment.scaling())
     controls = components.controls
     arrays = from_state_dict(evaluator.model.state_dict())
     if checkpoint is not None:
@@ -173,14 +208,22 @@ def run_experiment(
     elapsed = sum(row.get("seconds", 0.0) for row in history)
     stop_reason = _still_stopped(checkpoint, cfg, elapsed)
     server_round = checkpoint.round if checkpoint else 0
+    scaling, announce = components.scaling, None
 
     try:
+        if stop_reason is None and scaling.pending:
+            scaling.gather(grid, cfg.participation.timeout or None)
+            announce = scaling.row()  # told in the next committed row
+        if scaling.standardization is not None:
+            evaluator.standardize(scaling.standardization)
         while stop_reason is None:
             server_round += 1
             round_start = time.perf_counter()
             arrays, row, stop_reason = play_round(
                 server_round, arrays, grid, experiment, components, store
             )
+            if announce:
+                row["preprocess"], announce = announce, None
             row["seconds"] = round(time.perf_counter() - round_start, 4)
             elapsed += row["seconds"]
             stop_reason = (
@@ -258,7 +301,11 @@ def play_round(
             assert aggregate is not None  # enough updates were aggregated
             new_arrays, velocity = controls.optimizer.step(arrays, aggregate)
             store.stage(server_round, new_arrays)  # the model file is written meanwhile
-            row.update(evaluate_round(server_round, new_arrays, grid, experiment))
+            row.update(
+                evaluate_round(
+                    server_round, new_arrays, grid, experiment, components.scaling.config()
+                )
+            )
             verdict = controls.judge_loss(row)
             if verdict is None:
                 controls.accept(row, velocity)
@@ -308,6 +355,7 @@ def train_round(
     was aggregated) and the round's history row so far."""
     cfg, strategy = experiment.cfg, experiment.strategy
     settings = TrainSettings.for_round(cfg.client, lr).to_record(experiment.evaluator.num_classes)
+    settings.update(components.scaling.config())
     messages = list(strategy.configure_train(server_round, arrays, settings, grid))
     to_send, dropped = components.dropout.apply(messages)
     straggler_ids = components.stragglers.apply(to_send, cfg.client.local_epochs)
@@ -400,12 +448,16 @@ def evaluate_round(
     arrays: ArrayRecord,
     grid: Grid,
     experiment: Experiment,
+    extra_config: dict[str, Any] | None = None,
 ) -> HistoryRow:
     """Federated and centralised evaluation of the new global arrays: the history row's
     "evaluate", "evaluate_median" and "server" entries (and "evaluate_rejected" when
-    replies were bad)."""
+    replies were bad). `extra_config` joins the evaluate messages' config (the run's
+    standardisation)."""
     strategy = experiment.strategy
-    settings = ConfigRecord({NUM_CLASSES_KEY: experiment.evaluator.num_classes})
+    settings = ConfigRecord(
+        {NUM_CLASSES_KEY: experiment.evaluator.num_classes, **(extra_config or {})}
+    )
     messages = list(strategy.configure_evaluate(server_round, arrays, settings, grid))
     timeout = experiment.cfg.participation.timeout or None
     tally = Tally()

@@ -43,6 +43,7 @@ def test_components_commit_under_their_field_names_and_restore_what_they_committ
     state = parts.capture()
     assert list(state) == [
         "strategy", "stragglers", "dropout", "controls", "privacy", "screening", "hostile",
+        "scaling",
     ]  # fmt: skip
     parts.stragglers.rng.random()  # the RNG moves on ...
     parts.hostile.add(3, "site 3 dealt shares of another self-mask seed")

@@ -35,11 +35,14 @@ def test_digits_federation_shapes_and_holdout():
     assert fed.client(0).x.min() >= 0.0 and fed.client(0).x.max() <= 1.0
 
 
-def test_breast_cancer_is_binary_and_standardised():
+def test_breast_cancer_is_binary_and_raw_as_a_hospital_would_hold_it():
+    """Its 30 features keep their units (radius ~14, area ~650): the run standardises
+    them with statistics gathered across the sites (tests/test_tabular_run.py), not
+    with the pooled data no federation may see."""
     fed = load_federation("breast-cancer", "iid", 3, 0.2, 0)
     assert fed.num_classes == 2 and fed.input_shape == (30,)
     pool = np.concatenate([fed.client(i).x for i in range(3)])
-    assert np.allclose(pool.mean(axis=0), 0, atol=1e-4)
+    assert 10 < pool[:, 0].mean() < 20 and 500 < pool[:, 3].mean() < 800
 
 
 def test_synthetic_matches_the_paper_generator_shape():
@@ -248,15 +251,28 @@ def test_absurd_labels_are_refused_naming_the_file_and_the_bound(tmp_path, label
             check(path)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_nan_features_are_refused_in_npz_as_in_csv_naming_the_row(tmp_path, bad):
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_infinite_features_are_refused_in_npz_as_in_csv_naming_the_row(tmp_path, bad):
     path = tmp_path / "test.npz"
     x = np.ones((400_000, 4), dtype=np.float32)  # 6.4 MB: two chunks when streamed
     x[341_234, 2] = bad
     np.savez(path, x=x, y=np.zeros(400_000, dtype=np.int64))
     for check in (read_shard, inspect_shard):
-        with pytest.raises(FedmlError, match="row 341234 of 'x' holds NaN or infinite"):
+        with pytest.raises(FedmlError, match="row 341234 of 'x' holds an infinite feature"):
             check(path)
+
+
+def test_nan_features_are_missing_values_that_the_shard_reports(tmp_path):
+    """NaN is a missing value (imputed when the run standardises, refused otherwise);
+    inspecting a shard says whether it has any, in whichever chunk it hides."""
+    path = tmp_path / "gaps.npz"
+    x = np.ones((400_000, 4), dtype=np.float32)
+    x[341_234, 2] = np.nan
+    np.savez(path, x=x, y=np.zeros(400_000, dtype=np.int64))
+    assert inspect_shard(path).has_missing
+    assert np.isnan(read_shard(path).x[341_234, 2])
+    np.savez(path, x=np.ones((5, 4), dtype=np.float32), y=np.zeros(5, dtype=np.int64))
+    assert not inspect_shard(path).has_missing
 
 
 def test_any_single_bit_flip_in_a_compressed_shard_is_read_or_one_clear_error(tmp_path):
@@ -279,11 +295,11 @@ def test_any_single_bit_flip_in_a_compressed_shard_is_read_or_one_clear_error(tm
 
 def test_a_fortran_ordered_shard_is_checked_like_a_c_ordered_one(tmp_path):
     x = np.asfortranarray(np.ones((30, 4), dtype=np.float32))
-    x[17, 3] = np.nan
+    x[17, 3] = np.inf
     path = tmp_path / "fortran.npz"
     np.savez(path, x=x, y=np.zeros(30, dtype=np.int64))
     for check in (read_shard, inspect_shard):
-        with pytest.raises(FedmlError, match="row 17 of 'x' holds NaN"):
+        with pytest.raises(FedmlError, match="row 17 of 'x' holds an infinite"):
             check(path)
     np.savez(path, x=np.zeros((5, 0), dtype=np.float32), y=np.zeros(5, dtype=np.int64))
     assert inspect_shard(path).feature_shape == read_shard(path).x.shape[1:] == (0,)

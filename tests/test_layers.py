@@ -57,6 +57,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.controls",
                 "fedml.components",
                 "fedml.secure_round",
+                "fedml.preprocessing",
                 "fedml.reply_stream",
             ]
         ],

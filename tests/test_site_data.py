@@ -60,6 +60,14 @@ def test_a_folder_of_npz_files_is_one_shard_in_name_order(tmp_path):
     np.testing.assert_array_equal(shard.y, np.concatenate([y0, y1]))
 
 
+def test_empty_na_and_question_mark_cells_are_missing_values(tmp_path):
+    path = tmp_path / "site.csv"
+    path.write_text("age,chol,label\n50,,1\nNA,240,0\n61, ? ,1\nnan,NULL,0\n")
+    shard = read_site_data(path)
+    assert np.isnan(shard.x).tolist() == [[False, True], [True, False], [False, True], [True, True]]
+    np.testing.assert_array_equal(shard.y, [1, 0, 1, 0])
+
+
 def test_a_csv_with_a_label_column_anywhere(tmp_path):
     path = tmp_path / "site.csv"
     path.write_text("age,outcome,bmi\n50,1,22.5\n61,0,30.25\n\n45,2,19\n")
@@ -73,14 +81,15 @@ def test_a_csv_with_a_label_column_anywhere(tmp_path):
     ("text", "fragment"),
     [
         ("a,b\n1,2\n", "has no column 'label' (columns: a, b)"),
-        ("a,label\n1,0\nx,1\n", "line 3: 'x' is not a number"),
+        ("a,label\n1,0\nx,1\n", "line 3: 'x' (column 'a') is not a number"),
         ("a,label\n1,0.5\n", "line 2: label '0.5' is not a class index"),
         ("a,label\n1,-1\n", "label '-1' is not a class index"),
         ("a,label\n1,99999999999999999999\n", "label '99999999999999999999' is not a class"),
         ("a,label\n1,0\n1,2,3\n", "line 3: 3 cells where the header has 2"),
         ("a,label\n", "has a header but no examples"),
         ("", "is empty"),
-        ("a,label\nnan,1\n", "NaN or infinite"),
+        ("a,label\ninf,1\n", "line 2: 'inf' (column 'a') is not a finite number"),
+        ("a,label\n1,NA\n", "line 2: the label is missing"),
     ],
 )
 def test_a_malformed_csv_is_one_clear_error(tmp_path, text, fragment):

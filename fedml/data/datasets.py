@@ -11,6 +11,7 @@ the client's shard from the client's own seed, so it keeps only the server's tes
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -33,25 +34,15 @@ from fedml.data.bundled import (
     read_mnist_5k,
     stratified_split,
 )
+from fedml.data.heart import DATASET as HEART
+from fedml.data.heart import HOSPITALS, read_hospitals
 from fedml.data.partition import parse_partition, partition
+from fedml.data.shard import MAX_CLASSES, Shard
+from fedml.data.tables import read_csv_table
 from fedml.errors import FedmlError
 
 if TYPE_CHECKING:  # fedml.config imports this package: no import at run time
     from fedml.config import RunConfig
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Features `x` (float32, one row per example) and labels `y` (int64)."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def take(self, index: np.ndarray) -> Shard:
-        return Shard(self.x[index], self.y[index])
 
 
 @dataclass(frozen=True)
@@ -68,6 +59,8 @@ class Federation:
     parts: tuple[np.ndarray, ...] = ()
     shard_files: tuple[Path, ...] = ()
     make_client: Callable[[int], Shard] | None = None
+    names: tuple[str, ...] = ()  # each client's site name, where the data names its sites
+    has_missing: bool = False  # some client's features hold missing values (NaN)
 
     def client(self, index: int) -> Shard:
         """The private shard of client `index` (0-based)."""
@@ -104,16 +97,19 @@ def federation_for(cfg: RunConfig, sites_hold_data: bool = False) -> Federation:
         data.test_fraction,
         cfg.seed,
         sites_hold_data,
+        data.label_column,
     )
 
 
 def effective_partition(dataset: str, partition_spec: str) -> str:
     """The split a run uses, as runs and reports show it: `auto` is `dirichlet:0.5` for
-    the bundled scikit-learn sets and the data's own split (`natural`) for synthetic and
-    `npz:` data, so one split always shows under one name."""
+    the bundled scikit-learn sets and the data's own split (`natural`) for synthetic,
+    `npz:`, `csv:` and `fed-heart-disease` data, so one split always shows under one
+    name."""
     if partition_spec != "auto":
         return partition_spec
-    return "natural" if dataset.startswith(("npz:", "synthetic")) else "dirichlet:0.5"
+    natural = dataset.startswith(("npz:", "csv:", "synthetic")) or dataset == HEART
+    return "natural" if natural else "dirichlet:0.5"
 
 
 def npz_shard_count(directory: Path) -> int:
@@ -121,6 +117,26 @@ def npz_shard_count(directory: Path) -> int:
     return sum(
         1 for p in directory.glob("client-*.npz") if re.fullmatch(r"client-\d+\.npz", p.name)
     )
+
+
+def natural_clients(dataset: str) -> int | None:
+    """How many sites a dataset's own split has (None: it has no fixed number): the
+    shards of `npz:DIR`, the site files of `csv:DIR`, the hospitals of
+    `fed-heart-disease`. A run of it has that many clients unless told otherwise."""
+    if dataset.startswith("npz:"):
+        return npz_shard_count(Path(dataset[4:]).expanduser()) or None
+    if dataset.startswith("csv:"):
+        return len(csv_site_files(Path(dataset[4:]).expanduser())) or None
+    if dataset == HEART:
+        return len(HOSPITALS)
+    return None
+
+
+def csv_site_files(directory: Path) -> list[Path]:
+    """The site files of a `csv:DIR` federation: every `*.csv` but `test.csv`, by name."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("*.csv") if p.name != CSV_TEST_FILE)
 
 
 @lru_cache(maxsize=4)
@@ -131,6 +147,7 @@ def load_federation(
     test_fraction: float,
     seed: int,
     sites_hold_data: bool = False,
+    label_column: str = "label",
 ) -> Federation:
     """Build the federation for a dataset spec (cached per process: every virtual client
     of the in-process engine shares one copy)."""
@@ -139,6 +156,15 @@ def load_federation(
         if sites_hold_data and (directory / "test.npz").exists():
             return _npz_test_only(directory, num_clients)
         return _npz_federation(directory, num_clients, partition_spec)
+    if dataset.startswith("csv:"):
+        directory = Path(dataset[4:]).expanduser()
+        if sites_hold_data and (directory / CSV_TEST_FILE).exists():
+            return _test_only(read_csv_table(directory / CSV_TEST_FILE, label_column), num_clients)
+        return csv_federation(
+            directory, num_clients, partition_spec, test_fraction, seed, label_column
+        )
+    if dataset == HEART:
+        return heart_federation(partition_spec, num_clients, seed)
     if dataset.startswith("synthetic"):
         alpha, beta = _parse_synthetic(dataset)
         if parse_partition(partition_spec)[0] not in ("auto", "natural"):
@@ -179,9 +205,6 @@ def _bundled_pool(dataset: str, test_fraction: float, seed: int) -> tuple[Shard,
         raise FedmlError(f"Unknown dataset '{dataset}'.")
     train, test = stratified_split(y, test_fraction, seed)
     x_tr, x_te, y_tr, y_te = x[train], x[test], y[train], y[test]
-    if dataset == "breast-cancer":  # standardise with the training pool's statistics
-        mean, std = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-8
-        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     return Shard(x_tr.astype(np.float32), y_tr), Shard(x_te.astype(np.float32), y_te)
 
 
@@ -197,6 +220,7 @@ def _parse_synthetic(dataset: str) -> tuple[float, float]:
     return float(match.group(1)), float(match.group(2))
 
 
+CSV_TEST_FILE = "test.csv"  # the server's test set in a csv:DIR folder
 SYNTHETIC_TEST_CLIENTS = 1_000  # the clients whose held-out examples the server tests on
 
 
@@ -268,7 +292,6 @@ class SyntheticClients:
         return everything.take(slice(int(self.n_test[k]), None))
 
 
-MAX_CLASSES = 100_000  # labels are class indices below this (a model's output size)
 CHUNK_BYTES = 1 << 22  # features are checked this many bytes at a time
 # What a damaged or truncated .npz makes NumPy and zipfile raise (a bad CRC included:
 # zipfile checks each member's checksum when it is read to its end).
@@ -304,6 +327,7 @@ class ShardInfo:
 
     feature_shape: tuple[int, ...]
     max_label: int
+    has_missing: bool  # some features are NaN (missing values)
 
 
 def inspect_shard(path: Path) -> ShardInfo:
@@ -321,10 +345,10 @@ def inspect_shard(path: Path) -> ShardInfo:
             if dtype.hasobject:
                 raise _unreadable(path, ValueError("'x' holds Python objects"))
             _check_shard(path, dtype, shape, y)
-            _stream_features(path, member, shape, dtype, fortran_order)
+            has_missing = _stream_features(path, member, shape, dtype, fortran_order)
     except UNREADABLE as exc:
         raise _unreadable(path, exc) from exc
-    return ShardInfo(tuple(shape[1:]), int(y.max()))
+    return ShardInfo(tuple(shape[1:]), int(y.max()), has_missing)
 
 
 def _npy_header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -366,28 +390,31 @@ def _check_declared_size(path: Path) -> None:
         )
 
 
-def _stream_features(path: Path, member, shape: tuple[int, ...], dtype, fortran: bool) -> None:
+def _stream_features(path: Path, member, shape: tuple[int, ...], dtype, fortran: bool) -> bool:
     """Read `x` to its end a few MB at a time: zipfile checks its checksum at the end,
-    and every value must be finite. C order streams whole rows; Fortran order streams
-    the flat values column by column (row = flat index modulo the number of rows)."""
+    and no value may be infinite. C order streams whole rows; Fortran order streams
+    the flat values column by column (row = flat index modulo the number of rows).
+    Returns whether some value is NaN (missing)."""
     count = int(np.prod(shape, dtype=np.int64))
     per_chunk = max(1, CHUNK_BYTES // dtype.itemsize)
     if not fortran:  # whole rows, so a bad value's row is known
         row_values = int(np.prod(shape[1:], dtype=np.int64))
         per_chunk = max(1, per_chunk // row_values) * row_values if row_values else per_chunk
-    done = 0
+    done, has_missing = 0, False
     while done < count:
         values_in_chunk = min(per_chunk, count - done)
         data = member.read(values_in_chunk * dtype.itemsize)
         if len(data) != values_in_chunk * dtype.itemsize:
             raise EOFError(f"'x' ends after {done + len(data) // dtype.itemsize} of {count} values")
         values = np.frombuffer(data, dtype=dtype)
+        has_missing = has_missing or (values.dtype.kind in "fc" and bool(np.isnan(values).any()))
         if fortran:
             _check_finite_flat(path, values, first_value=done, rows=shape[0])
         else:
             _check_finite(path, values.reshape(-1, row_values), first_row=done // row_values)
         done += values_in_chunk
     member.read()  # to its end: the checksum is verified there
+    return has_missing
 
 
 def _check_members(path: Path, files: list[str]) -> None:
@@ -419,29 +446,36 @@ def _check_shard(path: Path, x_dtype: np.dtype, x_shape: tuple[int, ...], y: np.
 
 def _check_finite_flat(path: Path, values: np.ndarray, first_value: int, rows: int) -> None:
     """`_check_finite` for Fortran-ordered values (flat, column by column)."""
-    if values.dtype.kind in "fc" and not np.isfinite(values).all():
-        row = (first_value + int(np.argmax(~np.isfinite(values)))) % rows
-        raise FedmlError(
-            f"{path}: row {row} of 'x' holds NaN or infinite features; clean or impute them first."
-        )
+    if values.dtype.kind in "fc" and np.isinf(values).any():
+        row = (first_value + int(np.argmax(np.isinf(values)))) % rows
+        raise FedmlError(_infinite(path, row))
 
 
 def _check_finite(path: Path, x: np.ndarray, first_row: int) -> None:
-    """Refuse NaN or infinite features, naming the first such row (as CSV data are)."""
+    """Refuse infinite features, naming the first such row (as CSV data are). NaN is a
+    missing value: imputed when the run standardises its features, else refused then."""
     if np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.complexfloating):
-        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        bad = np.isinf(x.reshape(len(x), -1)).any(axis=1)
         if bad.any():
-            row = first_row + int(np.argmax(bad))
-            raise FedmlError(
-                f"{path}: row {row} of 'x' holds NaN or infinite features; clean or "
-                "impute them first."
-            )
+            raise FedmlError(_infinite(path, first_row + int(np.argmax(bad))))
+
+
+def _infinite(path: Path, row: int) -> str:
+    return (
+        f"{path}: row {row} of 'x' holds an infinite feature; clean it first (a missing "
+        "value is NaN)."
+    )
 
 
 def _npz_test_only(directory: Path, num_clients: int) -> Federation:
     """A deployed server's npz federation: its test set, which also fixes the model's
     input shape and output size (so it must hold the highest class)."""
-    test = read_shard(directory / "test.npz")
+    return _test_only(read_shard(directory / "test.npz"), num_clients)
+
+
+def _test_only(test: Shard, num_clients: int) -> Federation:
+    """A deployed server's federation: only its test set, which fixes the model's input
+    shape and output size (so it must hold the highest class)."""
     return Federation(
         num_clients=num_clients,
         num_classes=int(test.y.max()) + 1,
@@ -480,4 +514,117 @@ def _npz_federation(directory: Path, num_clients: int, partition_spec: str) -> F
         input_shape=shapes.pop(),
         test=test,
         shard_files=files,
+        names=tuple(p.stem for p in files),
+        has_missing=any(s.has_missing for s in shards),
+    )
+
+
+def csv_federation(
+    directory: Path,
+    num_clients: int,
+    partition_spec: str,
+    test_fraction: float,
+    seed: int,
+    label_column: str,
+) -> Federation:
+    """`csv:DIR`: one site per `*.csv` file (named by its stem, in name order), read as
+    `fedml client` reads a site's CSV (`fedml.data.tables`). The server's test set is
+    `DIR/test.csv` when there is one; otherwise each site holds out `test_fraction` of
+    its rows (a seeded draw per site) and those rows, pooled, are the server's test set."""
+    if partition_spec not in ("auto", "natural"):
+        raise FedmlError(
+            "csv:<dir> data is already split per site (one file each); set data.partition "
+            "to 'auto'."
+        )
+    if not directory.is_dir():
+        raise FedmlError(f"data.dataset 'csv:{directory}': directory {directory} does not exist.")
+    files = csv_site_files(directory)
+    if len(files) != num_clients:
+        found = ", ".join(p.name for p in files[:5]) + (", ..." if len(files) > 5 else "")
+        raise FedmlError(
+            f"{directory} holds {len(files)} site CSV file(s) ({found or 'none'}) but "
+            f"simulation.clients is {num_clients}: one file per site, so leave "
+            "simulation.clients unset (or equal to the number of files)."
+        )
+    tables = [read_csv_table(p, label_column) for p in files]
+    widths = {t.x.shape[1] for t in tables}
+    if len(widths) != 1:
+        counts = ", ".join(f"{p.name}: {t.x.shape[1]}" for p, t in zip(files, tables, strict=True))
+        raise FedmlError(
+            f"{directory}: the site files disagree on the number of feature columns "
+            f"({counts}); every site needs the same columns in the same order."
+        )
+    test_path = directory / CSV_TEST_FILE
+    if test_path.exists():
+        test, train = read_csv_table(test_path, label_column), tables
+    else:
+        split = [_hold_out(t, test_fraction, seed, k) for k, t in enumerate(tables)]
+        train = [kept for kept, _ in split]
+        held = [out for _, out in split]
+        test = Shard(np.concatenate([h.x for h in held]), np.concatenate([h.y for h in held]))
+    if test.x.shape[1:] != train[0].x.shape[1:]:
+        raise FedmlError(
+            f"{test_path} has {test.x.shape[1]} feature columns, the sites "
+            f"{train[0].x.shape[1]}; it needs the sites' columns."
+        )
+    return _pooled(train, test, tuple(p.stem for p in files))
+
+
+def _hold_out(table: Shard, fraction: float, seed: int, site: int) -> tuple[Shard, Shard]:
+    """(kept, held out): `fraction` of a site's rows (at least one, at most all but one)
+    drawn by the site's own seeded generator, both in file order."""
+    n = len(table)
+    n_out = min(n - 1, max(1, round(n * fraction))) if n >= 2 else 0
+    out = np.zeros(n, dtype=bool)
+    out[np.random.default_rng((seed, site)).permutation(n)[:n_out]] = True
+    return table.take(np.flatnonzero(~out)), table.take(np.flatnonzero(out))
+
+
+def heart_federation(partition_spec: str, num_clients: int, seed: int) -> Federation:
+    """FLamby's Fed-Heart-Disease (`fedml.data.heart`): one client per hospital with its
+    training rows (`natural`, the default), or the four hospitals' training rows pooled
+    and split by another partition; the server's test set is the four test sets pooled."""
+    hospitals = read_hospitals()
+    spec = effective_partition(HEART, partition_spec)
+    if parse_partition(spec)[0] != "natural":
+        pool = Shard(
+            np.concatenate([h.train.x for h in hospitals]),
+            np.concatenate([h.train.y for h in hospitals]),
+        )
+        test = Shard(
+            np.concatenate([h.test.x for h in hospitals]),
+            np.concatenate([h.test.y for h in hospitals]),
+        )
+        parts = partition(pool.y, num_clients, seed, spec)
+        return Federation(num_clients, 2, (pool.x.shape[1],), test, pool, tuple(parts))
+    if num_clients != len(hospitals):
+        raise FedmlError(
+            f"{HEART} is {len(hospitals)} hospitals, one client each, but "
+            f"simulation.clients is {num_clients}; leave it unset (or set it to "
+            f"{len(hospitals)}), or choose another partition (iid, dirichlet:ALPHA)."
+        )
+    return _pooled(
+        [h.train for h in hospitals],
+        Shard(
+            np.concatenate([h.test.x for h in hospitals]),
+            np.concatenate([h.test.y for h in hospitals]),
+        ),
+        HOSPITALS,
+    )
+
+
+def _pooled(sites: list[Shard], test: Shard, names: tuple[str, ...]) -> Federation:
+    """A federation of these sites' shards (kept in one pool), their names and the
+    server's test set."""
+    sizes = np.cumsum([0, *(len(s) for s in sites)])
+    pool = Shard(np.concatenate([s.x for s in sites]), np.concatenate([s.y for s in sites]))
+    return Federation(
+        num_clients=len(sites),
+        num_classes=int(max(pool.y.max(), test.y.max())) + 1,
+        input_shape=tuple(pool.x.shape[1:]),
+        test=test,
+        pool=pool,
+        parts=tuple(np.arange(a, b) for a, b in itertools.pairwise(sizes)),
+        names=names,
+        has_missing=bool(np.isnan(pool.x).any()),
     )

@@ -10,21 +10,21 @@ source file changes); the ClientApp then calls `load_prepared`, which maps them.
 Accepted sources:
 - an `.npz` file holding `x` (features, one row per example) and `y` (integer labels);
 - a folder of such `.npz` files (concatenated in name order);
-- a `.csv` file with a header row, numeric cells, and an integer label column (`label`
-  unless told otherwise); every other column is a feature.
+- a `.csv` file with a header row, numeric cells (an empty, `NA`, `NaN` or `?` cell is a
+  missing value), and an integer label column (`label` unless told otherwise); every
+  other column is a feature (`fedml.data.tables`).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from fedml import regular_files
-from fedml.data.datasets import MAX_CLASSES, Shard, read_shard
+from fedml.data.datasets import Shard, read_shard
+from fedml.data.tables import read_csv_table
 from fedml.errors import FedmlError
 from fedml.runstore import atomic_write
 
@@ -51,69 +51,11 @@ def read_site_data(path: Path, label_column: str = DEFAULT_LABEL_COLUMN) -> Shar
     if path.suffix == ".npz":
         return read_shard(path)
     if path.suffix == ".csv":
-        return _read_csv(path, label_column)
+        return read_csv_table(path, label_column)
     raise FedmlError(
         f"{path} is neither an .npz file, a folder of them, nor a .csv file; convert the "
         "site's data to one of these."
     )
-
-
-def _read_csv(path: Path, label_column: str) -> Shard:
-    try:
-        text = regular_files.read_text(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FedmlError(f"Cannot read {path} as UTF-8 text: {exc}") from exc
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if not header:
-        raise FedmlError(f"{path} is empty; a site CSV starts with a header row.")
-    header = [name.strip() for name in header]
-    if label_column not in header:
-        raise FedmlError(
-            f"{path} has no column {label_column!r} (columns: {', '.join(header)}). Name the "
-            "label column with --label-column."
-        )
-    label_at = header.index(label_column)
-    if len(header) < 2:
-        raise FedmlError(f"{path} has a label column but no feature columns.")
-    features, labels = [], []
-    for line, row in enumerate(reader, start=2):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            raise FedmlError(
-                f"{path}, line {line}: {len(row)} cells where the header has {len(header)}."
-            )
-        try:
-            values = [float(cell) for cell in row]
-        except ValueError:
-            bad = next(c for c in row if not _is_float(c))
-            raise FedmlError(
-                f"{path}, line {line}: {bad!r} is not a number. Site CSVs hold numeric "
-                "cells only (encode categories as numbers first)."
-            ) from None
-        label = values.pop(label_at)
-        if not label.is_integer() or not 0 <= label < MAX_CLASSES:
-            raise FedmlError(
-                f"{path}, line {line}: label {row[label_at]!r} is not a class index "
-                f"0 .. {MAX_CLASSES - 1:,}."
-            )
-        features.append(values)
-        labels.append(int(label))
-    if not labels:
-        raise FedmlError(f"{path} has a header but no examples.")
-    x = np.asarray(features, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise FedmlError(f"{path} holds NaN or infinite features; clean or impute them first.")
-    return Shard(x, np.asarray(labels, dtype=np.int64))
-
-
-def _is_float(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
 
 
 def prepare_site(

@@ -1,0 +1,193 @@
+"""The run's federated preprocessing: one exchange before round 1 that gathers every
+site's feature statistics, and the standardisation they give (`fedml.data.features`).
+
+`FeatureScaling` is one of the round loop's stateful parts (`RoundComponents.scaling`):
+its statistics are committed with every round, so a resumed run standardises exactly as
+before and never asks the sites again. Before the first round it sends every connected
+node a Flower query message (`query.feature_stats`, answered by the ClientApp's
+`feature_stats` handler), screens each reply (`FeatureStats.from_metrics`), adds up the
+valid ones and keeps the resulting `Standardization`, which then rides in every train
+and evaluate message's config. A site that fails or sends broken statistics is left
+out of them and named in the log; with no valid statistics at all the run stops before
+training, with the sites' reasons.
+
+Which runs standardise (`data.preprocess`): "standardize" always (tabular data only),
+"none" never, "auto" (the default) when the examples are rows of numbers from a table:
+`breast-cancer`, `fed-heart-disease`, `csv:` and `npz:` data, and every deployed run whose
+server test set is tabular. Images and the FedProx paper's `synthetic` generator (whose
+features the paper uses as drawn) keep their values. Under secure aggregation "auto"
+keeps the raw values (the statistics would reach the server unmasked) and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedml.config import RunConfig
+from fedml.data.datasets import Federation
+from fedml.data.features import (
+    STATS_ACTION,
+    FeatureStats,
+    Standardization,
+    check_observed,
+    unscaled_features,
+)
+from fedml.errors import FedmlError
+from fedml.failures import failure_reason
+from strategies.sampling import NODE_WAIT_SECONDS
+
+log = logging.getLogger(__name__)
+
+STATS_MESSAGE_TYPE = f"{MessageType.QUERY}.{STATS_ACTION}"
+
+
+def wants_standardization(cfg: RunConfig, federation: Federation) -> bool:
+    """Whether this run standardises its features (see the module doc); a `FedmlError`
+    when `data.preprocess = "standardize"` asks for what the run cannot do."""
+    mode = cfg.data.preprocess
+    tabular = len(federation.input_shape) == 1
+    if mode == "none":
+        return False
+    if mode == "standardize":
+        if not tabular:
+            raise FedmlError(
+                f"data.preprocess = 'standardize' needs tabular examples (one row of "
+                f"numbers each); {cfg.data.dataset}'s have shape {federation.input_shape}. "
+                "Set data.preprocess to 'auto' or 'none'."
+            )
+        if cfg.secagg.enabled:
+            raise FedmlError(
+                "data.preprocess = 'standardize' is not available under secure aggregation "
+                "yet: the sites' feature sums would reach the server unmasked. Set "
+                "data.preprocess = 'none' and give every site's data the same scaling."
+            )
+        return True
+    if not tabular or cfg.data.dataset.startswith("synthetic"):
+        return False
+    if cfg.secagg.enabled:
+        log.warning(
+            "secure aggregation is on: the features are not standardised across sites "
+            "(the sites' feature sums would reach the server unmasked); give every site's "
+            "data the same scaling"
+        )
+        return False
+    return True
+
+
+def warn_if_unscaled(federation: Federation) -> None:
+    """Say so when a run without standardisation meets tabular features far from
+    standardised (on the server's test set): they train poorly, often to the majority
+    class, without any error."""
+    if federation.test is None or len(federation.input_shape) != 1:
+        return
+    wide = unscaled_features(federation.test.x)
+    if wide:
+        index, mean, std = max(wide, key=lambda f: max(abs(f[1]), f[2]))
+        log.warning(
+            "%d of %d features look unscaled (feature %d: mean %.3g, std %.3g) and the run "
+            "does not standardise them; set data.preprocess = 'standardize' (or 'auto') "
+            "to standardise them with statistics computed across the sites",
+            len(wide), federation.input_shape[0], index, mean, std,
+        )  # fmt: skip
+
+
+class FeatureScaling:
+    """The run's standardisation, gathered once from the sites (see the module doc)."""
+
+    def __init__(self, enabled: bool, num_features: int, min_sites: int) -> None:
+        self.enabled = enabled
+        self.num_features = num_features
+        self.min_sites = min_sites
+        self.standardization: Standardization | None = None
+        self.sites = 0  # how many sites' statistics it combines
+        self.rows = 0  # over how many training rows
+        self.node_wait = NODE_WAIT_SECONDS
+
+    @property
+    def pending(self) -> bool:
+        """Whether the statistics still have to be gathered."""
+        return self.enabled and self.standardization is None
+
+    def config(self) -> dict[str, list[float]]:
+        """What every train and evaluate message's config carries (empty: nothing)."""
+        return self.standardization.to_config() if self.standardization is not None else {}
+
+    def gather(self, grid: Grid, timeout: float | None) -> None:
+        """Ask every connected node for its statistics and combine the valid replies."""
+        nodes = self._nodes(grid)
+        messages = [
+            Message(RecordDict(), node, STATS_MESSAGE_TYPE, group_id="feature-stats")
+            for node in nodes
+        ]
+        total: FeatureStats | None = None
+        refused: list[str] = []
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            source = reply.metadata.src_node_id
+            if reply.has_error():
+                refused.append(f"node {source}: {failure_reason(reply.error)}")
+                continue
+            try:
+                metrics = next(iter(reply.content.metric_records.values()), None)
+                if metrics is None:
+                    raise ValueError("the reply holds no metrics")
+                stats = FeatureStats.from_metrics(dict(metrics), self.num_features)
+            except ValueError as exc:
+                refused.append(f"node {source}: {exc}")
+                continue
+            total = stats if total is None else total + stats
+            self.sites += 1
+        for why in refused:
+            log.warning("feature statistics left out: %s", why)
+        if total is None:
+            raise FedmlError(
+                f"No site sent usable feature statistics ({len(nodes)} asked"
+                + (f"; {'; '.join(refused[:3])}" if refused else "")
+                + "), so the features cannot be standardised. Fix the sites, or set "
+                "data.preprocess = 'none'."
+            )
+        check_observed(total)
+        self.rows = total.rows
+        self.standardization = Standardization.from_stats(total)
+        log.info(
+            "features standardised with statistics of %d training rows from %d site(s)",
+            self.rows, self.sites,
+        )  # fmt: skip
+
+    def _nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes, once `min_sites` are (waiting at most `node_wait` s)."""
+        deadline = time.monotonic() + self.node_wait
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < self.min_sites and time.monotonic() < deadline:
+            time.sleep(1)
+            nodes = sorted(grid.get_node_ids())
+        return nodes
+
+    def row(self) -> dict[str, Any]:
+        """The history row's account of it (the first round's row)."""
+        return {"standardized": self.num_features, "sites": self.sites, "rows": self.rows}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        if self.standardization is None:
+            return {}
+        return {
+            "mean": self.standardization.mean,
+            "scale": self.standardization.scale,
+            "sites": self.sites,
+            "rows": self.rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.standardization = Standardization(
+            np.asarray(state["mean"], dtype=np.float64),
+            np.asarray(state["scale"], dtype=np.float64),
+        )
+        self.sites, self.rows = int(state["sites"]), int(state["rows"])
