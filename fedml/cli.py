@@ -890,14 +890,18 @@ def data_split(
     dataset: Annotated[
         str,
         typer.Argument(
-            help="A built-in dataset: digits | mnist-5k | breast-cancer | synthetic[:a,b]."
+            help="A built-in dataset: digits | mnist-5k | breast-cancer | fed-heart-disease | "
+            "synthetic[:a,b]."
         ),
     ],
     out: Annotated[Path, Opt(help="Folder to write the files into.")],
     clients: Annotated[
         int,
-        Opt(help="Number of sites (one file each)."),
-    ] = 3,
+        Opt(
+            help="Number of sites, one file each (0: the data's own sites, e.g. the 4 "
+            "hospitals, else 3)."
+        ),
+    ] = 0,
     partition: Annotated[
         str,
         Opt(
@@ -907,6 +911,14 @@ def data_split(
     test_fraction: Annotated[float, Opt(help="Fraction held out as the server's test set.")] = 0.2,
     seed: Annotated[int, Opt(help="Seed of the split.")] = 0,
     force: Annotated[bool, Opt(help="Replace the split files already in OUT.")] = False,
+    file_format: Annotated[
+        str,
+        Opt(
+            "--format",
+            help="npz | csv (tables only: raw rows, one CSV per site named after it, and "
+            "test.csv).",
+        ),
+    ] = "npz",
 ) -> None:
     """Write a built-in dataset's split as site files: OUT/client-0.npz ..
     client-(N-1).npz, one per site, and OUT/test.npz for the server, each holding x
@@ -915,33 +927,46 @@ def data_split(
     --seed S` trains.
 
     Example: fedml data split digits --clients 3 --out shards
+
+    Hospital tables: fedml data split fed-heart-disease --format csv --out tables
     """
     from fedml.config import load_config
     from fedml.data import load_federation
+    from fedml.data.datasets import natural_clients
     from fedml.data.export import write_split
 
-    if dataset.startswith("npz:"):
+    if dataset.startswith(("npz:", "csv:")):
         _fail(FedmlError(f"{dataset} is already split into files; pass a built-in dataset."))
+    if file_format not in ("npz", "csv"):
+        _fail(FedmlError(f"--format {file_format!r} is unknown: npz or csv."))
     try:
-        load_config(
+        cfg = load_config(
             None,
             {
                 "data.dataset": dataset,
                 "data.partition": partition,
                 "data.test_fraction": test_fraction,
-                "simulation.clients": clients,
+                "simulation.clients": clients or natural_clients(dataset) or 3,
             },
         )
-        federation = load_federation(dataset, partition, clients, test_fraction, seed)
-        written = write_split(federation, out, force=force)
+        federation = load_federation(
+            dataset, partition, cfg.simulation.clients, test_fraction, seed
+        )
+        written = write_split(federation, out, force=force, file_format=file_format)
     except FedmlError as exc:
         _fail(exc)
     for path, examples in written:
         console.print(f"{path}  {examples} examples", highlight=False)
-    console.print(f"simulate it: fedml simulate --dataset npz:{out}", highlight=False)
+    test_file, site_file = (
+        ("test.csv", f"{written[0][0].name} (each site its own)")
+        if file_format == "csv"
+        else ("test.npz", "client-<i>.npz")
+    )
+    console.print(f"simulate it: fedml simulate --dataset {file_format}:{out}", highlight=False)
     console.print(
-        f"deploy it: the server runs fedml server --dataset npz:{out} ... (it reads only "
-        f"test.npz); site i runs fedml client --data client-<i>.npz ... with its own file",
+        f"deploy it: the server runs fedml server --dataset {file_format}:{out} ... (it "
+        f"reads only {test_file}); a site runs fedml client --data {site_file} ... with "
+        "its own file",
         highlight=False,
     )
 

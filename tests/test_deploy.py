@@ -576,3 +576,51 @@ def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not
     for site in ("hospital-a", "hospital-b", "hospital-c"):  # the default state folders
         assert (fleet.machine(site) / f"fedml-site-{site}" / "site.json").is_file()
     assert not list(server_home.glob("fedml-site-*"))
+
+
+def test_raw_hospital_tables_at_separate_machines_are_standardised_across_the_sites(fleet):
+    """Three hospitals, each on its own machine with only its raw CSV (units as
+    exported, some cholesterol values missing, the label column 'outcome'); the server
+    holds only `pki/` and `tables/test.csv`. Before round 1 the sites send their feature
+    sums, never a row; every round then trains on standardised rows at every site, and
+    the gaps become the federation's mean."""
+    port = free_port()
+    hospitals = ("cleveland", "hungary", "va-long-beach")
+    _fedml(fleet, SERVER, "certs", "init", "pki")
+    for site in hospitals:
+        _fedml(fleet, SERVER, "certs", "add-node", site, "--pki", "pki")
+    _fedml(
+        fleet, SERVER, "data", "split", "fed-heart-disease", "--format", "csv", "--out", "tables"
+    )
+    server_home = fleet.machine(SERVER)
+    (server_home / "tables" / "switzerland.csv").unlink()
+    for site in hospitals:
+        home = fleet.machine(site)
+        shutil.copytree(server_home / "pki" / "sites" / site, home / site)
+        lines = (server_home / "tables" / f"{site}.csv").read_text().splitlines()
+        header = lines[0].replace(",label", ",outcome")
+        rows = [line.split(",") for line in lines[1:]]
+        for row in rows[::9]:
+            row[3] = ""  # chol missing in every ninth row
+        (home / f"{site}.csv").write_text("\n".join([header, *map(",".join, rows)]) + "\n")
+        (server_home / "tables" / f"{site}.csv").unlink()
+    assert [p.name for p in (server_home / "tables").iterdir()] == ["test.csv"]
+
+    server = fleet.start(
+        "server", SERVER, "server", "--pki", "pki", "--port", str(port),
+        "--dataset", "csv:tables", "--model", "logreg", "--rounds", "3", "--no-report",
+    )  # fmt: skip
+    for site in hospitals:
+        fleet.start(
+            site, site, "client", "--superlink", f"127.0.0.1:{port}", "--data", f"{site}.csv",
+            "--label-column", "outcome", "--pki", site, "--port", str(free_port()),
+        )  # fmt: skip
+    assert server.wait(600) == 0, fleet.logs()
+
+    history = _rows(next((server_home / "runs").iterdir()))
+    trained = sum(n - round(n * 0.2) for n in (199, 172, 85))  # less each validation split
+    assert history[0]["preprocess"] == {"standardized": 13, "sites": 3, "rows": trained}
+    for row in history:
+        assert row["clients"]["aggregated"] == 3 and "failed_reasons" not in row
+        assert row["train"]["num-examples"] == trained
+    assert history[-1]["server"]["accuracy"] > 0.7  # raw, it stays near the majority class

@@ -11,6 +11,7 @@ the client's shard from the client's own seed, so it keeps only the server's tes
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -35,10 +36,11 @@ from fedml.data.bundled import (
     stratified_split,
 )
 from fedml.data.heart import DATASET as HEART
+from fedml.data.heart import FEATURES as HEART_FEATURES
 from fedml.data.heart import HOSPITALS, read_hospitals
 from fedml.data.partition import parse_partition, partition
 from fedml.data.shard import MAX_CLASSES, Shard
-from fedml.data.tables import read_csv_table
+from fedml.data.tables import csv_header, read_csv_table
 from fedml.errors import FedmlError
 
 if TYPE_CHECKING:  # fedml.config imports this package: no import at run time
@@ -60,6 +62,7 @@ class Federation:
     shard_files: tuple[Path, ...] = ()
     make_client: Callable[[int], Shard] | None = None
     names: tuple[str, ...] = ()  # each client's site name, where the data names its sites
+    feature_names: tuple[str, ...] = ()  # tabular data's column names, where it has them
     has_missing: bool = False  # some client's features hold missing values (NaN)
 
     def client(self, index: int) -> Shard:
@@ -567,7 +570,10 @@ def csv_federation(
             f"{test_path} has {test.x.shape[1]} feature columns, the sites "
             f"{train[0].x.shape[1]}; it needs the sites' columns."
         )
-    return _pooled(train, test, tuple(p.stem for p in files))
+    header = csv_header(files[0], label_column)
+    return dataclasses.replace(
+        _pooled(train, test, tuple(p.stem for p in files)), feature_names=header
+    )
 
 
 def _hold_out(table: Shard, fraction: float, seed: int, site: int) -> tuple[Shard, Shard]:
@@ -596,14 +602,17 @@ def heart_federation(partition_spec: str, num_clients: int, seed: int) -> Federa
             np.concatenate([h.test.y for h in hospitals]),
         )
         parts = partition(pool.y, num_clients, seed, spec)
-        return Federation(num_clients, 2, (pool.x.shape[1],), test, pool, tuple(parts))
+        return Federation(
+            num_clients, 2, (pool.x.shape[1],), test, pool, tuple(parts),
+            feature_names=HEART_FEATURES,
+        )  # fmt: skip
     if num_clients != len(hospitals):
         raise FedmlError(
             f"{HEART} is {len(hospitals)} hospitals, one client each, but "
             f"simulation.clients is {num_clients}; leave it unset (or set it to "
             f"{len(hospitals)}), or choose another partition (iid, dirichlet:ALPHA)."
         )
-    return _pooled(
+    federation = _pooled(
         [h.train for h in hospitals],
         Shard(
             np.concatenate([h.test.x for h in hospitals]),
@@ -611,6 +620,7 @@ def heart_federation(partition_spec: str, num_clients: int, seed: int) -> Federa
         ),
         HOSPITALS,
     )
+    return dataclasses.replace(federation, feature_names=HEART_FEATURES)
 
 
 def _pooled(sites: list[Shard], test: Shard, names: tuple[str, ...]) -> Federation:

@@ -70,6 +70,13 @@ def read_csv_table(path: Path, label_column: str) -> Shard:
     return Shard(np.asarray(features, dtype=np.float32), np.asarray(labels, dtype=np.int64))
 
 
+def csv_header(path: Path, label_column: str) -> tuple[str, ...]:
+    """The feature columns' names of a site CSV (its header without the label column)."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return tuple(name.strip() for name in header if name.strip() != label_column)
+
+
 def _value(path: Path, line: int, column: str, cell: str) -> float:
     """One cell as a number, NaN when it is a missing value."""
     text = cell.strip()
