@@ -56,7 +56,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from clients import secagg
-from clients.trainer import TrainResult, evaluate, resolve_device, train_local
+from clients.trainer import TrainResult, evaluation_metrics, resolve_device, train_local
 from fedml.arrays import from_state_dict, to_numpy, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
@@ -64,9 +64,9 @@ from fedml.data.features import STATS_ACTION, FeatureStats, Standardization
 from fedml.data.site import DEFAULT_LABEL_COLUMN, X_FILE, load_prepared, read_site_data
 from fedml.errors import FedmlError
 from fedml.models import model_for, with_standardization
-from fedml.node_state import PARTITION_KEY, PARTITIONS_KEY, carry_node_state
+from fedml.node_state import PARTITION_KEY, PARTITIONS_KEY, SITE_NAME_KEY, carry_node_state
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
-from fedml.records import DEVICE_RECORD
+from fedml.records import DEVICE_RECORD, SITE_RECORD, TEST_PREFIX
 from fedml.secagg import messages as wire
 from fedml.settings import NUM_CLASSES_KEY, SERVER_ROUND_KEY, TrainSettings
 
@@ -86,6 +86,8 @@ class LocalJob:
     num_classes: int  # a site's guess from its labels; the server's "num-classes" wins
     device: str
     has_missing: bool = False  # the features hold missing values (NaN)
+    site_name: str = ""  # how evaluation replies name this site
+    test: Shard | None = None  # the site's own test rows, never trained on
 
     @classmethod
     def from_context(cls, context: Context) -> LocalJob:
@@ -98,6 +100,7 @@ class LocalJob:
                 str(node["data-path"]),
                 str(node.get("device", "")),
                 str(node.get("label-column", DEFAULT_LABEL_COLUMN)),
+                str(node.get(SITE_NAME_KEY, "")),
             )
         if PARTITION_KEY not in node:
             raise ValueError(
@@ -123,11 +126,18 @@ class LocalJob:
             federation.num_classes,
             cfg.client.device,
             federation.has_missing and _has_missing(train, val),
+            federation.names[pid] if federation.names else f"client-{pid}",
+            federation.site_tests[pid] if federation.site_tests else None,
         )
 
     @classmethod
     def load_site(
-        cls, cfg: RunConfig, path: Path, device: str, label_column: str = DEFAULT_LABEL_COLUMN
+        cls,
+        cfg: RunConfig,
+        path: Path,
+        device: str,
+        label_column: str = DEFAULT_LABEL_COLUMN,
+        name: str = "",
     ) -> LocalJob:
         """A data site's job: its data split like a simulated client's, on the site's
         device when its node config names one. `path` is the folder `fedml client`
@@ -139,7 +149,9 @@ class LocalJob:
         num_classes = int(shard.y.max()) + 1
         device = device or cfg.client.device
         missing = _has_missing(train, val)
-        return cls(cfg, None, train, val, shard.x.shape[1:], num_classes, device, missing)
+        return cls(
+            cfg, None, train, val, shard.x.shape[1:], num_classes, device, missing, name or "site"
+        )
 
     def model(self, arrays: ArrayRecord, config: ConfigRecord) -> torch.nn.Module:
         """The configured model holding the received global weights. Its output size is
@@ -233,9 +245,9 @@ def _say_partitions(partitions: int, clients: int) -> None:
 
 @lru_cache(maxsize=4)
 def _site_job(
-    run_config: tuple[tuple[str, Any], ...], path: str, device: str, label_column: str
+    run_config: tuple[tuple[str, Any], ...], path: str, device: str, label_column: str, name: str
 ) -> LocalJob:
-    return LocalJob.load_site(_run_config(run_config), Path(path), device, label_column)
+    return LocalJob.load_site(_run_config(run_config), Path(path), device, label_column, name)
 
 
 def _has_missing(*shards: Shard) -> bool:
@@ -360,13 +372,21 @@ def _train_private(
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on the local validation split."""
+    """Evaluate the received global model on the local validation split (the metrics
+    the strategy aggregates) and, where the site holds test rows of its own, on those
+    too (the "site" record, with the site's name). Two-class tasks add the clinical
+    metrics of `fedml.metrics`."""
     job = LocalJob.from_context(context)
     config = msg.content.config_records.get("config", ConfigRecord())
     model = job.model(msg.content["arrays"], config)
-    loss, accuracy = evaluate(model, job.val, resolve_device(job.device))
-    metrics = MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": len(job.val)})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    device = resolve_device(job.device)
+    content = RecordDict({"metrics": MetricRecord(evaluation_metrics(model, job.val, device))})
+    site = ConfigRecord({"name": job.site_name})
+    if job.test is not None and len(job.test):
+        tested = evaluation_metrics(model, job.test, device)
+        site.update({f"{TEST_PREFIX}{key}": value for key, value in tested.items()})
+    content[SITE_RECORD] = site
+    return Message(content=content, reply_to=msg)
 
 
 @app.query(STATS_ACTION)

@@ -14,6 +14,7 @@ from torch import nn
 
 from fedml.data import Shard
 from fedml.errors import FedmlError
+from fedml.metrics import binary_metrics
 from fedml.settings import TrainSettings
 
 
@@ -103,6 +104,30 @@ def train_local(
             total_loss += loss.item()
             steps += 1
     return TrainResult(loss=total_loss / max(steps, 1), num_examples=len(y), steps=steps)
+
+
+@torch.no_grad()
+def evaluation_metrics(
+    model: nn.Module, shard: Shard, device: torch.device, batch_size: int = 1024
+) -> dict[str, float]:
+    """`loss`, `accuracy` and `num-examples` of `model` on `shard`; for a two-class model
+    also the confusion counts, sensitivity, specificity, balanced accuracy, F1 and AUROC
+    (`fedml.metrics`), from the scores P(class 1)."""
+    model.to(device).eval()
+    x, y = to_tensors(shard, device)
+    loss_sum, correct, scores = 0.0, 0, []
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == target).sum().item()
+        if logits.shape[1] == 2:
+            scores.append(torch.softmax(logits.double(), dim=1)[:, 1].cpu())
+    n = max(len(y), 1)
+    result = {"loss": loss_sum / n, "accuracy": correct / n, "num-examples": len(y)}
+    if scores:
+        result.update(binary_metrics(torch.cat(scores).numpy(), shard.y))
+    return result
 
 
 @torch.no_grad()

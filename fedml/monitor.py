@@ -13,16 +13,21 @@ import re
 from dataclasses import dataclass
 
 from fedml.errors import FedmlError
+from fedml.metrics import AUROC, RATES
 from fedml.records import HistoryRow
 
 MONITORED_SOURCES = ("server", "evaluate", "train")
 # Every metric a history row records, by source: the server's test set, federated
-# evaluation (fedml's ClientApp replies loss and accuracy) and training.
+# evaluation (fedml's ClientApp replies loss and accuracy) and training; two-class tasks
+# add the clinical metrics of `fedml.metrics` (AUROC on the server's test set only: the
+# sites' AUROCs cannot be combined exactly).
 RECORDED_METRICS = (
     "server.loss",
     "server.accuracy",
+    *(f"server.{name}" for name in (AUROC, *RATES)),
     "evaluate.loss",
     "evaluate.accuracy",
+    *(f"evaluate.{name}" for name in RATES),
     "evaluate.num-examples",
     "train.loss",
     "train.num-examples",

@@ -47,6 +47,7 @@ class HistoryRow(TypedDict, total=False):
     preprocess: dict[str, int]  # first row: features standardised, from how many sites and rows
     evaluate: dict[str, float] | None  # federated evaluation (+ "num-examples")
     evaluate_median: dict[str, float]  # each evaluation metric's median over the sites
+    sites: dict[str, dict[str, dict[str, float]]]  # site -> "validation"/"test" -> metrics
     server: dict[str, float] | None  # centralised evaluation on the server's test set
     evaluate_rejected: dict[str, int]
     evaluate_weights_capped: int
@@ -76,6 +77,11 @@ SECONDS = "seconds"
 # "cuda:N", "name": the GPU's name); a history row counts the replies per device under
 # "devices" (series `devices/<device>`).
 DEVICE_RECORD = "device"
+# An evaluate reply's ConfigRecord naming the site ("name") and, where the site holds
+# test rows of its own, the global model's metrics on them ("test-accuracy", ...); a
+# history row gathers them per site under "sites".
+SITE_RECORD = "site"
+TEST_PREFIX = "test-"
 
 
 def describe_secagg(entry: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from clients.trainer import evaluate, resolve_device
+from clients.trainer import evaluation_metrics, resolve_device
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.components import RoundComponents
 from fedml.config import (
@@ -58,21 +58,23 @@ from fedml.controls import EXTENSIBLE_STOPS
 from fedml.data import Federation, federation_for
 from fedml.data.features import Standardization
 from fedml.errors import FedmlError
+from fedml.metrics import AUROC, COUNTS, RATES, pooled_binary
 from fedml.models import model_for, with_standardization
 from fedml.preprocessing import FeatureScaling, wants_standardization, warn_if_unscaled
 from fedml.privacy import without_privacy_keys
-from fedml.records import DEVICE_RECORD, HistoryRow, device_label
+from fedml.records import DEVICE_RECORD, SITE_RECORD, TEST_PREFIX, HistoryRow, device_label
 from fedml.reply_stream import PollingGrid
 from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
 from fedml.secure_round import SecureRound
 from fedml.settings import NUM_CLASSES_KEY, TrainSettings
-from fedml.validation import Tally, UpdateValidator, site_medians
+from fedml.validation import MAX_METRIC_NAME, MAX_METRICS, Tally, UpdateValidator, site_medians
 from simulations.virtual_nodes import SimulatedNodesGrid
 from strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[HistoryRow], None]
+MAX_SITES_IN_ROW = 100  # per-site results in a history row, for up to this many replies
 
 
 @dataclass
@@ -121,11 +123,14 @@ class CentralEvaluator:
         with_standardization(self.model, standardization)
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float] | None:
+        """Loss and accuracy on the test set (and, for two classes, the clinical
+        metrics of `fedml.metrics`, AUROC exact on these rows)."""
         if self.test is None:
             return None
         self.model.load_state_dict(to_state_dict(arrays), strict=True)
-        loss, accuracy = evaluate(self.model, self.test, self.device)
-        return {"loss": loss, "accuracy": accuracy}
+        metrics = evaluation_metrics(self.model, self.test, self.device)
+        metrics.pop("num-examples")
+        return metrics
 
 
 @dataclass
@@ -466,16 +471,93 @@ def evaluate_round(
     )
     metrics = strategy.aggregate_evaluate(server_round, replies)
     result: HistoryRow = {
-        "evaluate": _with_examples(metrics, sum(_num_examples(m) for m in replies)),
+        "evaluate": _federated(metrics, replies),
         "server": experiment.evaluator(arrays),
     }
     if replies:
         result["evaluate_median"] = site_medians(replies, experiment.validator.weight_key)
+        sites = site_results(replies)
+        if sites:
+            result["sites"] = sites
     if tally.rejected:
         result["evaluate_rejected"] = dict(sorted(tally.rejected.items()))
     if tally.capped:
         result["evaluate_weights_capped"] = tally.capped
     return result
+
+
+def _federated(metrics: MetricRecord | None, replies: list[Message]) -> dict[str, Any] | None:
+    """The federated evaluation entry: the strategy's aggregate, except that confusion
+    counts are not averaged (their rates are recomputed exactly from each site's counts,
+    scaled to its capped weight) and AUROC is not averaged at all (it cannot be, exactly:
+    see "sites" and "server")."""
+    entry = _with_examples(metrics, sum(_num_examples(m) for m in replies))
+    if entry is None:
+        return None
+    for key in (*COUNTS, *RATES, AUROC):
+        entry.pop(key, None)
+    return {**entry, **pooled_rates(replies)}
+
+
+def pooled_rates(replies: list[Message]) -> dict[str, float]:
+    """Sensitivity, specificity, balanced accuracy and F1 of the sites' rows pooled,
+    from their confusion counts, each site's counts scaled to its (capped) weight."""
+    scaled = []
+    for reply in replies:
+        metrics = next(iter(reply.content.metric_records.values()))
+        counts = [float(metrics.get(key, -1)) for key in COUNTS]
+        if min(counts) < 0 or sum(counts) <= 0:
+            continue
+        factor = _num_examples(reply) / sum(counts)
+        scaled.append({key: value * factor for key, value in zip(COUNTS, counts, strict=True)})
+    pooled = pooled_binary(scaled)
+    return {key: value for key, value in pooled.items() if key in RATES}
+
+
+def site_results(replies: list[Message]) -> dict[str, dict[str, Any]]:
+    """Each site's evaluation, by the name its reply gives (`SITE_RECORD`; the node id
+    where it gives none; a name two sites give gets the node id added): its
+    "validation" metrics and, where it holds test rows of its own, its "test" metrics.
+    Left out (empty) beyond `MAX_SITES_IN_ROW` replies: per-site rows are for
+    federations of institutions, not of thousands of devices."""
+    if len(replies) > MAX_SITES_IN_ROW:
+        return {}
+    sites: dict[str, dict[str, Any]] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        record = reply.content.config_records.get(SITE_RECORD, ConfigRecord())
+        name = _site_name(record.get("name"), node)
+        if name in sites:
+            name = f"{name}#{node}"
+        metrics = next(iter(reply.content.metric_records.values()))
+        entry: dict[str, Any] = {"validation": _numbers(dict(metrics))}
+        tested = {
+            key[len(TEST_PREFIX) :]: value
+            for key, value in record.items()
+            if isinstance(key, str) and key.startswith(TEST_PREFIX)
+        }
+        if tested:
+            entry["test"] = _numbers(tested)
+        sites[name] = entry
+    return dict(sorted(sites.items()))
+
+
+def _site_name(name: object, node: int) -> str:
+    """A site's self-chosen name, made safe for a history row (printable, bounded)."""
+    text = "".join(c for c in str(name or "") if c.isprintable() and c not in "/\\")[
+        :MAX_METRIC_NAME
+    ]
+    return text.strip() or f"node-{node}"
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite scalar numbers among a reply's metrics (at most MAX_METRICS)."""
+    found = {
+        str(k)[:MAX_METRIC_NAME]: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    return dict(sorted(found.items())[:MAX_METRICS])
 
 
 def _num_examples(message: Message) -> int:

@@ -59,17 +59,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
 from fedml.arrays import from_numpy, record_of, to_numpy
 from fedml.failures import DECLINED_CODE, MAX_REASONS, OTHER_REASON, failure_reason
+from fedml.metrics import AUROC, COUNTS, RATES
 
 NORM_SAMPLE = 3  # valid updates a norm check needs when no earlier round votes
 FIRST_SAMPLE = 5  # the first valid updates of a round wait and judge each other
 MAX_EXAMPLES = 2**53  # the largest weight a reply may claim (exact in float64)
-UNIT_METRICS = ("accuracy",)  # metrics that must lie in [0, 1]
-NON_NEGATIVE_METRICS = ("loss",)  # metrics that must be >= 0
+UNIT_METRICS = ("accuracy", *RATES, AUROC)  # metrics that must lie in [0, 1]
+NON_NEGATIVE_METRICS = ("loss", *COUNTS)  # metrics that must be >= 0
 MAX_METRICS = 64  # metrics one reply may carry (fedml's client sends a handful)
 MAX_METRIC_NAME = 64  # characters in a metric's name
 MAX_METRIC_LIST = 1024  # values in a list-valued metric
@@ -271,6 +272,8 @@ class UpdateValidator:
                 return "metrics"
             if name in NON_NEGATIVE_METRICS and not all(v >= 0.0 for v in values):
                 return "metrics"
+        if any(key in metrics for key in COUNTS) and not _counts_add_up(metrics, self.weight_key):
+            return "metrics"
         return None
 
     def _claim(self, content: RecordDict) -> float:
@@ -349,15 +352,27 @@ class ClaimReference:
         return medians_of_the_others(claims)
 
 
+def _counts_add_up(metrics: MetricRecord, weight_key: str) -> bool:
+    """Confusion counts are whole numbers, all four present, adding up to the reply's
+    example count (so they cannot outweigh its capped claim)."""
+    if not all(key in metrics for key in COUNTS):
+        return False
+    counts = [metrics[key] for key in COUNTS]
+    if any(isinstance(c, list) or float(c) != int(c) for c in counts):
+        return False
+    return sum(int(c) for c in counts) == metrics[weight_key]
+
+
 def site_medians(replies: list[Message], weight_key: str = "num-examples") -> dict[str, float]:
     """Each scalar metric's median over the (screened) replies that report it, the
-    weight claim aside: one site, one vote. A target on federated evaluation must be met
-    by this too, so a few sites claiming perfect scores over huge (capped) example
-    counts cannot stop a run: the median moves only within the honest sites' spread."""
+    weight claim and confusion counts aside: one site, one vote. A target on federated
+    evaluation must be met by this too, so a few sites claiming perfect scores over huge
+    (capped) example counts cannot stop a run: the median moves only within the honest
+    sites' spread."""
     values: dict[str, list[float]] = {}
     for reply in replies:
         for name, value in next(iter(reply.content.metric_records.values())).items():
-            if name != weight_key and not isinstance(value, list):
+            if name != weight_key and name not in COUNTS and not isinstance(value, list):
                 values.setdefault(name, []).append(float(value))
     return {name: float(np.median(found)) for name, found in sorted(values.items())}
 

@@ -95,6 +95,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.models",
                 "fedml.privacy",
                 "fedml.validation",
+                "fedml.metrics",
                 "fedml.runstore.*",
                 "fedml.secagg.*",
             ]

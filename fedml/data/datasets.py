@@ -63,6 +63,9 @@ class Federation:
     make_client: Callable[[int], Shard] | None = None
     names: tuple[str, ...] = ()  # each client's site name, where the data names its sites
     feature_names: tuple[str, ...] = ()  # tabular data's column names, where it has them
+    # each client's own test rows (never trained on), where the data has them: the
+    # hospitals' test sets, a csv:DIR site's held-out rows; the server's test set pools them
+    site_tests: tuple[Shard, ...] = ()
     has_missing: bool = False  # some client's features hold missing values (NaN)
 
     def client(self, index: int) -> Shard:
@@ -558,6 +561,7 @@ def csv_federation(
             f"({counts}); every site needs the same columns in the same order."
         )
     test_path = directory / CSV_TEST_FILE
+    held: list[Shard] = []
     if test_path.exists():
         test, train = read_csv_table(test_path, label_column), tables
     else:
@@ -572,7 +576,9 @@ def csv_federation(
         )
     header = csv_header(files[0], label_column)
     return dataclasses.replace(
-        _pooled(train, test, tuple(p.stem for p in files)), feature_names=header
+        _pooled(train, test, tuple(p.stem for p in files)),
+        feature_names=header,
+        site_tests=tuple(held),
     )
 
 
@@ -620,7 +626,9 @@ def heart_federation(partition_spec: str, num_clients: int, seed: int) -> Federa
         ),
         HOSPITALS,
     )
-    return dataclasses.replace(federation, feature_names=HEART_FEATURES)
+    return dataclasses.replace(
+        federation, feature_names=HEART_FEATURES, site_tests=tuple(h.test for h in hospitals)
+    )
 
 
 def _pooled(sites: list[Shard], test: Shard, names: tuple[str, ...]) -> Federation:

@@ -46,7 +46,6 @@ from fedml.deploy.processes import (
     split_address,
 )
 from fedml.deploy.site_state import (
-    SITE_NAME_KEY,
     TASK_DONE_MARK,
     TASK_FAILED_MARK,
     claim,
@@ -55,6 +54,7 @@ from fedml.deploy.site_state import (
     site_name,
 )
 from fedml.errors import FedmlError
+from fedml.node_state import SITE_NAME_KEY
 from fedml.pki import site_files
 
 DATA_FOLDER = "data"

@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives import serialization
 from fedml.errors import FedmlError
 from fedml.pki import NODE_KEY, load_node_private_key
 
-SITE_NAME_KEY = "site-name"  # node config: the site's name, said in its failure reasons
 # Lines of the site executor's log that `fedml client` repeats on the site's console.
 TASK_FAILED_MARK, TASK_DONE_MARK = "fedml task failed: ", "fedml task done: "
 LOCK_FILE = "site.lock"

@@ -34,8 +34,9 @@ from fedml.deploy.app_check import (
     fab_refusal,
     message_refusal,
 )
-from fedml.deploy.site_state import SITE_NAME_KEY, TASK_DONE_MARK, TASK_FAILED_MARK
+from fedml.deploy.site_state import TASK_DONE_MARK, TASK_FAILED_MARK
 from fedml.failures import DECLINED_CODE, without_paths
+from fedml.node_state import SITE_NAME_KEY
 
 APP_REFUSED_CODE = ErrorCode.INVALID_FAB  # error reply: the site refused the run's app
 APP_FAILED_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION  # error reply: the ClientApp raised
