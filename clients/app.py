@@ -64,7 +64,13 @@ from fedml.data.features import STATS_ACTION, FeatureStats, Standardization
 from fedml.data.site import DEFAULT_LABEL_COLUMN, X_FILE, load_prepared, read_site_data
 from fedml.errors import FedmlError
 from fedml.models import model_for, with_standardization
-from fedml.node_state import PARTITION_KEY, PARTITIONS_KEY, SITE_NAME_KEY, carry_node_state
+from fedml.node_state import (
+    PARTITION_KEY,
+    PARTITIONS_KEY,
+    SITE_NAME_KEY,
+    TEST_DATA_KEY,
+    carry_node_state,
+)
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
 from fedml.records import DEVICE_RECORD, SITE_RECORD, TEST_PREFIX
 from fedml.secagg import messages as wire
@@ -101,6 +107,7 @@ class LocalJob:
                 str(node.get("device", "")),
                 str(node.get("label-column", DEFAULT_LABEL_COLUMN)),
                 str(node.get(SITE_NAME_KEY, "")),
+                str(node.get(TEST_DATA_KEY, "")),
             )
         if PARTITION_KEY not in node:
             raise ValueError(
@@ -138,20 +145,25 @@ class LocalJob:
         device: str,
         label_column: str = DEFAULT_LABEL_COLUMN,
         name: str = "",
+        test_path: Path | None = None,
     ) -> LocalJob:
         """A data site's job: its data split like a simulated client's, on the site's
         device when its node config names one. `path` is the folder `fedml client`
         prepared (memory-mapped), or the site's own file (read every time: a plain
-        `flower-supernode --node-config 'data-path=...'` works, just slower)."""
-        is_prepared = (path / X_FILE).is_file()
-        shard = load_prepared(path) if is_prepared else read_site_data(path, label_column)
+        `flower-supernode --node-config 'data-path=...'` works, just slower);
+        `test_path` likewise holds the site's own test rows (`fedml client --test-data`:
+        evaluated on, never trained on)."""
+        shard = _site_rows(path, label_column)
+        test = _site_rows(test_path, label_column) if test_path is not None else None
         train, val = split_validation(shard, cfg.data.val_fraction, seed=_derive_seed(cfg.seed))
         num_classes = int(shard.y.max()) + 1
         device = device or cfg.client.device
         missing = _has_missing(train, val)
+        missing = missing or (test is not None and _has_missing(test))
         return cls(
-            cfg, None, train, val, shard.x.shape[1:], num_classes, device, missing, name or "site"
-        )
+            cfg, None, train, val, shard.x.shape[1:], num_classes, device, missing,
+            name or "site", test,
+        )  # fmt: skip
 
     def model(self, arrays: ArrayRecord, config: ConfigRecord) -> torch.nn.Module:
         """The configured model holding the received global weights. Its output size is
@@ -245,9 +257,28 @@ def _say_partitions(partitions: int, clients: int) -> None:
 
 @lru_cache(maxsize=4)
 def _site_job(
-    run_config: tuple[tuple[str, Any], ...], path: str, device: str, label_column: str, name: str
+    run_config: tuple[tuple[str, Any], ...],
+    path: str,
+    device: str,
+    label_column: str,
+    name: str,
+    test_path: str,
 ) -> LocalJob:
-    return LocalJob.load_site(_run_config(run_config), Path(path), device, label_column, name)
+    return LocalJob.load_site(
+        _run_config(run_config),
+        Path(path),
+        device,
+        label_column,
+        name,
+        Path(test_path) if test_path else None,
+    )
+
+
+def _site_rows(path: Path, label_column: str) -> Shard:
+    """A site's rows: the folder `fedml client` prepared (memory-mapped), or the site's
+    own file (read every time: a plain `flower-supernode --node-config 'data-path=...'`
+    works, just slower)."""
+    return load_prepared(path) if (path / X_FILE).is_file() else read_site_data(path, label_column)
 
 
 def _has_missing(*shards: Shard) -> bool:

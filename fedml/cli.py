@@ -795,6 +795,13 @@ def client(
             "built-in models are always allowed, nothing else is."
         ),
     ] = None,
+    test_data: Annotated[
+        Path | None,
+        Opt(
+            help="The site's own test rows (.npz or .csv, the --data columns): never "
+            "trained on; each evaluation reports the global model's metrics on them."
+        ),
+    ] = None,
 ) -> None:
     """Join a federation from a data site: a Flower SuperNode whose ClientApp trains on
     the site's private data. Only model updates and metrics leave the site.
@@ -817,6 +824,7 @@ def client(
         port,
         join_timeout,
         tuple(allow_model or ()),
+        test_data,
     )
     try:
         run_site(options, lambda text: console.print(text, highlight=False))

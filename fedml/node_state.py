@@ -19,6 +19,7 @@ STATE_PREFIX = "fedml.node-state/"  # + the name of a record in Context.state
 PARTITION_KEY = "partition-id"  # the query reply's metric naming the node's client
 PARTITIONS_KEY = "num-partitions"  # a simulated node's node config: how many there are
 SITE_NAME_KEY = "site-name"  # a data site's node config: its name (its key's name)
+TEST_DATA_KEY = "test-data-path"  # a data site's node config: its own test rows, prepared
 
 
 def take_state(content: RecordDict) -> RecordDict:

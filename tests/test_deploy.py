@@ -580,10 +580,11 @@ def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not
 
 def test_raw_hospital_tables_at_separate_machines_are_standardised_across_the_sites(fleet):
     """Three hospitals, each on its own machine with only its raw CSV (units as
-    exported, some cholesterol values missing, the label column 'outcome'); the server
-    holds only `pki/` and `tables/test.csv`. Before round 1 the sites send their feature
-    sums, never a row; every round then trains on standardised rows at every site, and
-    the gaps become the federation's mean."""
+    exported, some cholesterol values missing, the label column 'outcome') and its own
+    test rows; the server holds only `pki/` and `tables/test.csv`. Before round 1 the
+    sites send their feature sums, never a row; every round then trains on standardised
+    rows at every site, the gaps become the federation's mean, and each hospital reports
+    the global model's metrics on its own test rows under its key's name."""
     port = free_port()
     hospitals = ("cleveland", "hungary", "va-long-beach")
     _fedml(fleet, SERVER, "certs", "init", "pki")
@@ -594,9 +595,13 @@ def test_raw_hospital_tables_at_separate_machines_are_standardised_across_the_si
     )
     server_home = fleet.machine(SERVER)
     (server_home / "tables" / "switzerland.csv").unlink()
+    (server_home / "tables" / "site-tests" / "switzerland.csv").unlink()
     for site in hospitals:
         home = fleet.machine(site)
         shutil.copytree(server_home / "pki" / "sites" / site, home / site)
+        own_tests = server_home / "tables" / "site-tests" / f"{site}.csv"
+        (home / "mine.csv").write_text(own_tests.read_text().replace(",label\n", ",outcome\n", 1))
+        own_tests.unlink()
         lines = (server_home / "tables" / f"{site}.csv").read_text().splitlines()
         header = lines[0].replace(",label", ",outcome")
         rows = [line.split(",") for line in lines[1:]]
@@ -604,6 +609,7 @@ def test_raw_hospital_tables_at_separate_machines_are_standardised_across_the_si
             row[3] = ""  # chol missing in every ninth row
         (home / f"{site}.csv").write_text("\n".join([header, *map(",".join, rows)]) + "\n")
         (server_home / "tables" / f"{site}.csv").unlink()
+    (server_home / "tables" / "site-tests").rmdir()
     assert [p.name for p in (server_home / "tables").iterdir()] == ["test.csv"]
 
     server = fleet.start(
@@ -613,7 +619,8 @@ def test_raw_hospital_tables_at_separate_machines_are_standardised_across_the_si
     for site in hospitals:
         fleet.start(
             site, site, "client", "--superlink", f"127.0.0.1:{port}", "--data", f"{site}.csv",
-            "--label-column", "outcome", "--pki", site, "--port", str(free_port()),
+            "--test-data", "mine.csv", "--label-column", "outcome", "--pki", site,
+            "--port", str(free_port()),
         )  # fmt: skip
     assert server.wait(600) == 0, fleet.logs()
 
@@ -624,3 +631,7 @@ def test_raw_hospital_tables_at_separate_machines_are_standardised_across_the_si
         assert row["clients"]["aggregated"] == 3 and "failed_reasons" not in row
         assert row["train"]["num-examples"] == trained
     assert history[-1]["server"]["accuracy"] > 0.7  # raw, it stays near the majority class
+    assert list(history[-1]["sites"]) == list(hospitals)  # named by their keys
+    tested = [history[-1]["sites"][site]["test"]["num-examples"] for site in hospitals]
+    assert tested == [104, 89, 45]  # each hospital's own test rows, evaluated at the site
+    assert 0.5 < history[-1]["sites"]["cleveland"]["test"]["auroc"] <= 1.0

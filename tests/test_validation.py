@@ -454,3 +454,27 @@ def test_unbounded_metrics_are_rejected_in_training_and_evaluation(extra):
     assert tally.rejected == {"metrics": 1}
     fine = {"loss": 0.5, "num-examples": 10, **{f"m{i}": 0.5 for i in range(60)}}
     assert len(_screen(UpdateValidator(), _replies([_content(_update(1.0), fine)]))[0]) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "accepted"),
+    [
+        ({"tp": 2, "fp": 1, "tn": 1, "fn": 1, "sensitivity": 2 / 3, "auroc": 0.8}, True),
+        ({"tp": 2, "fp": 1, "tn": 1, "fn": 9}, False),  # counts beyond the example count
+        ({"tp": 2, "fp": 1, "tn": 1}, False),  # one count missing
+        ({"tp": 2.5, "fp": 0.5, "tn": 1, "fn": 1}, False),  # not whole numbers
+        ({"tp": 6, "fp": -1, "tn": 0, "fn": 0}, False),
+        ({"sensitivity": 1.5}, False),
+        ({"auroc": -0.1}, False),
+        ({"balanced_accuracy": 3.0}, False),
+    ],
+)
+def test_clinical_metrics_are_screened_counts_must_add_up_to_the_claim(extra, accepted):
+    """A site's confusion counts are summed into the federation's exact rates, so they
+    must be whole, complete and add up to its example count (then capped with it);
+    rates and AUROC lie in [0, 1]."""
+    reply = _content(None, {"loss": 0.3, "accuracy": 0.6, "num-examples": 5, **extra})
+    tally = Tally()
+    valid = UpdateValidator().screen_evaluation(_replies([reply]), tally)
+    assert (len(valid) == 1) == accepted
+    assert tally.rejected == ({} if accepted else {"metrics": 1})

@@ -227,6 +227,7 @@ def _parse_synthetic(dataset: str) -> tuple[float, float]:
 
 
 CSV_TEST_FILE = "test.csv"  # the server's test set in a csv:DIR folder
+SITE_TESTS_DIR = "site-tests"  # csv:DIR/site-tests/<site>.csv: each site's own test rows
 SYNTHETIC_TEST_CLIENTS = 1_000  # the clients whose held-out examples the server tests on
 
 
@@ -535,8 +536,10 @@ def csv_federation(
 ) -> Federation:
     """`csv:DIR`: one site per `*.csv` file (named by its stem, in name order), read as
     `fedml client` reads a site's CSV (`fedml.data.tables`). The server's test set is
-    `DIR/test.csv` when there is one; otherwise each site holds out `test_fraction` of
-    its rows (a seeded draw per site) and those rows, pooled, are the server's test set."""
+    `DIR/test.csv` when there is one (and each site's own test rows
+    `DIR/site-tests/<site>.csv`, when every site has them); otherwise each site holds out
+    `test_fraction` of its rows (a seeded draw per site): its own test rows, and, pooled,
+    the server's test set."""
     if partition_spec not in ("auto", "natural"):
         raise FedmlError(
             "csv:<dir> data is already split per site (one file each); set data.partition "
@@ -564,6 +567,9 @@ def csv_federation(
     held: list[Shard] = []
     if test_path.exists():
         test, train = read_csv_table(test_path, label_column), tables
+        own = [directory / SITE_TESTS_DIR / p.name for p in files]
+        if all(p.is_file() for p in own):
+            held = [read_csv_table(p, label_column) for p in own]
     else:
         split = [_hold_out(t, test_fraction, seed, k) for k, t in enumerate(tables)]
         train = [kept for kept, _ in split]

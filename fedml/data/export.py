@@ -9,8 +9,9 @@ dataset with the same split, partition and seed.
 
 As `.csv` (tabular data only): each site's table as a hospital would export it, named
 after the site (`cleveland.csv`, ...; `client-<i>.csv` where the data names no sites),
-with a header of the features' names and a `label` column, and the server's `test.csv`:
-what `--dataset csv:DIR` and `fedml client --data FILE.csv` read.
+with a header of the features' names and a `label` column, the server's `test.csv`, and,
+where the data gives each site test rows of its own, `site-tests/<site>.csv`: what
+`--dataset csv:DIR`, `fedml client --data FILE.csv` and `--test-data` read.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedml.data.datasets import Federation, Shard
+from fedml.data.datasets import SITE_TESTS_DIR, Federation, Shard
 from fedml.errors import FedmlError
 from fedml.runstore import atomic_write
 
@@ -78,6 +79,10 @@ def _write_tables(federation: Federation, out: Path) -> list[tuple[Path, int]]:
     ]
     if federation.test is not None:
         written.append(_write_table(out / CSV_TEST_FILE, federation.test, names))
+    if federation.site_tests:
+        (out / SITE_TESTS_DIR).mkdir(exist_ok=True)
+        for site, rows in zip(sites, federation.site_tests, strict=True):
+            written.append(_write_table(out / SITE_TESTS_DIR / f"{site}.csv", rows, names))
     return written
 
 
@@ -95,10 +100,15 @@ def _write_table(path: Path, shard: Shard, names: tuple[str, ...]) -> tuple[Path
 
 
 def _split_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.name == TEST_FILE or re.fullmatch(r"client-\d+\.npz", p.name) or p.suffix == ".csv"
+    tests = folder / SITE_TESTS_DIR
+    own_tests = sorted(tests.glob("*.csv")) if tests.is_dir() else []
+    return (
+        sorted(
+            p
+            for p in folder.iterdir()
+            if p.name == TEST_FILE or re.fullmatch(r"client-\d+\.npz", p.name) or p.suffix == ".csv"
+        )
+        + own_tests
     )
 
 

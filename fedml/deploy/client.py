@@ -54,10 +54,11 @@ from fedml.deploy.site_state import (
     site_name,
 )
 from fedml.errors import FedmlError
-from fedml.node_state import SITE_NAME_KEY
+from fedml.node_state import SITE_NAME_KEY, TEST_DATA_KEY
 from fedml.pki import site_files
 
 DATA_FOLDER = "data"
+TEST_FOLDER = "test-data"  # in the state folder: --test-data, prepared
 LEDGER_FILE = "privacy-ledger.json"
 LOCAL_HOST = "127.0.0.1"  # the SuperNode's Runtime API: this machine only
 EXECUTOR_LOG = "executor.log"  # in the state folder: every task's log lines
@@ -83,6 +84,7 @@ class ClientOptions:
     port: int = 9094  # the SuperNode's local Runtime API port (one per node on a machine)
     join_timeout: float = 60.0  # seconds to wait for the SuperLink, or while it refuses us
     allowed_models: tuple[str, ...] = ()  # module:factory models this site agrees to build
+    test_data: Path | None = None  # the site's own test rows: evaluated on, never trained on
 
     @property
     def name(self) -> str:
@@ -106,6 +108,7 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
         f"site data: {len(shard)} examples of {tuple(shard.x.shape[1:])} features, "
         f"labels {classes[0]}..{classes[-1]} (prepared in {folder})"
     )
+    test_folder = _prepare_test_data(options, shard.x.shape[1:], say)
     if options.device:
         from clients.trainer import resolve_device  # torch: only when a device is asked for
 
@@ -117,6 +120,8 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
     }
     if options.device:
         node_config["device"] = options.device
+    if test_folder is not None:
+        node_config[TEST_DATA_KEY] = str(test_folder.resolve())
     if options.allowed_models:
         node_config[ALLOWED_MODELS_KEY] = ",".join(options.allowed_models)
     command = [
@@ -134,6 +139,28 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
         assert options.pki is not None
         _check_certificate(host, port, options.pki / "ca.crt")
     return [*command, *security]
+
+
+def _prepare_test_data(
+    options: ClientOptions, features: tuple[int, ...], say: Callable[[str], None]
+) -> Path | None:
+    """The site's test rows, prepared like its data (None without `--test-data`); they
+    must have the training data's features."""
+    if options.test_data is None:
+        return None
+    folder, shard = prepare_site(
+        options.test_data, options.state / TEST_FOLDER, options.label_column
+    )
+    if shard.x.shape[1:] != features:
+        raise FedmlError(
+            f"--test-data {options.test_data} has examples of shape {shard.x.shape[1:]}, "
+            f"--data {options.data} of shape {features}: the test rows need the same columns."
+        )
+    say(
+        f"site test data: {len(shard)} examples, never trained on; each evaluation sends "
+        "only the global model's metrics on them"
+    )
+    return folder
 
 
 def _security_options(options: ClientOptions) -> list[str]:
