@@ -455,7 +455,8 @@ def simulate(
     on Flower's Simulation Runtime (Ray) with --engine ray.
 
     CONFIG: a TOML run config or a bundled preset (digits-dp, digits-fedavg,
-    fedavg-mnist, fedprox-synthetic); omitted, the defaults. Flags override it.
+    fedavg-mnist, fed-heart-disease, fedprox-synthetic); omitted, the defaults. Flags
+    override it.
 
     Example: fedml simulate --strategy fedprox --dataset synthetic --rounds 30
 

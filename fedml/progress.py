@@ -13,7 +13,7 @@ from rich.table import Column, Table
 
 from fedml.config import RunConfig
 from fedml.privacy import describe_privacy
-from fedml.records import HistoryRow, describe_secagg, secure_text
+from fedml.records import HistoryRow, describe_secagg, describe_sites, secure_text
 from fedml.runstore import RunStore
 from fedml.server import RoundCallback, RunSummary
 from simulations.engine import simulate
@@ -147,7 +147,13 @@ def print_summary(
     for source, label in (("server", "test (server)"), ("evaluate", "federated eval")):
         metrics = final.get(source)
         if metrics:
-            table.add_row(label, f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}")
+            text = f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"
+            if "auroc" in metrics:
+                text += f"  AUROC {metrics['auroc']:.4f}"
+            table.add_row(label, text)
+    sites = describe_sites(final)
+    if sites:
+        table.add_row("sites", sites)
     if final.get("train"):
         table.add_row("train loss", f"{final['train']['loss']:.4f}")
     privacy = next((r["privacy"] for r in reversed(summary.history) if r.get("privacy")), None)

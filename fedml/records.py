@@ -110,6 +110,34 @@ def secure_text(rows: list[HistoryRow]) -> str:
     )
 
 
+def site_accuracies(row: HistoryRow) -> tuple[str, dict[str, float]]:
+    """Each site's accuracy in `row` ("sites"): on its own test rows when every site
+    reported some ("test"), else on its validation rows ("validation"); empty when the
+    row has no per-site results."""
+    sites = row.get("sites") or {}
+    split = "test" if sites and all("test" in s for s in sites.values()) else "validation"
+    found = {
+        name: float(entry[split]["accuracy"])
+        for name, entry in sites.items()
+        if "accuracy" in entry.get(split, {})
+    }
+    return split, found
+
+
+def describe_sites(row: HistoryRow) -> str:
+    """The per-site results of `row` in words: the sites' mean accuracy and the worst."""
+    split, accuracies = site_accuracies(row)
+    if not accuracies:
+        return ""
+    worst = min(accuracies, key=lambda name: accuracies[name])
+    mean = sum(accuracies.values()) / len(accuracies)
+    rows = "own test rows" if split == "test" else "validation rows"
+    return (
+        f"{len(accuracies)} sites on their {rows}: mean accuracy {mean:.4f}, worst "
+        f"{worst} {accuracies[worst]:.4f}"
+    )
+
+
 def device_label(record: dict[str, Any]) -> str:
     """How a history row names a device record: `cpu`, or `cuda:0 NVIDIA H100 ...`."""
     return " ".join(str(record[k]) for k in ("device", "name") if record.get(k))

@@ -261,6 +261,27 @@ def write_report(paths: Sequence[Path], out: Path) -> Report:
     return report
 
 
+def _site_columns(rows: list) -> dict[str, Any]:
+    """The last per-site results: the sites' mean accuracy and the worst site (on their
+    own test rows where every site has some, else on their validation rows)."""
+    last = next((row for row in reversed(rows) if row.get("sites")), None)
+    split, accuracies = records.site_accuracies(last) if last else ("", {})
+    if not accuracies:
+        return {
+            "sites_on": "",
+            "sites_mean_accuracy": "",
+            "worst_site": "",
+            "worst_site_accuracy": "",
+        }
+    worst = min(accuracies, key=lambda name: accuracies[name])
+    return {
+        "sites_on": split,
+        "sites_mean_accuracy": _cell(sum(accuracies.values()) / len(accuracies)),
+        "worst_site": worst,
+        "worst_site_accuracy": _cell(accuracies[worst]),
+    }
+
+
 def summary_row(run: RunSeries) -> dict[str, Any]:
     """One run's line of summary.csv: what ran, how far, how it ended, how well.
     The `last_*` columns are each metric's value in the last round that measured it."""
@@ -298,6 +319,7 @@ def summary_row(run: RunSeries) -> dict[str, Any]:
         "last_federated_accuracy": _cell(run.last(records.FEDERATED_ACCURACY)),
         "last_federated_loss": _cell(run.last(records.FEDERATED_LOSS)),
         "last_train_loss": _cell(run.last(records.TRAIN_LOSS)),
+        **_site_columns(run.status.rows),
         "epsilon": _cell(run.last(records.EPSILON_MAX)),
         "seconds": _cell(math.fsum(run.series.get(records.SECONDS, {}).values())),
     }

@@ -139,3 +139,44 @@ def test_a_target_on_auroc_stops_the_run(tmp_path):
     }
     summary = simulate(load_config(None, overrides))
     assert summary.stop_reason.startswith("target") and summary.rounds == 1
+
+
+def test_the_sites_in_words_and_in_summary_csv(tmp_path):
+    """The summary names the sites' mean and the worst site, on their own test rows when
+    every site has some, else on their validation rows."""
+    from fedml.records import describe_sites, site_accuracies
+
+    row = {
+        "sites": {
+            "a": {"validation": {"accuracy": 0.9}, "test": {"accuracy": 0.8}},
+            "b": {"validation": {"accuracy": 0.7}, "test": {"accuracy": 0.6}},
+        }
+    }
+    assert site_accuracies(row) == ("test", {"a": 0.8, "b": 0.6})
+    assert describe_sites(row) == (
+        "2 sites on their own test rows: mean accuracy 0.7000, worst b 0.6000"
+    )
+    del row["sites"]["b"]["test"]
+    assert site_accuracies(row) == ("validation", {"a": 0.9, "b": 0.7})
+    assert describe_sites({}) == ""
+
+    from fedml.report import write_report
+
+    simulate(
+        load_config(
+            None,
+            {
+                "data.dataset": "fed-heart-disease",
+                "model.name": "logreg",
+                "rounds": 2,
+                "out": str(tmp_path / "run"),
+            },
+        )
+    )
+    write_report([tmp_path / "run"], tmp_path / "report")
+    import csv
+
+    [line] = list(csv.DictReader((tmp_path / "report" / "summary.csv").open()))
+    assert line["sites_on"] == "test"
+    assert line["worst_site"] in {"cleveland", "hungary", "switzerland", "va-long-beach"}
+    assert 0.5 < float(line["worst_site_accuracy"]) <= float(line["sites_mean_accuracy"])
