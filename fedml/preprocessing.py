@@ -89,11 +89,13 @@ def warn_if_unscaled(federation: Federation) -> None:
     wide = unscaled_features(federation.test.x)
     if wide:
         index, mean, std = max(wide, key=lambda f: max(abs(f[1]), f[2]))
+        names = federation.feature_names
+        name = names[index] if index < len(names) else f"#{index}"
         log.warning(
-            "%d of %d features look unscaled (feature %d: mean %.3g, std %.3g) and the run "
+            "%d of %d features look unscaled (feature %s: mean %.3g, std %.3g) and the run "
             "does not standardise them; set data.preprocess = 'standardize' (or 'auto') "
             "to standardise them with statistics computed across the sites",
-            len(wide), federation.input_shape[0], index, mean, std,
+            len(wide), federation.input_shape[0], name, mean, std,
         )  # fmt: skip
 
 

@@ -253,7 +253,9 @@ def test_which_runs_standardise(caplog):
     assert standardises(**{"data.dataset": "fed-heart-disease"})
     assert not standardises(**{"data.dataset": "digits"})  # images keep their pixels
     assert not standardises(**{"data.dataset": "synthetic"})  # the paper's features as drawn
-    assert not standardises(**{"data.dataset": "breast-cancer", "data.preprocess": "none"})
+    with caplog.at_level(logging.WARNING, logger="fedml.preprocessing"):
+        assert not standardises(**{"data.dataset": "fed-heart-disease", "data.preprocess": "none"})
+    assert "4 of 13 features look unscaled (feature chol: mean 221" in caplog.text
     with caplog.at_level(logging.WARNING, logger="fedml.preprocessing"):
         assert not standardises(**{"data.dataset": "breast-cancer", "secagg.enabled": True})
     assert "secure aggregation is on: the features are not standardised" in caplog.text
