@@ -60,7 +60,7 @@ from clients.trainer import TrainResult, evaluation_metrics, resolve_device, tra
 from fedml.arrays import from_state_dict, to_numpy, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
-from fedml.data.features import STATS_ACTION, FeatureStats, Standardization
+from fedml.data.features import SHIFT_KEY, STATS_ACTION, FeatureStats, Standardization
 from fedml.data.site import DEFAULT_LABEL_COLUMN, X_FILE, load_prepared, read_site_data
 from fedml.errors import FedmlError
 from fedml.models import model_for, with_standardization
@@ -425,7 +425,17 @@ def feature_stats(msg: Message, context: Context) -> Message:
     """This node's feature statistics over its training rows (counts, sums and sums of
     squares per feature: never a row), for the run's federated standardisation."""
     job = LocalJob.from_context(context)
-    stats = FeatureStats.of_rows(job.train.x)
+    config = msg.content.config_records.get("config", ConfigRecord())
+    shift = None
+    if SHIFT_KEY in config:
+        shift = np.asarray(config[SHIFT_KEY], dtype=np.float64)
+        if shift.shape != (math.prod(job.input_shape),) or not np.isfinite(shift).all():
+            raise FedmlError(
+                f"The run's feature statistics are taken around {shift.size} values, but "
+                f"this site's examples have {math.prod(job.input_shape)} features: every "
+                "site's file needs the features of the server's test set, in its order."
+            )
+    stats = FeatureStats.of_rows(job.train.x, shift)
     return Message(RecordDict({"metrics": MetricRecord(stats.to_metrics())}), reply_to=msg)
 
 

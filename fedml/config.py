@@ -677,7 +677,8 @@ def _metric_name(key: str, value: str, allow_auto: bool) -> None:
     fire at once), silently."""
     if (allow_auto and value == "auto") or value in RECORDED_METRICS:
         return
-    close = difflib.get_close_matches(value, RECORDED_METRICS, n=1, cutoff=0.6)
+    started = [name for name in RECORDED_METRICS if name.startswith(value)]
+    close = started[:1] or difflib.get_close_matches(value, RECORDED_METRICS, n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise FedmlError(
         f"{key} '{value}' is not a metric the run records.{hint} Use "

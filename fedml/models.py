@@ -263,7 +263,7 @@ def with_standardization(model: nn.Module, standardization: Standardization) -> 
 def _standardize_input(model: nn.Module, args: tuple) -> tuple:
     x, *rest = args
     mean, scale = model.feature_mean, model.feature_scale
-    flat = x.reshape(len(x), -1)
+    flat = x.flatten(1)  # (0, ...) too: DP-SGD's Poisson batches may be empty
     if flat.shape[1] != len(mean):
         raise FedmlError(
             f"The run standardises {len(mean)} features but these examples have "

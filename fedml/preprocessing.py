@@ -26,12 +26,13 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedml.config import RunConfig
 from fedml.data.datasets import Federation
 from fedml.data.features import (
+    SHIFT_KEY,
     STATS_ACTION,
     FeatureStats,
     Standardization,
@@ -99,13 +100,43 @@ def warn_if_unscaled(federation: Federation) -> None:
         )  # fmt: skip
 
 
+def _capped_total(stats: list[FeatureStats], max_weight_factor: float) -> FeatureStats:
+    """The sum of the sites' statistics, each site's weight (its rows) capped at
+    `max_weight_factor` times the median of the other sites' rows, as training claims
+    are capped: a site claiming 10^12 rows cannot set the federation's means alone."""
+    rows = [s.rows for s in stats]
+    total: FeatureStats | None = None
+    for index, site in enumerate(stats):
+        others = rows[:index] + rows[index + 1 :]
+        if max_weight_factor > 0 and others:
+            cap = max_weight_factor * float(np.median(others))
+            if site.rows > cap:
+                log.warning("a site's %d rows count as %d (capped)", site.rows, int(cap))
+                site = site.scaled(cap / site.rows)
+        total = site if total is None else total + site
+    assert total is not None
+    return total
+
+
 class FeatureScaling:
     """The run's standardisation, gathered once from the sites (see the module doc)."""
 
-    def __init__(self, enabled: bool, num_features: int, min_sites: int) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        num_features: int,
+        min_sites: int,
+        shift: np.ndarray | None = None,
+        max_weight_factor: float = 0.0,
+        feature_names: tuple[str, ...] = (),
+    ) -> None:
         self.enabled = enabled
         self.num_features = num_features
         self.min_sites = min_sites
+        # the sums are taken around this (the server's test-set means; None: 0)
+        self.shift = shift
+        self.max_weight_factor = max_weight_factor  # caps a site's rows (0: no cap)
+        self.feature_names = feature_names
         self.standardization: Standardization | None = None
         self.sites = 0  # how many sites' statistics it combines
         self.rows = 0  # over how many training rows
@@ -121,16 +152,22 @@ class FeatureScaling:
         return self.standardization.to_config() if self.standardization is not None else {}
 
     def gather(self, grid: Grid, timeout: float | None) -> None:
-        """Ask every connected node for its statistics and combine the valid replies."""
+        """Ask every connected node for its statistics and combine the valid replies
+        (each site's weight capped like a training claim: at `max_weight_factor` times
+        the median of the other sites' rows). Fewer than `min_sites` usable replies stop
+        the run before training: statistics are committed for good."""
         nodes = self._nodes(grid)
+        config = ConfigRecord({SHIFT_KEY: [float(v) for v in self._shift()]})
         messages = [
-            Message(RecordDict(), node, STATS_MESSAGE_TYPE, group_id="feature-stats")
+            Message(RecordDict({"config": config}), node, STATS_MESSAGE_TYPE, group_id="stats")
             for node in nodes
         ]
-        total: FeatureStats | None = None
+        found: dict[int, FeatureStats] = {}
         refused: list[str] = []
+        answered: set[int] = set()
         for reply in grid.send_and_receive(messages, timeout=timeout):
             source = reply.metadata.src_node_id
+            answered.add(source)
             if reply.has_error():
                 refused.append(f"node {source}: {failure_reason(reply.error)}")
                 continue
@@ -138,28 +175,33 @@ class FeatureScaling:
                 metrics = next(iter(reply.content.metric_records.values()), None)
                 if metrics is None:
                     raise ValueError("the reply holds no metrics")
-                stats = FeatureStats.from_metrics(dict(metrics), self.num_features)
+                found[source] = FeatureStats.from_metrics(dict(metrics), self.num_features)
             except ValueError as exc:
                 refused.append(f"node {source}: {exc}")
-                continue
-            total = stats if total is None else total + stats
-            self.sites += 1
+        refused += [f"node {node}: no reply" for node in sorted(set(nodes) - answered)]
         for why in refused:
             log.warning("feature statistics left out: %s", why)
-        if total is None:
+        if len(found) < max(1, self.min_sites):
             raise FedmlError(
-                f"No site sent usable feature statistics ({len(nodes)} asked"
+                f"{len(found)} site(s) sent usable feature statistics ({len(nodes)} asked"
                 + (f"; {'; '.join(refused[:3])}" if refused else "")
-                + "), so the features cannot be standardised. Fix the sites, or set "
+                + f"), fewer than the {self.min_sites} the run needs "
+                "(strategy.min_train_clients), so the features cannot be standardised for "
+                "the whole federation. Start the sites first, fix them, or set "
                 "data.preprocess = 'none'."
             )
-        check_observed(total)
+        total = _capped_total(list(found.values()), self.max_weight_factor)
+        check_observed(total, list(self.feature_names) or None)
+        self.sites = len(found)
         self.rows = total.rows
-        self.standardization = Standardization.from_stats(total)
+        self.standardization = Standardization.from_stats(total, self._shift())
         log.info(
             "features standardised with statistics of %d training rows from %d site(s)",
             self.rows, self.sites,
         )  # fmt: skip
+
+    def _shift(self) -> np.ndarray:
+        return self.shift if self.shift is not None else np.zeros(self.num_features)
 
     def _nodes(self, grid: Grid) -> list[int]:
         """The connected nodes, once `min_sites` are (waiting at most `node_wait` s)."""

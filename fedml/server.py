@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,14 @@ from fedml.reply_stream import PollingGrid
 from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
 from fedml.secure_round import SecureRound
 from fedml.settings import NUM_CLASSES_KEY, TrainSettings
-from fedml.validation import MAX_METRIC_NAME, MAX_METRICS, Tally, UpdateValidator, site_medians
+from fedml.validation import (
+    MAX_METRIC_NAME,
+    MAX_METRICS,
+    Tally,
+    UpdateValidator,
+    metrics_problem,
+    site_medians,
+)
 from simulations.virtual_nodes import SimulatedNodesGrid
 from strategies import build_strategy
 
@@ -115,6 +123,7 @@ class CentralEvaluator:
         self.test = federation.test
         self.num_classes = federation.num_classes
         self.input_shape = federation.input_shape
+        self.feature_names = federation.feature_names
         self.device = resolve_device(cfg.client.device)
         self.model = model_for(cfg, federation.input_shape, federation.num_classes)
 
@@ -165,9 +174,23 @@ class Experiment:
         return cls(cfg, strategy, evaluator, validator, standardize)
 
     def scaling(self) -> FeatureScaling:
-        """The run's (not yet gathered) federated standardisation."""
+        """The run's (not yet gathered) federated standardisation: its sums taken around
+        the server's test-set means (0 without a test set)."""
         features = math.prod(self.evaluator.input_shape)
-        return FeatureScaling(self.standardize, features, self.cfg.strategy.min_train_clients)
+        test = self.evaluator.test
+        shift = None
+        if self.standardize and test is not None and len(test):
+            with warnings.catch_warnings():  # a column of NaN only: its shift is 0
+                warnings.simplefilter("ignore", RuntimeWarning)
+                shift = np.nan_to_num(np.nanmean(test.x.reshape(len(test), -1), axis=0))
+        return FeatureScaling(
+            self.standardize,
+            features,
+            self.cfg.strategy.min_train_clients,
+            shift=shift,
+            max_weight_factor=self.cfg.validation.max_weight_factor,
+            feature_names=self.evaluator.feature_names,
+        )
 
 
 def refuse_missing_values(federation: Federation) -> None:
@@ -214,6 +237,11 @@ def run_experiment(
     stop_reason = _still_stopped(checkpoint, cfg, elapsed)
     server_round = checkpoint.round if checkpoint else 0
     scaling, announce = components.scaling, None
+    if checkpoint is not None and not checkpoint.state.get("scaling") and scaling.enabled:
+        # committed rounds trained on raw features (a run made before fedml standardised,
+        # whose config.toml reads as data.preprocess = "auto" now): keep them raw
+        log.warning("this run's commits hold no feature statistics: it keeps raw features")
+        scaling.enabled = False
 
     try:
         if stop_reason is None and scaling.pending:
@@ -516,19 +544,21 @@ def pooled_rates(replies: list[Message]) -> dict[str, float]:
 
 def site_results(replies: list[Message]) -> dict[str, dict[str, Any]]:
     """Each site's evaluation, by the name its reply gives (`SITE_RECORD`; the node id
-    where it gives none; a name two sites give gets the node id added): its
-    "validation" metrics and, where it holds test rows of its own, its "test" metrics.
-    Left out (empty) beyond `MAX_SITES_IN_ROW` replies: per-site rows are for
-    federations of institutions, not of thousands of devices."""
+    where it gives none): its "validation" metrics and, where it holds test rows of its
+    own, its "test" metrics, screened like any reply's metrics (dropped when they fail).
+    A name is the site's own word: made safe for history columns and trackers
+    (`_site_name`), and a name already taken gets the node id added, never overwriting
+    another site's entry. Left out (empty) beyond `MAX_SITES_IN_ROW` replies: per-site
+    rows are for federations of institutions, not of thousands of devices."""
     if len(replies) > MAX_SITES_IN_ROW:
         return {}
     sites: dict[str, dict[str, Any]] = {}
-    for reply in replies:
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
         record = reply.content.config_records.get(SITE_RECORD, ConfigRecord())
         name = _site_name(record.get("name"), node)
-        if name in sites:
-            name = f"{name}#{node}"
+        while name in sites:
+            name = f"{name}-node{node}"
         metrics = next(iter(reply.content.metric_records.values()))
         entry: dict[str, Any] = {"validation": _numbers(dict(metrics))}
         tested = {
@@ -536,18 +566,22 @@ def site_results(replies: list[Message]) -> dict[str, dict[str, Any]]:
             for key, value in record.items()
             if isinstance(key, str) and key.startswith(TEST_PREFIX)
         }
-        if tested:
+        if tested and metrics_problem(tested) is None:
             entry["test"] = _numbers(tested)
+        elif tested:
+            log.warning("site %s sent test metrics that fail screening; left out", name)
         sites[name] = entry
     return dict(sorted(sites.items()))
 
 
 def _site_name(name: object, node: int) -> str:
-    """A site's self-chosen name, made safe for a history row (printable, bounded)."""
-    text = "".join(c for c in str(name or "") if c.isprintable() and c not in "/\\")[
-        :MAX_METRIC_NAME
-    ]
-    return text.strip() or f"node-{node}"
+    """A site's self-chosen name, made safe for history columns, CSV headers and
+    trackers (MLflow refuses most punctuation): letters, digits, `_`, `-`, `.` and
+    spaces, at most MAX_METRIC_NAME characters, not `.` or `..`; `node-<id>` when
+    nothing is left."""
+    text = "".join(c if c.isalnum() or c in "_-. " else "_" for c in str(name or ""))
+    text = text.strip()[:MAX_METRIC_NAME]
+    return text if text.strip(".") else f"node-{node}"
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:

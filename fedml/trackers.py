@@ -228,7 +228,8 @@ class MLflowTracker:
             if row["round"] <= self.last_round:
                 continue  # recorded by an earlier session of this run
             metrics = [Metric(k, float(v), now, row["round"]) for k, v in flatten(row).items()]
-            self.client.log_batch(self.run_id, metrics=metrics)
+            for start in range(0, len(metrics), 1000):  # MLflow takes 1,000 metrics per batch
+                self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
             self.last_round = row["round"]
 
     def close(self) -> None:

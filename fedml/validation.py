@@ -55,11 +55,12 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.common.constant import SType
 
 from fedml.arrays import from_numpy, record_of, to_numpy
@@ -255,26 +256,7 @@ class UpdateValidator:
         metric values."""
         if len(content.metric_records) != 1:
             return "malformed"
-        metrics = next(iter(content.metric_records.values()))
-        if not _example_count(metrics.get(self.weight_key)):
-            return "num-examples"
-        if len(metrics) > MAX_METRICS or any(
-            len(name) > MAX_METRIC_NAME
-            or (isinstance(value, list) and len(value) > MAX_METRIC_LIST)
-            for name, value in metrics.items()
-        ):
-            return "metrics"
-        if not all(_finite_metric(value) for value in metrics.values()):
-            return "metrics"
-        for name, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if name in UNIT_METRICS and not all(0.0 <= v <= 1.0 for v in values):
-                return "metrics"
-            if name in NON_NEGATIVE_METRICS and not all(v >= 0.0 for v in values):
-                return "metrics"
-        if any(key in metrics for key in COUNTS) and not _counts_add_up(metrics, self.weight_key):
-            return "metrics"
-        return None
+        return metrics_problem(next(iter(content.metric_records.values())), self.weight_key)
 
     def _claim(self, content: RecordDict) -> float:
         return float(next(iter(content.metric_records.values()))[self.weight_key])
@@ -352,7 +334,32 @@ class ClaimReference:
         return medians_of_the_others(claims)
 
 
-def _counts_add_up(metrics: MetricRecord, weight_key: str) -> bool:
+def metrics_problem(metrics: Mapping[str, Any], weight_key: str = "num-examples") -> str | None:
+    """What is wrong with a reply's metrics ("num-examples" or "metrics"), None when
+    nothing: a usable weight, at most MAX_METRICS bounded names and lists, finite values,
+    rates and AUROC in [0, 1], non-negative losses and counts, confusion counts adding up
+    to the weight. A site's test metrics (`fedml.server.site_results`) get the same."""
+    if not _example_count(metrics.get(weight_key)):
+        return "num-examples"
+    if len(metrics) > MAX_METRICS or any(
+        len(name) > MAX_METRIC_NAME or (isinstance(value, list) and len(value) > MAX_METRIC_LIST)
+        for name, value in metrics.items()
+    ):
+        return "metrics"
+    if not all(_finite_metric(value) for value in metrics.values()):
+        return "metrics"
+    for name, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if name in UNIT_METRICS and not all(0.0 <= v <= 1.0 for v in values):
+            return "metrics"
+        if name in NON_NEGATIVE_METRICS and not all(v >= 0.0 for v in values):
+            return "metrics"
+    if any(key in metrics for key in COUNTS) and not _counts_add_up(metrics, weight_key):
+        return "metrics"
+    return None
+
+
+def _counts_add_up(metrics: Mapping[str, Any], weight_key: str) -> bool:
     """Confusion counts are whole numbers, all four present, adding up to the reply's
     example count (so they cannot outweigh its capped claim)."""
     if not all(key in metrics for key in COUNTS):

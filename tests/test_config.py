@@ -62,7 +62,7 @@ def test_preset_by_name():
         ({"client.learning_rate": 0.1}, "Did you mean 'client.lr'?"),  # its initials
         ({"stop.metric": "server.los"}, "Did you mean 'server.loss'?"),  # never fired before
         ({"stop.target": "server.acc >= 0.5"}, "Did you mean 'server.accuracy'?"),
-        ({"checkpoint.monitor": "evaluate.f1"}, "not a metric the run records"),
+        ({"checkpoint.monitor": "evaluate.f2"}, "not a metric the run records"),
         ({"bogus": 1}, "Unknown config key 'bogus'"),
         ({"client.lr": "fast"}, "'client.lr' must be float"),
         ({"rounds": 2.5}, "'rounds' must be int"),

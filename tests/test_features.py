@@ -165,3 +165,53 @@ def test_unscaled_features_are_found_and_scaled_ones_are_not():
     assert [index for index, _, _ in found] == [1]
     assert found[0][1] == pytest.approx(240, abs=10)
     assert unscaled_features(rows[:, [0, 2]]) == []
+
+
+def test_sums_around_a_shift_keep_the_digits_of_a_feature_far_from_zero():
+    """A feature at 1e5 with spread 0.01: plain sums of squares lose it to cancellation;
+    sums around the server's shift (its test set's mean) keep it."""
+    rng = np.random.default_rng(0)
+    rows = (1e5 + 0.01 * rng.standard_normal((400, 1))).astype(np.float64)
+    shift = np.array([1e5 + 0.003])
+    halves = FeatureStats.of_rows(rows[:150], shift) + FeatureStats.of_rows(rows[150:], shift)
+    result = Standardization.from_stats(halves, shift)
+    assert result.mean[0] == pytest.approx(rows.mean(), rel=1e-12)
+    assert result.scale[0] == pytest.approx(rows.std(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"sums": [1e200, 1.0], "squares": [1e308, 1.0]}, "magnitude exceeds"),
+        ({"observed": [0, 2], "sums": [5.0, 1.0]}, "no observed value has sums"),
+        ({"rows": True}, "row count"),
+    ],
+)
+def test_statistics_too_large_for_a_model_or_from_nowhere_are_refused(change, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        FeatureStats.from_metrics({**GOOD, **change}, num_features=2)
+
+
+def test_combined_statistics_a_model_cannot_use_are_one_clear_error():
+    huge = FeatureStats(1, np.array([1.0]), np.array([1e31]), np.array([1e62]))
+    with pytest.raises(FedmlError, match="not finite numbers a model can use"):
+        Standardization.from_stats(huge + huge)
+
+
+def test_the_model_standardises_an_empty_batch():
+    """DP-SGD's Poisson sampling draws empty batches; the hook must pass them through."""
+    model = with_standardization(logreg((3,), 2), Standardization(np.zeros(3), np.ones(3)))
+    assert model(torch.zeros(0, 3)).shape == (0, 2)
+
+
+def test_a_site_claiming_many_rows_is_capped_like_a_training_claim():
+    from fedml.preprocessing import _capped_total
+
+    honest = [FeatureStats.of_rows(np.full((100, 1), v)) for v in (1.0, 2.0, 3.0)]
+    liar = FeatureStats.of_rows(np.full((100, 1), 1000.0)).scaled(1e7)  # "10^9 rows"
+    total = _capped_total([*honest, liar], max_weight_factor=10)
+    assert total.rows == 300 + 1000  # the liar weighs 10 x the median of the others
+    mean = Standardization.from_stats(total).mean[0]
+    assert mean == pytest.approx((100 + 200 + 300 + 1000 * 1000) / 1300)
+    uncapped = Standardization.from_stats(_capped_total([*honest, liar], 0)).mean[0]
+    assert uncapped > 999  # what the cap prevents: the liar alone sets the mean

@@ -36,7 +36,7 @@ KILL_POINTS = [
     ("fedml.runstore.writer:write_synced", 3, "after"),  # 1st commit: state.json, no manifest
     ("fedml.runstore.writer:RunStore._append_history", 2, "after"),  # history row, no commit
     ("fedml.runstore.writer:fsync_dir", 2, "after"),  # commit renamed in, model not relinked
-    ("clients.app:evaluate", 3, "before"),  # federated evaluation
+    ("clients.app:evaluation_metrics", 3, "before"),  # federated evaluation
     ("fedml.runstore.writer:RunStore._link_model", 2, "before"),  # commit in, model not linked
     ("fedml.runstore.writer:write_synced", 8, "after"),  # 2nd commit: manifest, not renamed in
     ("fedml.runstore.writer:shutil.rmtree", 4, "before"),  # pruning an old commit

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from replies import replies_from
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
 from clients.trainer import evaluation_metrics
@@ -180,3 +181,35 @@ def test_the_sites_in_words_and_in_summary_csv(tmp_path):
     assert line["sites_on"] == "test"
     assert line["worst_site"] in {"cleveland", "hungary", "switzerland", "va-long-beach"}
     assert 0.5 < float(line["worst_site_accuracy"]) <= float(line["sites_mean_accuracy"])
+
+
+def test_site_names_are_safe_never_overwrite_and_hostile_test_metrics_are_dropped():
+    """A site's name is its own word: made safe for columns and MLflow, a taken name gets
+    the node id added (the honest entry stays), and test metrics that fail screening
+    (an accuracy of -5, counts that do not add up) are left out."""
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedml.records import SITE_RECORD
+    from fedml.server import site_results
+
+    validation = {"loss": 0.3, "accuracy": 0.8, "num-examples": 10}
+    contents = []
+    for name, test in [
+        ("a", {"test-accuracy": 0.7, "test-num-examples": 5}),
+        ("a", {"test-accuracy": -5.0, "test-num-examples": 5}),
+        ("a-node2", {"test-accuracy": 0.6, "test-num-examples": 5}),
+        (
+            "St Mary's (#1)/..",
+            {"test-tp": 9, "test-fp": 0, "test-tn": 0, "test-fn": 0, "test-num-examples": 5},
+        ),
+        ("..", {}),
+    ]:
+        content = RecordDict({"metrics": MetricRecord(validation)})
+        content[SITE_RECORD] = ConfigRecord({"name": name, **test})
+        contents.append(content)
+    sites = site_results(replies_from(contents))
+    assert sorted(sites) == ["St Mary_s __1__..", "a", "a-node2", "a-node2-node3", "node-5"]
+    assert sites["a"]["test"]["accuracy"] == 0.7  # node 1's, never overwritten
+    assert "test" not in sites["a-node2"]  # node 2: accuracy -5 is refused
+    assert sites["a-node2-node3"]["test"]["accuracy"] == 0.6
+    assert "test" not in sites["St Mary_s __1__.."]  # counts that do not add up

@@ -340,3 +340,10 @@ def test_a_decompression_bomb_is_refused_before_it_is_inflated(tmp_path):
     x = rng.normal(size=(2_000, 8)).astype(np.float32)
     np.savez_compressed(tmp_path / "fine.npz", x=x, y=np.arange(2_000) % 3)
     assert read_site_data(tmp_path / "fine.npz").x.shape == (2_000, 8)
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_header(tmp_path):
+    path = tmp_path / "site.csv"
+    path.write_text("\ufefflabel,age\n1,50\n0,61\n", encoding="utf-8")
+    shard = read_site_data(path)
+    np.testing.assert_array_equal(shard.y, [1, 0])

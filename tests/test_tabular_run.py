@@ -171,7 +171,15 @@ def test_a_csv_folder_without_test_csv_holds_out_each_sites_rows(tmp_path, hospi
 @pytest.mark.parametrize(
     ("files", "fragment"),
     [
-        ({"a.csv": "x,label\n1,0\n2,1\n", "b.csv": "x,y,label\n1,2,0\n"}, "disagree on the number"),
+        (
+            {"a.csv": "x,label\n1,0\n2,1\n", "b.csv": "x,y,label\n1,2,0\n"},
+            "every site needs the same columns",
+        ),
+        (
+            {"a.csv": "x,y,label\n1,2,0\n", "b.csv": "y,x,label\n1,2,0\n"},
+            "b.csv has the feature columns y, x",
+        ),
+        ({"a.csv": "x,x,label\n1,2,0\n"}, "names column.*more than once"),
         ({"a.csv": "x,label\n1,0\n,1\n", "b.csv": "x,label\n1,inf\n"}, "b.csv, line 2: 'inf'"),
         ({"a.csv": "x,label\n1,0.5\n"}, "label '0.5' is not a class index"),
         ({"a.csv": "x,label\n1,\n"}, "the label is missing"),
@@ -241,7 +249,7 @@ def test_no_usable_statistics_stop_the_run_before_training_with_the_sites_reason
          "strategy.min_evaluate_clients": 1, "rounds": 1, "out": str(tmp_path / "r")},
     )  # fmt: skip
     grid = InProcessGrid(_app_with_a_broken_site(1), 1, cfg.to_flat())
-    with pytest.raises(FedmlError, match=r"No site sent usable feature statistics.*node 1"):
+    with pytest.raises(FedmlError, match=r"0 site\(s\) sent usable feature statistics.*node 1"):
         run_experiment(grid, Experiment.prepare(cfg), RunStore.create(tmp_path / "r", cfg))
 
 
@@ -271,3 +279,47 @@ def test_which_runs_standardise(caplog):
         standardises(**{"data.dataset": "digits", "data.preprocess": "standardize"})
     with pytest.raises(FedmlError, match=r"data\.preprocess 'zscore' is unknown"):
         load_config(None, {"data.preprocess": "zscore"})
+
+
+def test_fewer_sites_with_statistics_than_the_run_needs_stop_it_before_training(tmp_path):
+    cfg = load_config(
+        None,
+        {"data.dataset": "breast-cancer", "simulation.clients": 3, "rounds": 1,
+         "out": str(tmp_path / "r")},
+    )  # fmt: skip
+
+    app = ClientApp()
+
+    @app.query("feature_stats")
+    def stats(msg: Message, context) -> Message:
+        if context.node_id == 1:
+            return fedml_client.feature_stats(msg, context)
+        raise RuntimeError("this site's statistics failed")
+
+    grid = InProcessGrid(app, 3, cfg.to_flat())
+    with pytest.raises(FedmlError, match=r"1 site\(s\) sent usable feature statistics.*fewer"):
+        run_experiment(grid, Experiment.prepare(cfg), RunStore.create(tmp_path / "r", cfg))
+
+
+def test_a_run_whose_commits_hold_no_statistics_keeps_its_raw_features(tmp_path, caplog):
+    """A run made before fedml standardised reads as data.preprocess = 'auto' when
+    resumed (its config has no such key); its committed rounds trained on raw features,
+    so it keeps them rather than gathering statistics mid-run."""
+    import dataclasses
+
+    from fedml.config import with_overrides
+
+    overrides = {"data.dataset": "breast-cancer", "simulation.clients": 3, "rounds": 2}
+    simulate(
+        load_config(None, {**overrides, "data.preprocess": "none", "out": str(tmp_path / "r")})
+    )
+    store, cfg = open_resume(tmp_path / "r", {"rounds": 3})
+    checkpoint, _ = store.resume(cfg)
+    as_read_now = with_overrides(cfg, {"data.preprocess": "auto"})  # the old config's reading
+    experiment = Experiment.prepare(as_read_now)
+    assert experiment.standardize
+    grid = InProcessGrid(fedml_client.app, 3, dataclasses.replace(as_read_now).to_flat())
+    with caplog.at_level(logging.WARNING):
+        summary = run_experiment(grid, experiment, store, checkpoint=checkpoint)
+    assert summary.rounds == 3 and "hold no feature statistics" in caplog.text
+    assert all("preprocess" not in row for row in _rows(tmp_path / "r"))

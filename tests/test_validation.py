@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from hypothesis import given
 from hypothesis import strategies as st
+from replies import replies_from
 
 from fedml.validation import (
     ScreeningMemory,
@@ -19,7 +20,6 @@ from fedml.validation import (
     medians_of_the_others,
     site_medians,
 )
-from simulations.inprocess import InProcessGrid
 
 GLOBAL = {"w": np.zeros((4, 3), dtype=np.float32), "steps": np.array(5, dtype=np.int64)}
 
@@ -43,23 +43,6 @@ def _content(arrays: dict[str, np.ndarray] | None, metrics: dict | None = None) 
         metrics if metrics is not None else {"loss": 0.5, "num-examples": 10}
     )
     return content
-
-
-def _replies(contents: list[RecordDict | Exception]) -> list[Message]:
-    """Real reply Messages (node i answers with contents[i-1]; an Exception raises)."""
-
-    def client(msg: Message, context) -> Message:
-        content = contents[msg.metadata.dst_node_id - 1]
-        if isinstance(content, Exception):
-            raise content
-        return Message(content=content, reply_to=msg)
-
-    grid = InProcessGrid(client, num_nodes=len(contents), run_config={})
-    requests = [
-        Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN)
-        for n in range(1, len(contents) + 1)
-    ]
-    return list(grid.send_and_receive(requests))
 
 
 def _screen(validator: UpdateValidator, replies: list[Message]) -> tuple[list[int], Tally]:
@@ -87,7 +70,7 @@ HONEST = [_content(_update(1.0 + 0.1 * i, seed=i)) for i in range(4)]
     ],
 )
 def test_each_bad_reply_is_rejected_with_its_reason(bad, reason):
-    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, bad]))
+    accepted, tally = _screen(UpdateValidator(), replies_from([*HONEST, bad]))
     assert accepted == [1, 2, 3, 4]
     assert tally.rejected == {reason: 1}
     assert (tally.replied, tally.failed, tally.accepted) == (5, 0, 4)
@@ -122,13 +105,13 @@ def _hostile(**fields) -> RecordDict:
     ],
 )
 def test_an_array_that_does_not_decode_is_rejected_never_raised(bad, reason):
-    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, bad]))
+    accepted, tally = _screen(UpdateValidator(), replies_from([*HONEST, bad]))
     assert accepted == [1, 2, 3, 4]
     assert tally.rejected == {reason: 1}
 
 
 def test_error_replies_count_as_failed():
-    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, RuntimeError("down")]))
+    accepted, tally = _screen(UpdateValidator(), replies_from([*HONEST, RuntimeError("down")]))
     assert accepted == [1, 2, 3, 4]
     assert (tally.replied, tally.failed, sum(tally.rejected.values())) == (4, 1, 0)
 
@@ -137,7 +120,7 @@ def test_error_replies_count_as_failed():
 def test_a_million_times_larger_update_is_rejected_wherever_it_arrives(position):
     contents = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(6)]
     contents.insert(position, _content(_update(1e6, seed=99)))
-    accepted, tally = _screen(UpdateValidator(norm_factor=10.0), _replies(contents))
+    accepted, tally = _screen(UpdateValidator(norm_factor=10.0), replies_from(contents))
     hostile = position + 1
     assert accepted == [n for n in range(1, 8) if n != hostile]
     assert tally.rejected == {"norm": 1}
@@ -154,27 +137,27 @@ def test_norm_check_keeps_every_similar_update_and_drops_the_outlier(norms, posi
     contents = [_content(_update(n, seed=i)) for i, n in enumerate(norms)]
     position = min(position, len(contents))
     contents.insert(position, _content(_update(2.0 * factor, seed=99)))
-    accepted, tally = _screen(UpdateValidator(norm_factor=10.0), _replies(contents))
+    accepted, tally = _screen(UpdateValidator(norm_factor=10.0), replies_from(contents))
     assert accepted == [n for n in range(1, len(contents) + 1) if n != position + 1]
     assert tally.rejected == {"norm": 1}
 
 
 def test_with_fewer_than_three_valid_updates_there_is_no_norm_check():
-    replies = _replies([_content(_update(1.0)), _content(_update(1e6, seed=1))])
+    replies = replies_from([_content(_update(1.0)), _content(_update(1e6, seed=1))])
     accepted, tally = _screen(UpdateValidator(norm_factor=10.0), replies)
     assert accepted == [1, 2] and not tally.rejected
 
 
 def test_norm_factor_zero_turns_the_norm_check_off():
     contents = [*HONEST, _content(_update(1e6, seed=9))]
-    accepted, tally = _screen(UpdateValidator(norm_factor=0.0), _replies(contents))
+    accepted, tally = _screen(UpdateValidator(norm_factor=0.0), replies_from(contents))
     assert accepted == [1, 2, 3, 4, 5] and not tally.rejected
 
 
 def test_clipping_scales_large_updates_to_the_clip_norm_and_keeps_small_ones():
     validator = UpdateValidator(norm_factor=0.0, clip_norm=2.0)
     small, large = _update(1.5, seed=1), _update(8.0, seed=2)
-    replies = _replies([_content(small), _content(large)])
+    replies = replies_from([_content(small), _content(large)])
     tally = Tally()
     out = {
         m.metadata.src_node_id: m.content["arrays"]
@@ -188,12 +171,12 @@ def test_clipping_scales_large_updates_to_the_clip_norm_and_keeps_small_ones():
     assert clipped.dtype == np.float32
 
 
-def test_screening_streams_holding_at_most_five_replies():
+def test_screening_streams_holding_at_most_fivereplies_from():
     """The validator yields the first accepted update after at most five replies were
     produced (in every round: five judge each other), and each later one right after it
     arrives."""
     produced: list[int] = []
-    replies = _replies([_content(_update(1.0 + 0.1 * i, seed=i)) for i in range(8)])
+    replies = replies_from([_content(_update(1.0 + 0.1 * i, seed=i)) for i in range(8)])
 
     def source():
         for reply in replies:
@@ -223,7 +206,7 @@ def test_evaluation_replies_are_screened_on_their_metrics():
         good(0.7),
     ]
     tally = Tally()
-    valid = UpdateValidator().screen_evaluation(_replies(contents), tally)
+    valid = UpdateValidator().screen_evaluation(replies_from(contents), tally)
     assert [m.metadata.src_node_id for m in valid] == [1, 5]
     assert tally.rejected == {"metrics": 1, "num-examples": 1, "malformed": 1}
 
@@ -231,16 +214,16 @@ def test_evaluation_replies_are_screened_on_their_metrics():
 @pytest.mark.parametrize("claim", [0, -3, 10.5, 2**53 + 2, 1.7e308, float("inf")])
 def test_a_weight_claim_that_is_not_a_whole_number_of_examples_in_range_is_rejected(claim):
     bad = _content(_update(1.0), {"loss": 0.5, "num-examples": claim})
-    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, bad]))
+    accepted, tally = _screen(UpdateValidator(), replies_from([*HONEST, bad]))
     assert accepted == [1, 2, 3, 4] and tally.rejected == {"num-examples": 1}
 
 
 @pytest.mark.parametrize(("name", "value"), [("accuracy", 5.0), ("accuracy", -0.1), ("loss", -1.0)])
 def test_a_metric_outside_its_known_range_is_rejected(name, value):
     bad = _content(_update(1.0), {"loss": 0.5, "num-examples": 10, name: value})
-    accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, bad]))
+    accepted, tally = _screen(UpdateValidator(), replies_from([*HONEST, bad]))
     assert accepted == [1, 2, 3, 4] and tally.rejected == {"metrics": 1}
-    evaluation = UpdateValidator().screen_evaluation(_replies([bad]), tally := Tally())
+    evaluation = UpdateValidator().screen_evaluation(replies_from([bad]), tally := Tally())
     assert evaluation == [] and tally.rejected == {"metrics": 1}
 
 
@@ -257,7 +240,7 @@ def test_a_huge_weight_claim_is_capped_wherever_it_arrives(position):
 
     tally, memory = Tally(), ScreeningMemory(norm_median=1.1, claim_median=10.0)
     screened = UpdateValidator(max_weight_factor=3).screen(
-        _replies(contents()), _record(GLOBAL), tally, memory
+        replies_from(contents()), _record(GLOBAL), tally, memory
     )
     accepted = list(screened)
     assert len(accepted) == 6 and tally.capped == 1
@@ -265,7 +248,7 @@ def test_a_huge_weight_claim_is_capped_wherever_it_arrives(position):
     # a run's first round: among the first five it is outvoted by the other four; the
     # sixth meets the median of the first five (issue 34: it was taken whole)
     tally = Tally()
-    first_round = UpdateValidator().screen(_replies(contents()), _record(GLOBAL), tally)
+    first_round = UpdateValidator().screen(replies_from(contents()), _record(GLOBAL), tally)
     assert sorted(_weights(list(first_round))) == [10.0] * 5 + [100.0] and tally.capped == 1
 
 
@@ -287,7 +270,7 @@ def test_every_accepted_weight_is_its_claim_capped_at_factor_times_the_last_medi
     ]
     memory = ScreeningMemory(norm_median=1.0, claim_median=median)
     validator = UpdateValidator(max_weight_factor=factor)
-    accepted = list(validator.screen(_replies(contents), _record(GLOBAL), Tally(), memory))
+    accepted = list(validator.screen(replies_from(contents), _record(GLOBAL), Tally(), memory))
     assert len(accepted) == len(claims)  # similar norms: every update passes
     first = [float(c) for c in claims[:5]]
     references = (
@@ -307,7 +290,7 @@ def test_evaluation_weights_are_capped_against_all_the_other_claims():
     replies = [_content(None, {"loss": 0.5, "accuracy": 0.9, "num-examples": 10})] * 4
     replies.append(_content(None, {"loss": 0.0, "accuracy": 1.0, "num-examples": 10**9}))
     tally = Tally()
-    valid = UpdateValidator().screen_evaluation(_replies(replies), tally)
+    valid = UpdateValidator().screen_evaluation(replies_from(replies), tally)
     assert sorted(_weights(valid)) == [10.0] * 4 + [100.0] and tally.capped == 1
 
 
@@ -317,7 +300,7 @@ def test_site_medians_give_each_site_one_vote_whatever_its_claim():
         for i in range(8)
     ]
     liars = [_content(None, {"loss": 0.0, "accuracy": 1.0, "num-examples": 10**9})] * 2
-    valid = UpdateValidator().screen_evaluation(_replies([*liars, *honest]), Tally())
+    valid = UpdateValidator().screen_evaluation(replies_from([*liars, *honest]), Tally())
     medians = site_medians(valid)
     assert medians == {"accuracy": 0.3, "loss": pytest.approx(0.75)}  # num-examples aside
     assert site_medians([]) == {}
@@ -329,14 +312,14 @@ def test_two_colluders_replying_first_are_judged_against_the_previous_round_too(
     control."""
     colluders = [_content(_update(1000.0, seed=90 + i)) for i in range(2)]
     honest = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(6)]
-    accepted, tally = _screen(UpdateValidator(), _replies([*colluders, *honest]))
+    accepted, tally = _screen(UpdateValidator(), replies_from([*colluders, *honest]))
     assert tally.rejected == {"norm": 2} and accepted == [3, 4, 5, 6, 7, 8]  # first round:
-    three = _replies([*colluders, honest[0]])  # five wait; with three, they would pass
+    three = replies_from([*colluders, honest[0]])  # five wait; with three, they would pass
     assert len(list(UpdateValidator().screen(three, _record(GLOBAL), Tally()))) == 3
     memory = ScreeningMemory(norm_median=1.1)
     tally = Tally()
     screened = UpdateValidator().screen(
-        _replies([*colluders, *honest]), _record(GLOBAL), tally, memory
+        replies_from([*colluders, *honest]), _record(GLOBAL), tally, memory
     )
     assert [m.metadata.src_node_id for m in screened] == [3, 4, 5, 6, 7, 8]
     assert tally.rejected == {"norm": 2}
@@ -354,7 +337,7 @@ def _screened_with_colluders(honest: int, positions: tuple[int, ...]) -> tuple[l
         contents.insert(position, _content(_update(1000.0, seed=90 + offset)))
     tally = Tally()
     screened = UpdateValidator().screen(
-        _replies(contents), _record(GLOBAL), tally, ScreeningMemory(norm_median=1.1)
+        replies_from(contents), _record(GLOBAL), tally, ScreeningMemory(norm_median=1.1)
     )
     return [m.metadata.src_node_id for m in screened], tally
 
@@ -373,13 +356,13 @@ def test_three_colluders_among_the_first_five_are_outvoted_once_a_round_is_remem
     honest = [_content(_update(1.0 + 0.05 * i, seed=i)) for i in range(6)]
     four = [_content(_update(1000.0, seed=90 + i)) for i in range(4)] + honest
     tally = Tally()
-    list(UpdateValidator().screen(_replies(four), _record(GLOBAL), tally, ScreeningMemory(1.1)))
+    list(UpdateValidator().screen(replies_from(four), _record(GLOBAL), tally, ScreeningMemory(1.1)))
     assert tally.rejected.get("norm", 0) == 0  # the limit: four of the first five
 
 
 def test_a_discarded_attempt_leaves_the_memory_as_it_was():
     memory = ScreeningMemory(norm_median=2.0)
-    list(UpdateValidator().screen(_replies(HONEST), _record(GLOBAL), Tally(), memory))
+    list(UpdateValidator().screen(replies_from(HONEST), _record(GLOBAL), Tally(), memory))
     memory.end_attempt(accepted=False)
     assert memory.norm_median == 2.0
     restored = ScreeningMemory()
@@ -399,7 +382,7 @@ def test_a_first_repliers_huge_claim_is_capped_with_the_norm_check_off():
     huge = _content(_update(1.0), {"loss": 0.5, "num-examples": 10**12})
     tally, memory = Tally(), ScreeningMemory(claim_median=10.0)
     validator = UpdateValidator(norm_factor=0)
-    accepted = list(validator.screen(_replies([huge, *HONEST]), _record(GLOBAL), tally, memory))
+    accepted = list(validator.screen(replies_from([huge, *HONEST]), _record(GLOBAL), tally, memory))
     assert sorted(_weights(accepted)) == [10.0] * 4 + [100.0] and tally.capped == 1
 
 
@@ -411,7 +394,7 @@ def test_an_array_whose_bytes_say_another_dtype_or_shape_than_its_metadata_is_re
         stream = io.BytesIO()
         np.save(stream, values)
         forged = _hostile(data=stream.getvalue())  # metadata: float32 (4, 3)
-        accepted, tally = _screen(UpdateValidator(), _replies([*HONEST, forged]))
+        accepted, tally = _screen(UpdateValidator(), replies_from([*HONEST, forged]))
         assert accepted == [1, 2, 3, 4] and tally.rejected == {"malformed": 1}
 
 
@@ -447,13 +430,13 @@ def test_each_median_of_the_others_is_numpys_median_without_that_value(values):
 )
 def test_unbounded_metrics_are_rejected_in_training_and_evaluation(extra):
     bloated = {"loss": 0.5, "accuracy": 0.5, "num-examples": 10, **extra}
-    accepted, tally = _screen(UpdateValidator(), _replies([_content(_update(1.0), bloated)]))
+    accepted, tally = _screen(UpdateValidator(), replies_from([_content(_update(1.0), bloated)]))
     assert accepted == [] and tally.rejected == {"metrics": 1}
     tally = Tally()
-    assert UpdateValidator().screen_evaluation(_replies([_content(None, bloated)]), tally) == []
+    assert UpdateValidator().screen_evaluation(replies_from([_content(None, bloated)]), tally) == []
     assert tally.rejected == {"metrics": 1}
     fine = {"loss": 0.5, "num-examples": 10, **{f"m{i}": 0.5 for i in range(60)}}
-    assert len(_screen(UpdateValidator(), _replies([_content(_update(1.0), fine)]))[0]) == 1
+    assert len(_screen(UpdateValidator(), replies_from([_content(_update(1.0), fine)]))[0]) == 1
 
 
 @pytest.mark.parametrize(
@@ -475,6 +458,6 @@ def test_clinical_metrics_are_screened_counts_must_add_up_to_the_claim(extra, ac
     rates and AUROC lie in [0, 1]."""
     reply = _content(None, {"loss": 0.3, "accuracy": 0.6, "num-examples": 5, **extra})
     tally = Tally()
-    valid = UpdateValidator().screen_evaluation(_replies([reply]), tally)
+    valid = UpdateValidator().screen_evaluation(replies_from([reply]), tally)
     assert (len(valid) == 1) == accepted
     assert tally.rejected == ({} if accepted else {"metrics": 1})

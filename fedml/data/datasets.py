@@ -556,13 +556,14 @@ def csv_federation(
             "simulation.clients unset (or equal to the number of files)."
         )
     tables = [read_csv_table(p, label_column) for p in files]
-    widths = {t.x.shape[1] for t in tables}
-    if len(widths) != 1:
-        counts = ", ".join(f"{p.name}: {t.x.shape[1]}" for p, t in zip(files, tables, strict=True))
-        raise FedmlError(
-            f"{directory}: the site files disagree on the number of feature columns "
-            f"({counts}); every site needs the same columns in the same order."
-        )
+    header = csv_header(files[0], label_column)
+    for path in files[1:]:
+        if csv_header(path, label_column) != header:
+            raise FedmlError(
+                f"{path} has the feature columns {', '.join(csv_header(path, label_column))}, "
+                f"{files[0].name} has {', '.join(header)}: every site needs the same columns "
+                "in the same order."
+            )
     test_path = directory / CSV_TEST_FILE
     held: list[Shard] = []
     if test_path.exists():
@@ -580,7 +581,6 @@ def csv_federation(
             f"{test_path} has {test.x.shape[1]} feature columns, the sites "
             f"{train[0].x.shape[1]}; it needs the sites' columns."
         )
-    header = csv_header(files[0], label_column)
     return dataclasses.replace(
         _pooled(train, test, tuple(p.stem for p in files)),
         feature_names=header,

@@ -9,8 +9,11 @@ across sites, so the statistics are computed the federated way (as NVFlare's fed
 statistics and Flower's federated-analytics examples do): each site sends, per feature,
 how many values it observed, their sum and their sum of squares (`FeatureStats.of_rows`,
 never a row); the server adds them up (`+`) and derives each feature's mean and standard
-deviation (`Standardization.from_stats`). The sums are exact to float64 rounding, so the
-result equals the statistics of the pooled training rows (tests compare with NumPy).
+deviation (`Standardization.from_stats`). The sums are taken around a `shift` the server
+sends (its own test set's means, else 0), so that a feature far from zero (a year, a
+timestamp) keeps its spread's digits: E[(x-s)^2] - (E[x]-s)^2 cancels nothing when s is
+near the mean. They are exact to float64 rounding otherwise, so the result equals the
+statistics of the pooled training rows (tests compare with NumPy).
 
 The `Standardization` travels in every train and evaluate message (`to_config`: two
 lists of floats in the message config) and is applied by the model itself
@@ -35,12 +38,16 @@ from fedml.errors import FedmlError
 
 MEAN_KEY, SCALE_KEY = "preprocess-mean", "preprocess-scale"  # message config keys
 STATS_ACTION = "feature_stats"  # the statistics query's action: "query.feature_stats"
-# A feature whose spread is below this fraction of its mean's size (or of 1) is constant:
-# centred, not scaled. The sums' float64 rounding alone leaves a spread of ~1e-8 of the mean.
+# A feature whose spread is below this fraction of its mean's distance from the shift is
+# constant (the sums' float64 rounding alone leaves ~1.5e-8 of it): centred, not scaled.
 MIN_RELATIVE_SCALE = 1e-7
 MAX_ROWS = 10**12  # a site claiming more rows than this sent a broken record
-# The stats reply's metric keys.
+# Values a model's float32 input can hold with room to spare: a mean or spread beyond
+# this (in a reply, or combined) is refused, never turned into inf inside the model.
+MAX_MAGNITUDE = 1e30
+# The stats reply's metric keys, and the query's config key for the shift.
 ROWS, OBSERVED, SUMS, SQUARES = "rows", "observed", "sums", "squares"
+SHIFT_KEY = "shift"
 
 
 @dataclass(frozen=True)
@@ -49,22 +56,30 @@ class FeatureStats:
     number of values `observed` (not NaN), their `sums` and their sums of `squares`."""
 
     rows: int
-    observed: np.ndarray  # int64, one per feature
-    sums: np.ndarray  # float64
-    squares: np.ndarray  # float64
+    observed: np.ndarray  # float64 counts, one per feature (a capped site's are scaled)
+    sums: np.ndarray  # float64, of (x - shift)
+    squares: np.ndarray  # float64, of (x - shift)^2
 
     @classmethod
-    def of_rows(cls, x: np.ndarray) -> FeatureStats:
-        """The statistics of `x` (one row per example; NaN is a missing value)."""
+    def of_rows(cls, x: np.ndarray, shift: np.ndarray | None = None) -> FeatureStats:
+        """The statistics of `x` (one row per example; NaN is a missing value) around
+        `shift` (one value per feature; None: 0)."""
         values = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        if shift is not None:
+            values = values - np.asarray(shift, dtype=np.float64)
         present = ~np.isnan(values)
         filled = np.where(present, values, 0.0)
         return cls(
             rows=len(values),
-            observed=present.sum(axis=0).astype(np.int64),
+            observed=present.sum(axis=0).astype(np.float64),
             sums=filled.sum(axis=0),
             squares=np.square(filled).sum(axis=0),
         )
+
+    def scaled(self, factor: float) -> FeatureStats:
+        """The same statistics weighing `factor` times as much (a capped claim)."""
+        rows = max(1, round(self.rows * factor))
+        return FeatureStats(rows, self.observed * factor, self.sums * factor, self.squares * factor)
 
     def __add__(self, other: FeatureStats) -> FeatureStats:
         return FeatureStats(
@@ -95,7 +110,7 @@ class FeatureStats:
         if missing:
             raise ValueError(f"the statistics lack {sorted(missing)}")
         rows = metrics[ROWS]
-        if not isinstance(rows, int) or not 1 <= rows <= MAX_ROWS:
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_ROWS:
             raise ValueError(f"'{ROWS}' must be a row count 1 .. {MAX_ROWS:,}, got {rows!r}")
         arrays = []
         for key in (OBSERVED, SUMS, SQUARES):
@@ -113,10 +128,17 @@ class FeatureStats:
             or (observed > rows).any()
         ):
             raise ValueError(f"'{OBSERVED}' must be whole numbers 0 .. {ROWS} ({rows})")
+        if ((observed == 0) & ((sums != 0) | (squares != 0))).any():
+            raise ValueError("a feature with no observed value has sums")
+        seen = np.maximum(observed, 1)
+        if (np.abs(sums) / seen > MAX_MAGNITUDE).any() or (
+            np.sqrt(squares / seen) > MAX_MAGNITUDE
+        ).any():
+            raise ValueError(f"the values' magnitude exceeds {MAX_MAGNITUDE:g}")
         # Cauchy-Schwarz: sum(x)^2 <= n * sum(x^2) for any n real values
         if (squares < 0).any() or (np.square(sums) > observed * squares * (1 + 1e-9) + 1e-9).any():
             raise ValueError("the sums and sums of squares cannot come from real values")
-        return cls(rows, observed.astype(np.int64), sums, squares)
+        return cls(rows, observed, sums, squares)
 
 
 @dataclass(frozen=True)
@@ -129,15 +151,34 @@ class Standardization:
     scale: np.ndarray  # float64
 
     @classmethod
-    def from_stats(cls, stats: FeatureStats) -> Standardization:
-        """From the federation's combined statistics. A feature no site observed is left
-        as it is (mean 0, scale 1); refused by `check_observed` first."""
+    def from_stats(cls, stats: FeatureStats, shift: np.ndarray | None = None) -> Standardization:
+        """From the federation's combined statistics, taken around `shift` (None: 0). A
+        feature no site observed is left as it is (mean 0, scale 1; `check_observed`
+        refuses it first). A `FedmlError` when the result is not finite or too large for
+        the model's float32 inputs."""
         seen = np.maximum(stats.observed, 1)
-        mean = np.where(stats.observed > 0, stats.sums / seen, 0.0)
-        variance = np.maximum(stats.squares / seen - np.square(mean), 0.0)
+        offset = np.zeros(len(stats.sums)) if shift is None else np.asarray(shift, np.float64)
+        centred = np.where(stats.observed > 0, stats.sums / seen, 0.0)  # mean - shift
+        variance = np.maximum(stats.squares / seen - np.square(centred), 0.0)
         scale = np.sqrt(variance)
-        return cls(
-            mean, np.where(scale > MIN_RELATIVE_SCALE * np.maximum(np.abs(mean), 1.0), scale, 1.0)
+        constant = (scale == 0) | (scale <= MIN_RELATIVE_SCALE * np.abs(centred))
+        mean = np.where(stats.observed > 0, centred + offset, 0.0)
+        result = cls(mean, np.where(constant, 1.0, scale))
+        if not result.usable():
+            raise FedmlError(
+                "The sites' combined feature statistics are not finite numbers a model can "
+                "use (a site sent values of absurd size); check the sites' data."
+            )
+        return result
+
+    def usable(self) -> bool:
+        """Finite, positive scales, and small enough for a model's float32 inputs."""
+        return bool(
+            np.isfinite(self.mean).all()
+            and np.isfinite(self.scale).all()
+            and (self.scale > 0).all()
+            and (np.abs(self.mean) <= MAX_MAGNITUDE).all()
+            and (self.scale <= MAX_MAGNITUDE).all()
         )
 
     def to_config(self) -> dict[str, list[float]]:
@@ -157,9 +198,13 @@ class Standardization:
                 f"The message's '{MEAN_KEY}' and '{SCALE_KEY}' must be lists of one number "
                 "per feature, of equal length."
             )
-        if not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
-            raise FedmlError(f"The message's '{SCALE_KEY}' must be positive and both lists finite.")
-        return cls(mean, scale)
+        result = cls(mean, scale)
+        if not result.usable():
+            raise FedmlError(
+                f"The message's '{SCALE_KEY}' must be positive and both lists finite numbers "
+                f"of size at most {MAX_MAGNITUDE:g}."
+            )
+        return result
 
     @property
     def num_features(self) -> int:

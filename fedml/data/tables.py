@@ -31,11 +31,14 @@ def read_csv_table(path: Path, label_column: str) -> Shard:
         text = regular_files.read_text(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise FedmlError(f"Cannot read {path} as UTF-8 text: {exc}") from exc
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))  # Excel's byte-order mark
     header = next(reader, None)
     if not header:
         raise FedmlError(f"{path} is empty; a site CSV starts with a header row.")
     header = [name.strip() for name in header]
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise FedmlError(f"{path} names column(s) {', '.join(map(repr, twice))} more than once.")
     if label_column not in header:
         raise FedmlError(
             f"{path} has no column {label_column!r} (columns: {', '.join(header)}). Name the "
@@ -72,7 +75,7 @@ def read_csv_table(path: Path, label_column: str) -> Shard:
 
 def csv_header(path: Path, label_column: str) -> tuple[str, ...]:
     """The feature columns' names of a site CSV (its header without the label column)."""
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         header = next(csv.reader(handle), [])
     return tuple(name.strip() for name in header if name.strip() != label_column)
 
