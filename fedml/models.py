@@ -11,13 +11,18 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from fedml.arrays import to_state_dict
 from fedml.config import RunConfig
 from fedml.data.features import Standardization
 from fedml.errors import FedmlError
+from fedml.runstore import read_model, read_model_description
 
 
 def logreg(input_shape: tuple[int, ...], num_classes: int, hidden: int = 0) -> nn.Module:
@@ -271,3 +276,58 @@ def _standardize_input(model: nn.Module, args: tuple) -> tuple:
         )
     flat = torch.where(torch.isnan(flat), mean, flat)
     return ((flat - mean) / scale).reshape(x.shape), *rest
+
+
+def describe_model(
+    cfg: RunConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    standardization: Standardization | None,
+) -> dict[str, Any]:
+    """What rebuilds the run's module from its model file alone (`load_model`): the
+    architecture, its input and output sizes, whether Opacus repaired it, and the run's
+    standardisation (so the loaded model takes raw rows, as it did in the run)."""
+    return {
+        "name": cfg.model.name,
+        "hidden": cfg.model.hidden,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "private": cfg.dp.mode == "sample",
+        "fix_model": cfg.dp.fix_model,
+        "standardization": None
+        if standardization is None
+        else {
+            "mean": [float(v) for v in standardization.mean],
+            "scale": [float(v) for v in standardization.scale],
+        },
+    }
+
+
+def load_model(path: Path) -> nn.Module:
+    """A run's model file (`RUN_DIR/model.safetensors`, or a commit's
+    `arrays.safetensors`) as a ready module in eval mode: the run's architecture holding
+    the trained weights and, when the run standardised its features, applying the same
+    standardisation (missing values become the federation's means), so it takes raw rows
+    exactly as the sites' rows were taken. A `module:factory` model must be importable."""
+    description = read_model_description(path)
+    if description is None:
+        raise FedmlError(
+            f"{path} does not say which model it holds (written by an older fedml): build "
+            "the run's model with fedml.models.model_for and load_state_dict its arrays."
+        )
+    model = build_model(
+        description["name"],
+        tuple(description["input_shape"]),
+        int(description["num_classes"]),
+        seed=0,
+        hidden=int(description["hidden"]),
+    )
+    if description["private"]:
+        model = private_model(model, bool(description["fix_model"]))
+    model.load_state_dict(to_state_dict(read_model(path)), strict=True)
+    scaling = description.get("standardization")
+    if scaling:
+        with_standardization(
+            model, Standardization(np.asarray(scaling["mean"]), np.asarray(scaling["scale"]))
+        )
+    return model.eval()

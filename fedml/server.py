@@ -60,7 +60,7 @@ from fedml.data import Federation, federation_for
 from fedml.data.features import Standardization
 from fedml.errors import FedmlError
 from fedml.metrics import AUROC, COUNTS, RATES, pooled_binary
-from fedml.models import model_for, with_standardization
+from fedml.models import describe_model, model_for, with_standardization
 from fedml.preprocessing import FeatureScaling, wants_standardization, warn_if_unscaled
 from fedml.privacy import without_privacy_keys
 from fedml.records import DEVICE_RECORD, SITE_RECORD, TEST_PREFIX, HistoryRow, device_label
@@ -249,6 +249,9 @@ def run_experiment(
             announce = scaling.row()  # told in the next committed row
         if scaling.standardization is not None:
             evaluator.standardize(scaling.standardization)
+        store.model_description = describe_model(
+            cfg, evaluator.input_shape, evaluator.num_classes, scaling.standardization
+        )
         while stop_reason is None:
             server_round += 1
             round_start = time.perf_counter()

@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -323,3 +324,37 @@ def test_a_run_whose_commits_hold_no_statistics_keeps_its_raw_features(tmp_path,
         summary = run_experiment(grid, experiment, store, checkpoint=checkpoint)
     assert summary.rounds == 3 and "hold no feature statistics" in caplog.text
     assert all("preprocess" not in row for row in _rows(tmp_path / "r"))
+
+
+def test_the_model_file_alone_serves_raw_rows_as_the_run_evaluated_them(tmp_path):
+    """`fedml.models.load_model(RUN_DIR/model.safetensors)`: the run's architecture,
+    weights and standardisation from the one file; on the raw test rows (a missing
+    value among them) it gives the server's own evaluation."""
+    from fedml.models import load_model
+
+    cfg = load_config(
+        None,
+        {"data.dataset": "fed-heart-disease", "model.name": "mlp", "rounds": 2,
+         "out": str(tmp_path / "run")},
+    )  # fmt: skip
+    summary = simulate(cfg)
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    test_x = np.concatenate([h.test.x for h in read_hospitals()])
+    test_y = np.concatenate([h.test.y for h in read_hospitals()])
+    with torch.no_grad():
+        accuracy = (model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean()
+    assert accuracy == pytest.approx(summary.final["server"]["accuracy"])
+    gap = test_x[:1].copy()
+    gap[0, 3] = np.nan  # cholesterol unknown: the federation's mean
+    mean = _scaling_state(tmp_path / "run")["mean"]
+    filled = test_x[:1].copy()
+    filled[0, 3] = mean[3]
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.from_numpy(gap)), model(torch.from_numpy(filled)))
+    from fedml.runstore import read_model
+    from fedml.runstore.format import encode_arrays
+
+    older = tmp_path / "older.safetensors"  # as fedml wrote model files before
+    older.write_bytes(encode_arrays(read_model(tmp_path / "run" / "model.safetensors"), 2))
+    with pytest.raises(FedmlError, match="does not say which model it holds"):
+        load_model(older)

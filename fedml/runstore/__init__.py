@@ -61,6 +61,7 @@ from fedml.runstore.format import (
     newest_stop_reason,
     read_history,
     read_model,
+    read_model_description,
 )
 from fedml.runstore.policy import refuse_existing_run
 from fedml.runstore.status import RunStatus, is_locked, run_status
@@ -83,6 +84,7 @@ __all__ = [
     "open_run",
     "read_history",
     "read_model",
+    "read_model_description",
     "refuse_existing_run",
     "run_status",
     "storage_error",

@@ -172,14 +172,21 @@ class CommitCheck:
     problem: str | None
 
 
-def encode_arrays(arrays: ArrayRecord, server_round: int) -> bytes:
-    """A model as safetensors bytes: the same model gives the same bytes."""
+def encode_arrays(
+    arrays: ArrayRecord, server_round: int, description: dict[str, Any] | None = None
+) -> bytes:
+    """A model as safetensors bytes: the same model gives the same bytes. `description`
+    (what rebuilds the module: `fedml.models.describe_model`) joins the metadata, so
+    the file alone serves the model (`fedml.models.load_model`)."""
     from safetensors.numpy import save
 
     tensors = {k: np.require(to_numpy(v), requirements="C") for k, v in arrays.items()}
     # One metadata entry: safetensors orders several entries differently from process
     # to process, and the same model must give the same bytes.
-    metadata = {ARRAYS_METADATA: json.dumps({"round": server_round, "keys": list(tensors)})}
+    ours: dict[str, Any] = {"round": server_round, "keys": list(tensors)}
+    if description is not None:
+        ours["model"] = description
+    metadata = {ARRAYS_METADATA: json.dumps(ours)}
     return save(tensors, metadata=metadata)
 
 
@@ -201,6 +208,12 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 def read_model(path: Path) -> ArrayRecord:
     """Load a model file written by the run store (e.g. `model.safetensors`)."""
     return _decode_arrays(path.read_bytes())
+
+
+def read_model_description(path: Path) -> dict[str, Any] | None:
+    """What rebuilds the module of a model file (None: the file does not say)."""
+    ours = _safetensors_metadata(path.read_bytes()).get(ARRAYS_METADATA)
+    return json.loads(ours).get("model") if ours else None
 
 
 # ------------------------------------------------------------------------ verification

@@ -115,6 +115,8 @@ class RunStore:
         self._lock_handle: IO[str] | None = None
         self._pinned: set[int] = set()  # rounds kept whatever the retention says
         self.model_round: int | None = None  # the round model.safetensors holds
+        # what rebuilds the model (fedml.models.describe_model), written into each model file
+        self.model_description: dict[str, Any] | None = None
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -237,7 +239,7 @@ class RunStore:
         staging = self._staging_dir(server_round)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        data = encode_arrays(arrays, server_round)
+        data = encode_arrays(arrays, server_round, self.model_description)
         write_synced(staging / ARRAYS_FILE, data)
         return file_digest(data)
 
