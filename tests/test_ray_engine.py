@@ -114,6 +114,28 @@ def test_secure_rounds_on_simulated_nodes_equal_the_in_process_ones(tmp_path):
     assert history[-1]["secagg"]["unmasked"] == 5
 
 
+def test_hospital_statistics_and_site_results_on_simulated_nodes_equal_the_in_process_ones(
+    tmp_path,
+):
+    """The feature-statistics query and the per-site evaluation through the Ray
+    engine's grid (Flower's node IDs): the same standardisation, the same sites under
+    the same names, the same rounds (`fedml simulate --engine ray` was run too)."""
+    overrides = {"rounds": 2, "data.dataset": "fed-heart-disease", "model.name": "logreg"}
+    reference = _play(
+        load_config(None, {**overrides, "out": str(tmp_path / "inprocess")}),
+        lambda app, cfg: InProcessGrid(app, cfg.simulation.clients, cfg.to_flat()),
+    )
+    history = _play(
+        load_config(None, {**overrides, "out": str(tmp_path / "sim")}),
+        lambda app, cfg: SimulatedNodesGrid(
+            FlowerLikeGrid(app, cfg.simulation.clients, cfg.to_flat()), cfg.simulation.clients
+        ),
+    )
+    assert history == [{**row, "seconds": history[i]["seconds"]} for i, row in enumerate(reference)]
+    assert history[0]["preprocess"] == {"standardized": 13, "sites": 4, "rows": 389}
+    assert list(history[-1]["sites"]) == ["cleveland", "hungary", "switzerland", "va-long-beach"]
+
+
 def test_a_runtime_whose_clients_do_not_identify_is_a_clear_error():
     stock = ClientApp()  # no query handler: not fedml's ClientApp
 
