@@ -72,11 +72,12 @@ from fedml.node_state import (
     carry_node_state,
 )
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
-from fedml.records import DEVICE_RECORD, SITE_RECORD, TEST_PREFIX
+from fedml.records import DEVICE_RECORD, PERSONAL_PREFIX, SITE_RECORD, TEST_PREFIX
 from fedml.secagg import messages as wire
-from fedml.settings import NUM_CLASSES_KEY, SERVER_ROUND_KEY, TrainSettings
+from fedml.settings import FINE_TUNE_KEY, NUM_CLASSES_KEY, SERVER_ROUND_KEY, TrainSettings
 
 app = ClientApp(mods=[carry_node_state])
+PERSONAL_STREAM = 1  # the fine-tuning's seed stream, apart from the round's training
 log = logging.getLogger(__name__)
 
 
@@ -413,11 +414,35 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     device = resolve_device(job.device)
     content = RecordDict({"metrics": MetricRecord(evaluation_metrics(model, job.val, device))})
     site = ConfigRecord({"name": job.site_name})
-    if job.test is not None and len(job.test):
-        tested = evaluation_metrics(model, job.test, device)
-        site.update({f"{TEST_PREFIX}{key}": value for key, value in tested.items()})
+    site.update(_own_test_metrics(job, model, device, TEST_PREFIX))
+    epochs = int(config.get(FINE_TUNE_KEY, 0))
+    if epochs > 0:  # a personal model: the global one fine-tuned here, never sent
+        personal = job.model(msg.content["arrays"], config)
+        settings = dataclasses.replace(job.settings(config), local_epochs=epochs, proximal_mu=0.0)
+        server_round = int(config.get(SERVER_ROUND_KEY, 0))
+        seed = (  # simulated clients follow the run seed; a data site draws from OS entropy
+            _derive_seed(job.cfg.seed, server_round, job.partition_id, PERSONAL_STREAM)
+            if job.partition_id is not None
+            else secrets.randbits(63)
+        )
+        train_local(personal, job.train, settings, device, torch.Generator().manual_seed(seed))
+        validated = evaluation_metrics(personal, job.val, device)
+        site.update({f"{PERSONAL_PREFIX}{key}": value for key, value in validated.items()})
+        site.update(_own_test_metrics(job, personal, device, PERSONAL_PREFIX + TEST_PREFIX))
     content[SITE_RECORD] = site
     return Message(content=content, reply_to=msg)
+
+
+def _own_test_metrics(
+    job: LocalJob, model: torch.nn.Module, device: torch.device, prefix: str
+) -> dict[str, float]:
+    """`model`'s metrics on the site's own test rows, under `prefix` (none without)."""
+    if job.test is None or not len(job.test):
+        return {}
+    return {
+        f"{prefix}{key}": value
+        for key, value in evaluation_metrics(model, job.test, device).items()
+    }
 
 
 @app.query(STATS_ACTION)

@@ -147,6 +147,14 @@ PreprocessOpt = Annotated[
         "values with statistics gathered across the sites (auto: tabular data).",
     ),
 ]
+FineTuneOpt = Annotated[
+    int | None,
+    Opt(
+        show_default=default_of("client.fine_tune_epochs"),
+        help="Epochs each site fine-tunes the global model on its own rows at every "
+        "evaluation, reporting that personal model beside it (0: off).",
+    ),
+]
 LabelColumnOpt = Annotated[
     str | None,
     Opt(
@@ -296,6 +304,7 @@ CONFIG_FLAGS: dict[str, str] = {
     "partition": "data.partition",
     "preprocess": "data.preprocess",
     "label_column": "data.label_column",
+    "fine_tune_epochs": "client.fine_tune_epochs",
     "model": "model.name",
     "local_epochs": "client.local_epochs",
     "batch_size": "client.batch_size",
@@ -371,6 +380,7 @@ def simulate(
     dataset: DatasetOpt = None,
     preprocess: PreprocessOpt = None,
     label_column: LabelColumnOpt = None,
+    fine_tune_epochs: FineTuneOpt = None,
     partition: Annotated[
         str | None,
         Opt(
@@ -659,6 +669,7 @@ def server(
     dataset: DatasetOpt = None,
     preprocess: PreprocessOpt = None,
     label_column: LabelColumnOpt = None,
+    fine_tune_epochs: FineTuneOpt = None,
     model: ModelOpt = None,
     strategy: StrategyOpt = None,
     rounds: RoundsOpt = None,

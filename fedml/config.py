@@ -38,6 +38,7 @@ DATASETS = (
     "csv:<dir>",
 )  # fmt: skip
 PREPROCESS = ("auto", "standardize", "none")
+MAX_FINE_TUNE_EPOCHS = 1000
 # The built-in models (fedml.models.BUILTIN, which imports torch; a test keeps them equal).
 MODELS = ("logreg", "mlp", "cnn", "lenet", "resnet18-gn")
 OPTIMIZERS = ("sgd", "adam")
@@ -119,6 +120,10 @@ class ClientConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     device: str = "auto"
+    # > 0: at every evaluation each site also fine-tunes the global model on its own
+    # training rows for this many epochs and reports that personal model's metrics
+    # beside the global model's (the personal model never leaves the site)
+    fine_tune_epochs: int = 0
 
 
 @dataclass
@@ -651,6 +656,11 @@ def validate(cfg: RunConfig) -> None:
     )
     _check(
         0.0 < client.lr_decay <= 1.0, f"client.lr_decay must be in (0, 1], got {client.lr_decay}."
+    )
+    _check(
+        0 <= client.fine_tune_epochs <= MAX_FINE_TUNE_EPOCHS,
+        f"client.fine_tune_epochs must be 0 (off) .. {MAX_FINE_TUNE_EPOCHS}, got "
+        f"{client.fine_tune_epochs}.",
     )
     _validate_checkpoint(cfg.checkpoint)
     _validate_controls(cfg)

@@ -82,6 +82,7 @@ DEVICE_RECORD = "device"
 # history row gathers them per site under "sites".
 SITE_RECORD = "site"
 TEST_PREFIX = "test-"
+PERSONAL_PREFIX = "personal-"  # the site's fine-tuned model's metrics ("personal-test-...")
 
 
 def describe_secagg(entry: dict[str, Any]) -> str:
@@ -132,10 +133,18 @@ def describe_sites(row: HistoryRow) -> str:
     worst = min(accuracies, key=lambda name: accuracies[name])
     mean = sum(accuracies.values()) / len(accuracies)
     rows = "own test rows" if split == "test" else "validation rows"
-    return (
+    text = (
         f"{len(accuracies)} sites on their {rows}: mean accuracy {mean:.4f}, worst "
         f"{worst} {accuracies[worst]:.4f}"
     )
+    personal = [
+        entry["personal"][split]["accuracy"]
+        for entry in (row.get("sites") or {}).values()
+        if "accuracy" in entry.get("personal", {}).get(split, {})
+    ]
+    if len(personal) == len(accuracies):
+        text += f"; fine-tuned at each site: mean {sum(personal) / len(personal):.4f}"
+    return text
 
 
 def device_label(record: dict[str, Any]) -> str:

@@ -63,11 +63,18 @@ from fedml.metrics import AUROC, COUNTS, RATES, pooled_binary
 from fedml.models import describe_model, model_for, with_standardization
 from fedml.preprocessing import FeatureScaling, wants_standardization, warn_if_unscaled
 from fedml.privacy import without_privacy_keys
-from fedml.records import DEVICE_RECORD, SITE_RECORD, TEST_PREFIX, HistoryRow, device_label
+from fedml.records import (
+    DEVICE_RECORD,
+    PERSONAL_PREFIX,
+    SITE_RECORD,
+    TEST_PREFIX,
+    HistoryRow,
+    device_label,
+)
 from fedml.reply_stream import PollingGrid
 from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
 from fedml.secure_round import SecureRound
-from fedml.settings import NUM_CLASSES_KEY, TrainSettings
+from fedml.settings import FINE_TUNE_KEY, NUM_CLASSES_KEY, TrainSettings
 from fedml.validation import (
     MAX_METRIC_NAME,
     MAX_METRICS,
@@ -339,7 +346,11 @@ def play_round(
             store.stage(server_round, new_arrays)  # the model file is written meanwhile
             row.update(
                 evaluate_round(
-                    server_round, new_arrays, grid, experiment, components.scaling.config()
+                    server_round,
+                    new_arrays,
+                    grid,
+                    experiment,
+                    _evaluate_config(experiment, components),
                 )
             )
             verdict = controls.judge_loss(row)
@@ -362,6 +373,13 @@ def play_round(
             continue
         # skipped or stopped: the global model stays as it was before the round
         return arrays, _discarded_row(row, retries, verdict.reason), verdict.stop
+
+
+def _evaluate_config(experiment: Experiment, components: RoundComponents) -> dict[str, Any]:
+    """What evaluate messages carry besides the classes: the run's standardisation and,
+    when sites fine-tune personal models, for how many epochs."""
+    epochs = experiment.cfg.client.fine_tune_epochs
+    return {**components.scaling.config(), **({FINE_TUNE_KEY: epochs} if epochs else {})}
 
 
 def _discarded_row(row: HistoryRow, retries: list[str], reason: str | None) -> HistoryRow:
@@ -564,17 +582,37 @@ def site_results(replies: list[Message]) -> dict[str, dict[str, Any]]:
             name = f"{name}-node{node}"
         metrics = next(iter(reply.content.metric_records.values()))
         entry: dict[str, Any] = {"validation": _numbers(dict(metrics))}
-        tested = {
-            key[len(TEST_PREFIX) :]: value
-            for key, value in record.items()
-            if isinstance(key, str) and key.startswith(TEST_PREFIX)
+        test = _screened(name, record, TEST_PREFIX)
+        if test:
+            entry["test"] = test
+        personal = {
+            "validation": _screened(
+                name, record, PERSONAL_PREFIX, but_not=PERSONAL_PREFIX + TEST_PREFIX
+            ),
+            "test": _screened(name, record, PERSONAL_PREFIX + TEST_PREFIX),
         }
-        if tested and metrics_problem(tested) is None:
-            entry["test"] = _numbers(tested)
-        elif tested:
-            log.warning("site %s sent test metrics that fail screening; left out", name)
+        if any(personal.values()):
+            entry["personal"] = {split: found for split, found in personal.items() if found}
         sites[name] = entry
     return dict(sorted(sites.items()))
+
+
+def _screened(
+    name: str, record: ConfigRecord, prefix: str, but_not: str | None = None
+) -> dict[str, float]:
+    """The metrics of a site's record under `prefix` (not those under `but_not`), screened
+    like any reply's metrics; empty when there are none or they fail (said in the log)."""
+    found = {
+        key[len(prefix) :]: value
+        for key, value in record.items()
+        if isinstance(key, str)
+        and key.startswith(prefix)
+        and not (but_not and key.startswith(but_not))
+    }
+    if found and metrics_problem(found) is not None:
+        log.warning("site %s sent %s metrics that fail screening; left out", name, prefix)
+        return {}
+    return _numbers(found) if found else {}
 
 
 def _site_name(name: object, node: int) -> str:

@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord
 from fedml.config import ClientConfig
 
 NUM_CLASSES_KEY = "num-classes"  # the model's output size (a site cannot tell from its labels)
+FINE_TUNE_KEY = "fine-tune-epochs"  # an evaluate message: fine-tune a personal model first
 SERVER_ROUND_KEY = "server-round"  # added by every strategy's configure_train/evaluate
 
 _client = ClientConfig()

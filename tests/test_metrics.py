@@ -213,3 +213,22 @@ def test_site_names_are_safe_never_overwrite_and_hostile_test_metrics_are_droppe
     assert "test" not in sites["a-node2"]  # node 2: accuracy -5 is refused
     assert sites["a-node2-node3"]["test"]["accuracy"] == 0.6
     assert "test" not in sites["St Mary_s __1__.."]  # counts that do not add up
+
+
+def test_a_sites_personal_metrics_are_screened_like_its_others():
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedml.records import SITE_RECORD
+    from fedml.server import site_results
+
+    good = {"personal-accuracy": 0.9, "personal-num-examples": 10}
+    bad = {"personal-accuracy": 5.0, "personal-num-examples": 10, "personal-test-accuracy": 0.5,
+           "personal-test-num-examples": 3}  # fmt: skip
+    contents = []
+    for name, extra in (("a", good), ("b", bad)):
+        content = RecordDict({"metrics": MetricRecord({"loss": 0.3, "num-examples": 10})})
+        content[SITE_RECORD] = ConfigRecord({"name": name, **extra})
+        contents.append(content)
+    sites = site_results(replies_from(contents))
+    assert sites["a"]["personal"] == {"validation": {"accuracy": 0.9, "num-examples": 10.0}}
+    assert sites["b"]["personal"] == {"test": {"accuracy": 0.5, "num-examples": 3.0}}

@@ -84,13 +84,14 @@ class Child:
         every process group its descendants had started: Flower runs its SuperExec in a
         session of its own, and Ray's workers and agents live in that one, so they would
         outlive the SuperLink otherwise."""
-        table = _process_table()
-        groups = {self.process.pid} | {table[d][1] for d in descendants(self.pid, table)}
-        groups.discard(os.getpgrp())  # never our own
+        groups = {self.process.pid} | self._descendant_groups()
         if self.alive() and grace > 0:
             _signal_group(self.process.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(grace)
+        # again: what was born during the grace period (a Ray worker the pool started as
+        # the shutdown began, in a session of its own) is a descendant only until killed
+        groups |= self._descendant_groups()
         if self.alive():
             _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait(KILL_WAIT_S)
@@ -99,6 +100,13 @@ class Child:
         for group in sorted(groups):
             sweep_group(group)
         self._log_handle.close()
+
+    def _descendant_groups(self) -> set[int]:
+        """The process groups of this process's live descendants (never our own)."""
+        table = _process_table()
+        groups = {table[d][1] for d in descendants(self.pid, table)}
+        groups.discard(os.getpgrp())
+        return groups
 
     def tail(self, lines: int = 15) -> str:
         """The end of the log, for an error message."""
