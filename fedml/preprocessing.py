@@ -190,7 +190,8 @@ class FeatureScaling:
                 "the whole federation. Start the sites first, fix them, or set "
                 "data.preprocess = 'none'."
             )
-        total = _capped_total(list(found.values()), self.max_weight_factor)
+        # summed in node order: the same sites give the same bits, whatever order they answer in
+        total = _capped_total([found[node] for node in sorted(found)], self.max_weight_factor)
         check_observed(total, list(self.feature_names) or None)
         self.sites = len(found)
         self.rows = total.rows

@@ -59,15 +59,11 @@ from fedml.controls import EXTENSIBLE_STOPS
 from fedml.data import Federation, federation_for
 from fedml.data.features import Standardization
 from fedml.errors import FedmlError
-from fedml.metrics import AUROC, COUNTS, RATES, pooled_binary
 from fedml.models import describe_model, model_for, with_standardization
 from fedml.preprocessing import FeatureScaling, wants_standardization, warn_if_unscaled
 from fedml.privacy import without_privacy_keys
 from fedml.records import (
     DEVICE_RECORD,
-    PERSONAL_PREFIX,
-    SITE_RECORD,
-    TEST_PREFIX,
     HistoryRow,
     device_label,
 )
@@ -75,12 +71,10 @@ from fedml.reply_stream import PollingGrid
 from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
 from fedml.secure_round import SecureRound
 from fedml.settings import FINE_TUNE_KEY, NUM_CLASSES_KEY, TrainSettings
+from fedml.site_results import federated_entry, site_results
 from fedml.validation import (
-    MAX_METRIC_NAME,
-    MAX_METRICS,
     Tally,
     UpdateValidator,
-    metrics_problem,
     site_medians,
 )
 from simulations.virtual_nodes import SimulatedNodesGrid
@@ -89,7 +83,6 @@ from strategies import build_strategy
 log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[HistoryRow], None]
-MAX_SITES_IN_ROW = 100  # per-site results in a history row, for up to this many replies
 
 
 @dataclass
@@ -520,7 +513,9 @@ def evaluate_round(
     )
     metrics = strategy.aggregate_evaluate(server_round, replies)
     result: HistoryRow = {
-        "evaluate": _federated(metrics, replies),
+        "evaluate": federated_entry(
+            _with_examples(metrics, sum(map(_num_examples, replies))), replies
+        ),
         "server": experiment.evaluator(arrays),
     }
     if replies:
@@ -533,106 +528,6 @@ def evaluate_round(
     if tally.capped:
         result["evaluate_weights_capped"] = tally.capped
     return result
-
-
-def _federated(metrics: MetricRecord | None, replies: list[Message]) -> dict[str, Any] | None:
-    """The federated evaluation entry: the strategy's aggregate, except that confusion
-    counts are not averaged (their rates are recomputed exactly from each site's counts,
-    scaled to its capped weight) and AUROC is not averaged at all (it cannot be, exactly:
-    see "sites" and "server")."""
-    entry = _with_examples(metrics, sum(_num_examples(m) for m in replies))
-    if entry is None:
-        return None
-    for key in (*COUNTS, *RATES, AUROC):
-        entry.pop(key, None)
-    return {**entry, **pooled_rates(replies)}
-
-
-def pooled_rates(replies: list[Message]) -> dict[str, float]:
-    """Sensitivity, specificity, balanced accuracy and F1 of the sites' rows pooled,
-    from their confusion counts, each site's counts scaled to its (capped) weight."""
-    scaled = []
-    for reply in replies:
-        metrics = next(iter(reply.content.metric_records.values()))
-        counts = [float(metrics.get(key, -1)) for key in COUNTS]
-        if min(counts) < 0 or sum(counts) <= 0:
-            continue
-        factor = _num_examples(reply) / sum(counts)
-        scaled.append({key: value * factor for key, value in zip(COUNTS, counts, strict=True)})
-    pooled = pooled_binary(scaled)
-    return {key: value for key, value in pooled.items() if key in RATES}
-
-
-def site_results(replies: list[Message]) -> dict[str, dict[str, Any]]:
-    """Each site's evaluation, by the name its reply gives (`SITE_RECORD`; the node id
-    where it gives none): its "validation" metrics and, where it holds test rows of its
-    own, its "test" metrics, screened like any reply's metrics (dropped when they fail).
-    A name is the site's own word: made safe for history columns and trackers
-    (`_site_name`), and a name already taken gets the node id added, never overwriting
-    another site's entry. Left out (empty) beyond `MAX_SITES_IN_ROW` replies: per-site
-    rows are for federations of institutions, not of thousands of devices."""
-    if len(replies) > MAX_SITES_IN_ROW:
-        return {}
-    sites: dict[str, dict[str, Any]] = {}
-    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
-        node = reply.metadata.src_node_id
-        record = reply.content.config_records.get(SITE_RECORD, ConfigRecord())
-        name = _site_name(record.get("name"), node)
-        while name in sites:
-            name = f"{name}-node{node}"
-        metrics = next(iter(reply.content.metric_records.values()))
-        entry: dict[str, Any] = {"validation": _numbers(dict(metrics))}
-        test = _screened(name, record, TEST_PREFIX)
-        if test:
-            entry["test"] = test
-        personal = {
-            "validation": _screened(
-                name, record, PERSONAL_PREFIX, but_not=PERSONAL_PREFIX + TEST_PREFIX
-            ),
-            "test": _screened(name, record, PERSONAL_PREFIX + TEST_PREFIX),
-        }
-        if any(personal.values()):
-            entry["personal"] = {split: found for split, found in personal.items() if found}
-        sites[name] = entry
-    return dict(sorted(sites.items()))
-
-
-def _screened(
-    name: str, record: ConfigRecord, prefix: str, but_not: str | None = None
-) -> dict[str, float]:
-    """The metrics of a site's record under `prefix` (not those under `but_not`), screened
-    like any reply's metrics; empty when there are none or they fail (said in the log)."""
-    found = {
-        key[len(prefix) :]: value
-        for key, value in record.items()
-        if isinstance(key, str)
-        and key.startswith(prefix)
-        and not (but_not and key.startswith(but_not))
-    }
-    if found and metrics_problem(found) is not None:
-        log.warning("site %s sent %s metrics that fail screening; left out", name, prefix)
-        return {}
-    return _numbers(found) if found else {}
-
-
-def _site_name(name: object, node: int) -> str:
-    """A site's self-chosen name, made safe for history columns, CSV headers and
-    trackers (MLflow refuses most punctuation): letters, digits, `_`, `-`, `.` and
-    spaces, at most MAX_METRIC_NAME characters, not `.` or `..`; `node-<id>` when
-    nothing is left."""
-    text = "".join(c if c.isalnum() or c in "_-. " else "_" for c in str(name or ""))
-    text = text.strip()[:MAX_METRIC_NAME]
-    return text if text.strip(".") else f"node-{node}"
-
-
-def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    """The finite scalar numbers among a reply's metrics (at most MAX_METRICS)."""
-    found = {
-        str(k)[:MAX_METRIC_NAME]: float(v)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }
-    return dict(sorted(found.items())[:MAX_METRICS])
 
 
 def _num_examples(message: Message) -> int:

@@ -58,6 +58,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.components",
                 "fedml.secure_round",
                 "fedml.preprocessing",
+                "fedml.site_results",
                 "fedml.reply_stream",
             ]
         ],

@@ -190,7 +190,7 @@ def test_site_names_are_safe_never_overwrite_and_hostile_test_metrics_are_droppe
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
     from fedml.records import SITE_RECORD
-    from fedml.server import site_results
+    from fedml.site_results import site_results
 
     validation = {"loss": 0.3, "accuracy": 0.8, "num-examples": 10}
     contents = []
@@ -219,7 +219,7 @@ def test_a_sites_personal_metrics_are_screened_like_its_others():
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
     from fedml.records import SITE_RECORD
-    from fedml.server import site_results
+    from fedml.site_results import site_results
 
     good = {"personal-accuracy": 0.9, "personal-num-examples": 10}
     bad = {"personal-accuracy": 5.0, "personal-num-examples": 10, "personal-test-accuracy": 0.5,
