@@ -18,8 +18,18 @@ budget would be exceeded replies with an error of code `fedml.privacy.DECLINED_C
 saying why, instead of training.
 
 Replies follow Flower's conventions: "arrays" (the trained state dict) and "metrics"
-(`loss`, `num-examples`; evaluation adds `accuracy`). A train reply adds the ConfigRecord
-"device" (`device`: where it trained, e.g. "cpu" or "cuda:0"; `name`: the GPU's name).
+(`loss`, `num-examples`; evaluation adds `accuracy`, and for two classes the clinical
+metrics of `fedml.metrics`). A train reply adds the ConfigRecord "device" (`device`:
+where it trained, e.g. "cpu" or "cuda:0"; `name`: the GPU's name). An evaluate reply
+adds the ConfigRecord "site": the site's name, the global model's metrics on the site's
+own test rows ("test-..."), and with "fine-tune-epochs" in the message those of a
+personal model fine-tuned here ("personal-...", "personal-test-..."; never sent).
+
+When the run standardises its features, each train and evaluate message carries the
+statistics ("preprocess-mean", "preprocess-scale") and the model applies them to the
+node's raw rows (`fedml.models.with_standardization`); before round 1 the
+`feature_stats` query handler answers with the node's per-feature counts, sums and sums
+of squares (`fedml.data.features`), never a row.
 
 Under secure aggregation (`secagg.enabled`) the app also answers the "train.secagg_keys",
 "train.secagg_share" and "train.secagg_unmask" messages (clients/secagg.py), and a train
