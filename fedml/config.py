@@ -658,6 +658,12 @@ def validate(cfg: RunConfig) -> None:
         0.0 < client.lr_decay <= 1.0, f"client.lr_decay must be in (0, 1], got {client.lr_decay}."
     )
     _check(
+        client.fine_tune_epochs == 0 or cfg.dp.mode != "sample",
+        "client.fine_tune_epochs is not available with dp.mode = 'sample': the personal "
+        "models would train without DP-SGD and their metrics would spend no privacy budget. "
+        "Set client.fine_tune_epochs = 0.",
+    )
+    _check(
         0 <= client.fine_tune_epochs <= MAX_FINE_TUNE_EPOCHS,
         f"client.fine_tune_epochs must be 0 (off) .. {MAX_FINE_TUNE_EPOCHS}, got "
         f"{client.fine_tune_epochs}.",

@@ -303,17 +303,23 @@ def describe_model(
     }
 
 
-def load_model(path: Path) -> nn.Module:
+def load_model(path: Path, trust_code: bool = False) -> nn.Module:
     """A run's model file (`RUN_DIR/model.safetensors`, or a commit's
     `arrays.safetensors`) as a ready module in eval mode: the run's architecture holding
     the trained weights and, when the run standardised its features, applying the same
     standardisation (missing values become the federation's means), so it takes raw rows
-    exactly as the sites' rows were taken. A `module:factory` model must be importable."""
+    exactly as the sites' rows were taken. A `module:factory` model named by the file
+    is imported only with `trust_code` (the file is data; importing runs code)."""
     description = read_model_description(path)
     if description is None:
         raise FedmlError(
             f"{path} does not say which model it holds (written by an older fedml): build "
             "the run's model with fedml.models.model_for and load_state_dict its arrays."
+        )
+    if description["name"] not in BUILTIN and not trust_code:
+        raise FedmlError(
+            f"{path} holds the user model {description['name']!r}: loading it imports and "
+            "runs that module. Pass trust_code=True if you trust the file and the module."
         )
     model = build_model(
         description["name"],

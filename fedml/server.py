@@ -70,7 +70,7 @@ from fedml.records import (
 from fedml.reply_stream import PollingGrid
 from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
 from fedml.secure_round import SecureRound
-from fedml.settings import FINE_TUNE_KEY, NUM_CLASSES_KEY, TrainSettings
+from fedml.settings import FINE_TUNE_KEY, NUM_CLASSES_KEY, TrainSettings, message_key
 from fedml.site_results import federated_entry, site_results
 from fedml.validation import (
     Tally,
@@ -343,7 +343,7 @@ def play_round(
                     new_arrays,
                     grid,
                     experiment,
-                    _evaluate_config(experiment, components),
+                    _evaluate_config(experiment, components, lr),
                 )
             )
             verdict = controls.judge_loss(row)
@@ -368,11 +368,15 @@ def play_round(
         return arrays, _discarded_row(row, retries, verdict.reason), verdict.stop
 
 
-def _evaluate_config(experiment: Experiment, components: RoundComponents) -> dict[str, Any]:
+def _evaluate_config(
+    experiment: Experiment, components: RoundComponents, lr: float
+) -> dict[str, Any]:
     """What evaluate messages carry besides the classes: the run's standardisation and,
-    when sites fine-tune personal models, for how many epochs."""
+    when sites fine-tune personal models, for how many epochs and at the round's
+    learning rate (decayed, and scaled by the guard, as the round trained)."""
     epochs = experiment.cfg.client.fine_tune_epochs
-    return {**components.scaling.config(), **({FINE_TUNE_KEY: epochs} if epochs else {})}
+    tuning = {FINE_TUNE_KEY: epochs, message_key("lr"): lr} if epochs else {}
+    return {**components.scaling.config(), **tuning}
 
 
 def _discarded_row(row: HistoryRow, retries: list[str], reason: str | None) -> HistoryRow:

@@ -69,8 +69,11 @@ def site_results(replies: list[Message]) -> dict[str, dict[str, Any]]:
         node = reply.metadata.src_node_id
         record = reply.content.config_records.get(SITE_RECORD, ConfigRecord())
         name = _site_name(record.get("name"), node)
-        while name in sites:
-            name = f"{name}-node{node}"
+        base, tries = name, 0
+        while name in sites:  # each try a new name: ends within len(sites) + 1 tries
+            tries += 1
+            suffix = f"-node{node}" + (f"-{tries}" if tries > 1 else "")
+            name = base[: MAX_METRIC_NAME - len(suffix)] + suffix
         metrics = next(iter(reply.content.metric_records.values()))
         entry: dict[str, Any] = {"validation": _numbers(dict(metrics))}
         test = _screened(name, record, TEST_PREFIX)

@@ -215,3 +215,10 @@ def test_a_site_claiming_many_rows_is_capped_like_a_training_claim():
     assert mean == pytest.approx((100 + 200 + 300 + 1000 * 1000) / 1300)
     uncapped = Standardization.from_stats(_capped_total([*honest, liar], 0)).mean[0]
     assert uncapped > 999  # what the cap prevents: the liar alone sets the mean
+
+
+def test_a_spread_too_small_for_float32_counts_as_constant_and_is_refused_in_a_message():
+    stats = FeatureStats(3, np.array([3.0]), np.array([0.0]), np.array([1e-300]))
+    assert Standardization.from_stats(stats).scale[0] == 1.0  # not 3e-151, which is 0 in float32
+    with pytest.raises(FedmlError, match="preprocess-scale"):
+        Standardization.from_config({MEAN_KEY: [0.0], SCALE_KEY: [1e-40]})

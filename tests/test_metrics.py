@@ -232,3 +232,23 @@ def test_a_sites_personal_metrics_are_screened_like_its_others():
     sites = site_results(replies_from(contents))
     assert sites["a"]["personal"] == {"validation": {"accuracy": 0.9, "num-examples": 10.0}}
     assert sites["b"]["personal"] == {"test": {"accuracy": 0.5, "num-examples": 3.0}}
+
+
+def test_a_name_crafted_to_collide_at_the_length_limit_still_ends_unique():
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedml.records import SITE_RECORD
+    from fedml.site_results import site_results
+
+    long = "x" * 64
+    crafted = long[:58] + "-node2"  # what node 2's renamed entry would be called
+    contents = []
+    for name in (crafted, long):
+        content = RecordDict({"metrics": MetricRecord({"loss": 0.3, "num-examples": 10})})
+        content[SITE_RECORD] = ConfigRecord({"name": name})
+        contents.append(content)
+    # node 1 takes the crafted name first; node 2's "x"*64 is taken by nobody, but
+    # a second reply with the same long name must still get a fresh one
+    contents.append(contents[1])
+    sites = site_results(replies_from(contents))
+    assert len(sites) == 3 and all(len(name) <= 64 for name in sites)

@@ -63,3 +63,28 @@ def test_fine_tune_epochs_out_of_range_is_one_clear_error(epochs):
 
     with pytest.raises(FedmlError, match=r"client\.fine_tune_epochs must be 0 \(off\) \.\. 1000"):
         load_config(None, {"client.fine_tune_epochs": epochs})
+
+
+def test_fine_tuning_is_refused_with_example_level_dp():
+    from fedml.errors import FedmlError
+
+    with pytest.raises(FedmlError, match=r"not available with dp\.mode = 'sample'"):
+        load_config(None, {"client.fine_tune_epochs": 1, "dp.mode": "sample"})
+
+
+def test_sites_fine_tune_at_the_rounds_learning_rate(tmp_path):
+    """A decaying step: the personal models of round 2 are tuned at round 2's rate."""
+    seen: list[float] = []
+    original = fedml_client.train_local
+
+    def spy(model, shard, settings, device, generator):
+        seen.append(settings.lr)
+        return original(model, shard, settings, device, generator)
+
+    fedml_client.train_local = spy
+    try:
+        history = _play(tmp_path, "decay", **{"client.fine_tune_epochs": 1, "client.lr_decay": 0.5})
+    finally:
+        fedml_client.train_local = original
+    assert [row["lr"] for row in history] == [0.1, 0.05]
+    assert set(seen) == {0.1, 0.05}  # training and fine-tuning, each at its round's rate

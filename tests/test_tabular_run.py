@@ -358,3 +358,21 @@ def test_the_model_file_alone_serves_raw_rows_as_the_run_evaluated_them(tmp_path
     older.write_bytes(encode_arrays(read_model(tmp_path / "run" / "model.safetensors"), 2))
     with pytest.raises(FedmlError, match="does not say which model it holds"):
         load_model(older)
+
+
+def test_a_model_file_naming_a_user_model_is_loaded_only_when_trusted(tmp_path):
+    from fedml.models import load_model
+    from fedml.runstore import read_model
+    from fedml.runstore.format import encode_arrays
+
+    path = tmp_path / "user.safetensors"
+    description = {"name": "evil_module:factory", "hidden": 4, "input_shape": [3],
+                   "num_classes": 2, "private": False, "fix_model": False,
+                   "standardization": None}  # fmt: skip
+    simulate(load_config(None, {"data.dataset": "breast-cancer", "simulation.clients": 2,
+                                "rounds": 1, "out": str(tmp_path / "r")}))  # fmt: skip
+    path.write_bytes(
+        encode_arrays(read_model(tmp_path / "r" / "model.safetensors"), 1, description)
+    )
+    with pytest.raises(FedmlError, match="loading it imports and runs that module"):
+        load_model(path)

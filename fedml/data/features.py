@@ -45,6 +45,7 @@ MAX_ROWS = 10**12  # a site claiming more rows than this sent a broken record
 # Values a model's float32 input can hold with room to spare: a mean or spread beyond
 # this (in a reply, or combined) is refused, never turned into inf inside the model.
 MAX_MAGNITUDE = 1e30
+MIN_SCALE = 1 / MAX_MAGNITUDE  # a smaller spread is constant: float32 would make it 0
 # The stats reply's metric keys, and the query's config key for the shift.
 ROWS, OBSERVED, SUMS, SQUARES = "rows", "observed", "sums", "squares"
 SHIFT_KEY = "shift"
@@ -130,14 +131,17 @@ class FeatureStats:
             raise ValueError(f"'{OBSERVED}' must be whole numbers 0 .. {ROWS} ({rows})")
         if ((observed == 0) & ((sums != 0) | (squares != 0))).any():
             raise ValueError("a feature with no observed value has sums")
-        seen = np.maximum(observed, 1)
-        if (np.abs(sums) / seen > MAX_MAGNITUDE).any() or (
-            np.sqrt(squares / seen) > MAX_MAGNITUDE
-        ).any():
-            raise ValueError(f"the values' magnitude exceeds {MAX_MAGNITUDE:g}")
-        # Cauchy-Schwarz: sum(x)^2 <= n * sum(x^2) for any n real values
-        if (squares < 0).any() or (np.square(sums) > observed * squares * (1 + 1e-9) + 1e-9).any():
-            raise ValueError("the sums and sums of squares cannot come from real values")
+        with np.errstate(over="ignore", invalid="ignore"):  # a hostile size is refused, not warned
+            seen = np.maximum(observed, 1)
+            if (np.abs(sums) / seen > MAX_MAGNITUDE).any() or (
+                np.sqrt(squares / seen) > MAX_MAGNITUDE
+            ).any():
+                raise ValueError(f"the values' magnitude exceeds {MAX_MAGNITUDE:g}")
+            # Cauchy-Schwarz: sum(x)^2 <= n * sum(x^2) for any n real values
+            if (squares < 0).any() or (
+                np.square(sums) > observed * squares * (1 + 1e-9) + 1e-9
+            ).any():
+                raise ValueError("the sums and sums of squares cannot come from real values")
         return cls(rows, observed, sums, squares)
 
 
@@ -161,7 +165,7 @@ class Standardization:
         centred = np.where(stats.observed > 0, stats.sums / seen, 0.0)  # mean - shift
         variance = np.maximum(stats.squares / seen - np.square(centred), 0.0)
         scale = np.sqrt(variance)
-        constant = (scale == 0) | (scale <= MIN_RELATIVE_SCALE * np.abs(centred))
+        constant = (scale < MIN_SCALE) | (scale <= MIN_RELATIVE_SCALE * np.abs(centred))
         mean = np.where(stats.observed > 0, centred + offset, 0.0)
         result = cls(mean, np.where(constant, 1.0, scale))
         if not result.usable():
@@ -176,7 +180,7 @@ class Standardization:
         return bool(
             np.isfinite(self.mean).all()
             and np.isfinite(self.scale).all()
-            and (self.scale > 0).all()
+            and (self.scale >= MIN_SCALE).all()
             and (np.abs(self.mean) <= MAX_MAGNITUDE).all()
             and (self.scale <= MAX_MAGNITUDE).all()
         )

@@ -87,11 +87,14 @@ class Child:
         groups = {self.process.pid} | self._descendant_groups()
         if self.alive() and grace > 0:
             _signal_group(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(grace)
-        # again: what was born during the grace period (a Ray worker the pool started as
-        # the shutdown began, in a session of its own) is a descendant only until killed
-        groups |= self._descendant_groups()
+            # While it shuts down, collect its descendants' groups again and again: what
+            # is born meanwhile (a Ray worker the pool starts as the shutdown begins, in
+            # a session of its own) is found only while its parent lives. The child is
+            # not reaped until then, so its pid cannot be reused under us.
+            deadline = time.monotonic() + grace
+            while not self._exited_unreaped() and time.monotonic() < deadline:
+                groups |= self._descendant_groups()
+                time.sleep(0.1)
         if self.alive():
             _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait(KILL_WAIT_S)
@@ -100,6 +103,15 @@ class Child:
         for group in sorted(groups):
             sweep_group(group)
         self._log_handle.close()
+
+    def _exited_unreaped(self) -> bool:
+        """Whether the child has exited, leaving it unreaped (a zombie keeps its pid)."""
+        if self.process.returncode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
 
     def _descendant_groups(self) -> set[int]:
         """The process groups of this process's live descendants (never our own)."""
