@@ -21,7 +21,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from clients.app import _derive_seed
@@ -57,7 +56,7 @@ def central(cfg: RunConfig, epochs: int) -> list[float]:
         split_validation(fed.client(i), cfg.data.val_fraction, _derive_seed(cfg.seed, i))[0]
         for i in range(fed.num_clients)
     ]
-    pooled = Shard(np.concatenate([s.x for s in shards]), np.concatenate([s.y for s in shards]))
+    pooled = Shard.concat(shards)
     model = model_for(cfg, fed.input_shape, fed.num_classes)
     settings = replace(TrainSettings.for_round(cfg.client, cfg.client.lr), local_epochs=1)
     cpu, generator = torch.device("cpu"), torch.Generator().manual_seed(cfg.seed)

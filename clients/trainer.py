@@ -134,14 +134,7 @@ def evaluation_metrics(
 def evaluate(
     model: nn.Module, shard: Shard, device: torch.device, batch_size: int = 1024
 ) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of `model` on `shard`."""
-    model.to(device).eval()
-    x, y = to_tensors(shard, device)
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
-        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == target).sum().item()
-    n = max(len(y), 1)
-    return loss_sum / n, correct / n
+    """Mean cross-entropy loss and accuracy of `model` on `shard` (`evaluation_metrics`'
+    first two)."""
+    metrics = evaluation_metrics(model, shard, device, batch_size)
+    return metrics["loss"], metrics["accuracy"]

@@ -38,6 +38,11 @@ DATASETS = (
     "csv:<dir>",
 )  # fmt: skip
 PREPROCESS = ("auto", "standardize", "none")
+# The datasets that are a folder on this machine, and what it must hold.
+FOLDER_DATASETS = {
+    "npz:": "client-<i>.npz shards (or, for fedml server, just test.npz)",
+    "csv:": "one CSV file per site (or, for fedml server, just test.csv)",
+}
 MAX_FINE_TUNE_EPOCHS = 1000
 # The built-in models (fedml.models.BUILTIN, which imports torch; a test keeps them equal).
 MODELS = ("logreg", "mlp", "cnn", "lenet", "resnet18-gn")
@@ -401,21 +406,13 @@ def check_data_path(cfg: RunConfig) -> None:
     """The run's `npz:<dir>` or `csv:<dir>` must exist on this machine. Checked where the
     data is read (the CLI, the ServerApp), never by `validate`: a data site parses the
     same run config and must not look for the server's folders on its own disk."""
-    if cfg.data.dataset.startswith("npz:"):
+    kind = cfg.data.dataset[:4]
+    if kind in FOLDER_DATASETS:
         directory = Path(cfg.data.dataset[4:]).expanduser()
         _check(
             directory.is_dir(),
             f"data.dataset '{cfg.data.dataset}': directory {directory} does not exist. "
-            "Point npz:<dir> at a directory holding client-<i>.npz shards (or, for "
-            "fedml server, just test.npz).",
-        )
-    if cfg.data.dataset.startswith("csv:"):
-        directory = Path(cfg.data.dataset[4:]).expanduser()
-        _check(
-            directory.is_dir(),
-            f"data.dataset '{cfg.data.dataset}': directory {directory} does not exist. "
-            "Point csv:<dir> at a directory holding one CSV file per site (or, for fedml "
-            "server, just test.csv).",
+            f"Point {kind}<dir> at a directory holding {FOLDER_DATASETS[kind]}.",
         )
 
 

@@ -49,6 +49,22 @@ class FlowerLikeGrid(InProcessGrid):
         return reply
 
 
+def _in_process_and_simulated(tmp_path, overrides: dict) -> tuple[list[dict], list[dict]]:
+    """The histories of one run on the in-process grid and on the Ray engine's grid
+    (Flower-like node IDs, no node state kept), in that order."""
+    reference = _play(
+        load_config(None, {**overrides, "out": str(tmp_path / "inprocess")}),
+        lambda app, cfg: InProcessGrid(app, cfg.simulation.clients, cfg.to_flat()),
+    )
+    history = _play(
+        load_config(None, {**overrides, "out": str(tmp_path / "sim")}),
+        lambda app, cfg: SimulatedNodesGrid(
+            FlowerLikeGrid(app, cfg.simulation.clients, cfg.to_flat()), cfg.simulation.clients
+        ),
+    )
+    return reference, history
+
+
 def _play(cfg, grid_for) -> list[dict]:
     from clients.app import app as client_app
 
@@ -100,16 +116,7 @@ def test_secure_rounds_on_simulated_nodes_equal_the_in_process_ones(tmp_path):
     def without_times(history):
         return [{**row, "seconds": 0, "secagg": {**row["secagg"], "seconds": 0}} for row in history]
 
-    reference = _play(
-        load_config(None, {**overrides, "out": str(tmp_path / "inprocess")}),
-        lambda app, cfg: InProcessGrid(app, cfg.simulation.clients, cfg.to_flat()),
-    )
-    history = _play(
-        load_config(None, {**overrides, "out": str(tmp_path / "sim")}),
-        lambda app, cfg: SimulatedNodesGrid(
-            FlowerLikeGrid(app, cfg.simulation.clients, cfg.to_flat()), cfg.simulation.clients
-        ),
-    )
+    reference, history = _in_process_and_simulated(tmp_path, overrides)
     assert without_times(history) == without_times(reference)
     assert history[-1]["secagg"]["unmasked"] == 5
 
@@ -121,16 +128,7 @@ def test_hospital_statistics_and_site_results_on_simulated_nodes_equal_the_in_pr
     engine's grid (Flower's node IDs): the same standardisation, the same sites under
     the same names, the same rounds (`fedml simulate --engine ray` was run too)."""
     overrides = {"rounds": 2, "data.dataset": "fed-heart-disease", "model.name": "logreg"}
-    reference = _play(
-        load_config(None, {**overrides, "out": str(tmp_path / "inprocess")}),
-        lambda app, cfg: InProcessGrid(app, cfg.simulation.clients, cfg.to_flat()),
-    )
-    history = _play(
-        load_config(None, {**overrides, "out": str(tmp_path / "sim")}),
-        lambda app, cfg: SimulatedNodesGrid(
-            FlowerLikeGrid(app, cfg.simulation.clients, cfg.to_flat()), cfg.simulation.clients
-        ),
-    )
+    reference, history = _in_process_and_simulated(tmp_path, overrides)
     assert history == [{**row, "seconds": history[i]["seconds"]} for i, row in enumerate(reference)]
     assert history[0]["preprocess"] == {"standardized": 13, "sites": 4, "rows": 389}
     assert list(history[-1]["sites"]) == ["cleveland", "hungary", "switzerland", "va-long-beach"]

@@ -577,7 +577,7 @@ def csv_federation(
         split = [_hold_out(t, test_fraction, seed, k) for k, t in enumerate(tables)]
         train = [kept for kept, _ in split]
         held = [out for _, out in split]
-        test = Shard(np.concatenate([h.x for h in held]), np.concatenate([h.y for h in held]))
+        test = Shard.concat(held)
     if test.x.shape[1:] != train[0].x.shape[1:]:
         raise FedmlError(
             f"{test_path} has {test.x.shape[1]} feature columns, the sites "
@@ -605,16 +605,10 @@ def heart_federation(partition_spec: str, num_clients: int, seed: int) -> Federa
     training rows (`natural`, the default), or the four hospitals' training rows pooled
     and split by another partition; the server's test set is the four test sets pooled."""
     hospitals = read_hospitals()
+    test = Shard.concat([h.test for h in hospitals])
     spec = effective_partition(HEART, partition_spec)
     if parse_partition(spec)[0] != "natural":
-        pool = Shard(
-            np.concatenate([h.train.x for h in hospitals]),
-            np.concatenate([h.train.y for h in hospitals]),
-        )
-        test = Shard(
-            np.concatenate([h.test.x for h in hospitals]),
-            np.concatenate([h.test.y for h in hospitals]),
-        )
+        pool = Shard.concat([h.train for h in hospitals])
         parts = partition(pool.y, num_clients, seed, spec)
         return Federation(
             num_clients, 2, (pool.x.shape[1],), test, pool, tuple(parts),
@@ -626,14 +620,7 @@ def heart_federation(partition_spec: str, num_clients: int, seed: int) -> Federa
             f"simulation.clients is {num_clients}; leave it unset (or set it to "
             f"{len(hospitals)}), or choose another partition (iid, dirichlet:ALPHA)."
         )
-    federation = _pooled(
-        [h.train for h in hospitals],
-        Shard(
-            np.concatenate([h.test.x for h in hospitals]),
-            np.concatenate([h.test.y for h in hospitals]),
-        ),
-        HOSPITALS,
-    )
+    federation = _pooled([h.train for h in hospitals], test, HOSPITALS)
     return dataclasses.replace(
         federation, feature_names=HEART_FEATURES, site_tests=tuple(h.test for h in hospitals)
     )
@@ -643,7 +630,7 @@ def _pooled(sites: list[Shard], test: Shard, names: tuple[str, ...]) -> Federati
     """A federation of these sites' shards (kept in one pool), their names and the
     server's test set."""
     sizes = np.cumsum([0, *(len(s) for s in sites)])
-    pool = Shard(np.concatenate([s.x for s in sites]), np.concatenate([s.y for s in sites]))
+    pool = Shard.concat(sites)
     return Federation(
         num_clients=len(sites),
         num_classes=int(max(pool.y.max(), test.y.max())) + 1,

@@ -21,3 +21,8 @@ class Shard:
 
     def take(self, index: np.ndarray) -> Shard:
         return Shard(self.x[index], self.y[index])
+
+    @classmethod
+    def concat(cls, shards: list[Shard]) -> Shard:
+        """The shards' examples, one after another (a pool, a site's files)."""
+        return cls(np.concatenate([s.x for s in shards]), np.concatenate([s.y for s in shards]))

@@ -47,7 +47,7 @@ def read_site_data(path: Path, label_column: str = DEFAULT_LABEL_COLUMN) -> Shar
         shapes = {s.x.shape[1:] for s in shards}
         if len(shapes) != 1:
             raise FedmlError(f"{path}: the .npz files disagree on the feature shape: {shapes}.")
-        return Shard(np.concatenate([s.x for s in shards]), np.concatenate([s.y for s in shards]))
+        return Shard.concat(shards)
     if path.suffix == ".npz":
         return read_shard(path)
     if path.suffix == ".csv":
