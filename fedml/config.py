@@ -31,7 +31,7 @@ from fedml import regular_files
 from fedml.data.datasets import natural_clients
 from fedml.data.partition import parse_partition
 from fedml.errors import FedmlError
-from fedml.monitor import RECORDED_METRICS, Target
+from fedml.monitor import RECORDED_METRICS, TEST_SOURCE, Target
 
 DATASETS = (
     "digits", "mnist-5k", "breast-cancer", "fed-heart-disease", "synthetic", "npz:<dir>",
@@ -259,9 +259,11 @@ class SecAggConfig:
 @dataclass
 class CheckpointConfig:
     """What the run directory keeps: the newest `keep` commits plus the best one by
-    `monitor` (a history metric such as "server.accuracy" or "evaluate.loss"; "auto"
-    picks server accuracy, else federated accuracy, else train loss). `mode` is max or
-    min; "auto" minimises metrics named like a loss and maximises the rest."""
+    `monitor`, whose model is also `best.safetensors`. The best is chosen on validation
+    rows only: an `evaluate.*` (the sites' validation rows) or `train.*` metric of the
+    history; "auto" picks federated accuracy, else federated loss, else train loss.
+    `server.*` (the test set) is refused. `mode` is max or min; "auto" minimises metrics
+    named like a loss and maximises the rest."""
 
     keep: int = 3
     monitor: str = "auto"
@@ -679,6 +681,17 @@ def validate(cfg: RunConfig) -> None:
 def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
     _check(checkpoint.keep >= 1, f"checkpoint.keep must be at least 1, got {checkpoint.keep}.")
     _metric_name("checkpoint.monitor", checkpoint.monitor, allow_auto=True)
+    source, _, name = checkpoint.monitor.partition(".")
+    same_on_validation = f"evaluate.{name}"
+    if same_on_validation not in RECORDED_METRICS:
+        same_on_validation = "evaluate.accuracy"
+    _check(
+        source != TEST_SOURCE,
+        f"checkpoint.monitor '{checkpoint.monitor}' would choose the best model "
+        "(best.safetensors) on the test set, which makes that test result optimistic. "
+        f"Monitor the sites' validation rows instead: auto, {same_on_validation} or "
+        "train.loss.",
+    )
     _check(
         checkpoint.mode in ("auto", "max", "min"),
         f"checkpoint.mode '{checkpoint.mode}' is unknown. Use auto, max or min.",

@@ -32,7 +32,10 @@ RECORDED_METRICS = (
     "train.loss",
     "train.num-examples",
 )
-AUTO_ORDER = ("server.accuracy", "evaluate.accuracy", "train.loss")
+# The best model is chosen on the sites' validation rows (federated evaluation), never on
+# a test set: a model picked by its test score makes that score optimistic.
+AUTO_ORDER = ("evaluate.accuracy", "evaluate.loss", "train.loss")
+TEST_SOURCE = "server"  # the server's rows are a test set (the pooled sites' test rows)
 LOSS_ORDER = ("server.loss", "evaluate.loss", "train.loss")
 
 

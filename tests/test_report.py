@@ -179,8 +179,8 @@ def test_summary_csv_has_one_row_per_run_and_rounds_csv_one_per_round(two_runs, 
         assert int(line["rounds"]) == len(history)
         assert line["stop_reason"] == "max rounds"
         assert float(line["last_test_accuracy"]) == history[-1]["server"]["accuracy"]
-        best = max(history, key=lambda row: row["server"]["accuracy"])
-        assert int(line["best_round"]) == best["round"]
+        best = max(history, key=lambda row: (row["evaluate"]["accuracy"], -row["round"]))
+        assert int(line["best_round"]) == best["round"]  # on validation, not the test set
         assert math.isclose(float(line["seconds"]), math.fsum(r["seconds"] for r in history))
         assert line["epsilon"] == ""
     rounds = _read_csv(report.out / "rounds.csv")

@@ -231,9 +231,11 @@ def test_runs_shows_one_run_and_a_folder_of_runs(finished_run):
     text = " ".join(result.stdout.split())
     assert "finished (max rounds)" in text and "2 of 2" in text
     rows = [json.loads(line) for line in (finished_run / "history.jsonl").read_text().splitlines()]
-    best = max(rows, key=lambda r: (r["server"]["accuracy"], -r["round"]))
-    expected = f"round {best['round']}: server.accuracy {best['server']['accuracy']:.4f}"
+    best = max(rows, key=lambda r: (r["evaluate"]["accuracy"], -r["round"]))
+    expected = f"round {best['round']}: evaluate.accuracy {best['evaluate']['accuracy']:.4f}"
     assert f"best round │ {expected}" in text
+    best_commit = finished_run / "commits" / f"round-{best['round']:06d}" / "arrays.safetensors"
+    assert (finished_run / "best.safetensors").read_bytes() == best_commit.read_bytes()
 
     table = _fedml("runs", str(finished_run.parent))
     assert table.returncode == 0 and "run" in table.stdout and "2/2" in table.stdout

@@ -42,7 +42,13 @@ def _arrays(value: float) -> ArrayRecord:
 
 
 def _row(server_round: int, accuracy: float) -> dict:
-    return {"round": server_round, "server": {"accuracy": accuracy, "loss": 1.0 - accuracy}}
+    """A history row whose validation accuracy is `accuracy`; its test accuracy runs the
+    other way, so a best chosen on the test set would show."""
+    return {
+        "round": server_round,
+        "evaluate": {"accuracy": accuracy, "loss": 1.0 - accuracy},
+        "server": {"accuracy": 1.0 - accuracy, "loss": accuracy},
+    }
 
 
 def _run_with_commits(tmp_path: Path, accuracies: list[float], **overrides) -> RunStore:
@@ -137,10 +143,48 @@ def test_best_follows_the_monitored_metric_and_mode(tmp_path):
     store = _run_with_commits(
         tmp_path,
         [0.9, 0.1, 0.5, 0.6],
-        **{"checkpoint.keep": 1, "checkpoint.monitor": "server.loss"},
+        **{"checkpoint.keep": 1, "checkpoint.monitor": "evaluate.loss"},
     )
-    # server.loss = 1 - accuracy; "auto" mode minimises a loss: round 1 has the lowest
+    # evaluate.loss = 1 - accuracy; "auto" mode minimises a loss: round 1 has the lowest
     assert [p.name for p in store.commit_dirs()] == ["round-000001", "round-000004"]
+
+
+@settings(max_examples=25)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=8), st.integers(1, 3), st.integers(0, 8))
+def test_best_model_file_is_the_best_validation_round_across_a_resume(accuracies, keep, cut):
+    """best.safetensors holds the arrays of the round with the best validation accuracy
+    (the test accuracy, which runs the other way, is never looked at), and a resume
+    from an earlier commit points it at the best of the rounds that commit covers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        _run_with_commits(Path(tmp), accuracies, **{"checkpoint.keep": keep})
+        best = 1 + max(range(len(accuracies)), key=lambda i: (accuracies[i], -i))
+        assert _same_arrays(read_model(run / "best.safetensors"), _arrays(best))
+
+        kept = sorted(int(p.name.split("-")[1]) for p in (run / "commits").iterdir())
+        back_to = kept[min(cut, len(kept) - 1)]
+        for newer in (r for r in kept if r > back_to):  # damaged: resume goes back
+            (run / "commits" / f"round-{newer:06d}" / "MANIFEST.json").unlink()
+        store, _ = _resume(Path(tmp))
+        store.close()
+        covered = [r for r in kept if r <= back_to]
+        best_kept = max(covered, key=lambda r: (accuracies[r - 1], -r))
+        assert _same_arrays(read_model(run / "best.safetensors"), _arrays(best_kept))
+
+
+def test_a_best_model_chosen_on_the_test_set_is_refused(tmp_path):
+    with pytest.raises(FedmlError, match="on the test set.*evaluate.loss"):
+        _cfg(tmp_path, **{"checkpoint.monitor": "server.loss"})
+    with pytest.raises(FedmlError, match="auto, evaluate.accuracy or train.loss"):
+        _cfg(tmp_path, **{"checkpoint.monitor": "server.auroc"})
+
+
+def test_no_best_model_file_without_a_validation_metric(tmp_path):
+    store = RunStore.create(tmp_path / "run", _cfg(tmp_path))
+    store.commit(1, _arrays(1.0), {"round": 1, "server": {"accuracy": 0.9}}, state={})
+    store.close()
+    assert not (tmp_path / "run" / "best.safetensors").exists()
+    assert (tmp_path / "run" / "model.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------- damage
@@ -314,7 +358,7 @@ def test_status_reports_progress_best_and_damage(tmp_path):
     store = _run_with_commits(tmp_path, [0.4, 0.9, 0.5, 0.6], **{"rounds": 6})
     status = run_status(tmp_path / "run")
     assert (status.state, status.rounds_done, status.cfg.rounds) == ("interrupted", 4, 6)
-    assert status.best["round"] == 2 and status.best_metric == "server.accuracy"
+    assert status.best["round"] == 2 and status.best_metric == "evaluate.accuracy"
     assert [c.round for c in status.commits] == [2, 3, 4]
 
     store.commit(5, _arrays(5), _row(5, 0.7), state={})

@@ -7,6 +7,9 @@ Layout (a public format, documented in README):
     model.safetensors        the run's global model: a hard link to the latest commit's
                              arrays, or, once early stopping ended the run with
                              `stop.restore_best`, to the best round's
+    best.safetensors         a hard link to the arrays of the best committed round by
+                             `checkpoint.monitor` (validation rows only; relinked
+                             with every commit and at resume)
     commits/round-000012/    one commit per round; the newest `checkpoint.keep`, the
                              best by `checkpoint.monitor` and the early-stopping best
                              round are kept

@@ -26,6 +26,7 @@ from fedml.statefile import decode_state, recorddict_from_bytes
 CONFIG = "config.toml"
 HISTORY = "history.jsonl"
 MODEL = "model.safetensors"
+BEST = "best.safetensors"  # the best round by checkpoint.monitor (validation rows)
 COMMITS = "commits"
 DAMAGED = "damaged"
 DEPLOYED = "deployed"  # marker: the run was started by `fedml server` (real sites)

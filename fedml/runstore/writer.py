@@ -34,6 +34,7 @@ from fedml.records import HistoryRow
 from fedml.runstore.files import atomic_write, fsync_dir, storage_error, write_synced
 from fedml.runstore.format import (
     ARRAYS_FILE,
+    BEST,
     COMMITS,
     CONFIG,
     DAMAGED,
@@ -58,6 +59,7 @@ from fedml.runstore.format import (
     read_config,
 )
 from fedml.runstore.policy import (
+    best_row,
     covered_history_bytes,
     pruned_commits,
     refuse_existing_run,
@@ -192,6 +194,7 @@ class RunStore:
             self._link_model(self._model_commit(checkpoint.path, checkpoint.model_round))
         else:
             (self.path / MODEL).unlink(missing_ok=True)
+        self._link_best()
         if cfg.to_toml() != self.cfg.to_toml():
             atomic_write(self.path / CONFIG, cfg.to_toml().encode())
         self.cfg = cfg
@@ -218,7 +221,7 @@ class RunStore:
         for entry in root.iterdir():
             if entry.name.startswith("."):
                 shutil.rmtree(entry, ignore_errors=True)
-        for entry in self.path.glob(f".{MODEL}.*"):
+        for entry in [*self.path.glob(f".{MODEL}.*"), *self.path.glob(f".{BEST}.*")]:
             entry.unlink(missing_ok=True)
 
     def _set_aside(self, commit: Path) -> None:
@@ -274,7 +277,7 @@ class RunStore:
             )
         except OSError as exc:  # the disk is full, read-only, ...: say so, leave no litter
             shutil.rmtree(self._staging_dir(server_round), ignore_errors=True)
-            for entry in self.path.glob(f".{MODEL}.*"):
+            for entry in [*self.path.glob(f".{MODEL}.*"), *self.path.glob(f".{BEST}.*")]:
                 entry.unlink(missing_ok=True)
             done = [commit_round(c) or 0 for c in self.commit_dirs()]
             raise storage_error(
@@ -315,6 +318,7 @@ class RunStore:
         final = self._publish(server_round, files, manifest)
         self._pin(keep_round, model_round)
         self._link_model(self._model_commit(final, model_round))
+        self._link_best()
         self._prune()
         return final
 
@@ -389,15 +393,26 @@ class RunStore:
         fsync_dir(root)
         return final
 
-    def _link_model(self, commit: Path) -> None:
-        """Point model.safetensors at the commit's arrays: a hard link swapped in
-        atomically (a copy on file systems without hard links). The directory is not
+    def _link_best(self) -> None:
+        """Point best.safetensors at the best committed round's arrays by
+        `checkpoint.monitor` (validation rows only; retention always keeps that commit);
+        none while no committed round has the metric."""
+        committed = {commit_round(c) for c in self.commit_dirs()}
+        best = best_row(self.cfg.checkpoint, [r for r in self._rows if r["round"] in committed])
+        if best is None:
+            (self.path / BEST).unlink(missing_ok=True)
+            return
+        self._link_model(self.path / COMMITS / commit_name(best["round"]), BEST)
+
+    def _link_model(self, commit: Path, name: str = MODEL) -> None:
+        """Point model.safetensors (or `name`) at the commit's arrays: a hard link swapped
+        in atomically (a copy on file systems without hard links). The directory is not
         fsynced: after a power cut the link may be one round old, and resume relinks it
         from the commit, which is what is durable."""
-        source, target = commit / ARRAYS_FILE, self.path / MODEL
+        source, target = commit / ARRAYS_FILE, self.path / name
         if target.exists() and os.path.samefile(source, target):
             return  # already linked (renaming a link onto itself would do nothing)
-        staging = self.path / f".{MODEL}.{os.getpid()}.tmp"
+        staging = self.path / f".{name}.{os.getpid()}.tmp"
         staging.unlink(missing_ok=True)
         try:
             os.link(source, staging)
