@@ -65,7 +65,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from clients import secagg
+from clients import personal, secagg
 from clients.trainer import TrainResult, evaluation_metrics, resolve_device, train_local
 from fedml.arrays import from_state_dict, to_numpy, to_state_dict
 from fedml.config import RunConfig
@@ -314,6 +314,12 @@ def train(msg: Message, context: Context) -> Message:
         else secrets.randbits(63)
     )
     settings = job.settings(config)
+    received = msg.content["arrays"]
+    head = personal.head_names(model) if job.cfg.client.personal == personal.FEDPER else []
+    if head:  # FedPer: the shared body trains under this site's own head
+        own_head = personal.load(context, job.cfg)
+        if own_head is not None:
+            personal.apply(model, own_head)
     privacy: dict[str, float] = {}
     if job.cfg.dp.mode == "sample":
         from clients.privacy import PrivacyBudgetExhausted
@@ -327,13 +333,19 @@ def train(msg: Message, context: Context) -> Message:
     else:
         generator = torch.Generator().manual_seed(seed)
         result = train_local(model, job.train, settings, device, generator)
+    trained = from_state_dict(model.state_dict())
+    if head:  # the site keeps its head; the reply carries the head it received
+        personal.save(context, job.cfg, {name: model.state_dict()[name] for name in head})
+        trained = personal.keep_shared_head(trained, received, head)
+    if job.cfg.client.personal == personal.DITTO:
+        _train_ditto(job, context, received, config, settings, device, server_round)
     if wire.ROUND in msg.content.config_records:  # a secure round: only the masked update
         content = secagg.masked_update(
             msg,
             context,
             job.cfg,
-            trained={k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
-            reference={k: to_numpy(a) for k, a in msg.content["arrays"].items()},
+            trained={k: to_numpy(a) for k, a in trained.items()},
+            reference={k: to_numpy(a) for k, a in received.items()},
             num_examples=result.num_examples,
             metrics={"loss": result.loss},
             rng=np.random.default_rng(seed),
@@ -341,11 +353,49 @@ def train(msg: Message, context: Context) -> Message:
         content["metrics"] = MetricRecord(privacy)
     else:
         metrics = {"loss": result.loss, "num-examples": result.num_examples, **privacy}
-        content = RecordDict(
-            {"arrays": from_state_dict(model.state_dict()), "metrics": MetricRecord(metrics)}
-        )
+        content = RecordDict({"arrays": trained, "metrics": MetricRecord(metrics)})
     content[DEVICE_RECORD] = device_record(device)
     return Message(content=content, reply_to=msg)
+
+
+def _train_ditto(
+    job: LocalJob,
+    context: Context,
+    received: ArrayRecord,
+    config: ConfigRecord,
+    settings: TrainSettings,
+    device: torch.device,
+    server_round: int,
+) -> None:
+    """Ditto's personal step: the site's personal model (the global one the first time)
+    trains on its rows towards the round's global model, and stays here."""
+    anchor = job.model(received, config)
+    mine = job.model(received, config)
+    stored = personal.load(context, job.cfg)
+    if stored is not None:
+        personal.apply(mine, stored)
+    pulled = dataclasses.replace(settings, proximal_mu=job.cfg.client.ditto_lambda)
+    generator = torch.Generator().manual_seed(_personal_seed(job, server_round))
+    train_local(mine, job.train, pulled, device, generator, anchor=anchor)
+    personal.save(context, job.cfg, mine.state_dict())
+
+
+def _personal_seed(job: LocalJob, server_round: int) -> int:
+    """Simulated clients follow the run seed; a data site draws from OS entropy."""
+    if job.partition_id is None:
+        return secrets.randbits(63)
+    return _derive_seed(job.cfg.seed, server_round, job.partition_id, PERSONAL_STREAM)
+
+
+def _personal_model(
+    job: LocalJob, context: Context, arrays: ArrayRecord, config: ConfigRecord
+) -> torch.nn.Module | None:
+    """The site's kept personal model (Ditto's, or the global body under its FedPer
+    head); None before the site first trained."""
+    stored = personal.load(context, job.cfg)
+    if stored is None:
+        return None
+    return personal.apply(job.model(arrays, config), stored)
 
 
 @app.train(wire.KEYS_ACTION)
@@ -426,19 +476,18 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     site = ConfigRecord({"name": job.site_name})
     site.update(_own_test_metrics(job, model, device, TEST_PREFIX))
     epochs = int(config.get(FINE_TUNE_KEY, 0))
+    mine = None
     if epochs > 0:  # a personal model: the global one fine-tuned here, never sent
-        personal = job.model(msg.content["arrays"], config)
+        mine = job.model(msg.content["arrays"], config)
         settings = dataclasses.replace(job.settings(config), local_epochs=epochs, proximal_mu=0.0)
-        server_round = int(config.get(SERVER_ROUND_KEY, 0))
-        seed = (  # simulated clients follow the run seed; a data site draws from OS entropy
-            _derive_seed(job.cfg.seed, server_round, job.partition_id, PERSONAL_STREAM)
-            if job.partition_id is not None
-            else secrets.randbits(63)
-        )
-        train_local(personal, job.train, settings, device, torch.Generator().manual_seed(seed))
-        validated = evaluation_metrics(personal, job.val, device)
+        seed = _personal_seed(job, int(config.get(SERVER_ROUND_KEY, 0)))
+        train_local(mine, job.train, settings, device, torch.Generator().manual_seed(seed))
+    elif job.cfg.client.personal != "none":  # the personal model this site keeps
+        mine = _personal_model(job, context, msg.content["arrays"], config)
+    if mine is not None:
+        validated = evaluation_metrics(mine, job.val, device)
         site.update({f"{PERSONAL_PREFIX}{key}": value for key, value in validated.items()})
-        site.update(_own_test_metrics(job, personal, device, PERSONAL_PREFIX + TEST_PREFIX))
+        site.update(_own_test_metrics(job, mine, device, PERSONAL_PREFIX + TEST_PREFIX))
     content[SITE_RECORD] = site
     return Message(content=content, reply_to=msg)
 

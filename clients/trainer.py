@@ -79,18 +79,21 @@ def train_local(
     settings: TrainSettings,
     device: torch.device,
     generator: torch.Generator,
+    anchor: nn.Module | None = None,
 ) -> TrainResult:
     """Run `settings.local_epochs` epochs of minibatch training on `shard`, in place.
 
-    With `proximal_mu > 0` the FedProx objective loss + (mu/2)·||w - w_global||² is
-    minimised, `w_global` being the weights the model held when this call started.
+    With `proximal_mu > 0` the objective loss + (mu/2)·||w - w_global||² is minimised:
+    `w_global` is `anchor`'s weights (Ditto: the round's global model), else the weights
+    the model held when this call started (FedProx).
     """
     model.to(device).train()
     x, y = to_tensors(shard, device)
     optimizer = make_optimizer(model, settings)
     criterion = nn.CrossEntropyLoss()
     mu = settings.proximal_mu
-    global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
+    pulled_to = model if anchor is None else anchor.to(device)
+    global_params = [p.detach().clone() for p in pulled_to.parameters()] if mu > 0 else []
     total_loss, steps = 0.0, 0
     for _ in range(settings.local_epochs):
         order = torch.randperm(len(y), generator=generator).to(device)

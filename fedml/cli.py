@@ -155,6 +155,22 @@ FineTuneOpt = Annotated[
         "evaluation, reporting that personal model beside it (0: off).",
     ),
 ]
+PersonalOpt = Annotated[
+    str | None,
+    Opt(
+        show_default=default_of("client.personal"),
+        help="none | ditto | fedper: each site also keeps a personal model that never "
+        "leaves it (Ditto: a model pulled towards the global one; FedPer: its own last "
+        "layer) and reports it beside the global model.",
+    ),
+]
+DittoLambdaOpt = Annotated[
+    float | None,
+    Opt(
+        show_default=default_of("client.ditto_lambda"),
+        help="Ditto: how strongly a personal model is pulled towards the global one.",
+    ),
+]
 LabelColumnOpt = Annotated[
     str | None,
     Opt(
@@ -305,6 +321,8 @@ CONFIG_FLAGS: dict[str, str] = {
     "preprocess": "data.preprocess",
     "label_column": "data.label_column",
     "fine_tune_epochs": "client.fine_tune_epochs",
+    "personal": "client.personal",
+    "ditto_lambda": "client.ditto_lambda",
     "model": "model.name",
     "local_epochs": "client.local_epochs",
     "batch_size": "client.batch_size",
@@ -381,6 +399,8 @@ def simulate(
     preprocess: PreprocessOpt = None,
     label_column: LabelColumnOpt = None,
     fine_tune_epochs: FineTuneOpt = None,
+    personal: PersonalOpt = None,
+    ditto_lambda: DittoLambdaOpt = None,
     partition: Annotated[
         str | None,
         Opt(
@@ -670,6 +690,8 @@ def server(
     preprocess: PreprocessOpt = None,
     label_column: LabelColumnOpt = None,
     fine_tune_epochs: FineTuneOpt = None,
+    personal: PersonalOpt = None,
+    ditto_lambda: DittoLambdaOpt = None,
     model: ModelOpt = None,
     strategy: StrategyOpt = None,
     rounds: RoundsOpt = None,

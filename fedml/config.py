@@ -44,6 +44,8 @@ FOLDER_DATASETS = {
     "csv:": "one CSV file per site (or, for fedml server, just test.csv)",
 }
 MAX_FINE_TUNE_EPOCHS = 1000
+PERSONAL_MODES = ("none", "ditto", "fedper")
+MAX_DITTO_LAMBDA = 100.0  # Ditto tunes lambda in 0.01 .. 2; far above, SGD on v diverges
 # The built-in models (fedml.models.BUILTIN, which imports torch; a test keeps them equal).
 MODELS = ("logreg", "mlp", "cnn", "lenet", "resnet18-gn")
 OPTIMIZERS = ("sgd", "adam")
@@ -129,6 +131,11 @@ class ClientConfig:
     # training rows for this many epochs and reports that personal model's metrics
     # beside the global model's (the personal model never leaves the site)
     fine_tune_epochs: int = 0
+    # a personal model each site keeps (clients/personal.py; it never leaves the site):
+    # "none", "ditto" (trained every round towards the global model with strength
+    # `ditto_lambda`) or "fedper" (the site's own last layer under the shared body)
+    personal: str = "none"
+    ditto_lambda: float = 0.1
 
 
 @dataclass
@@ -661,6 +668,25 @@ def validate(cfg: RunConfig) -> None:
         "client.fine_tune_epochs is not available with dp.mode = 'sample': the personal "
         "models would train without DP-SGD and their metrics would spend no privacy budget. "
         "Set client.fine_tune_epochs = 0.",
+    )
+    _check(
+        client.personal in PERSONAL_MODES,
+        f"client.personal '{client.personal}' is unknown. Use {', '.join(PERSONAL_MODES)}.",
+    )
+    _check(
+        client.personal == "none" or cfg.dp.mode != "sample",
+        f"client.personal = '{client.personal}' is not available with dp.mode = 'sample': "
+        "personal models would train without DP-SGD and their metrics would spend no "
+        "privacy budget. Set client.personal = 'none'.",
+    )
+    _check(
+        client.personal == "none" or client.fine_tune_epochs == 0,
+        f"client.personal = '{client.personal}' and client.fine_tune_epochs both make the "
+        "sites' personal model; choose one (set the other to 'none' or 0).",
+    )
+    _check(
+        math.isfinite(client.ditto_lambda) and 0 <= client.ditto_lambda <= MAX_DITTO_LAMBDA,
+        f"client.ditto_lambda must be 0 .. {MAX_DITTO_LAMBDA:g}, got {client.ditto_lambda}.",
     )
     _check(
         0 <= client.fine_tune_epochs <= MAX_FINE_TUNE_EPOCHS,

@@ -82,7 +82,7 @@ DEVICE_RECORD = "device"
 # history row gathers them per site under "sites".
 SITE_RECORD = "site"
 TEST_PREFIX = "test-"
-PERSONAL_PREFIX = "personal-"  # the site's fine-tuned model's metrics ("personal-test-...")
+PERSONAL_PREFIX = "personal-"  # the site's personal model's metrics ("personal-test-...")
 
 
 def describe_secagg(entry: dict[str, Any]) -> str:
@@ -143,7 +143,7 @@ def describe_sites(row: HistoryRow) -> str:
         if "accuracy" in entry.get("personal", {}).get(split, {})
     ]
     if len(personal) == len(accuracies):
-        text += f"; fine-tuned at each site: mean {sum(personal) / len(personal):.4f}"
+        text += f"; personal models: mean {sum(personal) / len(personal):.4f}"
     return text
 
 

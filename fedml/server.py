@@ -38,6 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from clients.personal import FEDPER, head_names
 from clients.trainer import evaluation_metrics, resolve_device
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.components import RoundComponents
@@ -171,6 +172,8 @@ class Experiment:
             warn_if_unscaled(federation)
             refuse_missing_values(federation)
         evaluator = CentralEvaluator(cfg, federation)
+        if cfg.client.personal == FEDPER:
+            head_names(evaluator.model)  # refuses a model with no body to share
         return cls(cfg, strategy, evaluator, validator, standardize)
 
     def scaling(self) -> FeatureScaling:

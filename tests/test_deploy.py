@@ -578,13 +578,14 @@ def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not
     assert not list(server_home.glob("fedml-site-*"))
 
 
-def test_raw_hospital_tables_at_separate_machines_are_standardised_across_the_sites(fleet):
+def test_raw_hospital_tables_at_separate_machines_are_standardised_and_personal(fleet):
     """Three hospitals, each on its own machine with only its raw CSV (units as
     exported, some cholesterol values missing, the label column 'outcome') and its own
     test rows; the server holds only `pki/` and `tables/test.csv`. Before round 1 the
     sites send their feature sums, never a row; every round then trains on standardised
     rows at every site, the gaps become the federation's mean, and each hospital reports
-    the global model's metrics on its own test rows under its key's name."""
+    the global model's metrics on its own test rows under its key's name, and those of
+    the Ditto personal model it keeps in its own state folder."""
     port = free_port()
     hospitals = ("cleveland", "hungary", "va-long-beach")
     _fedml(fleet, SERVER, "certs", "init", "pki")
@@ -615,6 +616,7 @@ def test_raw_hospital_tables_at_separate_machines_are_standardised_across_the_si
     server = fleet.start(
         "server", SERVER, "server", "--pki", "pki", "--port", str(port),
         "--dataset", "csv:tables", "--model", "logreg", "--rounds", "3", "--no-report",
+        "--personal", "ditto",
     )  # fmt: skip
     for site in hospitals:
         fleet.start(
@@ -635,3 +637,9 @@ def test_raw_hospital_tables_at_separate_machines_are_standardised_across_the_si
     tested = [history[-1]["sites"][site]["test"]["num-examples"] for site in hospitals]
     assert tested == [104, 89, 45]  # each hospital's own test rows, evaluated at the site
     assert 0.5 < history[-1]["sites"]["cleveland"]["test"]["auroc"] <= 1.0
+    # Ditto's personal models stay at the sites: a file in each one's state folder
+    for site in hospitals:
+        assert history[-1]["sites"][site]["personal"]["test"]["num-examples"] > 0
+        kept = list((fleet.machine(site) / f"fedml-site-{site}").glob("personal-ditto-*"))
+        assert len(kept) == 1 and kept[0].stat().st_size > 0
+    assert not list(server_home.rglob("personal-*"))

@@ -87,6 +87,9 @@ SAMPLE_DP = {"dp.mode": "sample", "dp.noise_multiplier": 1.0}
 USER_DP = {"dp.mode": "user-adaptive", "dp.noise_multiplier": 0.2, "dp.clip_norm": 0.5}
 SECAGG = {"secagg.enabled": True, "validation.clip_norm": 5.0, "simulation.dropout": 0.2}
 SECAGG_USER_DP = {"secagg.enabled": True, **USER_DP, "dp.mode": "user-fixed"}
+# Personal models (Ditto's whole model, FedPer's head) live in each node's state.
+DITTO = {"client.personal": "ditto", "client.ditto_lambda": 0.5}
+FEDPER = {"client.personal": "fedper", "secagg.enabled": True, "validation.clip_norm": 5.0}
 
 
 @pytest.mark.parametrize(
@@ -99,6 +102,8 @@ SECAGG_USER_DP = {"secagg.enabled": True, **USER_DP, "dp.mode": "user-fixed"}
         ("fedavg", USER_DP),
         ("fedprox", SECAGG),
         ("fedprox", SECAGG_USER_DP),
+        ("fedavg", DITTO),
+        ("fedprox", FEDPER),
     ],
 )
 def test_a_run_resumed_after_each_crash_equals_the_straight_run(tmp_path, strategy, extra):

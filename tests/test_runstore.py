@@ -173,9 +173,9 @@ def test_best_model_file_is_the_best_validation_round_across_a_resume(accuracies
 
 
 def test_a_best_model_chosen_on_the_test_set_is_refused(tmp_path):
-    with pytest.raises(FedmlError, match="on the test set.*evaluate.loss"):
+    with pytest.raises(FedmlError, match=r"on the test set.*evaluate\.loss"):
         _cfg(tmp_path, **{"checkpoint.monitor": "server.loss"})
-    with pytest.raises(FedmlError, match="auto, evaluate.accuracy or train.loss"):
+    with pytest.raises(FedmlError, match=r"auto, evaluate\.accuracy or train\.loss"):
         _cfg(tmp_path, **{"checkpoint.monitor": "server.auroc"})
 
 
