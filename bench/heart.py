@@ -11,6 +11,10 @@ FLamby's Fed-Heart-Disease (four hospitals' raw UCI tables, FLamby's split; see
 - `preset, fine-tuned`: the same with `--fine-tune-epochs 5`: each hospital fine-tunes
   the global model on its own training rows for five epochs and reports that personal
   model on its test rows (personalization; the personal models never leave the sites);
+- `preset, Ditto`: the preset with `--personal ditto` (lambda 1): each hospital keeps a
+  personal model trained every round towards the global one;
+- `preset, FedPer (mlp)`: the preset with `--model mlp --personal fedper`: each hospital
+  keeps its own output layer under the shared hidden layer;
 - `pooled (central)`: the baseline, scikit-learn's `LogisticRegression` on the four
   hospitals' training rows pooled, standardised with their statistics (what no
   federation may do), C = 1 and C = 0.01.
@@ -49,12 +53,13 @@ FLAMBY = {
 
 
 def federated(seed: int, out: Path, config: Path | None, **overrides) -> tuple[float, float]:
-    """(mean hospital test accuracy, pooled test accuracy) of one run; with fine-tuning,
-    the hospitals' personal models' mean and the global model's pooled accuracy."""
+    """(mean hospital test accuracy, pooled test accuracy) of one run; with personal
+    models, the hospitals' personal models' mean and the global model's pooled
+    accuracy."""
     cfg = load_config(config, {"seed": seed, "out": str(out), **overrides})
     row = simulate(cfg).final
     entries = row["sites"].values()
-    personal = cfg.client.fine_tune_epochs > 0
+    personal = cfg.client.fine_tune_epochs > 0 or cfg.client.personal != "none"
     results = [(e.get("personal", {}) if personal else e).get("test", {}) for e in entries]
     hospitals = [r["accuracy"] for r in results if "accuracy" in r]  # screening may drop one
     return float(np.mean(hospitals)), float(row["server"]["accuracy"])
@@ -96,6 +101,14 @@ def main() -> None:
         "preset, fine-tuned (personal)": (
             resolve_config(Path("fed-heart-disease")),
             {"client.fine_tune_epochs": 5},
+        ),
+        "preset, Ditto (personal)": (
+            resolve_config(Path("fed-heart-disease")),
+            {"client.personal": "ditto", "client.ditto_lambda": 1.0},
+        ),
+        "preset, FedPer mlp (personal)": (
+            resolve_config(Path("fed-heart-disease")),
+            {"client.personal": "fedper", "model.name": "mlp"},
         ),
     }
     print(f"{'run':34s} {'hospitals (mean)':>18s} {'pooled test':>16s}")

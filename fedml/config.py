@@ -135,7 +135,7 @@ class ClientConfig:
     # "none", "ditto" (trained every round towards the global model with strength
     # `ditto_lambda`) or "fedper" (the site's own last layer under the shared body)
     personal: str = "none"
-    ditto_lambda: float = 0.1
+    ditto_lambda: float = 1.0
 
 
 @dataclass
