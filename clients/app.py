@@ -65,7 +65,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from clients import personal, secagg
+from clients import kept_state, personal, scaffold, secagg
 from clients.trainer import TrainResult, evaluation_metrics, resolve_device, train_local
 from fedml.arrays import from_state_dict, to_numpy, to_state_dict
 from fedml.config import RunConfig
@@ -84,7 +84,13 @@ from fedml.node_state import (
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
 from fedml.records import DEVICE_RECORD, PERSONAL_PREFIX, SITE_RECORD, TEST_PREFIX
 from fedml.secagg import messages as wire
-from fedml.settings import FINE_TUNE_KEY, NUM_CLASSES_KEY, SERVER_ROUND_KEY, TrainSettings
+from fedml.settings import (
+    CONTROL_RECORD,
+    FINE_TUNE_KEY,
+    NUM_CLASSES_KEY,
+    SERVER_ROUND_KEY,
+    TrainSettings,
+)
 
 app = ClientApp(mods=[carry_node_state])
 PERSONAL_STREAM = 1  # the fine-tuning's seed stream, apart from the round's training
@@ -332,7 +338,13 @@ def train(msg: Message, context: Context) -> Message:
             return Message(Error(code=DECLINED_CODE, reason=str(exc)), reply_to=msg)
     else:
         generator = torch.Generator().manual_seed(seed)
-        result = train_local(model, job.train, settings, device, generator)
+        control = msg.content.array_records.get(CONTROL_RECORD)  # SCAFFOLD's c
+        mine = scaffold.site_control(context, job.cfg, control) if control else {}
+        corrections = scaffold.corrections(model, control, mine) if control else None
+        result = train_local(model, job.train, settings, device, generator, corrections=corrections)
+        if control:  # c_i+ stays here
+            kept = scaffold.next_control(mine, control, received, model, result.steps, settings.lr)
+            kept_state.save(context, job.cfg, scaffold.CONTROL_NAME, kept)
     trained = from_state_dict(model.state_dict())
     if head:  # the site keeps its head; the reply carries the head it received
         personal.save(context, job.cfg, {name: model.state_dict()[name] for name in head})

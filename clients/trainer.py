@@ -80,12 +80,14 @@ def train_local(
     device: torch.device,
     generator: torch.Generator,
     anchor: nn.Module | None = None,
+    corrections: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run `settings.local_epochs` epochs of minibatch training on `shard`, in place.
 
     With `proximal_mu > 0` the objective loss + (mu/2)·||w - w_global||² is minimised:
     `w_global` is `anchor`'s weights (Ditto: the round's global model), else the weights
-    the model held when this call started (FedProx).
+    the model held when this call started (FedProx). `corrections` (SCAFFOLD's c - c_i,
+    by parameter name) is added to every step's gradient.
     """
     model.to(device).train()
     x, y = to_tensors(shard, device)
@@ -94,6 +96,10 @@ def train_local(
     mu = settings.proximal_mu
     pulled_to = model if anchor is None else anchor.to(device)
     global_params = [p.detach().clone() for p in pulled_to.parameters()] if mu > 0 else []
+    corrected = [
+        (p, corrections[name].to(device)) for name, p in model.named_parameters()
+        if corrections is not None and name in corrections
+    ]  # fmt: skip
     total_loss, steps = 0.0, 0
     for _ in range(settings.local_epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
@@ -103,6 +109,9 @@ def train_local(
             loss = criterion(model(x[index]), y[index])
             objective = loss + (mu / 2) * proximal_term(model, global_params) if mu > 0 else loss
             objective.backward()
+            for p, correction in corrected:
+                if p.grad is not None:
+                    p.grad.add_(correction)
             optimizer.step()
             total_loss += loss.item()
             steps += 1

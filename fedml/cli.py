@@ -210,6 +210,14 @@ LrDecayOpt = Annotated[
     Opt(show_default=default_of("client.lr_decay"), help="Client lr factor per round (0-1]."),
 ]
 
+ClientMomentumOpt = Annotated[
+    float | None,
+    Opt(
+        show_default=default_of("client.momentum"),
+        help="Momentum of the sites' SGD (0 for --strategy scaffold).",
+    ),
+]
+
 ServerLrOpt = Annotated[
     float | None,
     Opt(show_default=default_of("server.lr"), help="Server learning rate on the update."),
@@ -333,6 +341,7 @@ CONFIG_FLAGS: dict[str, str] = {
     "lr_decay": "client.lr_decay",
     "server_lr": "server.lr",
     "server_momentum": "server.momentum",
+    "client_momentum": "client.momentum",
     "min_replies": "participation.min_replies",
     "round_timeout": "participation.timeout",
     "early_stop": "stop.metric",
@@ -430,6 +439,7 @@ def simulate(
     lr_decay: LrDecayOpt = None,
     server_lr: ServerLrOpt = None,
     server_momentum: ServerMomentumOpt = None,
+    client_momentum: ClientMomentumOpt = None,
     min_replies: MinRepliesOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     early_stop: EarlyStopOpt = None,
@@ -704,6 +714,7 @@ def server(
     lr_decay: LrDecayOpt = None,
     server_lr: ServerLrOpt = None,
     server_momentum: ServerMomentumOpt = None,
+    client_momentum: ClientMomentumOpt = None,
     min_replies: MinRepliesOpt = None,
     round_timeout: RoundTimeoutOpt = None,
     early_stop: EarlyStopOpt = None,

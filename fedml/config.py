@@ -697,6 +697,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_controls(cfg)
     _validate_dp(cfg.dp)
     _validate_secagg(cfg)
+    _validate_scaffold(cfg)
     _check(
         client.device in ("auto", "cpu", "cuda")
         or (client.device.startswith("cuda:") and client.device[5:].isdigit()),
@@ -837,6 +838,26 @@ def _validate_dp(dp: DPConfig) -> None:
 
 
 SECAGG_STRATEGIES = ("fedavg", "fedprox")
+
+
+def _validate_scaffold(cfg: RunConfig) -> None:
+    """SCAFFOLD's control variates assume plain SGD steps at the sites, and the server
+    reads each site's own update (strategies/scaffold.py)."""
+    if cfg.strategy.name.lower() != "scaffold":
+        return
+    client = cfg.client
+    _check(
+        client.optimizer == "sgd" and client.momentum == 0.0,
+        "strategy 'scaffold' corrects plain SGD steps at the sites, but client.optimizer is "
+        f"'{client.optimizer}' with momentum {client.momentum:g}. Set client.optimizer = "
+        "'sgd' and client.momentum = 0 (--client-momentum 0).",
+    )
+    _check(
+        cfg.dp.mode == "off",
+        f"strategy 'scaffold' is not available with dp.mode '{cfg.dp.mode}': its control "
+        "variates would carry each site's raw training signal outside the DP guarantee. "
+        "Use fedavg or fedprox with DP.",
+    )
 
 
 def _validate_secagg(cfg: RunConfig) -> None:

@@ -23,6 +23,7 @@ from fedml.config import ClientConfig
 NUM_CLASSES_KEY = "num-classes"  # the model's output size (a site cannot tell from its labels)
 FINE_TUNE_KEY = "fine-tune-epochs"  # an evaluate message: fine-tune a personal model first
 SERVER_ROUND_KEY = "server-round"  # added by every strategy's configure_train/evaluate
+CONTROL_RECORD = "control"  # a train message's ArrayRecord: SCAFFOLD's control variate c
 
 _client = ClientConfig()
 

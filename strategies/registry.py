@@ -39,6 +39,7 @@ ENTRY_POINT_GROUP = "fedml.strategies"
 BUILTIN: dict[str, str] = {
     "fedavg": "strategies.fedavg:FedAvg",
     "fedprox": "strategies.fedprox:FedProx",
+    "scaffold": "strategies.scaffold:Scaffold",
     **CATALOG,
 }
 

@@ -585,7 +585,8 @@ def test_raw_hospital_tables_at_separate_machines_are_standardised_and_personal(
     sites send their feature sums, never a row; every round then trains on standardised
     rows at every site, the gaps become the federation's mean, and each hospital reports
     the global model's metrics on its own test rows under its key's name, and those of
-    the Ditto personal model it keeps in its own state folder."""
+    the Ditto personal model it keeps in its own state folder (beside its SCAFFOLD
+    control variate: the run aggregates with SCAFFOLD)."""
     port = free_port()
     hospitals = ("cleveland", "hungary", "va-long-beach")
     _fedml(fleet, SERVER, "certs", "init", "pki")
@@ -616,7 +617,7 @@ def test_raw_hospital_tables_at_separate_machines_are_standardised_and_personal(
     server = fleet.start(
         "server", SERVER, "server", "--pki", "pki", "--port", str(port),
         "--dataset", "csv:tables", "--model", "logreg", "--rounds", "3", "--no-report",
-        "--personal", "ditto",
+        "--personal", "ditto", "--strategy", "scaffold", "--client-momentum", "0",
     )  # fmt: skip
     for site in hospitals:
         fleet.start(
@@ -640,6 +641,7 @@ def test_raw_hospital_tables_at_separate_machines_are_standardised_and_personal(
     # Ditto's personal models stay at the sites: a file in each one's state folder
     for site in hospitals:
         assert history[-1]["sites"][site]["personal"]["test"]["num-examples"] > 0
-        kept = list((fleet.machine(site) / f"fedml-site-{site}").glob("personal-ditto-*"))
-        assert len(kept) == 1 and kept[0].stat().st_size > 0
-    assert not list(server_home.rglob("personal-*"))
+        for kept in ("personal-ditto", "scaffold-control"):  # and SCAFFOLD's c_i
+            found = list((fleet.machine(site) / f"fedml-site-{site}").glob(f"{kept}-*"))
+            assert len(found) == 1 and found[0].stat().st_size > 0
+    assert not list(server_home.rglob("personal-*")) + list(server_home.rglob("scaffold-*"))

@@ -78,9 +78,9 @@ def test_sites_fine_tune_at_the_rounds_learning_rate(tmp_path):
     seen: list[float] = []
     original = fedml_client.train_local
 
-    def spy(model, shard, settings, device, generator):
+    def spy(model, shard, settings, device, generator, **kwargs):
         seen.append(settings.lr)
-        return original(model, shard, settings, device, generator)
+        return original(model, shard, settings, device, generator, **kwargs)
 
     fedml_client.train_local = spy
     try:
@@ -92,20 +92,21 @@ def test_sites_fine_tune_at_the_rounds_learning_rate(tmp_path):
 
 
 # ------------------------------------------------------- Ditto and FedPer: kept at the site
-def _nodes_personal(run) -> dict[int, dict]:
+def _nodes_personal(run, name: str) -> dict[int, dict]:
     """Each node's committed personal state (the newest commit's nodes file)."""
     from flwr.app import RecordDict
 
-    from clients.personal import PERSONAL_RECORD
+    from clients.kept_state import RECORD_PREFIX
     from fedml.arrays import to_numpy
     from fedml.runstore import RunStore
 
     checkpoint = RunStore.open(run).latest_valid()[0]
     states: dict[int, RecordDict] = checkpoint.node_states
+    record = RECORD_PREFIX + name
     return {
-        node: {k: to_numpy(a) for k, a in state.array_records[PERSONAL_RECORD].items()}
+        node: {k: to_numpy(a) for k, a in state.array_records[record].items()}
         for node, state in states.items()
-        if PERSONAL_RECORD in state.array_records
+        if record in state.array_records
     }
 
 
@@ -159,7 +160,7 @@ def test_ditto_keeps_a_personal_model_at_each_site_and_the_global_training_uncha
         personal = [s["personal"]["test"]["accuracy"] for s in row["sites"].values()]
         assert personal != [s["test"]["accuracy"] for s in row["sites"].values()]
     # and keeps it in its committed node state: one whole model per site, not the global
-    kept = _nodes_personal(tmp_path / "ditto")
+    kept = _nodes_personal(tmp_path / "ditto", "personal-ditto")
     assert sorted(kept) == [1, 2, 3, 4]
     final = fedml_client.to_state_dict(RunStore.open(tmp_path / "ditto").latest_valid()[0].arrays)
     for state in kept.values():
@@ -220,7 +221,7 @@ def test_fedper_sends_the_head_it_received_and_keeps_its_own(tmp_path):
         assert any(  # the body trained
             reply.content["arrays"][k].data != message.content["arrays"][k].data for k in body
         )
-    kept = _nodes_personal(tmp_path / "fedper")
+    kept = _nodes_personal(tmp_path / "fedper", "personal-fedper")
     assert sorted(kept) == [1, 2, 3, 4] and all(set(s) == set(head) for s in kept.values())
     final = RunStore.open(tmp_path / "fedper").latest_valid()[0].arrays
     first = trains[0][0].content["arrays"]

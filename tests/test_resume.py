@@ -104,6 +104,7 @@ FEDPER = {"client.personal": "fedper", "secagg.enabled": True, "validation.clip_
         ("fedprox", SECAGG_USER_DP),
         ("fedavg", DITTO),
         ("fedprox", FEDPER),
+        ("scaffold", {"client.momentum": 0.0, **DITTO}),
     ],
 )
 def test_a_run_resumed_after_each_crash_equals_the_straight_run(tmp_path, strategy, extra):

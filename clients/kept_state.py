@@ -1,0 +1,59 @@
+"""State a site keeps between rounds and never sends: personal models (clients/personal.py)
+and SCAFFOLD's control variate (clients/scaffold.py).
+
+In simulation it lives in the node's `Context.state` (committed with every round and
+restored at resume, like the privacy ledger). At a deployed site it is also a file in the
+site's state folder (the node config's `personal-dir`), one per experiment, so it
+outlives a restart of the site; another experiment starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from fedml.arrays import from_state_dict, to_state_dict
+from fedml.config import RunConfig, experiment_identity
+from fedml.node_state import PERSONAL_DIR_KEY
+from fedml.regular_files import read_bytes
+from fedml.runstore import atomic_write
+
+RECORD_PREFIX = "fedml."  # + the state's name: its record in Context.state
+
+
+def load(context: Context, cfg: RunConfig, name: str) -> dict[str, torch.Tensor] | None:
+    """The site's kept state `name` (None before it first kept one): the state folder's
+    file at a data site, else the node's Context state."""
+    path = _site_file(context, cfg, name)
+    if path is not None and path.is_file():
+        return load_tensors(read_bytes(path))
+    if RECORD_PREFIX + name in context.state.array_records:
+        return to_state_dict(context.state.array_records[RECORD_PREFIX + name])
+    return None
+
+
+def save(context: Context, cfg: RunConfig, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Keep `state` in the Context state and, at a data site, in its state folder
+    (atomically)."""
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    context.state[RECORD_PREFIX + name] = from_state_dict(tensors)
+    path = _site_file(context, cfg, name)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, save_tensors(tensors))
+
+
+def _site_file(context: Context, cfg: RunConfig, name: str) -> Path | None:
+    """A data site's file for this experiment's state `name` (None in simulation)."""
+    folder = context.node_config.get(PERSONAL_DIR_KEY)
+    if not folder:
+        return None
+    identity = json.dumps(experiment_identity(cfg), sort_keys=True).encode()
+    digest = hashlib.sha256(identity).hexdigest()[:16]
+    return Path(str(folder)).expanduser() / f"{name}-{digest}.safetensors"

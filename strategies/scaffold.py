@@ -1,0 +1,155 @@
+"""SCAFFOLD (Karimireddy et al., ICML 2020): FedAvg with control variates against drift."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedml.arrays import from_numpy, record_of, to_numpy
+from fedml.settings import CONTROL_RECORD, LOCAL_EPOCHS_KEY, message_key
+from strategies.fedavg import FedAvg
+
+
+class Scaffold(FedAvg):
+    """SCAFFOLD (Karimireddy et al., 2020): FedAvg whose sites correct their local steps
+    by control variates, so sites whose data differ drift less from the global optimum.
+
+    The server keeps the control variate c (one array per floating array of the model,
+    zero at first) and sends it with every train message as the ArrayRecord "control".
+    Each site keeps its own c_i (zero at first, never sent), trains with the gradient
+    g - c_i + c at every step, and updates c_i+ = c_i - c + (x - y_i) / (K_i lr): x the
+    received model, y_i the trained one, K_i its optimiser steps (option II of the
+    paper). The reply is FedAvg's: the trained arrays and "num-examples".
+
+    The server needs no second array from a site: c_i+ - c_i = (x - y_i) / (K_i lr) - c,
+    and K_i = local epochs x ceil(num-examples / batch size) is what an honest site's
+    loop runs. So after each round c += (|S| / N) x mean over the S replies of
+    ((x - y_i) / (K_i lr) - c), N being the connected sites, from the screened updates
+    and weight claims alone (a site cannot steer c by another channel than its update).
+
+    The correction assumes plain SGD at the sites (`client.optimizer` sgd, momentum 0);
+    the config refuses other optimisers, DP and secure aggregation (the server would
+    see only the sum of updates, not each site's step count). c is committed with every
+    round (`state_dict`) and undone with a discarded attempt.
+    """
+
+    keeps_partial_work = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.control: dict[str, np.ndarray] | None = None
+        self._before_attempt: dict[str, np.ndarray] | None = None
+        self._round: _RoundPlan | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's train messages, each carrying the control variate c."""
+        model = {key: to_numpy(array) for key, array in arrays.items()}
+        if self.control is None:
+            self.control = {
+                key: np.zeros(values.shape, dtype=np.float64)
+                for key, values in model.items()
+                if np.issubdtype(values.dtype, np.floating)
+            }
+        self._before_attempt = copy.deepcopy(self.control)
+        self._round = _RoundPlan(
+            {key: model[key].astype(np.float64) for key in self.control},
+            lr=float(config[message_key("lr")]),
+            epochs=int(config[LOCAL_EPOCHS_KEY]),
+            batch_size=int(config[message_key("batch_size")]),
+            sites=len(list(grid.get_node_ids())),
+        )
+        control = record_of(  # in the model's order (the committed state is sorted)
+            {
+                key: from_numpy(self.control[key].astype(values.dtype))
+                for key, values in model.items()
+                if key in self.control
+            }
+        )
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            message.content[CONTROL_RECORD] = control
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's mean, and c moved by the replies' control-variate changes."""
+        drift = _DriftMean()
+        arrays, metrics = super().aggregate_train(server_round, drift.observe(replies, self))
+        if arrays is None or not drift.count or self._round is None or self.control is None:
+            return arrays, metrics
+        share = drift.count / max(self._round.sites, drift.count)
+        for key, total in drift.sums.items():
+            mean_change = total / drift.count - self.control[key]
+            self.control[key] = self.control[key] + share * mean_change
+        return arrays, metrics
+
+    def drift_of(self, reply: Message) -> dict[str, np.ndarray] | None:
+        """(x - y_i) / (K_i lr) of one good reply: its c_i+ - c_i + c."""
+        if reply.has_error() or self._round is None:
+            return None
+        plan = self._round
+        trained = next(iter(reply.content.array_records.values()))
+        claimed = next(iter(reply.content.metric_records.values())).get(self.weighted_by_key)
+        steps = plan.epochs * math.ceil(float(claimed or 0) / plan.batch_size)
+        if steps < 1:
+            return None
+        scale = 1.0 / (steps * plan.lr)
+        return {
+            key: (start - to_numpy(trained[key]).astype(np.float64)) * scale
+            for key, start in plan.model.items()
+        }
+
+    def discard_attempt(self) -> None:
+        """The round loop threw the attempt away: c goes back to its value before it."""
+        if self._before_attempt is not None:
+            self.control = copy.deepcopy(self._before_attempt)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        control = self.control or {}
+        state["control"] = {key: control[key] for key in sorted(control)} or None
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        stored = state.get("control")
+        self.control = None if stored is None else {k: np.asarray(v) for k, v in stored.items()}
+
+
+@dataclass(frozen=True)
+class _RoundPlan:
+    """What the server sent this round: the model x (floating arrays, float64), the
+    learning rate, the local epochs and batch size, and how many sites are connected."""
+
+    model: dict[str, np.ndarray]
+    lr: float
+    epochs: int
+    batch_size: int
+    sites: int
+
+
+class _DriftMean:
+    """The sum of the good replies' drifts, folded as FedAvg folds the replies."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.count = 0
+
+    def observe(self, replies: Iterable[Message], strategy: Scaffold) -> Iterator[Message]:
+        for reply in replies:
+            drift = strategy.drift_of(reply)
+            if drift is not None:
+                for key, value in drift.items():
+                    self.sums[key] = self.sums.get(key, 0.0) + value
+                self.count += 1
+            yield reply
