@@ -7,6 +7,8 @@ seeded by the caller, so local training is reproducible.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,21 +103,35 @@ def train_local(
         if corrections is not None and name in corrections
     ]  # fmt: skip
     total_loss, steps = 0.0, 0
-    for _ in range(settings.local_epochs):
-        order = torch.randperm(len(y), generator=generator).to(device)
-        for start in range(0, len(y), settings.batch_size):
-            index = order[start : start + settings.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(x[index]), y[index])
-            objective = loss + (mu / 2) * proximal_term(model, global_params) if mu > 0 else loss
-            objective.backward()
-            for p, correction in corrected:
-                if p.grad is not None:
-                    p.grad.add_(correction)
-            optimizer.step()
-            total_loss += loss.item()
-            steps += 1
+    for index in minibatches(len(y), settings, generator, device):
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x[index]), y[index])
+        objective = loss + (mu / 2) * proximal_term(model, global_params) if mu > 0 else loss
+        objective.backward()
+        for p, correction in corrected:
+            if p.grad is not None:
+                p.grad.add_(correction)
+        optimizer.step()
+        total_loss += loss.item()
+        steps += 1
     return TrainResult(loss=total_loss / max(steps, 1), num_examples=len(y), steps=steps)
+
+
+def minibatches(
+    rows: int, settings: TrainSettings, generator: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """The row indices of each step: `local_epochs` shuffled passes over the rows, or
+    with `local_steps` > 0 exactly that many batches, reshuffling at every pass."""
+    batch, done = settings.batch_size, 0
+    for _ in itertools.count() if settings.local_steps > 0 else range(settings.local_epochs):
+        order = torch.randperm(rows, generator=generator).to(device)
+        for start in range(0, rows, batch):
+            if 0 < settings.local_steps <= done:
+                return
+            yield order[start : start + batch]
+            done += 1
+        if rows == 0:
+            return
 
 
 @torch.no_grad()

@@ -192,6 +192,14 @@ LocalEpochsOpt = Annotated[
     Opt(show_default=default_of("client.local_epochs"), help="Local epochs per round."),
 ]
 
+LocalStepsOpt = Annotated[
+    int | None,
+    Opt(
+        show_default=default_of("client.local_steps"),
+        help="Local optimiser steps per round instead of epochs (0: use --local-epochs).",
+    ),
+]
+
 BatchSizeOpt = Annotated[
     int | None, Opt(show_default=default_of("client.batch_size"), help="Local minibatch size.")
 ]
@@ -333,6 +341,7 @@ CONFIG_FLAGS: dict[str, str] = {
     "ditto_lambda": "client.ditto_lambda",
     "model": "model.name",
     "local_epochs": "client.local_epochs",
+    "local_steps": "client.local_steps",
     "batch_size": "client.batch_size",
     "lr": "client.lr",
     "proximal_mu": "strategy.proximal_mu",
@@ -419,6 +428,7 @@ def simulate(
     ] = None,
     model: ModelOpt = None,
     local_epochs: LocalEpochsOpt = None,
+    local_steps: LocalStepsOpt = None,
     batch_size: BatchSizeOpt = None,
     lr: LrOpt = None,
     proximal_mu: ProximalMuOpt = None,
@@ -708,6 +718,7 @@ def server(
     fraction_train: FractionTrainOpt = None,
     fraction_evaluate: FractionEvaluateOpt = None,
     local_epochs: LocalEpochsOpt = None,
+    local_steps: LocalStepsOpt = None,
     batch_size: BatchSizeOpt = None,
     lr: LrOpt = None,
     proximal_mu: ProximalMuOpt = None,

@@ -44,6 +44,7 @@ FOLDER_DATASETS = {
     "csv:": "one CSV file per site (or, for fedml server, just test.csv)",
 }
 MAX_FINE_TUNE_EPOCHS = 1000
+MAX_LOCAL_STEPS = 1_000_000
 PERSONAL_MODES = ("none", "ditto", "fedper")
 MAX_DITTO_LAMBDA = 100.0  # Ditto tunes lambda in 0.01 .. 2; far above, SGD on v diverges
 # The built-in models (fedml.models.BUILTIN, which imports torch; a test keeps them equal).
@@ -120,6 +121,10 @@ class ClientConfig:
     """Local training at each client; sent to clients in every train message."""
 
     local_epochs: int = 2
+    # > 0: each round is this many optimiser steps (minibatches, reshuffled at every pass
+    # over the rows) instead of `local_epochs` passes: every site does the same work
+    # whatever its size (FLamby's protocol)
+    local_steps: int = 0
     batch_size: int = 32
     lr: float = 0.1
     lr_decay: float = 1.0
@@ -644,6 +649,17 @@ def validate(cfg: RunConfig) -> None:
         client.local_epochs >= 1, f"client.local_epochs must be >= 1, got {client.local_epochs}."
     )
     _check(client.batch_size >= 1, f"client.batch_size must be >= 1, got {client.batch_size}.")
+    _check(
+        0 <= client.local_steps <= MAX_LOCAL_STEPS,
+        f"client.local_steps must be 0 (use local_epochs) .. {MAX_LOCAL_STEPS}, got "
+        f"{client.local_steps}.",
+    )
+    _check(
+        client.local_steps == 0 or cfg.dp.mode != "sample",
+        "client.local_steps is not available with dp.mode = 'sample': DP-SGD's privacy "
+        "accounting counts passes over the rows. Set client.local_epochs instead "
+        "(client.local_steps = 0).",
+    )
     _check(
         0.0 < client.lr <= MAX_STEP,
         f"client.lr must be in (0, {MAX_STEP:g}], got {client.lr} (a larger step overflows "

@@ -412,7 +412,9 @@ def train_round(
     settings.update(components.scaling.config())
     messages = list(strategy.configure_train(server_round, arrays, settings, grid))
     to_send, dropped = components.dropout.apply(messages)
-    straggler_ids = components.stragglers.apply(to_send, cfg.client.local_epochs)
+    straggler_ids = components.stragglers.apply(
+        to_send, cfg.client.local_epochs, cfg.client.local_steps
+    )
     timeout = cfg.participation.timeout or None
     tally, kept, privacy, devices = Tally(), _Kept(), components.privacy, _Devices()
     dropping = set() if keeps_partial_work(strategy) else straggler_ids

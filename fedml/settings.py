@@ -14,6 +14,7 @@ what `TrainSettings()` holds).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
@@ -30,10 +31,11 @@ _client = ClientConfig()
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One local training job: epochs of minibatch SGD or Adam, with FedProx's proximal
-    term when `proximal_mu` > 0."""
+    """One local training job: epochs (or, with `local_steps` > 0, that many steps) of
+    minibatch SGD or Adam, with FedProx's proximal term when `proximal_mu` > 0."""
 
     local_epochs: int = _client.local_epochs
+    local_steps: int = _client.local_steps
     batch_size: int = _client.batch_size
     lr: float = _client.lr
     optimizer: str = _client.optimizer
@@ -47,6 +49,7 @@ class TrainSettings:
         scaled by the divergence guard); the strategy adds its own (FedProx's mu)."""
         return cls(
             local_epochs=client.local_epochs,
+            local_steps=client.local_steps,
             batch_size=client.batch_size,
             lr=lr,
             optimizer=client.optimizer,
@@ -56,14 +59,23 @@ class TrainSettings:
 
     def to_record(self, num_classes: int) -> ConfigRecord:
         """The train message's config: the model's output size and every setting, except
-        a zero `proximal_mu`: the strategy that uses mu sends it (FedProx), and a plugin
-        may test whether the key is there."""
+        a zero `proximal_mu` (the strategy that uses mu sends it, FedProx, and a plugin
+        may test whether the key is there) and a zero `local_steps` (epochs decide)."""
         values = {
             message_key(name): value
             for name, value in dataclasses.asdict(self).items()
-            if not (name == "proximal_mu" and value == 0.0)
+            if not (name in ("proximal_mu", "local_steps") and value == 0)
         }
         return ConfigRecord({NUM_CLASSES_KEY: num_classes, **values})
+
+    def steps_for(self, rows: int) -> int:
+        """How many optimiser steps local training takes on `rows` rows (SCAFFOLD's
+        K): `local_steps`, else `local_epochs` passes of ceil(rows / batch_size)."""
+        if rows <= 0:
+            return 0
+        if self.local_steps > 0:
+            return self.local_steps
+        return self.local_epochs * math.ceil(rows / self.batch_size)
 
     @classmethod
     def from_record(cls, record: ConfigRecord, defaults: TrainSettings) -> TrainSettings:
@@ -81,4 +93,5 @@ def message_key(field_name: str) -> str:
 
 
 LOCAL_EPOCHS_KEY = message_key("local_epochs")
+LOCAL_STEPS_KEY = message_key("local_steps")
 PROXIMAL_MU_KEY = message_key("proximal_mu")

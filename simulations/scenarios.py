@@ -17,7 +17,7 @@ import random
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedml.settings import LOCAL_EPOCHS_KEY
+from fedml.settings import LOCAL_EPOCHS_KEY, LOCAL_STEPS_KEY
 from fedml.statefile import rng_state, set_rng_state
 
 
@@ -51,14 +51,18 @@ class Stragglers(SampledFraction):
 
     name = "straggler"
 
-    def apply(self, messages: list[Message], full_epochs: int) -> set[int]:
+    def apply(self, messages: list[Message], full_epochs: int, full_steps: int = 0) -> set[int]:
         """Rewrite the train config of the chosen clients' messages in place
-        (`local-epochs` drawn in [1, full_epochs]); return their node IDs."""
+        (`local-epochs` drawn in [1, full_epochs], or with `full_steps` > 0 `local-steps`
+        drawn in [1, full_steps]); return their node IDs."""
         chosen = self.choose(messages)
         for index in chosen:
             message = messages[index]
             config = ConfigRecord(dict(message.content["config"]))
-            config[LOCAL_EPOCHS_KEY] = self.rng.randint(1, full_epochs)
+            if full_steps > 0:
+                config[LOCAL_STEPS_KEY] = self.rng.randint(1, full_steps)
+            else:
+                config[LOCAL_EPOCHS_KEY] = self.rng.randint(1, full_epochs)
             message.content = RecordDict({**message.content, "config": config})
         return {messages[i].metadata.dst_node_id for i in chosen}
 

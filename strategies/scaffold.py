@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedml.arrays import from_numpy, record_of, to_numpy
-from fedml.settings import CONTROL_RECORD, LOCAL_EPOCHS_KEY, message_key
+from fedml.settings import CONTROL_RECORD, TrainSettings
 from strategies.fedavg import FedAvg
 
 
@@ -29,10 +28,11 @@ class Scaffold(FedAvg):
     paper). The reply is FedAvg's: the trained arrays and "num-examples".
 
     The server needs no second array from a site: c_i+ - c_i = (x - y_i) / (K_i lr) - c,
-    and K_i = local epochs x ceil(num-examples / batch size) is what an honest site's
-    loop runs. So after each round c += (|S| / N) x mean over the S replies of
-    ((x - y_i) / (K_i lr) - c), N being the connected sites, from the screened updates
-    and weight claims alone (a site cannot steer c by another channel than its update).
+    and K_i = local epochs x ceil(num-examples / batch size) (or the run's local steps)
+    is what an honest site's loop runs (`TrainSettings.steps_for`). So after each round
+    c += (|S| / N) x mean over the S replies of ((x - y_i) / (K_i lr) - c), N being the
+    connected sites, from the screened updates and weight claims alone (a site cannot
+    steer c by another channel than its update).
 
     The correction assumes plain SGD at the sites (`client.optimizer` sgd, momentum 0);
     the config refuses other optimisers, DP and secure aggregation (the server would
@@ -62,9 +62,7 @@ class Scaffold(FedAvg):
         self._before_attempt = copy.deepcopy(self.control)
         self._round = _RoundPlan(
             {key: model[key].astype(np.float64) for key in self.control},
-            lr=float(config[message_key("lr")]),
-            epochs=int(config[LOCAL_EPOCHS_KEY]),
-            batch_size=int(config[message_key("batch_size")]),
+            TrainSettings.from_record(config, TrainSettings()),
             sites=len(list(grid.get_node_ids())),
         )
         control = record_of(  # in the model's order (the committed state is sorted)
@@ -100,10 +98,10 @@ class Scaffold(FedAvg):
         plan = self._round
         trained = next(iter(reply.content.array_records.values()))
         claimed = next(iter(reply.content.metric_records.values())).get(self.weighted_by_key)
-        steps = plan.epochs * math.ceil(float(claimed or 0) / plan.batch_size)
+        steps = plan.settings.steps_for(int(claimed or 0))
         if steps < 1:
             return None
-        scale = 1.0 / (steps * plan.lr)
+        scale = 1.0 / (steps * plan.settings.lr)
         return {
             key: (start - to_numpy(trained[key]).astype(np.float64)) * scale
             for key, start in plan.model.items()
@@ -129,12 +127,11 @@ class Scaffold(FedAvg):
 @dataclass(frozen=True)
 class _RoundPlan:
     """What the server sent this round: the model x (floating arrays, float64), the
-    learning rate, the local epochs and batch size, and how many sites are connected."""
+    training settings (the learning rate, the steps a site takes), and how many sites
+    are connected."""
 
     model: dict[str, np.ndarray]
-    lr: float
-    epochs: int
-    batch_size: int
+    settings: TrainSettings
     sites: int
 
 

@@ -172,3 +172,15 @@ def test_the_cli_refuses_a_noise_multiplier_without_dp(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "only apply with differential privacy on" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"client.local_steps": -1}, r"client\.local_steps must be 0 \(use local_epochs\)"),
+        ({"client.local_steps": 10, "dp.mode": "sample"}, "DP-SGD's privacy accounting"),
+    ],
+)
+def test_local_steps_that_cannot_work_are_one_clear_error(overrides, fragment):
+    with pytest.raises(FedmlError, match=fragment):
+        load_config(None, overrides)

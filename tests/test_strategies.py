@@ -112,6 +112,18 @@ def test_stragglers_get_fewer_epochs_in_their_own_config():
     assert Stragglers(0.0, seed=0).apply(messages, 20) == set()
 
 
+def test_stragglers_of_a_run_counted_in_steps_get_fewer_steps():
+    claim_server_identity(1)
+    config = ConfigRecord({"local-epochs": 2, "local-steps": 100})
+    messages = [Message(RecordDict({"config": config}), n, "train") for n in range(1, 11)]
+    chosen = Stragglers(0.5, seed=0).apply(messages, full_epochs=2, full_steps=100)
+    steps = {m.metadata.dst_node_id: m.content["config"]["local-steps"] for m in messages}
+    assert len(chosen) == 5 and all(1 <= steps[n] <= 100 for n in chosen)
+    assert all(steps[n] == 100 for n in steps if n not in chosen)
+    assert any(steps[n] < 100 for n in chosen)
+    assert all(m.content["config"]["local-epochs"] == 2 for m in messages)
+
+
 def test_a_round_waits_for_missing_nodes_only_so_long_then_samples_those_connected():
     """A deployed site that died never comes back: sampling must not wait forever for
     `min_train_nodes` (Flower's own wait is endless); it waits `node_wait`, then goes on

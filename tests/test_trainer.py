@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clients.trainer import (
     evaluate,
+    minibatches,
     proximal_term,
     resolve_device,
     train_local,
@@ -113,3 +116,35 @@ def test_training_on_cuda_keeps_model_on_the_gpu():
     )
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert evaluate(model, shard, device)[1] > 0.9
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 40), st.integers(1, 16), st.integers(0, 30), st.integers(1, 3), st.integers(0, 9)
+)
+def test_local_steps_take_exactly_that_many_batches_each_pass_a_permutation(
+    rows, batch, steps, epochs, seed
+):
+    """With local_steps the loop takes exactly that many minibatches, cycling through
+    reshuffled passes over the rows; without, local_epochs full passes. Either way
+    `TrainSettings.steps_for` (SCAFFOLD's K) is the count taken, and every full pass
+    visits every row once."""
+    plan = TrainSettings(local_epochs=epochs, local_steps=steps, batch_size=batch)
+    generator = torch.Generator().manual_seed(seed)
+    batches = [b.tolist() for b in minibatches(rows, plan, generator, CPU)]
+    assert len(batches) == plan.steps_for(rows)
+    per_pass = -(-rows // batch)
+    assert len(batches) == (steps if steps else epochs * per_pass)
+    flat = [i for b in batches for i in b]
+    for start in range(0, len(batches) - per_pass + 1, per_pass):
+        visited = [i for b in batches[start : start + per_pass] for i in b]
+        assert sorted(visited) == list(range(rows))
+    assert all(0 <= i < rows for i in flat) and all(1 <= len(b) <= batch for b in batches)
+
+
+def test_a_round_of_local_steps_does_the_same_work_at_every_size():
+    plan = TrainSettings(local_epochs=1, local_steps=25, batch_size=4, lr=0.05, momentum=0.0)
+    for n in (7, 200):
+        model = build_model("logreg", (4,), 3, seed=0)
+        result = train_local(model, _blobs(n), plan, CPU, torch.Generator().manual_seed(0))
+        assert result.steps == 25
