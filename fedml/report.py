@@ -11,6 +11,10 @@ resumed one, or one still running. It writes, into one folder:
   a strategy that drops stragglers' partial work shows as fewer aggregated;
 - `privacy.png`: epsilon spent per round, when any run used differential privacy;
 - `time.png`: wall-clock seconds per round;
+- `sites.png`, `sites.csv`: when a run has per-site results, each site's accuracy per
+  round (one panel per run; on the sites' own test rows where every site has some, else
+  on their validation rows; personal models dashed), and one CSV row per run, round,
+  site, model (global or personal) and rows (validation or test) with every metric;
 - `summary.csv`: one row per run; `rounds.csv`: one row per run and round with every
   series of `fedml.records.flatten`, the same record the trackers receive.
 
@@ -48,9 +52,13 @@ SIZES: dict[str, tuple[float, float]] = {
     "clients": (8, 9),
     "privacy": (8, 5),
     "time": (8, 4),
+    "sites": (8, 4),  # per run drawn
 }
 SUMMARY_CSV = "summary.csv"
 ROUNDS_CSV = "rounds.csv"
+SITES_CSV = "sites.csv"
+MAX_SITE_PANELS = 6  # runs drawn on sites.png (sites.csv holds every run)
+MAX_SITE_LEGEND = 12  # sites named in a panel's legend
 
 # (series, legend text, line style) drawn on the accuracy and loss figures.
 ACCURACY_LINES = (
@@ -145,14 +153,78 @@ def figures(runs: Sequence[RunSeries]) -> dict[str, Figure]:
         drawn["privacy"] = _line_figure(
             runs, "privacy", PRIVACY_LINES, "epsilon spent", from_zero=True
         )
+    with_sites = [run for run in runs if any(row.get("sites") for row in run.status.rows)]
+    if with_sites:
+        drawn["sites"] = _sites_figure(with_sites[:MAX_SITE_PANELS])
     return drawn
 
 
-def _new_figure(name: str, panels: int = 1) -> tuple[Figure, list[Axes]]:
+def _sites_figure(runs: Sequence[RunSeries]) -> Figure:
+    """Each site's accuracy per round, one panel per run: the global model solid, the
+    site's personal model dashed (one colour per site, the same in every panel)."""
+    names = list(dict.fromkeys(name for run in runs for name in _site_names(run)))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    figure, axes = _new_figure("sites", len(runs), grow=True)
+    for ax, run in zip(axes, runs, strict=True):
+        last = next(row for row in reversed(run.status.rows) if row.get("sites"))
+        split = records.site_accuracies(last)[0]
+        for name in _site_names(run):
+            for model, style in (("global", "-"), ("personal", "--")):
+                rounds, values = _site_points(run, name, model, split)
+                if rounds:
+                    label = name if model == "global" else f"{name} (personal)"
+                    ax.plot(rounds, values, style, color=colours[name], marker=".", label=label)
+        rows = "own test rows" if split == "test" else "validation rows"
+        ax.set_ylabel(f"accuracy ({rows})")
+        if len(runs) > 1:
+            ax.set_title(run.label, fontsize="small")
+        if len(_site_names(run)) <= MAX_SITE_LEGEND:
+            _legend_or_note(ax)
+    return figure
+
+
+def _site_names(run: RunSeries) -> list[str]:
+    return list(dict.fromkeys(name for row in run.status.rows for name in row.get("sites") or {}))
+
+
+def _site_points(run: RunSeries, name: str, model: str, split: str) -> tuple[list, list]:
+    """(rounds, accuracies) of site `name`'s global or personal model on `split`."""
+    points = []
+    for row in run.status.rows:
+        entry = (row.get("sites") or {}).get(name, {})
+        measured = (entry.get("personal", {}) if model == "personal" else entry).get(split, {})
+        value = measured.get("accuracy")
+        if isinstance(value, int | float) and math.isfinite(value):
+            points.append((row["round"], float(value)))
+    return [r for r, _ in points], [v for _, v in points]
+
+
+def site_rows(runs: Sequence[RunSeries]) -> list[dict[str, Any]]:
+    """sites.csv: one row per run, round, site, model and rows, with every metric."""
+    table = []
+    for run in runs:
+        for row in run.status.rows:
+            for name, entry in (row.get("sites") or {}).items():
+                for model, results in (("global", entry), ("personal", entry.get("personal"))):
+                    for split in ("validation", "test"):
+                        metrics = (results or {}).get(split)
+                        if metrics:
+                            table.append(
+                                {"run": run.label, "round": row["round"], "site": name,
+                                 "model": model, "rows": split, **metrics}
+                            )  # fmt: skip
+    columns = list(dict.fromkeys(key for line in table for key in line))
+    return [{key: line.get(key, "") for key in columns} for line in table]
+
+
+def _new_figure(name: str, panels: int = 1, grow: bool = False) -> tuple[Figure, list[Axes]]:
+    """A figure of `SIZES[name]`; with `grow` that height per panel."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=SIZES[name], dpi=DPI, layout="constrained")
+    width, height = SIZES[name]
+    size = (width, height * panels) if grow else (width, height)
+    figure = Figure(figsize=size, dpi=DPI, layout="constrained")
     axes = figure.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
@@ -248,12 +320,16 @@ def write_report(paths: Sequence[Path], out: Path) -> Report:
             report.summary = [summary_row(run) for run in runs]
             staged.append(_write_csv(staging / SUMMARY_CSV, report.summary))
             staged.append(_write_csv(staging / ROUNDS_CSV, _round_rows(runs)))
+            sites = site_rows(runs)
+            if sites:
+                staged.append(_write_csv(staging / SITES_CSV, sites))
             for path in staged:
                 os.replace(path, out / path.name)
                 report.files.append(out / path.name)
-            for name in SIZES:  # a figure an earlier report drew and this one does not
-                if out / f"{name}.png" not in report.files:
-                    (out / f"{name}.png").unlink(missing_ok=True)
+            # what an earlier report wrote and this one does not
+            for stale in [*(f"{name}.png" for name in SIZES), SITES_CSV]:
+                if out / stale not in report.files:
+                    (out / stale).unlink(missing_ok=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:

@@ -104,9 +104,10 @@ def test_a_finished_run_gets_every_figure_with_one_point_per_round(two_runs, tmp
     history = histories["fedavg"]
     report = write_report([root / "fedavg"], tmp_path / "report")
     names = {p.name for p in report.files}
-    assert names == {"accuracy.png", "loss.png", "clients.png", "time.png"} | {
+    assert names == {"accuracy.png", "loss.png", "clients.png", "time.png", "sites.png"} | {
         "summary.csv",
         "rounds.csv",
+        "sites.csv",
     }  # no privacy figure without DP
     (run,), _ = load_runs([root / "fedavg"])
     drawn = figures([run])
@@ -366,3 +367,38 @@ def test_a_full_disk_while_writing_leaves_the_previous_report_whole(
     (out / "privacy.png").write_bytes(before["accuracy.png"])  # an earlier DP run's figure
     again = write_report([root / "fedprox"], out)
     assert {p.name for p in out.iterdir()} == {p.name for p in again.files}  # no stale one
+
+
+def test_per_site_results_get_a_figure_and_a_table_global_and_personal(tmp_path):
+    """Four hospitals with Ditto: sites.png draws each hospital's global (solid) and
+    personal (dashed) accuracy on its own test rows, and sites.csv has one row per
+    round, hospital, model and rows, with the history's values."""
+    history = _simulate(
+        tmp_path / "heart",
+        **{"data.dataset": "fed-heart-disease", "model.name": "logreg",
+           "client.personal": "ditto"},
+    )  # fmt: skip
+    report = write_report([tmp_path / "heart"], tmp_path / "report")
+    assert {"sites.png", "sites.csv"} <= {p.name for p in report.files}
+    (run,), _ = load_runs([tmp_path / "heart"])
+    (ax,) = figures([run])["sites"].axes
+    assert ax.get_ylabel() == "accuracy (own test rows)"
+    hospitals = list(history[-1]["sites"])
+    assert hospitals == ["cleveland", "hungary", "switzerland", "va-long-beach"]
+    for name in hospitals:
+        (solid,) = _lines(figures([run])["sites"], name)[:1]
+        assert list(solid.get_ydata()) == [r["sites"][name]["test"]["accuracy"] for r in history]
+        (dashed,) = _lines(figures([run])["sites"], f"{name} (personal)")
+        assert dashed.get_linestyle() == "--"
+        personal = [r["sites"][name]["personal"]["test"]["accuracy"] for r in history]
+        assert list(dashed.get_ydata()) == personal
+    table = _read_csv(report.out / "sites.csv")
+    assert len(table) == 3 * 4 * 2 * 2  # rounds x hospitals x (global, personal) x rows
+    line = next(
+        r for r in table
+        if (r["round"], r["site"], r["model"], r["rows"]) == ("3", "hungary", "personal", "test")
+    )  # fmt: skip
+    expected = history[2]["sites"]["hungary"]["personal"]["test"]
+    assert float(line["accuracy"]) == expected["accuracy"]
+    assert float(line["auroc"]) == expected["auroc"]
+    assert int(float(line["num-examples"])) == 89
