@@ -70,7 +70,14 @@ from clients.trainer import TrainResult, evaluation_metrics, resolve_device, tra
 from fedml.arrays import from_state_dict, to_numpy, to_state_dict
 from fedml.config import RunConfig
 from fedml.data import Shard, federation_for, split_validation
-from fedml.data.features import SHIFT_KEY, STATS_ACTION, FeatureStats, Standardization
+from fedml.data.features import (
+    SECURE_LIMIT_KEY,
+    SECURE_UNITS_KEY,
+    SHIFT_KEY,
+    STATS_ACTION,
+    FeatureStats,
+    Standardization,
+)
 from fedml.data.site import DEFAULT_LABEL_COLUMN, X_FILE, load_prepared, read_site_data
 from fedml.errors import FedmlError
 from fedml.models import model_for, with_standardization
@@ -83,6 +90,7 @@ from fedml.node_state import (
 )
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
 from fedml.records import DEVICE_RECORD, PERSONAL_PREFIX, SITE_RECORD, TEST_PREFIX
+from fedml.secagg import fixed_point
 from fedml.secagg import messages as wire
 from fedml.settings import (
     CONTROL_RECORD,
@@ -519,7 +527,8 @@ def _own_test_metrics(
 @app.query(STATS_ACTION)
 def feature_stats(msg: Message, context: Context) -> Message:
     """This node's feature statistics over its training rows (counts, sums and sums of
-    squares per feature: never a row), for the run's federated standardisation."""
+    squares per feature: never a row), for the run's federated standardisation; under
+    secure aggregation only masked, in fixed point (`fedml.secagg.fixed_point`)."""
     job = LocalJob.from_context(context)
     config = msg.content.config_records.get("config", ConfigRecord())
     shift = None
@@ -532,6 +541,18 @@ def feature_stats(msg: Message, context: Context) -> Message:
                 "site's file needs the features of the server's test set, in its order."
             )
     stats = FeatureStats.of_rows(job.train.x, shift)
+    if wire.ROUND in msg.content.config_records:  # secure aggregation: only the masked sums
+        units = np.asarray(config.get(SECURE_UNITS_KEY, []), dtype=np.float64)
+        limit = int(config.get(SECURE_LIMIT_KEY, 0))
+        try:
+            vector = fixed_point.encode(stats.to_vector(), units, limit)
+        except ValueError as exc:
+            raise FedmlError(
+                f"This site's feature statistics do not fit secure aggregation's fixed "
+                f"point ({exc}): a feature lies far from the server's test set. Check this "
+                "site's units and columns against the server's test set."
+            ) from exc
+        return Message(secagg.masked_input(msg, context, vector), reply_to=msg)
     return Message(RecordDict({"metrics": MetricRecord(stats.to_metrics())}), reply_to=msg)
 
 

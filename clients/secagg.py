@@ -2,10 +2,11 @@
 
 The site answers the server's four exchanges of a secure round: it advertises two
 public keys, shares its secrets with its holders, trains as usual and replies with its
-update masked (never the update itself), and finally returns the shares the server
-needs to unmask the sum. Before masking, the site clips its own update to
-`validation.clip_norm` (the server cannot screen single updates any more). Between the
-messages its side of the round waits in `Context.state`; it is removed after unmasking.
+update masked (never the update itself; before round 1, its feature statistics
+instead), and finally returns the shares the server needs to unmask the sum. Before
+masking, the site clips its own update to `validation.clip_norm` (the server cannot
+screen single updates any more). Between the messages its side of the round waits in
+`Context.state`; it is removed after unmasking.
 
 Keys, seeds and quantisation follow the run seed for a simulated client (a run replays
 bit for bit); a data site draws them from OS entropy.
@@ -90,6 +91,16 @@ def masked_update(
     layout = Layout.of(reference, cfg.secagg.clip, cfg.secagg.bits, METRICS)
     weight = 1 if user_dp else num_examples
     vector = encode(layout, clipped, reference, num_examples, rng, metrics, weight)
+    return _masked(msg, context, site, vector)
+
+
+def masked_input(msg: Message, context: Context, vector: np.ndarray) -> RecordDict:
+    """Step 3 for any other input (the feature statistics, in fixed point): the reply
+    content holding `vector` (uint64) masked, never `vector` itself."""
+    return _masked(msg, context, _load(context, msg), vector)
+
+
+def _masked(msg: Message, context: Context, site: SiteSecAgg, vector: np.ndarray) -> RecordDict:
     inbox = wire.from_node_record(msg.content.config_records.get(wire.INBOX))
     masked = site.masked(vector, inbox)
     _save(context, site)

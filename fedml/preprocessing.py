@@ -15,8 +15,14 @@ Which runs standardise (`data.preprocess`): "standardize" always (tabular data o
 "none" never, "auto" (the default) when the examples are rows of numbers from a table:
 `breast-cancer`, `fed-heart-disease`, `csv:` and `npz:` data, and every deployed run whose
 server test set is tabular. Images and the FedProx paper's `synthetic` generator (whose
-features the paper uses as drawn) keep their values. Under secure aggregation "auto"
-keeps the raw values (the statistics would reach the server unmasked) and says so.
+features the paper uses as drawn) keep their values.
+
+Under secure aggregation the statistics are gathered like a secure round's updates
+(`fedml.secure_round`): the query is the third of the four exchanges, each site answers
+with its statistics in fixed point (`fedml.secagg.fixed_point`, units the server chose
+from its test set's spread) under its masks, and the server unmasks only their sum. It
+then sees no site's statistics, so it cannot screen or cap a single site's (it checks
+the sum), and at least the secure threshold of sites must answer.
 """
 
 from __future__ import annotations
@@ -32,15 +38,21 @@ from flwr.serverapp import Grid
 from fedml.config import RunConfig
 from fedml.data.datasets import Federation
 from fedml.data.features import (
+    SECURE_LIMIT_KEY,
+    SECURE_UNITS_KEY,
     SHIFT_KEY,
     STATS_ACTION,
     FeatureStats,
     Standardization,
     check_observed,
+    secure_units,
     unscaled_features,
 )
 from fedml.errors import FedmlError
 from fedml.failures import failure_reason
+from fedml.secagg import fixed_point
+from fedml.secure_round import SecureRound
+from fedml.validation import Tally
 from strategies.sampling import NODE_WAIT_SECONDS
 
 log = logging.getLogger(__name__)
@@ -62,23 +74,8 @@ def wants_standardization(cfg: RunConfig, federation: Federation) -> bool:
                 f"numbers each); {cfg.data.dataset}'s have shape {federation.input_shape}. "
                 "Set data.preprocess to 'auto' or 'none'."
             )
-        if cfg.secagg.enabled:
-            raise FedmlError(
-                "data.preprocess = 'standardize' is not available under secure aggregation "
-                "yet: the sites' feature sums would reach the server unmasked. Set "
-                "data.preprocess = 'none' and give every site's data the same scaling."
-            )
         return True
-    if not tabular or cfg.data.dataset.startswith("synthetic"):
-        return False
-    if cfg.secagg.enabled:
-        log.warning(
-            "secure aggregation is on: the features are not standardised across sites "
-            "(the sites' feature sums would reach the server unmasked); give every site's "
-            "data the same scaling"
-        )
-        return False
-    return True
+    return tabular and not cfg.data.dataset.startswith("synthetic")
 
 
 def warn_if_unscaled(federation: Federation) -> None:
@@ -129,6 +126,8 @@ class FeatureScaling:
         shift: np.ndarray | None = None,
         max_weight_factor: float = 0.0,
         feature_names: tuple[str, ...] = (),
+        secure: RunConfig | None = None,
+        spread: np.ndarray | None = None,
     ) -> None:
         self.enabled = enabled
         self.num_features = num_features
@@ -137,6 +136,10 @@ class FeatureScaling:
         self.shift = shift
         self.max_weight_factor = max_weight_factor  # caps a site's rows (0: no cap)
         self.feature_names = feature_names
+        # under secure aggregation: the run (its secagg settings), and each feature's
+        # spread on the server's test set (the fixed-point units; None: 1)
+        self.secure = secure
+        self.spread = spread if spread is not None else np.ones(num_features)
         self.standardization: Standardization | None = None
         self.sites = 0  # how many sites' statistics it combines
         self.rows = 0  # over how many training rows
@@ -152,20 +155,51 @@ class FeatureScaling:
         return self.standardization.to_config() if self.standardization is not None else {}
 
     def gather(self, grid: Grid, timeout: float | None) -> None:
-        """Ask every connected node for its statistics and combine the valid replies
-        (each site's weight capped like a training claim: at `max_weight_factor` times
-        the median of the other sites' rows). Fewer than `min_sites` usable replies stop
-        the run before training: statistics are committed for good."""
+        """Ask every connected node for its statistics and combine them: the valid
+        replies, each site's weight capped like a training claim (at `max_weight_factor`
+        times the median of the other sites' rows), or under secure aggregation the
+        unmasked sum. Fewer than `min_sites` sites stop the run before training:
+        statistics are committed for good."""
         nodes = self._nodes(grid)
-        config = ConfigRecord({SHIFT_KEY: [float(v) for v in self._shift()]})
-        messages = [
+        if self.secure is not None:
+            total, sites, refused = self._secure_total(self.secure, grid, nodes, timeout)
+        else:
+            total, sites, refused = self._plain_total(grid, nodes, timeout)
+        for why in refused:
+            log.warning("feature statistics left out: %s", why)
+        if total is None or sites < max(1, self.min_sites):
+            raise FedmlError(
+                f"{sites} site(s) sent usable feature statistics ({len(nodes)} asked"
+                + (f"; {'; '.join(refused[:3])}" if refused else "")
+                + f"), fewer than the {self.min_sites} the run needs "
+                "(strategy.min_train_clients), so the features cannot be standardised for "
+                "the whole federation. Start the sites first, fix them, or set "
+                "data.preprocess = 'none'."
+            )
+        check_observed(total, list(self.feature_names) or None)
+        self.sites = sites
+        self.rows = total.rows
+        self.standardization = Standardization.from_stats(total, self._shift())
+        log.info(
+            "features standardised with statistics of %d training rows from %d site(s)%s",
+            self.rows, self.sites, " (only their masked sum seen)" if self.secure else "",
+        )  # fmt: skip
+
+    def _query(self, nodes: list[int], extra: dict[str, Any]) -> list[Message]:
+        config = ConfigRecord({SHIFT_KEY: [float(v) for v in self._shift()], **extra})
+        return [
             Message(RecordDict({"config": config}), node, STATS_MESSAGE_TYPE, group_id="stats")
             for node in nodes
         ]
+
+    def _plain_total(
+        self, grid: Grid, nodes: list[int], timeout: float | None
+    ) -> tuple[FeatureStats | None, int, list[str]]:
+        """Every site's statistics in the clear, screened and capped; their total."""
         found: dict[int, FeatureStats] = {}
         refused: list[str] = []
         answered: set[int] = set()
-        for reply in grid.send_and_receive(messages, timeout=timeout):
+        for reply in grid.send_and_receive(self._query(nodes, {}), timeout=timeout):
             source = reply.metadata.src_node_id
             answered.add(source)
             if reply.has_error():
@@ -179,27 +213,32 @@ class FeatureScaling:
             except ValueError as exc:
                 refused.append(f"node {source}: {exc}")
         refused += [f"node {node}: no reply" for node in sorted(set(nodes) - answered)]
-        for why in refused:
-            log.warning("feature statistics left out: %s", why)
-        if len(found) < max(1, self.min_sites):
-            raise FedmlError(
-                f"{len(found)} site(s) sent usable feature statistics ({len(nodes)} asked"
-                + (f"; {'; '.join(refused[:3])}" if refused else "")
-                + f"), fewer than the {self.min_sites} the run needs "
-                "(strategy.min_train_clients), so the features cannot be standardised for "
-                "the whole federation. Start the sites first, fix them, or set "
-                "data.preprocess = 'none'."
-            )
+        if not found:
+            return None, 0, refused
         # summed in node order: the same sites give the same bits, whatever order they answer in
         total = _capped_total([found[node] for node in sorted(found)], self.max_weight_factor)
-        check_observed(total, list(self.feature_names) or None)
-        self.sites = len(found)
-        self.rows = total.rows
-        self.standardization = Standardization.from_stats(total, self._shift())
-        log.info(
-            "features standardised with statistics of %d training rows from %d site(s)",
-            self.rows, self.sites,
-        )  # fmt: skip
+        return total, len(found), refused
+
+    def _secure_total(
+        self, cfg: RunConfig, grid: Grid, nodes: list[int], timeout: float | None
+    ) -> tuple[FeatureStats | None, int, list[str]]:
+        """The sites' statistics summed under secure aggregation: the server unmasks
+        only the total (no site's statistics, so none is screened or capped alone)."""
+        units = secure_units(self.spread)
+        limit = fixed_point.site_limit(len(nodes))
+        extra = {SECURE_UNITS_KEY: [float(u) for u in units], SECURE_LIMIT_KEY: limit}
+        secure = SecureRound(cfg, server_round=0, attempt=0, grid=grid, timeout=timeout)
+        tally = Tally()
+        summed = secure.masked_total(self._query(nodes, extra), len(units), tally)
+        refused = [f"{count} site(s): {why}" for why, count in tally.failed_reasons.items()]
+        refused += [f"{count} site(s): {why}" for why, count in tally.rejected.items()]
+        if summed is None:
+            return None, 0, [*refused, "secure aggregation could not unmask the sum"]
+        try:
+            total = FeatureStats.from_sum(fixed_point.decode(summed, units), self.num_features)
+        except ValueError as exc:
+            return None, 0, [*refused, f"the unmasked sum: {exc}"]
+        return total, len(secure.survivors), refused
 
     def _shift(self) -> np.ndarray:
         return self.shift if self.shift is not None else np.zeros(self.num_features)
@@ -215,7 +254,8 @@ class FeatureScaling:
 
     def row(self) -> dict[str, Any]:
         """The history row's account of it (the first round's row)."""
-        return {"standardized": self.num_features, "sites": self.sites, "rows": self.rows}
+        row = {"standardized": self.num_features, "sites": self.sites, "rows": self.rows}
+        return {**row, "masked": True} if self.secure is not None else row
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

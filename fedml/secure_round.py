@@ -87,6 +87,7 @@ class SecureRound:
         self.row: dict[str, float | int] = {}
         self.metrics: dict[str, float] | None = None
         self.examples = 0
+        self.survivors: set[int] = set()  # the sites whose inputs the unmasked sum holds
 
     def run(
         self,
@@ -102,13 +103,43 @@ class SecureRound:
         inputs of `excluded` sites (stragglers whose partial work the strategy drops)
         are left out of the sum like a dropout's. `observe` wraps the train replies'
         stream (privacy report, device count)."""
+        reference = {k: to_numpy(a) for k, a in arrays.items()}
+        sa = self.cfg.secagg
+        layout = Layout.of(reference, sa.clip, sa.bits, METRICS)
+        total = self.masked_total(messages, layout.size, tally, observe, excluded, hostile)
+        if total is None:
+            return None
+        try:
+            decoded = decode(layout, total, reference)
+            if self.cfg.dp.mode == "user-fixed" and decoded.weight != len(self.survivors):
+                raise ValueError("client-level DP needs one weight per site; the sum says not")
+        except ValueError as exc:
+            log.warning("round %d: secure aggregation failed: %s", self.server_round, exc)
+            return None
+        self.examples, self.metrics = decoded.examples, decoded.metrics
+        return self._checked(decoded.arrays, reference, tally)
+
+    def masked_total(
+        self,
+        messages: list[Message],
+        size: int,
+        tally: Tally,
+        observe: Callable[[Iterable[Message]], Iterator[Message]] = iter,
+        excluded: frozenset[int] | set[int] = frozenset(),
+        hostile: Exclusions | None = None,
+    ) -> np.ndarray | None:
+        """The sum (uint64, mod 2^64) of the masked inputs of `size` values that the
+        sites `messages` go to send in answer to them, unmasked: the exchanges of the
+        module doc, with `messages` as the third (the strategy's train messages, or the
+        feature-statistics query). None when it cannot be unmasked; `self.survivors`
+        are the sites whose inputs it sums."""
         started = time.perf_counter()
+        hostile = hostile if hostile is not None else Exclusions()
         nodes = {
             m.metadata.dst_node_id: m
             for m in messages
             if m.metadata.dst_node_id not in hostile.sites
         }
-        reference = {k: to_numpy(a) for k, a in arrays.items()}
         sa = self.cfg.secagg
         threshold = sa.threshold or default_threshold(len(nodes))
         server = ServerSecAgg(self.server_round, threshold, sa.neighbours)
@@ -118,30 +149,26 @@ class SecureRound:
             self.row["excluded"] = len(messages) - len(nodes)
             tally.failed += self.row["excluded"]
             tally.failed_reasons[LEFT_OUT] += self.row["excluded"]
-        layout = Layout.of(reference, sa.clip, sa.bits, METRICS)
-        aggregate = None
+        total = None
         try:
             advertised = self._advertise(nodes)
             plan, holder_keys = server.holder_keys(advertised)
             shared = self._share(plan, holder_keys)
             inbox = server.route(shared)
             self.row["shared"] = len(shared)
-            for reply in observe(self._train(nodes, shared, inbox)):
+            for reply in observe(self._masked_inputs(nodes, shared, inbox)):
                 if not tally.answered(reply):
                     continue
                 node = reply.metadata.src_node_id
-                masked = wire.masked_from(reply.content, layout.size)
+                masked = wire.masked_from(reply.content, size)
                 if masked is None or node not in shared or node in server.survivors:
                     tally.rejected["malformed masked input"] += 1  # as if it dropped out
                 elif node not in excluded:
                     server.add(node, masked)
             self.row["unmasked"], self.row["dropped"] = len(server.survivors), len(server.dropped)
             answers = self._unmask(server.survivors, server.dropped)
-            decoded = decode(layout, server.unmask(answers), reference)
-            if self.cfg.dp.mode == "user-fixed" and decoded.weight != len(server.survivors):
-                raise ValueError("client-level DP needs one weight per site; the sum says not")
-            self.examples, self.metrics = decoded.examples, decoded.metrics
-            aggregate = self._checked(decoded.arrays, reference, tally)
+            total = server.unmask(answers)
+            self.survivors = set(server.survivors)
         except HostileSite as exc:
             hostile.add(exc.site, str(exc))
             self.row["hostile"] = exc.site
@@ -154,7 +181,7 @@ class SecureRound:
         except (SecAggFailure, ValueError) as exc:
             log.warning("round %d: secure aggregation failed: %s", self.server_round, exc)
         self.row["seconds"] = round(time.perf_counter() - started, 4)
-        return aggregate
+        return total
 
     # -- the exchanges -------------------------------------------------------------------
     def _ask(self, node: int, action: str, records: dict) -> Message:
@@ -217,9 +244,12 @@ class SecureRound:
                 shared[node] = (sealed, digests, commitment)
         return shared
 
-    def _train(self, nodes: dict[int, Message], shared: dict, inbox: dict) -> Iterator[Message]:
-        """The strategy's own train messages to the sites that shared, plus who they are
-        and the sealed shares they hold."""
+    def _masked_inputs(
+        self, nodes: dict[int, Message], shared: dict, inbox: dict
+    ) -> Iterator[Message]:
+        """The third exchange's messages (the strategy's train messages, or the feature
+        statistics query) to the sites that shared, plus who they are and the sealed
+        shares they hold."""
         outgoing = []
         for node in sorted(shared):
             message = nodes[node]

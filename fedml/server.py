@@ -186,6 +186,11 @@ class Experiment:
             with warnings.catch_warnings():  # a column of NaN only: its shift is 0
                 warnings.simplefilter("ignore", RuntimeWarning)
                 shift = np.nan_to_num(np.nanmean(test.x.reshape(len(test), -1), axis=0))
+        spread = None
+        if self.standardize and test is not None and len(test):
+            with warnings.catch_warnings():  # a column of NaN only: its spread is unknown
+                warnings.simplefilter("ignore", RuntimeWarning)
+                spread = np.nanstd(test.x.reshape(len(test), -1), axis=0)
         return FeatureScaling(
             self.standardize,
             features,
@@ -193,6 +198,8 @@ class Experiment:
             shift=shift,
             max_weight_factor=self.cfg.validation.max_weight_factor,
             feature_names=self.evaluator.feature_names,
+            secure=self.cfg if self.cfg.secagg.enabled else None,
+            spread=spread,
         )
 
 

@@ -20,9 +20,11 @@ lists of floats in the message config) and is applied by the model itself
 (`fedml.models.with_standardization`), so the model always takes raw rows, at the sites
 and on the server's test set alike.
 
-Limits: the sums are sent in the clear (not under secure aggregation nor covered by
-differential privacy), and a site's statistics are trusted (a hostile site can skew a
-feature's mean); README's security model says so.
+Under secure aggregation a site sends `to_vector()` in fixed point (`secure_units`,
+`fedml.secagg.fixed_point`) and masked; the server unmasks only the sum (`from_sum`).
+Limits: the statistics are not covered by differential privacy, and a site's plausible
+statistics are trusted (a hostile site can skew a feature's mean); README's security
+model says so.
 """
 
 from __future__ import annotations
@@ -49,6 +51,21 @@ MIN_SCALE = 1 / MAX_MAGNITUDE  # a smaller spread is constant: float32 would mak
 # The stats reply's metric keys, and the query's config key for the shift.
 ROWS, OBSERVED, SUMS, SQUARES = "rows", "observed", "sums", "squares"
 SHIFT_KEY = "shift"
+# Under secure aggregation the query's config also carries the fixed-point units of the
+# vector a site masks (`FeatureStats.to_vector`) and the largest integer it may send.
+SECURE_UNITS_KEY, SECURE_LIMIT_KEY = "secure-units", "secure-limit"
+FRACTION_BITS = 16  # a sum's unit is 2^-16 of the feature's spread on the server's test set
+
+
+def secure_units(spread: np.ndarray) -> np.ndarray:
+    """The fixed-point units of `to_vector`'s entries: 1 for the counts, 2^-16 of each
+    feature's `spread` (its standard deviation on the server's test set; 1 where that is
+    0 or unknown) for its sums, and 2^-16 of its square for its sums of squares."""
+    spread = np.asarray(spread, dtype=np.float64)
+    spread = np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
+    fraction = 2.0**-FRACTION_BITS
+    counts = np.ones(1 + len(spread))
+    return np.concatenate([counts, spread * fraction, np.square(spread) * fraction])
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,38 @@ class FeatureStats:
             SUMS: [float(v) for v in self.sums],
             SQUARES: [float(v) for v in self.squares],
         }
+
+    def to_vector(self) -> np.ndarray:
+        """[rows, observed..., sums..., squares...] (float64): what a site masks."""
+        return np.concatenate([[float(self.rows)], self.observed, self.sums, self.squares])
+
+    @classmethod
+    def from_sum(cls, vector: np.ndarray, num_features: int) -> FeatureStats:
+        """The federation's statistics from the unmasked sum of the sites' vectors
+        (`to_vector`, in fixed point: sums and squares carry rounding of half a unit
+        per site, counts none); `ValueError` when it cannot be statistics of
+        `num_features` features."""
+        values = np.asarray(vector, dtype=np.float64)
+        if values.shape != (1 + 3 * num_features,) or not np.isfinite(values).all():
+            raise ValueError("the summed statistics have the wrong size or are not finite")
+        rows = values[0]
+        observed = values[1 : 1 + num_features]
+        sums, squares = (
+            values[1 + num_features : 1 + 2 * num_features],
+            values[1 + 2 * num_features :],
+        )
+        if rows != round(rows) or not 1 <= rows <= MAX_ROWS:
+            raise ValueError(f"the summed row count {rows:g} is not a count of rows")
+        if (
+            (observed != np.round(observed)).any()
+            or (observed < 0).any()
+            or (observed > rows).any()
+        ):
+            raise ValueError(f"the summed '{OBSERVED}' are not whole numbers 0 .. {rows:g}")
+        seen = np.maximum(observed, 1)
+        if (np.abs(sums) / seen > MAX_MAGNITUDE).any() or (squares / seen > MAX_MAGNITUDE**2).any():
+            raise ValueError(f"the values' magnitude exceeds {MAX_MAGNITUDE:g}")
+        return cls(int(rows), observed, sums, np.maximum(squares, 0.0))  # rounding: >= 0
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any], num_features: int) -> FeatureStats:
