@@ -65,7 +65,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from clients import kept_state, personal, scaffold, secagg
+from clients import personal, scaffold, secagg
 from clients.trainer import TrainResult, evaluation_metrics, resolve_device, train_local
 from fedml.arrays import from_state_dict, to_numpy, to_state_dict
 from fedml.config import RunConfig
@@ -347,12 +347,12 @@ def train(msg: Message, context: Context) -> Message:
     else:
         generator = torch.Generator().manual_seed(seed)
         control = msg.content.array_records.get(CONTROL_RECORD)  # SCAFFOLD's c
-        mine = scaffold.site_control(context, job.cfg, control) if control else {}
+        mine = scaffold.site_control(context, job.cfg, control, server_round) if control else {}
         corrections = scaffold.corrections(model, control, mine) if control else None
         result = train_local(model, job.train, settings, device, generator, corrections=corrections)
         if control:  # c_i+ stays here
-            kept = scaffold.next_control(mine, control, received, model, result.steps, settings.lr)
-            kept_state.save(context, job.cfg, scaffold.CONTROL_NAME, kept)
+            after = scaffold.next_control(mine, control, received, model, result.steps, settings.lr)
+            scaffold.keep(context, job.cfg, server_round, mine, after)
     trained = from_state_dict(model.state_dict())
     if head:  # the site keeps its head; the reply carries the head it received
         personal.save(context, job.cfg, {name: model.state_dict()[name] for name in head})
@@ -542,17 +542,23 @@ def feature_stats(msg: Message, context: Context) -> Message:
             )
     stats = FeatureStats.of_rows(job.train.x, shift)
     if wire.ROUND in msg.content.config_records:  # secure aggregation: only the masked sums
-        units = np.asarray(config.get(SECURE_UNITS_KEY, []), dtype=np.float64)
-        limit = int(config.get(SECURE_LIMIT_KEY, 0))
+        units = list(config.get(SECURE_UNITS_KEY, []))  # type: ignore[arg-type]
+        limit = int(config.get(SECURE_LIMIT_KEY, 0))  # type: ignore[arg-type]
+        plan = np.asarray(units, dtype=np.float64)
         try:
-            vector = fixed_point.encode(stats.to_vector(), units, limit)
+            fixed_point.check_plan(plan, limit, counts=1 + stats.num_features)
+        except ValueError as exc:
+            raise FedmlError(f"Refusing the secure statistics query: {exc}.") from exc
+        try:
+            vector = fixed_point.encode(stats.to_vector(), plan, limit)
         except ValueError as exc:
             raise FedmlError(
                 f"This site's feature statistics do not fit secure aggregation's fixed "
                 f"point ({exc}): a feature lies far from the server's test set. Check this "
                 "site's units and columns against the server's test set."
             ) from exc
-        return Message(secagg.masked_input(msg, context, vector), reply_to=msg)
+        binding = fixed_point.binding(units, limit, list(config.get(SHIFT_KEY, [])))
+        return Message(secagg.masked_input(msg, context, vector, binding), reply_to=msg)
     return Message(RecordDict({"metrics": MetricRecord(stats.to_metrics())}), reply_to=msg)
 
 

@@ -3,8 +3,10 @@ and SCAFFOLD's control variate (clients/scaffold.py).
 
 In simulation it lives in the node's `Context.state` (committed with every round and
 restored at resume, like the privacy ledger). At a deployed site it is also a file in the
-site's state folder (the node config's `personal-dir`), one per experiment, so it
-outlives a restart of the site; another experiment starts afresh.
+site's state folder (the node config's `state-dir`), one per experiment (named by a
+hash of the run config's experiment keys), so it outlives a restart of the site and a
+resumed run; another experiment starts afresh. A new run of the very same experiment
+continues the state a site kept for the last one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from safetensors.torch import save as save_tensors
 
 from fedml.arrays import from_state_dict, to_state_dict
 from fedml.config import RunConfig, experiment_identity
-from fedml.node_state import PERSONAL_DIR_KEY
+from fedml.errors import FedmlError
+from fedml.node_state import SITE_STATE_KEY
 from fedml.regular_files import read_bytes
 from fedml.runstore import atomic_write
 
@@ -32,7 +35,13 @@ def load(context: Context, cfg: RunConfig, name: str) -> dict[str, torch.Tensor]
     file at a data site, else the node's Context state."""
     path = _site_file(context, cfg, name)
     if path is not None and path.is_file():
-        return load_tensors(read_bytes(path))
+        try:
+            return load_tensors(read_bytes(path))
+        except Exception as exc:  # whatever a damaged file makes safetensors raise
+            raise FedmlError(
+                f"{path} (this site's kept {name}) cannot be read ({exc}). Remove it to "
+                "start that state afresh at this site."
+            ) from exc
     if RECORD_PREFIX + name in context.state.array_records:
         return to_state_dict(context.state.array_records[RECORD_PREFIX + name])
     return None
@@ -51,7 +60,7 @@ def save(context: Context, cfg: RunConfig, name: str, state: dict[str, torch.Ten
 
 def _site_file(context: Context, cfg: RunConfig, name: str) -> Path | None:
     """A data site's file for this experiment's state `name` (None in simulation)."""
-    folder = context.node_config.get(PERSONAL_DIR_KEY)
+    folder = context.node_config.get(SITE_STATE_KEY)
     if not folder:
         return None
     identity = json.dumps(experiment_identity(cfg), sort_keys=True).encode()

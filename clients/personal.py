@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 
 from clients import kept_state
+from fedml.arrays import record_of
 from fedml.config import RunConfig
 from fedml.errors import FedmlError
 
@@ -60,8 +61,7 @@ def apply(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Mo
 
 def keep_shared_head(trained: ArrayRecord, received: ArrayRecord, head: list[str]) -> ArrayRecord:
     """FedPer's reply: the trained arrays with the head as received (never the site's)."""
-    shared = {name: received[name] if name in head else array for name, array in trained.items()}
-    return ArrayRecord(shared)
+    return record_of({name: received[name] if name in head else a for name, a in trained.items()})
 
 
 def _name(cfg: RunConfig) -> str:

@@ -94,15 +94,18 @@ def masked_update(
     return _masked(msg, context, site, vector)
 
 
-def masked_input(msg: Message, context: Context, vector: np.ndarray) -> RecordDict:
+def masked_input(msg: Message, context: Context, vector: np.ndarray, binding: bytes) -> RecordDict:
     """Step 3 for any other input (the feature statistics, in fixed point): the reply
-    content holding `vector` (uint64) masked, never `vector` itself."""
-    return _masked(msg, context, _load(context, msg), vector)
+    content holding `vector` (uint64) masked, never `vector` itself; `binding` (what the
+    encoding depends on) enters the pairwise masks."""
+    return _masked(msg, context, _load(context, msg), vector, binding)
 
 
-def _masked(msg: Message, context: Context, site: SiteSecAgg, vector: np.ndarray) -> RecordDict:
+def _masked(
+    msg: Message, context: Context, site: SiteSecAgg, vector: np.ndarray, binding: bytes = b""
+) -> RecordDict:
     inbox = wire.from_node_record(msg.content.config_records.get(wire.INBOX))
-    masked = site.masked(vector, inbox)
+    masked = site.masked(vector, inbox, binding)
     _save(context, site)
     return RecordDict({"arrays": wire.masked_record(masked)})
 

@@ -84,7 +84,8 @@ def train_local(
     anchor: nn.Module | None = None,
     corrections: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Run `settings.local_epochs` epochs of minibatch training on `shard`, in place.
+    """Run `settings.local_epochs` epochs (or `settings.local_steps` steps) of minibatch
+    training on `shard`, in place (`minibatches`).
 
     With `proximal_mu > 0` the objective loss + (mu/2)·||w - w_global||² is minimised:
     `w_global` is `anchor`'s weights (Ditto: the round's global model), else the weights

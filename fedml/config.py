@@ -869,6 +869,18 @@ def _validate_scaffold(cfg: RunConfig) -> None:
         "'sgd' and client.momentum = 0 (--client-momentum 0).",
     )
     _check(
+        cfg.validation.clip_norm == 0,
+        "strategy 'scaffold' reads each site's control-variate change from its update as "
+        "the site trained it; validation.clip_norm would change the update on the server "
+        "only. Set validation.clip_norm = 0 with scaffold.",
+    )
+    _check(
+        client.personal != "fedper",
+        "strategy 'scaffold' with client.personal = 'fedper': a site trains from its own "
+        "head, which the server's control variate cannot see. Use fedper with another "
+        "strategy, or scaffold with ditto or without personal models.",
+    )
+    _check(
         cfg.dp.mode == "off",
         f"strategy 'scaffold' is not available with dp.mode '{cfg.dp.mode}': its control "
         "variates would carry each site's raw training signal outside the DP guarantee. "

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from fedml.arrays import from_numpy, record_of, to_numpy
 from fedml.config import RunConfig
 from fedml.contracts import Proximal, is_proximal
-from fedml.monitor import LOSS_ORDER, Monitor, Target
+from fedml.monitor import LOSS_ORDER, STOP_ORDER, Monitor, Target
 from fedml.privacy import STOP_PRIVACY
 from fedml.records import HistoryRow
 
@@ -54,7 +54,7 @@ class EarlyStopping:
     `patience` accepted rounds; remembers the best round (restored at the end)."""
 
     def __init__(self, metric: str, mode: str, patience: int, min_delta: float) -> None:
-        self.monitor = Monitor(metric, mode)
+        self.monitor = Monitor(metric, mode, auto=STOP_ORDER)
         self.patience = patience
         self.min_delta = min_delta
         self.best: float | None = None

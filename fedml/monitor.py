@@ -35,6 +35,9 @@ RECORDED_METRICS = (
 # The best model is chosen on the sites' validation rows (federated evaluation), never on
 # a test set: a model picked by its test score makes that score optimistic.
 AUTO_ORDER = ("evaluate.accuracy", "evaluate.loss", "train.loss")
+# Early stopping's "auto" (`stop.metric`) keeps the order it always had, so a resumed run
+# goes on judging by the metric its committed best was measured in.
+STOP_ORDER = ("server.accuracy", "evaluate.accuracy", "train.loss")
 TEST_SOURCE = "server"  # the server's rows are a test set (the pooled sites' test rows)
 LOSS_ORDER = ("server.loss", "evaluate.loss", "train.loss")
 

@@ -20,7 +20,7 @@ PARTITION_KEY = "partition-id"  # the query reply's metric naming the node's cli
 PARTITIONS_KEY = "num-partitions"  # a simulated node's node config: how many there are
 SITE_NAME_KEY = "site-name"  # a data site's node config: its name (its key's name)
 TEST_DATA_KEY = "test-data-path"  # a data site's node config: its own test rows, prepared
-PERSONAL_DIR_KEY = "personal-dir"  # a data site's node config: where its personal models live
+SITE_STATE_KEY = "state-dir"  # a data site's node config: its state folder (kept state)
 
 
 def take_state(content: RecordDict) -> RecordDict:

@@ -51,7 +51,7 @@ from fedml.data.features import (
 from fedml.errors import FedmlError
 from fedml.failures import failure_reason
 from fedml.secagg import fixed_point
-from fedml.secure_round import SecureRound
+from fedml.secure_round import Exclusions, SecureRound
 from fedml.validation import Tally
 from strategies.sampling import NODE_WAIT_SECONDS
 
@@ -126,7 +126,7 @@ class FeatureScaling:
         shift: np.ndarray | None = None,
         max_weight_factor: float = 0.0,
         feature_names: tuple[str, ...] = (),
-        secure: RunConfig | None = None,
+        secagg_cfg: RunConfig | None = None,
         spread: np.ndarray | None = None,
     ) -> None:
         self.enabled = enabled
@@ -138,7 +138,7 @@ class FeatureScaling:
         self.feature_names = feature_names
         # under secure aggregation: the run (its secagg settings), and each feature's
         # spread on the server's test set (the fixed-point units; None: 1)
-        self.secure = secure
+        self.secagg_cfg = secagg_cfg
         self.spread = spread if spread is not None else np.ones(num_features)
         self.standardization: Standardization | None = None
         self.sites = 0  # how many sites' statistics it combines
@@ -154,15 +154,18 @@ class FeatureScaling:
         """What every train and evaluate message's config carries (empty: nothing)."""
         return self.standardization.to_config() if self.standardization is not None else {}
 
-    def gather(self, grid: Grid, timeout: float | None) -> None:
+    def gather(self, grid: Grid, timeout: float | None, hostile: Exclusions | None = None) -> None:
         """Ask every connected node for its statistics and combine them: the valid
         replies, each site's weight capped like a training claim (at `max_weight_factor`
         times the median of the other sites' rows), or under secure aggregation the
         unmasked sum. Fewer than `min_sites` sites stop the run before training:
         statistics are committed for good."""
         nodes = self._nodes(grid)
-        if self.secure is not None:
-            total, sites, refused = self._secure_total(self.secure, grid, nodes, timeout)
+        if self.secagg_cfg is not None:
+            excluded = hostile if hostile is not None else Exclusions()
+            total, sites, refused = self._secure_total(
+                self.secagg_cfg, grid, nodes, timeout, excluded
+            )
         else:
             total, sites, refused = self._plain_total(grid, nodes, timeout)
         for why in refused:
@@ -182,7 +185,7 @@ class FeatureScaling:
         self.standardization = Standardization.from_stats(total, self._shift())
         log.info(
             "features standardised with statistics of %d training rows from %d site(s)%s",
-            self.rows, self.sites, " (only their masked sum seen)" if self.secure else "",
+            self.rows, self.sites, " (only their masked sum seen)" if self.secagg_cfg else "",
         )  # fmt: skip
 
     def _query(self, nodes: list[int], extra: dict[str, Any]) -> list[Message]:
@@ -220,18 +223,32 @@ class FeatureScaling:
         return total, len(found), refused
 
     def _secure_total(
-        self, cfg: RunConfig, grid: Grid, nodes: list[int], timeout: float | None
+        self,
+        cfg: RunConfig,
+        grid: Grid,
+        nodes: list[int],
+        timeout: float | None,
+        hostile: Exclusions,
     ) -> tuple[FeatureStats | None, int, list[str]]:
         """The sites' statistics summed under secure aggregation: the server unmasks
-        only the total (no site's statistics, so none is screened or capped alone)."""
-        units = secure_units(self.spread)
+        only the total (no site's statistics, so none is screened or capped alone). A
+        site proven hostile is left out (`hostile`, the run's exclusions) and the
+        exchange played once more without it."""
+        units = [float(u) for u in secure_units(self.spread)]
         limit = fixed_point.site_limit(len(nodes))
-        extra = {SECURE_UNITS_KEY: [float(u) for u in units], SECURE_LIMIT_KEY: limit}
-        secure = SecureRound(cfg, server_round=0, attempt=0, grid=grid, timeout=timeout)
-        tally = Tally()
-        summed = secure.masked_total(self._query(nodes, extra), len(units), tally)
-        refused = [f"{count} site(s): {why}" for why, count in tally.failed_reasons.items()]
-        refused += [f"{count} site(s): {why}" for why, count in tally.rejected.items()]
+        extra = {SECURE_UNITS_KEY: units, SECURE_LIMIT_KEY: limit}
+        binding = fixed_point.binding(units, limit, [float(v) for v in self._shift()])
+        refused: list[str] = []
+        for attempt in range(2):  # once more without a site proven to break the protocol
+            secure = SecureRound(cfg, server_round=0, attempt=attempt, grid=grid, timeout=timeout)
+            tally = Tally()
+            summed = secure.masked_total(
+                self._query(nodes, extra), len(units), tally, hostile=hostile, binding=binding
+            )
+            refused = [f"{count} site(s): {why}" for why, count in tally.failed_reasons.items()]
+            refused += [f"{count} site(s): {why}" for why, count in tally.rejected.items()]
+            if summed is not None or "hostile" not in secure.row:
+                break
         if summed is None:
             return None, 0, [*refused, "secure aggregation could not unmask the sum"]
         try:
@@ -255,7 +272,7 @@ class FeatureScaling:
     def row(self) -> dict[str, Any]:
         """The history row's account of it (the first round's row)."""
         row = {"standardized": self.num_features, "sites": self.sites, "rows": self.rows}
-        return {**row, "masked": True} if self.secure is not None else row
+        return {**row, "masked": True} if self.secagg_cfg is not None else row
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -187,7 +187,9 @@ def _site_names(run: RunSeries) -> list[str]:
     return list(dict.fromkeys(name for row in run.status.rows for name in row.get("sites") or {}))
 
 
-def _site_points(run: RunSeries, name: str, model: str, split: str) -> tuple[list, list]:
+def _site_points(
+    run: RunSeries, name: str, model: str, split: str
+) -> tuple[list[int], list[float]]:
     """(rounds, accuracies) of site `name`'s global or personal model on `split`."""
     points = []
     for row in run.status.rows:

@@ -127,12 +127,14 @@ class SecureRound:
         observe: Callable[[Iterable[Message]], Iterator[Message]] = iter,
         excluded: frozenset[int] | set[int] = frozenset(),
         hostile: Exclusions | None = None,
+        binding: bytes = b"",
     ) -> np.ndarray | None:
         """The sum (uint64, mod 2^64) of the masked inputs of `size` values that the
         sites `messages` go to send in answer to them, unmasked: the exchanges of the
         module doc, with `messages` as the third (the strategy's train messages, or the
-        feature-statistics query). None when it cannot be unmasked; `self.survivors`
-        are the sites whose inputs it sums."""
+        feature-statistics query; `binding` as the sites bind their pairwise masks to
+        the query). None when it cannot be unmasked; `self.survivors` are the sites
+        whose inputs it sums."""
         started = time.perf_counter()
         hostile = hostile if hostile is not None else Exclusions()
         nodes = {
@@ -167,7 +169,7 @@ class SecureRound:
                     server.add(node, masked)
             self.row["unmasked"], self.row["dropped"] = len(server.survivors), len(server.dropped)
             answers = self._unmask(server.survivors, server.dropped)
-            total = server.unmask(answers)
+            total = server.unmask(answers, binding)
             self.survivors = set(server.survivors)
         except HostileSite as exc:
             hostile.add(exc.site, str(exc))

@@ -186,8 +186,8 @@ class Experiment:
             with warnings.catch_warnings():  # a column of NaN only: its shift is 0
                 warnings.simplefilter("ignore", RuntimeWarning)
                 shift = np.nan_to_num(np.nanmean(test.x.reshape(len(test), -1), axis=0))
-        spread = None
-        if self.standardize and test is not None and len(test):
+        spread = None  # the fixed-point units of statistics gathered under secagg
+        if self.standardize and self.cfg.secagg.enabled and test is not None and len(test):
             with warnings.catch_warnings():  # a column of NaN only: its spread is unknown
                 warnings.simplefilter("ignore", RuntimeWarning)
                 spread = np.nanstd(test.x.reshape(len(test), -1), axis=0)
@@ -198,7 +198,7 @@ class Experiment:
             shift=shift,
             max_weight_factor=self.cfg.validation.max_weight_factor,
             feature_names=self.evaluator.feature_names,
-            secure=self.cfg if self.cfg.secagg.enabled else None,
+            secagg_cfg=self.cfg if self.cfg.secagg.enabled else None,
             spread=spread,
         )
 
@@ -255,7 +255,7 @@ def run_experiment(
 
     try:
         if stop_reason is None and scaling.pending:
-            scaling.gather(grid, cfg.participation.timeout or None)
+            scaling.gather(grid, cfg.participation.timeout or None, components.hostile)
             announce = scaling.row()  # told in the next committed row
         if scaling.standardization is not None:
             evaluator.standardize(scaling.standardization)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,19 +32,28 @@ class Scaffold(FedAvg):
     and K_i = local epochs x ceil(num-examples / batch size) (or the run's local steps)
     is what an honest site's loop runs (`TrainSettings.steps_for`). So after each round
     c += (|S| / N) x mean over the S replies of ((x - y_i) / (K_i lr) - c), N being the
-    connected sites, from the screened updates and weight claims alone (a site cannot
-    steer c by another channel than its update).
+    connected sites. A site could inflate its term by understating its examples (a
+    smaller K_i); each term is therefore clipped to `drift_factor` times the round's
+    median term norm, as updates are screened against the median update (the round's
+    terms are held at once for that: O(replies x model)).
 
-    The correction assumes plain SGD at the sites (`client.optimizer` sgd, momentum 0);
-    the config refuses other optimisers, DP and secure aggregation (the server would
-    see only the sum of updates, not each site's step count). c is committed with every
-    round (`state_dict`) and undone with a discarded attempt.
+    The paper's invariant c = mean of the sites' c_i holds while every sampled site's
+    reply is aggregated as the site computed it; a reply the server leaves out (rejected,
+    timed out, a dropped straggler) or changes (a capped weight claim, a clipped term)
+    has moved that site's c_i without moving c alike. A retried round is safe: c is
+    undone with the discarded attempt, and a site that sees the same round again starts
+    from the c_i it had before it (`clients/scaffold.py`). The correction assumes plain
+    SGD at the sites (`client.optimizer` sgd, momentum 0); the config refuses other
+    optimisers, DP, secure aggregation (the server would see only the sum of updates,
+    not each site's step count), server-side clipping and FedPer. c is committed with
+    every round (`state_dict`).
     """
 
-    keeps_partial_work = False
-
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, drift_factor: float = 10.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not drift_factor > 0:
+            raise ValueError(f"drift_factor must be > 0, got {drift_factor}")
+        self.drift_factor = drift_factor
         self.control: dict[str, np.ndarray] | None = None
         self._before_attempt: dict[str, np.ndarray] | None = None
         self._round: _RoundPlan | None = None
@@ -81,15 +91,26 @@ class Scaffold(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg's mean, and c moved by the replies' control-variate changes."""
-        drift = _DriftMean()
-        arrays, metrics = super().aggregate_train(server_round, drift.observe(replies, self))
-        if arrays is None or not drift.count or self._round is None or self.control is None:
+        drifts: list[dict[str, np.ndarray]] = []
+        arrays, metrics = super().aggregate_train(server_round, self._observe(replies, drifts))
+        if arrays is None or not drifts or self._round is None or self.control is None:
             return arrays, metrics
-        share = drift.count / max(self._round.sites, drift.count)
-        for key, total in drift.sums.items():
-            mean_change = total / drift.count - self.control[key]
+        total = _clipped_sum(drifts, self.drift_factor)
+        share = len(drifts) / max(self._round.sites, len(drifts))
+        for key, summed in total.items():
+            mean_change = summed / len(drifts) - self.control[key]
             self.control[key] = self.control[key] + share * mean_change
         return arrays, metrics
+
+    def _observe(
+        self, replies: Iterable[Message], drifts: list[dict[str, np.ndarray]]
+    ) -> Iterator[Message]:
+        """Pass the replies on to FedAvg's fold, keeping each good one's drift term."""
+        for reply in replies:
+            drift = self.drift_of(reply)
+            if drift is not None:
+                drifts.append(drift)
+            yield reply
 
     def drift_of(self, reply: Message) -> dict[str, np.ndarray] | None:
         """(x - y_i) / (K_i lr) of one good reply: its c_i+ - c_i + c."""
@@ -135,18 +156,13 @@ class _RoundPlan:
     sites: int
 
 
-class _DriftMean:
-    """The sum of the good replies' drifts, folded as FedAvg folds the replies."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, np.ndarray] = {}
-        self.count = 0
-
-    def observe(self, replies: Iterable[Message], strategy: Scaffold) -> Iterator[Message]:
-        for reply in replies:
-            drift = strategy.drift_of(reply)
-            if drift is not None:
-                for key, value in drift.items():
-                    self.sums[key] = self.sums.get(key, 0.0) + value
-                self.count += 1
-            yield reply
+def _clipped_sum(drifts: list[dict[str, np.ndarray]], factor: float) -> dict[str, np.ndarray]:
+    """The sum of the drift terms, each clipped to `factor` x their median norm."""
+    norms = [math.sqrt(sum(float(np.sum(v * v)) for v in d.values())) for d in drifts]
+    bound = factor * float(np.median(norms))
+    total: dict[str, np.ndarray] = {}
+    for drift, norm in zip(drifts, norms, strict=True):
+        scale = bound / norm if norm > bound else 1.0
+        for key, value in drift.items():
+            total[key] = total.get(key, 0.0) + value * scale
+    return total

@@ -168,7 +168,8 @@ def test_simulate_writes_a_report_and_feeds_the_trackers_asked_for(tmp_path):
     assert f"report │ {out / 'report'}" in shown
     assert f"TensorBoard │ {logs / 'run'}" in shown and f"MLflow │ sqlite:///{db}" in shown
     assert sorted(p.name for p in (out / "report").iterdir()) == [
-        "accuracy.png", "clients.png", "loss.png", "rounds.csv", "summary.csv", "time.png",
+        "accuracy.png", "clients.png", "loss.png", "rounds.csv", "sites.csv", "sites.png",
+        "summary.csv", "time.png",
     ]  # fmt: skip
     assert any((logs / "run").glob("events.out.tfevents.*")) and db.is_file()
     quiet = _run(

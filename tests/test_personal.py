@@ -265,10 +265,10 @@ def test_a_data_sites_personal_model_outlives_a_restart_and_belongs_to_one_exper
     from flwr.app import Context, RecordDict
 
     from clients import personal
-    from fedml.node_state import PERSONAL_DIR_KEY
+    from fedml.node_state import SITE_STATE_KEY
 
     def context() -> Context:
-        node = {PERSONAL_DIR_KEY: str(tmp_path / "fedml-site-x")}
+        node = {SITE_STATE_KEY: str(tmp_path / "fedml-site-x")}
         return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
 
     cfg = load_config(None, {**HEART, "client.personal": "ditto"})

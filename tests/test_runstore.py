@@ -575,3 +575,22 @@ def test_a_run_whose_commits_were_deleted_is_damaged_not_not_started(tmp_path):
     )  # fmt: skip
     text = " ".join(shown.stdout.split())
     assert shown.returncode == 0 and "damaged" in text and "records 4 round(s)" in text, text
+
+
+def test_a_run_whose_best_model_was_chosen_on_the_test_set_still_opens_and_resumes(
+    tmp_path, caplog
+):
+    """A run made before `server.*` was refused keeps loading: its best model is chosen
+    on validation rows from now on, and a resume writes that into its config."""
+    store = RunStore.create(tmp_path / "run", _cfg(tmp_path))
+    store.commit(1, _arrays(1.0), _row(1, 0.5), state={})
+    store.close()
+    config = tmp_path / "run" / "config.toml"
+    config.write_text(config.read_text().replace('monitor = "auto"', 'monitor = "server.loss"'))
+    with caplog.at_level(logging.WARNING):
+        status = run_status(tmp_path / "run")
+    assert status.cfg.checkpoint.monitor == "auto" and status.best["round"] == 1
+    assert "chose the best model on the test set" in caplog.text
+    resumed, _ = _resume(tmp_path)
+    resumed.close()
+    assert 'monitor = "auto"' in config.read_text()

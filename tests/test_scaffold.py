@@ -16,8 +16,10 @@ from fedml.config import load_config
 from fedml.data import Shard
 from fedml.errors import FedmlError
 from fedml.runstore import RunStore
+from fedml.runstore.format import load_commit
 from fedml.settings import CONTROL_RECORD, TrainSettings
 from simulations.engine import simulate
+from simulations.flower_internals import claim_server_identity
 from strategies.scaffold import Scaffold
 
 HEART = {"data.dataset": "fed-heart-disease", "model.name": "logreg", "client.momentum": 0.0}
@@ -30,23 +32,26 @@ def test_the_servers_control_variate_is_the_mean_of_the_sites_own(tmp_path):
     cfg = load_config(
         None,
         {**HEART, "rounds": 4, "strategy.name": "scaffold", "strategy.fraction_train": 0.5,
-         "out": str(tmp_path / "run")},
+         "checkpoint.keep": 10, "out": str(tmp_path / "run")},
     )  # fmt: skip
     history = simulate(cfg).history
     assert [row["clients"]["aggregated"] for row in history] == [2, 2, 2, 2]
-    checkpoint = RunStore.open(tmp_path / "run").latest_valid()[0]
-    server = checkpoint.state["strategy"]["control"]
-    sites = [
-        {k: to_numpy(a) for k, a in state.array_records[RECORD_PREFIX + CONTROL_NAME].items()}
-        for state in checkpoint.node_states.values()
-        if RECORD_PREFIX + CONTROL_NAME in state.array_records
-    ]
-    assert 2 <= len(sites) <= 4  # sites never sampled keep c_i = 0 (nothing stored)
-    assert set(server) == {"1.weight", "1.bias"}
-    for key, c in server.items():
-        mean = sum(site[key].astype(np.float64) for site in sites) / 4
-        assert np.abs(c).max() > 1e-3  # it moved
-        np.testing.assert_allclose(c, mean, rtol=1e-4, atol=1e-6)
+    store = RunStore.open(tmp_path / "run")
+    for commit in store.commit_dirs():  # every round's commit
+        checkpoint = load_commit(tmp_path / "run", commit)
+        server = checkpoint.state["strategy"]["control"]
+        record = RECORD_PREFIX + CONTROL_NAME
+        sites = [
+            {k[2:]: to_numpy(a) for k, a in state.array_records[record].items() if k[:2] == "c/"}
+            for state in checkpoint.node_states.values()
+            if record in state.array_records
+        ]
+        assert 2 <= len(sites) <= 4  # sites never sampled keep c_i = 0 (nothing stored)
+        assert set(server) == {"1.weight", "1.bias"}
+        for key, c in server.items():
+            mean = sum(site[key].astype(np.float64) for site in sites) / 4
+            assert np.abs(c).max() > 1e-3  # it moved
+            np.testing.assert_allclose(c, mean, rtol=1e-4, atol=1e-6)
 
 
 def test_a_corrected_step_adds_c_minus_c_i_to_the_gradient():
@@ -67,6 +72,8 @@ def test_a_corrected_step_adds_c_minus_c_i_to_the_gradient():
 
 
 def _round(strategy: Scaffold, model: dict[str, np.ndarray], sites: int = 4):
+    claim_server_identity(1)  # messages are made as the run's server makes them
+
     class Grid:
         def get_node_ids(self):
             return list(range(1, sites + 1))
@@ -118,6 +125,25 @@ def test_the_server_moves_c_by_the_sampled_sites_share_of_their_drift():
     np.testing.assert_array_equal(restored.control["w"], before["w"])
 
 
+def test_a_site_understating_its_examples_moves_c_no_more_than_the_drift_bound():
+    """Claiming 1 example makes K = 2 steps where an honest site of 100 rows took 20:
+    its drift term is 10x larger, and clipped to drift_factor x the median term."""
+    x = {"w": np.zeros(4, dtype=np.float32)}
+    results = {}
+    for factor in (2.0, 1000.0):
+        strategy = Scaffold(
+            fraction_train=1.0, min_train_nodes=5, min_available_nodes=5, drift_factor=factor
+        )
+        _round(strategy, x, sites=5)
+        trained = [{"w": np.full(4, -0.1, np.float32)} for _ in range(5)]
+        strategy.aggregate_train(1, iter(_replies(trained, [100, 100, 100, 100, 1])))
+        results[factor] = strategy.control["w"]
+    # lr 0.1, 2 epochs of batch 10: K = 20 for 100 rows, 2 for the 1 claimed
+    honest, liar = 0.1 / (20 * 0.1), 0.1 / (2 * 0.1)
+    np.testing.assert_allclose(results[1000.0], (4 * honest + liar) / 5, rtol=1e-6)
+    np.testing.assert_allclose(results[2.0], (4 * honest + 2 * honest) / 5, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
@@ -126,6 +152,8 @@ def test_the_server_moves_c_by_the_sampled_sites_share_of_their_drift():
         ({"client.momentum": 0.0, "dp.mode": "sample"}, "not available with dp.mode 'sample'"),
         ({"client.momentum": 0.0, "dp.mode": "user-fixed"}, "not available with dp.mode"),
         ({"client.momentum": 0.0, "secagg.enabled": True}, "secure aggregation hides"),
+        ({"client.momentum": 0.0, "validation.clip_norm": 5.0}, "validation.clip_norm"),
+        ({"client.momentum": 0.0, "client.personal": "fedper"}, "own head"),
     ],
 )
 def test_scaffold_settings_that_cannot_work_are_one_clear_error(overrides, fragment):
@@ -147,16 +175,42 @@ def test_a_site_keeps_its_control_variate_and_sends_only_the_model():
     arrays = from_state_dict(model.state_dict())
     control = from_state_dict({k: torch.full_like(v, 0.01) for k, v in model.state_dict().items()})
     settings = TrainSettings(local_epochs=1, batch_size=32, lr=0.1, momentum=0.0)
-    content = RecordDict(
-        {"arrays": arrays, "config": settings.to_record(2), CONTROL_RECORD: control}
-    )
+
+    def config(server_round: int):
+        record = settings.to_record(num_classes=2)
+        record["server-round"] = server_round
+        return record
+
+    content = RecordDict({"arrays": arrays, "config": config(2), CONTROL_RECORD: control})
     message = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
     (reply,) = grid.send_and_receive([message])
     assert set(reply.content.keys()) == {"arrays", "metrics", "device"}
     kept = grid.contexts[1].state.array_records[RECORD_PREFIX + CONTROL_NAME]
+    assert int(to_numpy(kept["round"])) == 2
     # c_i+ = 0 - c + (x - y) / (K lr): recomputed from what the reply carries
     steps = -(-int(reply.content["metrics"]["num-examples"]) // 32)
-    for key in kept:
+    for key in arrays:
         x, y = to_numpy(arrays[key]), to_numpy(reply.content["arrays"][key])
         expected = -0.01 + (x.astype(np.float64) - y) / (steps * 0.1)
-        np.testing.assert_allclose(to_numpy(kept[key]), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(to_numpy(kept[f"c/{key}"]), expected, rtol=1e-4, atol=1e-5)
+        assert not to_numpy(kept[f"before/{key}"]).any()  # this round started from 0
+
+    # the server retries round 2: the site starts again from the c_i it had before it
+    again = Message(
+        RecordDict({"arrays": arrays, "config": config(2), CONTROL_RECORD: control}),
+        dst_node_id=1, message_type=MessageType.TRAIN,
+    )  # fmt: skip
+    (retried,) = grid.send_and_receive([again])
+    for key in arrays:  # the same inputs, the same start, the same seed: the same update
+        assert retried.content["arrays"][key].data == reply.content["arrays"][key].data
+    # and round 3 starts from round 2's c_i+
+    third = Message(
+        RecordDict({"arrays": arrays, "config": config(3), CONTROL_RECORD: control}),
+        dst_node_id=1, message_type=MessageType.TRAIN,
+    )  # fmt: skip
+    list(grid.send_and_receive([third]))  # a generator: the round runs as it is read
+    kept_after_3 = grid.contexts[1].state.array_records[RECORD_PREFIX + CONTROL_NAME]
+    assert int(to_numpy(kept_after_3["round"])) == 3
+    for key in arrays:  # round 3 started from round 2's c_i+
+        started = to_numpy(kept_after_3[f"before/{key}"])
+        np.testing.assert_array_equal(started, to_numpy(kept[f"c/{key}"]))

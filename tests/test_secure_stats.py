@@ -112,3 +112,47 @@ def test_a_site_whose_statistics_do_not_fit_is_left_out_of_the_masked_sum(tmp_pa
         summary, _ = _run(tmp_path, "one-off", **overrides)
     assert summary.history[0]["preprocess"]["sites"] == 3
     assert "do not fit secure aggregation's fixed point" in caplog.text
+
+
+def _masked_sum(bindings: dict[int, bytes], server_binding: bytes) -> tuple[np.ndarray, ...]:
+    """Three sites mask their inputs, each bound to what it was told; the server
+    unmasks with its own binding. Returns (the unmasked sum, the true sum)."""
+    from fedml.secagg.protocol import ServerSecAgg, SiteSecAgg
+
+    rng = np.random.default_rng(0)
+    inputs = {v: rng.integers(0, 1000, 5).astype(np.uint64) for v in (1, 2, 3)}
+    parties = {v: SiteSecAgg(v, server_round=0) for v in inputs}
+    server = ServerSecAgg(0, threshold=2, neighbours=0)
+    plan, keys = server.holder_keys({v: p.advertise() for v, p in parties.items()})
+    inbox = server.route({v: parties[v].share(plan, keys[v]) for v in plan.sampled})
+    for v, party in parties.items():
+        server.add(v, party.masked(inputs[v], inbox.get(v, {}), bindings[v]))
+    answers = {v: p.unmask(server.survivors, server.dropped) for v, p in parties.items()}
+    return server.unmask(answers, server_binding), sum(inputs.values())
+
+
+def test_sites_told_different_units_mask_with_masks_that_do_not_cancel():
+    """A server that gives one site fine units and the others coarse ones (to read that
+    site's statistics off the sum) gets noise: the units enter every pairwise mask."""
+    told = fixed_point.binding([1.0, 0.5], 100)
+    coarse = fixed_point.binding([1.0, 1e30], 100)
+    honest, truth = _masked_sum({1: told, 2: told, 3: told}, told)
+    assert np.array_equal(honest, truth)
+    singled_out, truth = _masked_sum({1: told, 2: coarse, 3: coarse}, told)
+    assert not np.array_equal(singled_out, truth)
+    assert (singled_out > 2**40).any()  # uniformly random-looking, not a small sum
+
+
+@pytest.mark.parametrize(
+    ("units", "limit"),
+    [
+        ([2.0, 1.0, 0.1], 100),  # the counts must be in units of exactly 1
+        ([1.0, 1.0, -0.1], 100),
+        ([1.0, 1.0, float("nan")], 100),
+        ([1.0, 1.0, 0.1], 2**70),  # beyond it, the sum could wrap around
+        ([1.0, 1.0, 0.1], 0),
+    ],
+)
+def test_a_site_refuses_units_or_limits_an_honest_server_does_not_send(units, limit):
+    with pytest.raises(ValueError, match="not ones fedml sends"):
+        fixed_point.check_plan(np.array(units), limit, counts=2)

@@ -54,7 +54,7 @@ from fedml.deploy.site_state import (
     site_name,
 )
 from fedml.errors import FedmlError
-from fedml.node_state import PERSONAL_DIR_KEY, SITE_NAME_KEY, TEST_DATA_KEY
+from fedml.node_state import SITE_NAME_KEY, SITE_STATE_KEY, TEST_DATA_KEY
 from fedml.pki import site_files
 
 DATA_FOLDER = "data"
@@ -117,7 +117,7 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
         "data-path": str(folder.resolve()),
         "privacy-ledger": str((options.state / LEDGER_FILE).resolve()),
         SITE_NAME_KEY: options.name,
-        PERSONAL_DIR_KEY: str(options.state.resolve()),
+        SITE_STATE_KEY: str(options.state.resolve()),
     }
     if options.device:
         node_config["device"] = options.device

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import tomllib
 from flwr.app import ArrayRecord, RecordDict
 
 from fedml import regular_files
@@ -22,6 +24,8 @@ from fedml.config import RunConfig, load_config
 from fedml.errors import FedmlError
 from fedml.records import HistoryRow
 from fedml.statefile import decode_state, recorddict_from_bytes
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.toml"
 HISTORY = "history.jsonl"
@@ -50,7 +54,25 @@ def read_config(run_dir: Path) -> RunConfig:
             f"{run_dir} {what}, so it is not a fedml run directory. Pass the --out "
             "directory of an earlier `fedml simulate`."
         )
-    return load_config(run_dir / CONFIG, {"out": str(run_dir)})
+    return load_config(run_dir / CONFIG, {"out": str(run_dir), **_migrated(run_dir / CONFIG)})
+
+
+def _migrated(config: Path) -> dict[str, str]:
+    """Overrides that let a run made by an earlier fedml load: its best model chosen on
+    the test set (`checkpoint.monitor = "server.*"`, refused since) is chosen on
+    validation rows (`auto`) from now on, and the run says so."""
+    try:
+        monitor = tomllib.loads(regular_files.read_text(config))["checkpoint"]["monitor"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # load_config reports what is wrong with the file
+    if isinstance(monitor, str) and monitor.startswith("server."):
+        log.warning(
+            "%s: checkpoint.monitor '%s' chose the best model on the test set; it is "
+            "chosen on the sites' validation rows (auto) from now on",
+            config.parent, monitor,
+        )  # fmt: skip
+        return {"checkpoint.monitor": "auto"}
+    return {}
 
 
 def is_deployed(run_dir: Path) -> bool:

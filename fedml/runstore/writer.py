@@ -194,10 +194,10 @@ class RunStore:
             self._link_model(self._model_commit(checkpoint.path, checkpoint.model_round))
         else:
             (self.path / MODEL).unlink(missing_ok=True)
-        self._link_best()
-        if cfg.to_toml() != self.cfg.to_toml():
+        if cfg.to_toml() != regular_files.read_text(self.path / CONFIG):  # changed, or migrated
             atomic_write(self.path / CONFIG, cfg.to_toml().encode())
         self.cfg = cfg
+        self._link_best()  # by the config it goes on with
         return checkpoint, damaged
 
     def _truncate_history(self, size: int) -> None:

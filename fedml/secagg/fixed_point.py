@@ -10,9 +10,35 @@ refused at the site (the reply fails) rather than silently wrapped.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 
 TOTAL_BOUND = 2**62  # every site's integers together stay below this in size
+
+
+def binding(units: list[float], limit: int, *more: list[float]) -> bytes:
+    """What a fixed-point input depends on, as bytes that every pairwise mask includes
+    (`SiteSecAgg.masked`'s `context`): sites told different units or limits mask with
+    masks that do not cancel, so a server cannot single one site out by scaling the
+    others' inputs to nothing."""
+    text = json.dumps([[float(u) for u in units], int(limit), *more], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).digest()
+
+
+def check_plan(units: np.ndarray, limit: int, counts: int) -> None:
+    """Refuse units and a limit an honest server does not send: the first `counts`
+    entries (counts) in units of exactly 1, every unit finite and positive, and a
+    limit in 1 .. TOTAL_BOUND (beyond it the sum could wrap around)."""
+    if (
+        units.ndim != 1
+        or len(units) < counts
+        or not (np.isfinite(units) & (units > 0)).all()
+        or (units[:counts] != 1).any()
+        or not 1 <= limit <= TOTAL_BOUND
+    ):
+        raise ValueError("the server's fixed-point units or limit are not ones fedml sends")
 
 
 def site_limit(sites: int) -> int:

@@ -229,12 +229,17 @@ class SiteSecAgg:
         return sealed, digests, digest(self.self_seed)
 
     # -- 3. masked input ---------------------------------------------------------------
-    def masked(self, vector: np.ndarray, received: dict[int, bytes]) -> np.ndarray:
+    def masked(
+        self, vector: np.ndarray, received: dict[int, bytes], context: bytes = b""
+    ) -> np.ndarray:
         """`vector` (uint64) under this site's masks: its self-mask and one pairwise
         mask with each neighbour that shared (whose ciphertext is in `received`, sender
         -> sealed shares for this site); keeps `received` for the unmask step. Once per
         round (twice would reveal the difference of two inputs), and only when at least
-        `threshold` - 1 neighbours shared (fewer pairwise masks would not hide it)."""
+        `threshold` - 1 neighbours shared (fewer pairwise masks would not hide it).
+        `context` (what the input's encoding depends on, e.g. fixed-point units the
+        server chose) enters every pairwise mask: sites that were told different things
+        mask with masks that do not cancel, so their sum reveals nothing."""
         if self.plan is None or self.has_masked:
             raise SecAggFailure(f"site {self.node}: not in the masking step (masked already?)")
         neighbours = set(self.plan.neighbours_of(self.node))
@@ -250,12 +255,12 @@ class SiteSecAgg:
         for v in self.plan.neighbours_of(self.node):
             if v not in received:
                 continue  # v did not share: the server cannot remove a mask with v
-            pairwise = crypto.mask(self._pair_seed(v), vector.size)
+            pairwise = crypto.mask(self._pair_seed(v, context), vector.size)
             y = y + pairwise if v > self.node else y - pairwise  # uint64: mod 2^64
         return y
 
-    def _pair_seed(self, other: int) -> bytes:
-        return crypto.agree(self.s_private, self.keys[other][1], MASK_PURPOSE)
+    def _pair_seed(self, other: int, context: bytes) -> bytes:
+        return crypto.agree(self.s_private, self.keys[other][1], MASK_PURPOSE + context)
 
     # -- 4. unmask ---------------------------------------------------------------------
     def unmask(self, survivors: set[int], dropped: set[int]) -> dict[int, bytes]:
@@ -349,9 +354,9 @@ class ServerSecAgg:
         return set(self.digests) - self.survivors
 
     # -- 4 -----------------------------------------------------------------------------
-    def unmask(self, answers: dict[int, dict[int, bytes]]) -> np.ndarray:
+    def unmask(self, answers: dict[int, dict[int, bytes]], context: bytes = b"") -> np.ndarray:
         """The sum of the survivors' inputs, from the sites' unmask `answers`
-        (responder -> {site: share})."""
+        (responder -> {site: share}); `context` as the sites masked with."""
         if self.plan is None or self.total is None or len(self.survivors) < self.threshold:
             raise SecAggFailure(
                 f"{len(self.survivors)} site(s) sent masked input, {self.threshold} needed"
@@ -364,7 +369,7 @@ class ServerSecAgg:
             for u in self.plan.neighbours_of(d):
                 if u not in self.survivors:
                     continue
-                seed = crypto.agree(s_private, self.keys[u][1], MASK_PURPOSE)
+                seed = crypto.agree(s_private, self.keys[u][1], MASK_PURPOSE + context)
                 pairwise = crypto.mask(seed, total.size)
                 # u added +PRG(s_ud) when d > u, -PRG(s_ud) when d < u
                 total = total - pairwise if d > u else total + pairwise
