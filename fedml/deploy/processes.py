@@ -95,6 +95,7 @@ class Child:
             while not self._exited_unreaped() and time.monotonic() < deadline:
                 groups |= self._descendant_groups()
                 time.sleep(0.1)
+        groups |= self._watchers_groups()  # before it is reaped: its pid is still its own
         if self.alive():
             _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait(KILL_WAIT_S)
@@ -112,6 +113,24 @@ class Child:
             return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
         except ChildProcessError:
             return True
+
+    def _watchers_groups(self) -> set[int]:
+        """The process groups of Flower's processes that watch this one (started with
+        `--parent-pid PID`, e.g. `flwr-simulation`) and of their descendants: once this
+        process died they are orphans, no longer its descendants, and would shut down
+        (Ray and all) only in their own time."""
+        table = _process_table()
+        marker = f"--parent-pid\0{self.pid}\0".encode()
+        watchers = set()
+        for pid in table:
+            try:
+                if marker in Path(f"/proc/{pid}/cmdline").read_bytes() + b"\0":
+                    watchers |= {pid} | descendants(pid, table)
+            except OSError:
+                continue  # it ended while we looked
+        groups = {table[pid][1] for pid in watchers if pid in table}
+        groups.discard(os.getpgrp())
+        return groups
 
     def _descendant_groups(self) -> set[int]:
         """The process groups of this process's live descendants (never our own)."""
