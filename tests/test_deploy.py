@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedml import audit
 from fedml.config import load_config
 from fedml.data import load_federation
 from fedml.data.export import write_split
@@ -581,6 +582,16 @@ def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not
     for site in ("hospital-a", "hospital-b", "hospital-c"):  # the default state folders
         assert (fleet.machine(site) / f"fedml-site-{site}" / "site.json").is_file()
     assert not list(server_home.glob("fedml-site-*"))
+    # each site's audit trail: intact, one entry per task, the failures with their reason
+    trail = audit.verify(fleet.machine("hospital-c") / "fedml-site-hospital-c")
+    failed = [e for e in trail.entries if e["message"] == "train"]
+    assert trail.ok and len(failed) == 3
+    assert all(e["outcome"] == "failed" and why in e["reason"] for e in failed)
+    trail = audit.verify(fleet.machine("hospital-a") / "fedml-site-hospital-a")
+    trained = [e for e in trail.entries if e["message"] == "train"]
+    assert trail.ok and [e["round"] for e in trained] == [1, 2, 3]
+    assert all(e["outcome"] == "done" and e["update_norm"] > 0 for e in trained)
+    assert all(e["received"] != e["sent"] and e["metrics"]["num-examples"] > 0 for e in trained)
 
 
 def test_raw_hospital_tables_at_separate_machines_are_standardised_and_personal(fleet):

@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.deploy.flower_runtime",
                 "fedml.deploy.app_check",
                 "fedml.deploy.site_state",
+                "fedml.deploy.site_audit",
                 "fedml.deploy",  # the package's own __init__ only
                 "fedml.pki",
             ]
@@ -99,6 +100,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.metrics",
                 "fedml.runstore.*",
                 "fedml.secagg.*",
+                "fedml.audit",
             ]
         ],
     ),

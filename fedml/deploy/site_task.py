@@ -15,7 +15,8 @@ named in it. Here:
 3. a refused task gets an error reply with code `APP_REFUSED_CODE` saying why (the
    site logs it too) and the site goes on serving; an accepted one runs
    `clients.app:app`, imported from the fedml installed at the site;
-4. the reply and the task's status go back to the SuperNode.
+4. the task is written into the site's audit trail (fedml.deploy.site_audit), and the
+   reply and the task's status go back to the SuperNode.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fedml.deploy.app_check import (
     fab_refusal,
     message_refusal,
 )
+from fedml.deploy.site_audit import record_task
 from fedml.deploy.site_state import TASK_DONE_MARK, TASK_FAILED_MARK
 from fedml.failures import DECLINED_CODE, without_paths
 from fedml.node_state import SITE_NAME_KEY
@@ -72,6 +74,7 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
             reply = _run_clientapp(message, context)
             status, details = runtime.COMPLETED, ""
         reply = _say_outcome(message, reply, str(context.node_config.get(SITE_NAME_KEY, "")))
+        record_task(message, context, run, reply, *_outcome(reply, refused=why is not None))
     except Exception as exc:  # whatever happens, the SuperNode hears of it
         log.exception("the task failed")
         details = f"{type(exc).__name__}: {exc}"
@@ -87,6 +90,16 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
         heartbeat.stop()
         client.close()
     return 0 if reply is not None else 1
+
+
+def _outcome(reply: Message, refused: bool) -> tuple[str, str]:
+    """(what became of the task, why) for the site's audit trail."""
+    if not reply.has_error():
+        return "done", ""
+    why = reply.error.reason or f"error code {reply.error.code}"
+    if refused:
+        return "refused", why
+    return ("declined" if reply.error.code == DECLINED_CODE else "failed"), why
 
 
 def _say_outcome(message: Message, reply: Message, site: str) -> Message:
