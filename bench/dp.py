@@ -25,15 +25,11 @@ from pathlib import Path
 import torch
 
 from clients.app import LocalJob
-from clients.privacy import (
-    PrivacyLedger,
-    plan_round,
-    resolve_grad_sample_mode,
-    train_private,
-)
+from clients.privacy import resolve_grad_sample_mode, train_private
 from clients.trainer import train_local
 from fedml.config import GRAD_SAMPLE_MODES, RunConfig, load_config
 from fedml.models import model_for
+from fedml.privacy_ledger import PrivacyLedger, plan_round
 from fedml.settings import TrainSettings
 from simulations.engine import simulate
 

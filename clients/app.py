@@ -89,6 +89,7 @@ from fedml.node_state import (
     carry_node_state,
 )
 from fedml.privacy import DECLINED_CODE, DELTA_KEY, EPSILON_KEY
+from fedml.privacy_ledger import PrivacyLedger, plan_round
 from fedml.records import DEVICE_RECORD, PERSONAL_PREFIX, SITE_RECORD, TEST_PREFIX
 from fedml.secagg import fixed_point
 from fedml.secagg import messages as wire
@@ -460,8 +461,8 @@ def _train_private(
     from clients import privacy
 
     dp = job.cfg.dp
-    ledger = privacy.load_ledger(context)
-    plan = privacy.plan_round(dp, ledger, len(job.train), settings, job.cfg.rounds)
+    ledger = privacy.load_ledger(context, job.cfg)
+    plan = plan_round(dp, ledger, len(job.train), settings, job.cfg.rounds)
     privacy.check_budget(dp, plan, server_round)
     # Reproducible noise only for simulated nodes; a real site draws from OS entropy.
     noise_seed = seed if PARTITION_KEY in context.node_config else None
@@ -475,8 +476,8 @@ def _train_private(
         noise_seed,
         grad_sample_mode=dp.grad_sample_mode,
     )
-    ledger = privacy.PrivacyLedger(history, [*ledger.rounds, server_round], plan.noise_multiplier)
-    privacy.save_ledger(context, ledger)
+    ledger = PrivacyLedger(history, [*ledger.rounds, server_round], plan.noise_multiplier)
+    privacy.save_ledger(context, job.cfg, ledger)
     # the plan's projection when Opacus recorded what was planned (a cache hit)
     epsilon = ledger.epsilon(dp.accountant, plan.delta)
     return result, {EPSILON_KEY: epsilon, DELTA_KEY: plan.delta}

@@ -11,8 +11,6 @@ continues the state a site kept for the last one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fedml.arrays import from_state_dict, to_state_dict
-from fedml.config import RunConfig, experiment_identity
+from fedml.config import RunConfig, experiment_digest
 from fedml.errors import FedmlError
 from fedml.node_state import SITE_STATE_KEY
 from fedml.regular_files import read_bytes
@@ -63,6 +61,4 @@ def _site_file(context: Context, cfg: RunConfig, name: str) -> Path | None:
     folder = context.node_config.get(SITE_STATE_KEY)
     if not folder:
         return None
-    identity = json.dumps(experiment_identity(cfg), sort_keys=True).encode()
-    digest = hashlib.sha256(identity).hexdigest()[:16]
-    return Path(str(folder)).expanduser() / f"{name}-{digest}.safetensors"
+    return Path(str(folder)).expanduser() / f"{name}-{experiment_digest(cfg)}.safetensors"

@@ -11,13 +11,14 @@ Where the ledger lives:
 
 - in the node's Flower `Context.state` (record "privacy-ledger"); in simulation the run
   store commits that state, so a resumed run continues the ledger;
-- at a deployed data site, also in a JSON file named by the node config key
-  "privacy-ledger" (written atomically after every round). The file is the site's
-  lifetime ledger: it outlives SuperNode restarts and runs, and every run that trains on
-  the site's data spends from the same budget.
+- at a deployed data site, also in the site's ledger file named by the node config key
+  "privacy-ledger" (`fedml.privacy_ledger.SiteLedger`: one ledger per experiment,
+  written atomically after every round). It outlives SuperNode restarts, and a resumed
+  run continues its experiment's ledger; the site's lifetime spending over every
+  experiment is what its policy may cap (fedml.site_policy, judged before the task).
 
 Before training, the client projects the epsilon it would reach after the round; above
-the budget (`dp.max_epsilon`, else `dp.target_epsilon`) it declines with a
+the run's budget (`dp.max_epsilon`, else `dp.target_epsilon`) it declines with a
 `PrivacyBudgetExhausted` error instead of training.
 
 Opacus is imported only inside the functions here, and this module only when DP is on
@@ -26,29 +27,19 @@ Opacus is imported only inside the functions here, and this module only when DP 
 
 from __future__ import annotations
 
-import json
-import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from torch import nn
 
 from clients.trainer import TrainResult, make_optimizer, to_tensors
-from fedml.errors import FedmlError
-from fedml.privacy import (
-    HistoryEntry,
-    budget,
-    epsilon_of,
-    planned_delta,
-    planned_noise,
-    with_steps,
-)
-from fedml.runstore import atomic_write
+from fedml.config import RunConfig, experiment_digest
+from fedml.privacy import HistoryEntry, budget, epsilon_of
+from fedml.privacy_ledger import PrivacyLedger, RoundPlan, SiteLedger
 from fedml.settings import TrainSettings
 
 if TYPE_CHECKING:
@@ -56,123 +47,10 @@ if TYPE_CHECKING:
     from fedml.data import Shard
 
 LEDGER_RECORD = "privacy-ledger"  # Context.state record, and the node config key of the file
-LEDGER_FORMAT = 1
 
 
 class PrivacyBudgetExhausted(Exception):
     """Training this round would take the client's epsilon past its budget."""
-
-
-@dataclass
-class PrivacyLedger:
-    """What one client has spent: the accountant history and the rounds it trained in.
-
-    `noise_multiplier` is the noise of its latest round; with a target epsilon, that is
-    the noise derived at its first training, which later rounds (and a resumed run) reuse
-    so that the plan holds.
-    """
-
-    history: list[HistoryEntry] = field(default_factory=list)
-    rounds: list[int] = field(default_factory=list)
-    noise_multiplier: float = 0.0
-
-    def epsilon(self, accountant: str, delta: float) -> float:
-        """Epsilon spent so far, at `delta`, by Opacus's `accountant` ("rdp"/"prv")."""
-        return epsilon_of(tuple(self.history), accountant, delta)
-
-    def projected(self, noise: float, sample_rate: float, steps: int) -> list[HistoryEntry]:
-        """The history after `steps` more steps, merged as Opacus's accountant does."""
-        return with_steps(self.history, noise, sample_rate, steps)
-
-    # -- persistence ----------------------------------------------------------------------
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "noise": [float(n) for n, _, _ in self.history],
-                "sample-rate": [float(q) for _, q, _ in self.history],
-                "steps": [int(s) for _, _, s in self.history],
-                "rounds": [int(r) for r in self.rounds],
-                "noise-multiplier": float(self.noise_multiplier),
-            }
-        )
-
-    @classmethod
-    def from_record(cls, record: ConfigRecord) -> PrivacyLedger:
-        history = zip(record["noise"], record["sample-rate"], record["steps"], strict=True)
-        return cls(
-            history=[(float(n), float(q), int(s)) for n, q, s in history],
-            rounds=[int(r) for r in record["rounds"]],
-            noise_multiplier=float(record["noise-multiplier"]),
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": LEDGER_FORMAT,
-                "history": [list(entry) for entry in self.history],
-                "rounds": self.rounds,
-                "noise_multiplier": self.noise_multiplier,
-            },
-            indent=1,
-        )
-
-    @classmethod
-    def from_json(cls, text: str, source: Path) -> PrivacyLedger:
-        """Parse a ledger file; anything unexpected is a clear error, never a reset."""
-        try:
-            data = json.loads(text)
-            if data.get("format") != LEDGER_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {LEDGER_FORMAT}")
-            history = [(float(n), float(q), int(s)) for n, q, s in data["history"]]
-            return cls(history, [int(r) for r in data["rounds"]], float(data["noise_multiplier"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise FedmlError(
-                f"Privacy ledger {source} is unreadable ({exc}). It records what this site "
-                "has spent, so it is never replaced silently: restore it from a backup, "
-                "or move it away only if this site's data has never been trained on."
-            ) from exc
-
-
-# ---------------------------------------------------------------------------- the plan
-@dataclass(frozen=True)
-class RoundPlan:
-    """One client's DP-SGD round: the noise, Poisson sample rate, steps, and epsilons."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    delta: float
-    epsilon_after: float
-    history_before: tuple[HistoryEntry, ...]
-    history_after: tuple[HistoryEntry, ...]
-
-
-def plan_round(
-    dp: DPConfig,
-    ledger: PrivacyLedger,
-    num_examples: int,
-    settings: TrainSettings,
-    planned_rounds: int,
-) -> RoundPlan:
-    """What this round will spend. Opacus samples each batch with probability
-    q = 1 / ceil(n / batch_size) and takes ceil(n / batch_size) steps per epoch. With a
-    target epsilon the noise is derived for `planned_rounds` rounds at the client's first
-    training and read back from the ledger afterwards."""
-    batches = math.ceil(num_examples / settings.batch_size)
-    sample_rate, steps = 1.0 / batches, settings.local_epochs * batches
-    delta = planned_delta(dp, num_examples)
-    derived = ledger.noise_multiplier if dp.target_epsilon > 0 else None  # kept once derived
-    noise = derived or planned_noise(dp, delta, sample_rate, planned_rounds * steps)
-    after = tuple(ledger.projected(noise, sample_rate, steps))
-    return RoundPlan(
-        noise_multiplier=noise,
-        sample_rate=sample_rate,
-        steps=steps,
-        delta=delta,
-        epsilon_after=epsilon_of(after, dp.accountant, delta),
-        history_before=tuple(ledger.history),
-        history_after=after,
-    )
 
 
 def check_budget(dp: DPConfig, plan: RoundPlan, server_round: int) -> None:
@@ -188,24 +66,26 @@ def check_budget(dp: DPConfig, plan: RoundPlan, server_round: int) -> None:
 
 
 # ------------------------------------------------------------------- ledger storage
-def load_ledger(context: Context) -> PrivacyLedger:
-    """The node's ledger: the site's file when the node config names one (it survives
-    restarts), else the Context state, else a fresh ledger."""
+def load_ledger(context: Context, cfg: RunConfig) -> PrivacyLedger:
+    """The node's ledger for this experiment: from the site's file when the node config
+    names one (it survives restarts), else the Context state, else a fresh ledger."""
     path = ledger_path(context)
     if path is not None and path.exists():
-        return PrivacyLedger.from_json(path.read_text(), path)
+        return SiteLedger.load(path).run(experiment_digest(cfg))
     if LEDGER_RECORD in context.state.config_records:
         return PrivacyLedger.from_record(context.state.config_records[LEDGER_RECORD])
     return PrivacyLedger()
 
 
-def save_ledger(context: Context, ledger: PrivacyLedger) -> None:
-    """Keep the ledger in the Context state and, at a site, in its file (atomically)."""
+def save_ledger(context: Context, cfg: RunConfig, ledger: PrivacyLedger) -> None:
+    """Keep the ledger in the Context state and, at a site, as this experiment's entry of
+    its file (atomically; the site's task holds the file's lock, `privacy_ledger.locked`)."""
     context.state[LEDGER_RECORD] = ledger.to_record()
     path = ledger_path(context)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, ledger.to_json().encode())
+        site = SiteLedger.load(path)
+        site.runs[experiment_digest(cfg)] = ledger
+        site.save(path)
 
 
 def ledger_path(context: Context) -> Path | None:

@@ -858,6 +858,14 @@ def client(
             "trained on; each evaluation reports the global model's metrics on them."
         ),
     ] = None,
+    policy: Annotated[
+        Path | None,
+        Opt(
+            help="The site's policy (TOML): the DP, budgets, models, strategies, epochs, "
+            "rounds, secure aggregation and server certificate it accepts; every task "
+            "is judged by it before any data is read (see README, Site policy)."
+        ),
+    ] = None,
 ) -> None:
     """Join a federation from a data site: a Flower SuperNode whose ClientApp trains on
     the site's private data. Only model updates and metrics leave the site.
@@ -881,6 +889,7 @@ def client(
         join_timeout,
         tuple(allow_model or ()),
         test_data,
+        policy,
     )
     try:
         run_site(options, lambda text: console.print(text, highlight=False))
@@ -992,7 +1001,8 @@ def audit_show(
     last: Annotated[int, Opt(help="Show the last N entries (0: all).")] = 20,
 ) -> None:
     """Print the trail as a table: time, run, message, round, outcome and reason, the
-    settings' DP mode, the update's norm and the epsilon sent. Checks it first.
+    settings' DP mode, the update's norm, the epsilon sent and the site's total epsilon
+    by its own ledger. Checks it first.
 
     Example: fedml audit show fedml-site-hospital-a --last 50
     """
@@ -1005,12 +1015,16 @@ def audit_show(
         verdict = verify(path)
     except FedmlError as exc:
         _fail(exc)
-    table = Table("n", "time", "run", "message", "round", "outcome", "dp", "norm", "epsilon")
+    table = Table(
+        "n", "time", "run", "message", "round", "outcome", "dp", "norm", "epsilon",
+        "site total",
+    )  # fmt: skip
     for entry in verdict.entries[-last:] if last > 0 else verdict.entries:
         outcome = entry.get("outcome", "")
         if entry.get("reason"):
             outcome += f": {entry['reason']}"
         epsilon = (entry.get("metrics") or {}).get(EPSILON_KEY)
+        total = (entry.get("privacy") or {}).get("epsilon_total")
         norm = entry.get("update_norm")
         table.add_row(
             str(entry["n"]),
@@ -1022,6 +1036,7 @@ def audit_show(
             str((entry.get("settings") or {}).get("dp.mode", "")),
             "" if norm is None else f"{norm:.4g}",
             "" if epsilon is None else f"{epsilon:.4g}",
+            "" if total is None else f"{total:.4g}",
         )
     console.print(table)
     console.print("intact" if verdict.ok else f"TAMPERED: {verdict.problem}", highlight=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -939,6 +940,13 @@ RESUMABLE_KEYS = frozenset(
 def experiment_identity(cfg: RunConfig) -> dict[str, Any]:
     """The config keys that define what the run learns (everything not resumable)."""
     return {k: v for k, v in cfg.to_flat().items() if k not in RESUMABLE_KEYS}
+
+
+def experiment_digest(cfg: RunConfig) -> str:
+    """A short SHA-256 of the experiment's identity: what a site keeps per experiment
+    (kept state, its privacy ledger) is filed under it, so a resumed run finds its own."""
+    identity = json.dumps(experiment_identity(cfg), sort_keys=True).encode()
+    return hashlib.sha256(identity).hexdigest()[:16]
 
 
 def identity_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ import re
 from flwr.app import Error
 
 DECLINED_CODE = 4001  # Error.code of a client that declines to train: budget spent
+POLICY_REFUSED_CODE = 4002  # Error.code of a site whose policy refuses the task
 MAX_REASON_CHARS = 200
 MAX_REASONS = 8  # distinct reasons per round; the rest count as OTHER_REASON
 OTHER_REASON = "other reasons"

@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.deploy.app_check",
                 "fedml.deploy.site_state",
                 "fedml.deploy.site_audit",
+                "fedml.deploy.policy_check",
                 "fedml.deploy",  # the package's own __init__ only
                 "fedml.pki",
             ]
@@ -101,6 +102,8 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.runstore.*",
                 "fedml.secagg.*",
                 "fedml.audit",
+                "fedml.site_policy",
+                "fedml.privacy_ledger",
             ]
         ],
     ),

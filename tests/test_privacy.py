@@ -16,9 +16,9 @@ from torch import nn
 
 from clients import privacy as client_privacy
 from clients.app import train as client_train
-from clients.privacy import PrivacyLedger, load_ledger, plan_round, save_ledger
+from clients.privacy import load_ledger, save_ledger
 from fedml.arrays import from_state_dict
-from fedml.config import DPConfig, load_config
+from fedml.config import DPConfig, RunConfig, experiment_digest, load_config
 from fedml.data import Shard
 from fedml.errors import FedmlError
 from fedml.models import model_for, private_model
@@ -30,6 +30,12 @@ from fedml.privacy import (
     epsilon_of,
     noise_for_target,
     with_steps,
+)
+from fedml.privacy_ledger import (
+    FORMAT_1_RUN,
+    PrivacyLedger,
+    SiteLedger,
+    plan_round,
 )
 from fedml.settings import TrainSettings
 
@@ -53,7 +59,42 @@ def test_with_steps_groups_history_as_opacus_stepping_does(spends):
 def test_ledger_round_trips_through_context_record_and_json(history, rounds, noise):
     ledger = PrivacyLedger(list(history), rounds, noise)
     assert PrivacyLedger.from_record(ledger.to_record()) == ledger
-    assert PrivacyLedger.from_json(ledger.to_json(), Path("ledger.json")) == ledger
+    assert PrivacyLedger.from_json_dict(ledger.to_json_dict()) == ledger
+
+
+@given(
+    st.dictionaries(
+        st.text("0123456789abcdef", min_size=1, max_size=16),
+        st.tuples(st.lists(entries, max_size=4), st.lists(st.integers(1, 500), max_size=4)),
+        max_size=4,
+    )
+)
+def test_a_site_ledger_round_trips_through_its_file_with_each_experiment_apart(runs):
+    import tempfile
+
+    site = SiteLedger({k: PrivacyLedger(list(h), r, 1.0) for k, (h, r) in runs.items()})
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "privacy-ledger.json"
+        site.save(path)
+        back = SiteLedger.load(path)
+    assert back == site and list(back.runs) == list(site.runs)  # first-spent order kept
+    # the lifetime history is every experiment's together; a projection replaces one
+    assert sorted(back.lifetime()) == sorted(e for h, _ in runs.values() for e in h)
+    for key in runs:
+        projected = ((9.0, 0.5, 1),)
+        others = [e for k, (h, _) in runs.items() if k != key for e in h]
+        assert sorted(back.lifetime(key, projected)) == sorted([*others, *projected])
+
+
+def test_a_format_1_site_ledger_is_read_as_one_experiment_and_still_counts(tmp_path):
+    path = tmp_path / "privacy-ledger.json"
+    path.write_text(
+        '{"format": 1, "history": [[1.0, 0.25, 8]], "rounds": [1, 2], "noise_multiplier": 1.0}'
+    )
+    site = SiteLedger.load(path)
+    assert site.runs == {FORMAT_1_RUN: PrivacyLedger([(1.0, 0.25, 8)], [1, 2], 1.0)}
+    assert site.lifetime() == ((1.0, 0.25, 8),)
+    assert site.run("another experiment") == PrivacyLedger()
 
 
 @pytest.mark.parametrize(
@@ -337,7 +378,7 @@ def test_a_restarted_site_remembers_what_it_spent(tmp_path):
     context = _context(tmp_path, True, run_config)
     second = client_train(_train_message(cfg, 2), context)
     eps2 = second.content["metrics"][EPSILON_KEY]
-    ledger = load_ledger(context)
+    ledger = load_ledger(context, cfg)
     assert ledger.rounds == [1, 2]
     assert len(ledger.history) == 1 and ledger.history[0][2] == 2 * first_steps(cfg)
     assert eps2 > eps1
@@ -370,7 +411,7 @@ def test_a_client_out_of_budget_declines_with_a_reason_and_does_not_train(tmp_pa
     reply = client_train(_train_message(cfg, 1), context)
     assert reply.has_error() and reply.error.code == DECLINED_CODE
     assert "privacy budget" in reply.error.reason and "declines to train" in reply.error.reason
-    assert load_ledger(context).history == []  # nothing was spent
+    assert load_ledger(context, cfg).history == []  # nothing was spent
     assert not (tmp_path / "site" / "ledger.json").exists()
 
 
@@ -379,14 +420,29 @@ def test_a_damaged_ledger_file_is_an_error_not_a_fresh_start(tmp_path):
     path.write_text('{"format": 1, "history": [[1.0, 0.25]]}')
     context = Context(1, 1, {"privacy-ledger": str(path)}, RecordDict(), {})
     with pytest.raises(FedmlError, match="never replaced silently"):
-        load_ledger(context)
+        load_ledger(context, RunConfig())
     assert path.read_text().startswith('{"format": 1')  # untouched
 
 
 def test_the_context_holds_the_ledger_when_there_is_no_file(tmp_path):
     context = Context(1, 1, {}, RecordDict(), {})
-    save_ledger(context, PrivacyLedger([(1.0, 0.25, 8)], [3], 1.0))
-    assert load_ledger(context) == PrivacyLedger([(1.0, 0.25, 8)], [3], 1.0)
+    save_ledger(context, RunConfig(), PrivacyLedger([(1.0, 0.25, 8)], [3], 1.0))
+    assert load_ledger(context, RunConfig()) == PrivacyLedger([(1.0, 0.25, 8)], [3], 1.0)
+
+
+def test_a_sites_file_keeps_each_experiments_ledger_apart(tmp_path):
+    path = tmp_path / "privacy-ledger.json"
+    context = Context(1, 1, {"privacy-ledger": str(path)}, RecordDict(), {})
+    first, second = RunConfig(), load_config(None, {"seed": 7})
+    save_ledger(context, first, PrivacyLedger([(1.0, 0.25, 8)], [1], 1.0))
+    save_ledger(context, second, PrivacyLedger([(2.0, 0.5, 4)], [1], 2.0))
+    save_ledger(context, first, PrivacyLedger([(1.0, 0.25, 16)], [1, 2], 1.0))
+    fresh = Context(1, 1, {"privacy-ledger": str(path)}, RecordDict(), {})  # a restart
+    assert load_ledger(fresh, first) == PrivacyLedger([(1.0, 0.25, 16)], [1, 2], 1.0)
+    assert load_ledger(fresh, second) == PrivacyLedger([(2.0, 0.5, 4)], [1], 2.0)
+    site = SiteLedger.load(path)
+    assert list(site.runs) == [experiment_digest(first), experiment_digest(second)]
+    assert site.lifetime() == ((1.0, 0.25, 16), (2.0, 0.5, 4))
 
 
 # ------------------------------------------------------------------------ the server's report

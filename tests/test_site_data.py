@@ -224,7 +224,7 @@ def test_a_sites_supernode_gets_its_data_ledger_and_device_through_the_node_conf
     assert node_config == (
         f'data-path="{tmp_path / "site" / "data"}" '
         f'privacy-ledger="{tmp_path / "site" / "privacy-ledger.json"}" site-name="shard" '
-        f'state-dir="{tmp_path / "site"}" device="cpu"'
+        f'state-dir="{tmp_path / "site"}" data-rows=20 device="cpu"'
     )
     assert command[-1] == "--insecure" and command[command.index("--port") + 1] == "9999"
     assert said[0].startswith("site data: 20 examples of (4,) features, labels 0..2")

@@ -86,11 +86,17 @@ def split_validation(shard: Shard, fraction: float, seed: int) -> tuple[Shard, S
     `fraction > 0` and the shard has two or more examples. With fraction 0, the client
     validates on its training data."""
     n = len(shard)
-    n_val = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n >= 2 else 0
+    n_val = validation_size(n, fraction)
     if n_val == 0:
         return shard, shard
     order = np.random.default_rng(seed).permutation(n)
     return shard.take(np.sort(order[n_val:])), shard.take(np.sort(order[:n_val]))
+
+
+def validation_size(rows: int, fraction: float) -> int:
+    """How many of a shard's `rows` `split_validation` sets aside for validation (a site
+    counts its training rows with it before it reads any)."""
+    return min(rows - 1, max(1, round(rows * fraction))) if fraction > 0 and rows >= 2 else 0
 
 
 def federation_for(cfg: RunConfig, sites_hold_data: bool = False) -> Federation:

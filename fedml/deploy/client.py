@@ -3,6 +3,7 @@
 Before it starts the SuperNode it checks, each with one clear error, its own things
 first and the network last:
 - the site's PKI folder (`ca.crt`, `node.key` from `fedml certs add-node`);
+- its policy file (`--policy`), strictly;
 - that the SuperNode's local port is free on this machine;
 - the data (`--data`: .npz, a folder of them, or a CSV with a label column), which it
   prepares once as memory-mapped arrays in the site's state folder (`fedml.data.site`);
@@ -11,16 +12,20 @@ first and the network last:
   TLS with a certificate the site's `ca.crt` vouches for, or (with `--insecure`) no TLS.
 Then it runs `flower-supernode --isolation process` (telemetry off, no runtime installs)
 until it exits or is stopped, with the node config our ClientApp reads: `data-path`
-(the prepared data), `privacy-ledger` (the site's lifetime DP ledger file), `device`
-and `allowed-models`. Beside it runs fedml's site executor (fedml.deploy.site_executor),
-the only thing that starts app code here: it runs fedml's installed ClientApp and
-refuses any other app a run carries (fedml.deploy.app_check), even from a compromised
-server. A SuperLink that refuses the site's key ends it with an error saying so. What
-leaves the site: model updates and metrics, never examples.
+(the prepared data) and `data-rows`, `privacy-ledger` (the site's DP ledger file),
+`device`, `allowed-models` and `policy` (`--policy`: the site's policy file, checked
+here first, judged by the executor for every task before any data is read; a policy
+that pins the server's certificate is checked at every connection). Beside it runs
+fedml's site executor (fedml.deploy.site_executor), the only thing that starts app
+code here: it runs fedml's installed ClientApp and refuses any other app a run carries
+(fedml.deploy.app_check), even from a compromised server. A SuperLink that refuses
+the site's key ends it with an error saying so. What leaves the site: model updates
+and metrics, never examples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -37,6 +42,7 @@ from rich.markup import escape
 
 from fedml.data.site import prepare_site
 from fedml.deploy.app_check import ALLOWED_MODELS_KEY
+from fedml.deploy.policy_check import POLICY_KEY, ROWS_KEY
 from fedml.deploy.processes import (
     Child,
     bind_error,
@@ -48,6 +54,7 @@ from fedml.deploy.processes import (
 from fedml.deploy.site_state import (
     TASK_DONE_MARK,
     TASK_FAILED_MARK,
+    TASK_REFUSED_MARK,
     claim,
     default_state_dir,
     key_fingerprint,
@@ -56,6 +63,7 @@ from fedml.deploy.site_state import (
 from fedml.errors import FedmlError
 from fedml.node_state import SITE_NAME_KEY, SITE_STATE_KEY, TEST_DATA_KEY
 from fedml.pki import site_files
+from fedml.site_policy import SitePolicy, load_policy
 
 DATA_FOLDER = "data"
 TEST_FOLDER = "test-data"  # in the state folder: --test-data, prepared
@@ -85,6 +93,7 @@ class ClientOptions:
     join_timeout: float = 60.0  # seconds to wait for the SuperLink, or while it refuses us
     allowed_models: tuple[str, ...] = ()  # module:factory models this site agrees to build
     test_data: Path | None = None  # the site's own test rows: evaluated on, never trained on
+    policy: Path | None = None  # the site's policy file (fedml.site_policy)
 
     @property
     def name(self) -> str:
@@ -101,6 +110,7 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
     """Every check, and the data prepared; returns the SuperNode's command line."""
     host, port = split_address(options.superlink)
     security = _security_options(options)
+    policy = _read_policy(options, say)
     _check_local_port(options.port)
     folder, shard = prepare_site(options.data, options.state / DATA_FOLDER, options.label_column)
     classes = sorted({int(c) for c in shard.y})
@@ -118,7 +128,10 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
         "privacy-ledger": str((options.state / LEDGER_FILE).resolve()),
         SITE_NAME_KEY: options.name,
         SITE_STATE_KEY: str(options.state.resolve()),
+        ROWS_KEY: len(shard),
     }
+    if options.policy is not None:
+        node_config[POLICY_KEY] = str(options.policy.resolve())
     if options.device:
         node_config["device"] = options.device
     if test_folder is not None:
@@ -134,12 +147,43 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
         "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items()),
     ]  # fmt: skip
     _wait_for_superlink(host, port, options.join_timeout, say)
+    _check_server(options, host, port, policy)
+    return [*command, *security]
+
+
+def _read_policy(options: ClientOptions, say: Callable[[str], None]) -> SitePolicy | None:
+    """The site's policy, checked (None without `--policy`); its rules are printed."""
+    if options.policy is None:
+        return None
+    policy = load_policy(options.policy)
+    if policy.server.certificate_sha256 and options.insecure:
+        raise FedmlError(
+            f"{options.policy} pins the server's certificate (server.certificate_sha256), "
+            "but this site was started with --insecure (no TLS, no certificate). Use --pki."
+        )
+    say(f"site policy {options.policy} (judged before any task reads data):")
+    for line in policy.summary():
+        say(f"  {line}")
+    return policy
+
+
+def _check_server(options: ClientOptions, host: str, port: int, policy: SitePolicy | None) -> None:
+    """The SuperLink speaks what the site expects: TLS with a certificate the site's CA
+    vouches for (and, when the policy pins one, that very certificate), or plain HTTP
+    with --insecure. Checked at start and at every reconnection."""
     if options.insecure:
         _check_plain(host, port)
-    else:
-        assert options.pki is not None
-        _check_certificate(host, port, options.pki / "ca.crt")
-    return [*command, *security]
+        return
+    assert options.pki is not None
+    served = _check_certificate(host, port, options.pki / "ca.crt")
+    pinned = policy.server.certificate_sha256 if policy is not None else None
+    if pinned and hashlib.sha256(served).hexdigest() != pinned:
+        raise FedmlError(
+            f"The SuperLink at {host}:{port} presented a certificate of SHA-256 "
+            f"{hashlib.sha256(served).hexdigest()}, but this site's policy "
+            f"({options.policy}) pins {pinned} (server.certificate_sha256). This site "
+            "does not join: ask the server's operator whether the certificate was renewed."
+        )
 
 
 def _prepare_test_data(
@@ -209,15 +253,18 @@ def _wait_for_superlink(host: str, port: int, timeout: float, say: Callable[[str
     )
 
 
-def _check_certificate(host: str, port: int, ca_cert: Path) -> None:
-    """A TLS handshake with the SuperLink, verified against the site's CA certificate."""
+def _check_certificate(host: str, port: int, ca_cert: Path) -> bytes:
+    """A TLS handshake with the SuperLink, verified against the site's CA certificate;
+    the certificate it presented (DER)."""
     context = ssl.create_default_context(cafile=str(ca_cert))
     try:
         with (
             socket.create_connection((host, port), timeout=10) as raw,
-            context.wrap_socket(raw, server_hostname=host),
+            context.wrap_socket(raw, server_hostname=host) as tls,
         ):
-            return
+            served = tls.getpeercert(binary_form=True)
+            assert served is not None  # a verified handshake always has one
+            return served
     except ssl.SSLCertVerificationError as exc:
         raise FedmlError(
             f"The SuperLink at {host}:{port} presented a certificate that {ca_cert} does not "
@@ -266,11 +313,17 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
     _security_options(options)  # the site's own files first: its key names its folder
     fingerprint = key_fingerprint(None if options.insecure else options.pki)
     with claim(options.state, fingerprint, options.data):
-        _serve(options, host, port, prepare(options, say), say)
+        command = prepare(options, say)
+        _serve(options, host, port, command, _read_policy(options, lambda _: None), say)
 
 
 def _serve(
-    options: ClientOptions, host: str, port: int, command: list[str], say: Callable[[str], None]
+    options: ClientOptions,
+    host: str,
+    port: int,
+    command: list[str],
+    policy: SitePolicy | None,
+    say: Callable[[str], None],
 ) -> None:
     """Run the SuperNode and the executor until stopped (see `run_site`)."""
     command += ["--superexec-auth-secret-file", str(_write_secret(options.state).resolve())]
@@ -314,6 +367,7 @@ def _serve(
         else:
             say("the SuperNode stopped (the SuperLink went away or restarted); reconnecting")
         _wait_for_superlink(host, port, math.inf, say)
+        _check_server(options, host, port, policy)  # the same server, pinned or vouched for
         time.sleep(2)
 
 
@@ -392,7 +446,8 @@ class NewLines:
 
 class TaskReport:
     """What the site's console says of its tasks: each failure with its reason and
-    where the details are, and loudly when the site has failed every task in a row."""
+    where the details are, loudly when the site has failed every task in a row, and each
+    task the site refused (its app check or its policy) with the reason."""
 
     LOUD_AFTER = 3  # failed tasks in a row
 
@@ -408,6 +463,9 @@ class TaskReport:
                 if self.failed_in_a_row >= self.LOUD_AFTER:
                     self.say(f"tasks succeed again after {self.failed_in_a_row} failures")
                 self.failed_in_a_row = 0
+            elif TASK_REFUSED_MARK in line:  # the site's own rules: not a fault
+                reason = line.split(TASK_REFUSED_MARK, 1)[1]
+                self.say(f"task refused: {escape(reason)}")
             elif TASK_FAILED_MARK in line:
                 self.failed_in_a_row += 1
                 reason = line.split(TASK_FAILED_MARK, 1)[1]

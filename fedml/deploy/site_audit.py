@@ -4,9 +4,11 @@ One entry per task the site's executor served, accepted or not: the run and app 
 asked, the message kind and round, what became of it (done, declined, refused, failed,
 and why), the settings the site applied (the message's training settings and the run's
 DP, secure-aggregation and client settings), a SHA-256 of the model it received and of
-the arrays it sent back, the update's norm when it sent a plain update, and the metrics
-it sent (its DP epsilon among them). The trail lives in the site's state folder
-(`fedml client --state-dir`), so `fedml audit verify fedml-site-NAME` checks it.
+the arrays it sent back, the update's norm when it sent a plain update, the metrics it
+sent (its DP epsilon among them) and, for a DP-SGD round, what the site's own ledger
+says it spent: this task's epsilon, this experiment's and the site's total. The trail
+lives in the site's state folder (`fedml client --state-dir`), so `fedml audit verify
+fedml-site-NAME` checks it.
 """
 
 from __future__ import annotations
@@ -37,15 +39,20 @@ def record_task(
     reply: Message | None,
     outcome: str,
     reason: str = "",
+    privacy: dict[str, float] | None = None,
 ) -> None:
     """Append the task's entry to the site's trail (nothing without a state folder: a
-    plain `flower-supernode`). A trail that cannot be written is logged, never raised:
+    plain `flower-supernode`). `privacy`: what a DP-SGD task spent, by the site's ledger
+    (fedml.deploy.policy_check). A trail that cannot be written is logged, never raised:
     the reply has been decided already."""
     folder = context.node_config.get(SITE_STATE_KEY)
     if not folder:
         return
+    event = task_event(message, context, run, reply, outcome, reason)
+    if privacy is not None:
+        event["privacy"] = privacy
     try:
-        audit.append(Path(str(folder)), task_event(message, context, run, reply, outcome, reason))
+        audit.append(Path(str(folder)), event)
     except Exception:  # a full disk, a damaged head: say so on the site's log
         log.exception("could not write the audit trail in %s", folder)
 

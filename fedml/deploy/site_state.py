@@ -33,6 +33,7 @@ from fedml.pki import NODE_KEY, load_node_private_key
 
 # Lines of the site executor's log that `fedml client` repeats on the site's console.
 TASK_FAILED_MARK, TASK_DONE_MARK = "fedml task failed: ", "fedml task done: "
+TASK_REFUSED_MARK = "fedml task refused: "  # the site's policy refused it
 LOCK_FILE = "site.lock"
 IDENTITY_FILE = "site.json"
 DEFAULT_PREFIX = "fedml-site-"

@@ -12,11 +12,14 @@ named in it. Here:
    (Flower's own Runtime API client and helpers, fedml.deploy.flower_runtime);
 2. the bundle, the run config and the message are checked (fedml.deploy.app_check)
    before anything of them is imported; the bundle is never unpacked or installed;
-3. a refused task gets an error reply with code `APP_REFUSED_CODE` saying why (the
-   site logs it too) and the site goes on serving; an accepted one runs
-   `clients.app:app`, imported from the fedml installed at the site;
-4. the task is written into the site's audit trail (fedml.deploy.site_audit), and the
-   reply and the task's status go back to the SuperNode.
+3. the task is judged by the site's policy and privacy ledger (fedml.deploy.policy_check),
+   still before any data is read;
+4. a refused task gets an error reply saying why, with code `APP_REFUSED_CODE` (the
+   app) or `POLICY_REFUSED_CODE` (the policy: the rule is named), which the site logs
+   too, and the site goes on serving; an accepted one runs `clients.app:app`, imported
+   from the fedml installed at the site;
+5. the task is written into the site's audit trail (fedml.deploy.site_audit), with the
+   epsilon it spent, and the reply and the task's status go back to the SuperNode.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import nullcontext
 
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
@@ -35,9 +39,10 @@ from fedml.deploy.app_check import (
     fab_refusal,
     message_refusal,
 )
+from fedml.deploy.policy_check import judged
 from fedml.deploy.site_audit import record_task
-from fedml.deploy.site_state import TASK_DONE_MARK, TASK_FAILED_MARK
-from fedml.failures import DECLINED_CODE, without_paths
+from fedml.deploy.site_state import TASK_DONE_MARK, TASK_FAILED_MARK, TASK_REFUSED_MARK
+from fedml.failures import DECLINED_CODE, POLICY_REFUSED_CODE, without_paths
 from fedml.node_state import SITE_NAME_KEY
 
 APP_REFUSED_CODE = ErrorCode.INVALID_FAB  # error reply: the site refused the run's app
@@ -66,15 +71,20 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
     try:
         message, context, run, fab = runtime.pull_task_input(client)
         why = refusal(message, dict(context.run_config), dict(context.node_config), fab.content)
-        if why is not None:
-            details = f"fedml site refused run {run.run_id} ({run.fab_id}): {why}"
-            log.error(details)
-            reply = Message(Error(code=APP_REFUSED_CODE, reason=details), reply_to=message)
-        else:
-            reply = _run_clientapp(message, context)
-            status, details = runtime.COMPLETED, ""
+        code, spent = APP_REFUSED_CODE, None
+        with judged(message, context) if why is None else nullcontext() as judgement:
+            if judgement is not None:
+                why, code = judgement.refusal, POLICY_REFUSED_CODE
+            if why is not None:
+                details = f"fedml site refused run {run.run_id} ({run.fab_id}): {why}"
+                reply = Message(Error(code=code, reason=details), reply_to=message)
+            else:
+                reply = _run_clientapp(message, context)
+                status, details = runtime.COMPLETED, ""
+                spent = judgement.spent() if judgement is not None else None
         reply = _say_outcome(message, reply, str(context.node_config.get(SITE_NAME_KEY, "")))
-        record_task(message, context, run, reply, *_outcome(reply, refused=why is not None))
+        outcome = _outcome(reply, refused=why is not None)
+        record_task(message, context, run, reply, *outcome, privacy=spent)
     except Exception as exc:  # whatever happens, the SuperNode hears of it
         log.exception("the task failed")
         details = f"{type(exc).__name__}: {exc}"
@@ -113,7 +123,8 @@ def _say_outcome(message: Message, reply: Message, site: str) -> Message:
     reason = without_paths(reply.error.reason or f"error code {reply.error.code}")
     if site:
         reason = f"site {site}: {reason}"
-    log.error("%s%s: %s", TASK_FAILED_MARK, kind, reason)
+    refused = reply.error.code in (APP_REFUSED_CODE, POLICY_REFUSED_CODE)
+    log.error("%s%s: %s", TASK_REFUSED_MARK if refused else TASK_FAILED_MARK, kind, reason)
     return Message(Error(code=reply.error.code, reason=reason), reply_to=message)
 
 
