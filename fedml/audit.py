@@ -1,4 +1,5 @@
-"""A tamper-evident audit trail: what a data site did, one JSON line per event.
+"""A tamper-evident audit trail: what a data site (or a server's run) did, one JSON line
+per event.
 
 `DIR/audit.jsonl` is append-only. Each entry carries its number `n` (1, 2, ...), the
 SHA-256 `prev` of the entry before it (64 zeros for the first) and its own SHA-256
@@ -42,6 +43,17 @@ def entry_hash(entry: dict[str, Any]) -> str:
     body = {key: value for key, value in entry.items() if key != "hash"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def arrays_digest(arrays: Any) -> str | None:
+    """SHA-256 over a Flower ArrayRecord's names and bytes, in record order (None: no
+    arrays): how a trail names a model without holding it."""
+    if arrays is None:
+        return None
+    hashed = hashlib.sha256()
+    for name, array in arrays.items():
+        hashed.update(name.encode() + b"\0" + array.data)
+    return hashed.hexdigest()
 
 
 def append(folder: Path, event: dict[str, Any]) -> dict[str, Any]:

@@ -955,13 +955,17 @@ def certs_add_node(
 
 
 audit_app = typer.Typer(
-    help="A data site's tamper-evident audit trail (its state folder's audit.jsonl).",
+    help="Tamper-evident audit trails: a data site's (its state folder's audit.jsonl) "
+    "and a run's (its run directory's: joins, failures and refusals, commits).",
     no_args_is_help=True,
 )
 app.add_typer(audit_app, name="audit")
 TrailArg = Annotated[
     Path,
-    typer.Argument(help="The site's state folder (e.g. fedml-site-hospital-a) or its audit.jsonl."),
+    typer.Argument(
+        help="A site's state folder (e.g. fedml-site-hospital-a), a run directory, or an "
+        "audit.jsonl."
+    ),
 ]
 
 
@@ -1000,9 +1004,10 @@ def audit_show(
     path: TrailArg,
     last: Annotated[int, Opt(help="Show the last N entries (0: all).")] = 20,
 ) -> None:
-    """Print the trail as a table: time, run, message, round, outcome and reason, the
-    settings' DP mode, the update's norm, the epsilon sent and the site's total epsilon
-    by its own ledger. Checks it first.
+    """Print the trail as a table, after checking it. A site's: time, run, message,
+    round, outcome and reason, the settings' DP mode, the update's norm, the epsilon
+    sent and the site's total epsilon by its own ledger. A run's: time, event, round
+    and what happened (who joined, failures by reason, the model committed).
 
     Example: fedml audit show fedml-site-hospital-a --last 50
     """
@@ -1010,34 +1015,47 @@ def audit_show(
 
     from fedml.audit import verify
     from fedml.privacy import EPSILON_KEY
+    from fedml.run_audit import describe
 
     try:
         verdict = verify(path)
     except FedmlError as exc:
         _fail(exc)
-    table = Table(
-        "n", "time", "run", "message", "round", "outcome", "dp", "norm", "epsilon",
-        "site total",
-    )  # fmt: skip
-    for entry in verdict.entries[-last:] if last > 0 else verdict.entries:
-        outcome = entry.get("outcome", "")
-        if entry.get("reason"):
-            outcome += f": {entry['reason']}"
-        epsilon = (entry.get("metrics") or {}).get(EPSILON_KEY)
-        total = (entry.get("privacy") or {}).get("epsilon_total")
-        norm = entry.get("update_norm")
-        table.add_row(
-            str(entry["n"]),
-            str(entry["time"]),
-            str(entry.get("run", "")),
-            str(entry.get("message", "")),
-            str(entry.get("round", "")),
-            escape(outcome),
-            str((entry.get("settings") or {}).get("dp.mode", "")),
-            "" if norm is None else f"{norm:.4g}",
-            "" if epsilon is None else f"{epsilon:.4g}",
-            "" if total is None else f"{total:.4g}",
-        )
+    entries = verdict.entries[-last:] if last > 0 else verdict.entries
+    if any(entry.get("event") != "task" for entry in entries):  # a run's trail
+        table = Table("n", "time", "event", "round", "what happened")
+        for entry in entries:
+            table.add_row(
+                str(entry["n"]),
+                str(entry["time"]),
+                str(entry.get("event", "")),
+                str(entry.get("round", "")),
+                escape(describe(entry)),
+            )
+    else:
+        table = Table(
+            "n", "time", "run", "message", "round", "outcome", "dp", "norm", "epsilon",
+            "site total",
+        )  # fmt: skip
+        for entry in entries:
+            outcome = entry.get("outcome", "")
+            if entry.get("reason"):
+                outcome += f": {entry['reason']}"
+            epsilon = (entry.get("metrics") or {}).get(EPSILON_KEY)
+            total = (entry.get("privacy") or {}).get("epsilon_total")
+            norm = entry.get("update_norm")
+            table.add_row(
+                str(entry["n"]),
+                str(entry["time"]),
+                str(entry.get("run", "")),
+                str(entry.get("message", "")),
+                str(entry.get("round", "")),
+                escape(outcome),
+                str((entry.get("settings") or {}).get("dp.mode", "")),
+                "" if norm is None else f"{norm:.4g}",
+                "" if epsilon is None else f"{epsilon:.4g}",
+                "" if total is None else f"{total:.4g}",
+            )
     console.print(table)
     console.print("intact" if verdict.ok else f"TAMPERED: {verdict.problem}", highlight=False)
     if not verdict.ok:

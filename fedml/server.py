@@ -69,6 +69,7 @@ from fedml.records import (
     device_label,
 )
 from fedml.reply_stream import PollingGrid
+from fedml.run_audit import RunTrail
 from fedml.runstore import Checkpoint, RunStatus, RunStore, open_run
 from fedml.secure_round import SecureRound
 from fedml.settings import FINE_TUNE_KEY, NUM_CLASSES_KEY, TrainSettings, message_key
@@ -246,6 +247,8 @@ def run_experiment(
     elapsed = sum(row.get("seconds", 0.0) for row in history)
     stop_reason = _still_stopped(checkpoint, cfg, elapsed)
     server_round = checkpoint.round if checkpoint else 0
+    trail = RunTrail(store.path)
+    trail.started(cfg, server_round, resumed=checkpoint is not None)
     scaling, announce = components.scaling, None
     if checkpoint is not None and not checkpoint.state.get("scaling") and scaling.enabled:
         # committed rounds trained on raw features (a run made before fedml standardised,
@@ -281,6 +284,7 @@ def run_experiment(
             )
             if stop_reason:
                 row["stop"] = stop_reason
+            trail.seen(grid.get_node_ids())
             store.commit(
                 server_round,
                 arrays,
@@ -291,6 +295,7 @@ def run_experiment(
                 keep_round=controls.best_round,
                 model_round=controls.model_round() if stop_reason else None,
             )
+            trail.committed(row, arrays, stop_reason)
             history.append(row)
             if on_round:
                 on_round(row)

@@ -162,3 +162,63 @@ def test_the_cli_verifies_and_shows_a_trail(tmp_path):
     _write(tmp_path, _lines(tmp_path)[:2])
     bad = fedml("verify")
     assert bad.returncode == 1 and "TAMPERED: the trail ends at entry 2 but 3" in bad.stdout
+
+
+# ------------------------------------------------------------------ a run's own trail
+def test_a_run_keeps_a_trail_of_its_start_joins_commits_and_resume(tmp_path):
+    from fedml.config import experiment_digest, load_config
+    from fedml.runstore import open_resume
+    from simulations.engine import simulate
+
+    run = tmp_path / "run"
+    quick = {"simulation.clients": 3, "client.local_epochs": 1, "out": str(run)}
+    cfg = load_config(None, {**quick, "rounds": 2})
+    simulate(cfg)
+    store, resumed = open_resume(run, {"rounds": 3})
+    simulate(resumed, resume=store)
+    verdict = audit.verify(run)
+    assert verdict.ok
+    events = [(e["event"], e.get("round")) for e in verdict.entries]
+    assert events == [
+        ("start", None), ("join", None), ("commit", 1), ("commit", 2),
+        ("resume", None), ("join", None), ("commit", 3),
+    ]  # fmt: skip
+    start, join, *_ = verdict.entries
+    assert start["experiment"] == experiment_digest(cfg) and start["after_round"] == 0
+    assert join["nodes"] == [1, 2, 3] and join["count"] == 3
+    assert verdict.entries[4]["after_round"] == 2
+    commits = [e for e in verdict.entries if e["event"] == "commit"]
+    checkpoint, _ = store.latest_valid()
+    assert checkpoint is not None and checkpoint.round == 3
+    assert commits[-1]["model"] == audit.arrays_digest(checkpoint.arrays)
+    assert len({c["model"] for c in commits}) == 3  # each round committed a new model
+    assert commits[-1]["stop"] == "max rounds" and commits[0]["aggregated"] == 3
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [c["server"]["accuracy"] for c in commits] == [r["server"]["accuracy"] for r in rows]
+
+
+def test_a_rounds_failures_are_in_the_run_trail_by_reason(tmp_path):
+    import math
+
+    from flwr.app import ArrayRecord
+
+    from fedml.run_audit import RunTrail, describe
+
+    trail = RunTrail(tmp_path)
+    trail.seen([1, 2, 3])
+    trail.seen([1, 3, 4])
+    row = {
+        "round": 4,
+        "clients": {"aggregated": 0, "declined": 1},
+        "failed_reasons": {"site b: refused by the site's policy (privacy.require): ...": 2},
+        "train": {"loss": math.nan, "num-examples": 10},
+        "discarded": "too few updates",
+    }
+    trail.committed(row, ArrayRecord(), stop_reason=None)
+    entries = audit.verify(tmp_path).entries
+    assert [e["event"] for e in entries] == ["join", "join", "left", "failures", "commit"]
+    assert entries[1]["nodes"] == [4] and entries[2]["nodes"] == [2]
+    assert entries[3]["reasons"] == row["failed_reasons"] and entries[3]["declined"] == 1
+    assert entries[4]["train"] == {"num-examples": 10}  # a NaN loss is left out, not raised
+    assert entries[4]["discarded"] == "too few updates"
+    assert "2 x site b: refused by the site's policy" in describe(entries[3])

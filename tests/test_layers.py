@@ -62,6 +62,7 @@ LAYERS: list[tuple[str, list[list[str]]]] = [
                 "fedml.preprocessing",
                 "fedml.site_results",
                 "fedml.reply_stream",
+                "fedml.run_audit",
             ]
         ],
     ),

@@ -13,7 +13,6 @@ fedml-site-NAME` checks it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -88,8 +87,8 @@ def task_event(
                 }
             ),
         },
-        "received": digest(received),
-        "sent": digest(sent),
+        "received": audit.arrays_digest(received),
+        "sent": audit.arrays_digest(sent),
     }
     if reason:
         event["reason"] = reason
@@ -101,16 +100,6 @@ def task_event(
         if metrics is not None:
             event["metrics"] = dict(list(_scalars(dict(metrics)).items())[:MAX_METRICS])
     return event
-
-
-def digest(arrays: ArrayRecord | None) -> str | None:
-    """SHA-256 over the arrays' names and bytes, in record order (None: no arrays)."""
-    if arrays is None:
-        return None
-    hashed = hashlib.sha256()
-    for name, array in arrays.items():
-        hashed.update(name.encode() + b"\0" + array.data)
-    return hashed.hexdigest()
 
 
 def update_norm(received: ArrayRecord | None, sent: ArrayRecord | None) -> float | None:
