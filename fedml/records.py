@@ -32,7 +32,8 @@ class HistoryRow(TypedDict, total=False):
     report, `fedml runs` and the trackers read. Written by the round loop
     (`fedml.server`); a row read back from disk is the same dict, parsed from JSON.
     The row of a round without a new model (skipped, or stopped before it aggregated)
-    holds round, lr, mu, clients, rejected, retries, discarded, seconds and stop only."""
+    holds round, lr, mu, clients, rejected, failed_reasons, retries, discarded, seconds and
+    stop only."""
 
     round: int
     lr: float  # the clients' learning rate this round

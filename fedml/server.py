@@ -401,6 +401,8 @@ def _discarded_row(row: HistoryRow, retries: list[str], reason: str | None) -> H
         discarded["mu"] = row["mu"]
     discarded["clients"] = row["clients"]
     discarded["rejected"] = row["rejected"]
+    if "failed_reasons" in row:  # why the sites sent nothing: what the operator needs most
+        discarded["failed_reasons"] = row["failed_reasons"]
     discarded["retries"] = retries
     discarded["discarded"] = reason
     return discarded
