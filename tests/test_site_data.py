@@ -347,3 +347,43 @@ def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_header(tmp_path):
     path.write_text("\ufefflabel,age\n1,50\n0,61\n", encoding="utf-8")
     shard = read_site_data(path)
     np.testing.assert_array_equal(shard.y, [1, 0])
+
+
+def test_a_policy_that_pins_the_superlinks_certificate_refuses_any_other(tmp_path):
+    """Even a certificate the site's CA vouches for is refused when it is not the one
+    the policy pins (a CA key that leaked, a server replaced by its own operator)."""
+    import hashlib
+
+    from fedml.deploy.client import ClientOptions, _check_server
+    from fedml.site_policy import parse_policy
+
+    init_pki(tmp_path / "pki")
+    add_node(tmp_path / "pki", "a")
+    served = ssl.PEM_cert_to_DER_cert((tmp_path / "pki/server.crt").read_text())
+    digest = hashlib.sha256(served).hexdigest()
+    options = ClientOptions("127.0.0.1:1", tmp_path / "x.npz", tmp_path / "pki/sites/a")
+    pinned = ":".join(digest[i : i + 2] for i in range(0, 64, 2)).upper()  # as openssl prints
+    policy = parse_policy(f'[server]\ncertificate_sha256 = "{pinned}"\n')
+    port = _tls_server(tmp_path / "pki/server.crt", tmp_path / "pki/server.key")
+    _check_server(options, "127.0.0.1", port, policy)  # the pinned one: accepted
+    other = parse_policy(f'[server]\ncertificate_sha256 = "{"0" * 64}"\n')
+    port = _tls_server(tmp_path / "pki/server.crt", tmp_path / "pki/server.key")
+    with pytest.raises(FedmlError, match=f"of SHA-256 {digest}, but this site's policy"):
+        _check_server(options, "127.0.0.1", port, other)
+
+
+def test_a_pinned_certificate_with_insecure_is_an_error_before_anything_starts(tmp_path):
+    from fedml.deploy.client import ClientOptions, prepare
+
+    _npz(tmp_path / "shard.npz")
+    (tmp_path / "policy.toml").write_text(f'[server]\ncertificate_sha256 = "{"a" * 64}"\n')
+    options = ClientOptions(
+        "127.0.0.1:1", tmp_path / "shard.npz", None, insecure=True,
+        state_dir=tmp_path / "site", policy=tmp_path / "policy.toml",
+    )  # fmt: skip
+    with pytest.raises(FedmlError, match="pins the server's certificate"):
+        prepare(options, lambda _: None)
+    assert not (tmp_path / "site").exists()  # nothing prepared
+    (tmp_path / "policy.toml").write_text("[privacy]\nmax_epsilon = 3\n")
+    with pytest.raises(FedmlError, match=r"did you mean privacy\.max_epsilon_total"):
+        prepare(options, lambda _: None)
