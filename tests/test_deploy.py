@@ -8,10 +8,12 @@ ends, pass or fail; every wait is bounded; ports are picked free on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -592,6 +594,15 @@ def test_readmes_walkthrough_on_separate_machines_and_a_site_whose_data_does_not
     assert trail.ok and [e["round"] for e in trained] == [1, 2, 3]
     assert all(e["outcome"] == "done" and e["update_norm"] > 0 for e in trained)
     assert all(e["received"] != e["sent"] and e["metrics"]["num-examples"] > 0 for e in trained)
+    served = ssl.PEM_cert_to_DER_cert((server_home / "pki" / "server.crt").read_text())
+    # each entry names the server: its address and the certificate the site checked
+    assert {e["server"]["certificate_sha256"] for e in trail.entries} == {
+        hashlib.sha256(served).hexdigest()
+    }
+    run_trail = audit.verify(run)  # the server's own trail of the run
+    commits = [e for e in run_trail.entries if e["event"] == "commit"]
+    assert run_trail.ok and [e["round"] for e in commits] == [1, 2, 3]
+    assert [e["event"] for e in run_trail.entries][:2] == ["start", "join"]
 
 
 def test_raw_hospital_tables_at_separate_machines_are_standardised_and_personal(fleet):

@@ -255,6 +255,11 @@ def test_a_policy_bound_site_refuses_a_hostile_server_and_keeps_its_budget(deplo
     assert len(trained) == 2 and trained[-1]["privacy"]["epsilon_total"] == pytest.approx(honest)
     refused = [e for e in trail.entries if e.get("outcome") == "refused"]
     assert len(refused) == len(rules)
+    assert all(f"({r})" in e["reason"] for e, r in zip(refused, rules, strict=True))
+    address = f"127.0.0.1:{deployment.port}"  # each entry names the server (no TLS here)
+    assert {(e["server"]["address"], e["server"]["certificate_sha256"]) for e in trail.entries} == {
+        (address, "")
+    }
 
     # a restart, then another experiment: its first round would cross the lifetime budget
     deployment.stop_site()

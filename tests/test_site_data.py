@@ -219,12 +219,13 @@ def test_a_sites_supernode_gets_its_data_ledger_and_device_through_the_node_conf
             device="cpu", state_dir=tmp_path / "site", port=9999,
         )  # fmt: skip
         said: list[str] = []
-        command = prepare(options, said.append)
+        command = prepare(options, said.append).command
     node_config = command[command.index("--node-config") + 1]
     assert node_config == (
         f'data-path="{tmp_path / "site" / "data"}" '
         f'privacy-ledger="{tmp_path / "site" / "privacy-ledger.json"}" site-name="shard" '
-        f'state-dir="{tmp_path / "site"}" data-rows=20 device="cpu"'
+        f'state-dir="{tmp_path / "site"}" data-rows=20 device="cpu" '
+        f'superlink="127.0.0.1:{port}"'
     )
     assert command[-1] == "--insecure" and command[command.index("--port") + 1] == "9999"
     assert said[0].startswith("site data: 20 examples of (4,) features, labels 0..2")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fedml.config import load_config
 from fedml.deploy.policy_check import (
@@ -331,3 +333,42 @@ def test_hostile_message_settings_are_refused_not_raised(tmp_path):
     assert "the message's settings are not valid" in str(judge(message, context).refusal)
     message, context = _task(tmp_path, BUDGETS, DP, {"batch-size": 0})
     assert "cannot judge this round" in str(judge(message, context).refusal)
+
+
+# --------------------------------------------------------------- a property of the rules
+facts = st.builds(
+    TaskFacts,
+    kind=st.sampled_from(["train", "evaluate", "statistics", "step", "other"]),
+    model=st.sampled_from(["logreg", "mlp", "cnn"]),
+    strategy=st.sampled_from(["fedavg", "fedprox", "krum"]),
+    rounds=st.integers(1, 200),
+    server_round=st.integers(0, 200),
+    dp_mode=st.sampled_from(["off", "sample", "user-fixed", "user-adaptive"]),
+    secagg=st.booleans(),
+    masked=st.booleans(),
+    epochs=st.integers(1, 20),
+    work=st.just("some epochs"),
+    batch_size=st.integers(1, 128),
+)
+RULES = [
+    ("privacy", "require"), ("privacy", "min_batch_size"), ("training", "models"),
+    ("training", "strategies"), ("training", "max_local_epochs"), ("training", "max_rounds"),
+    ("aggregation", "require_secagg"),
+]  # fmt: skip
+
+
+@given(facts, st.sets(st.sampled_from(RULES)))
+def test_leaving_rules_out_never_refuses_more_and_an_empty_policy_refuses_nothing(task, dropped):
+    strict = parse_policy(STRICT)
+    assert refusal(SitePolicy(), task) is None
+    looser = strict
+    for section, rule in dropped:  # each left out as if not written
+        default = getattr(SitePolicy(), section)
+        part = dataclasses.replace(getattr(looser, section), **{rule: getattr(default, rule)})
+        looser = dataclasses.replace(looser, **{section: part})
+    if refusal(strict, task) is None:
+        assert refusal(looser, task) is None
+    why = refusal(looser, task)
+    if why is not None:  # what still refuses is a rule the looser policy kept
+        rule = why.split("(")[1].split(")")[0]
+        assert tuple(rule.split(".")) not in dropped

@@ -51,6 +51,7 @@ from fedml.deploy.processes import (
     port_open,
     split_address,
 )
+from fedml.deploy.site_audit import SERVER_CERTIFICATE_KEY, SERVER_KEY
 from fedml.deploy.site_state import (
     TASK_DONE_MARK,
     TASK_FAILED_MARK,
@@ -106,8 +107,17 @@ class ClientOptions:
         return self.state_dir or default_state_dir(self.name)
 
 
-def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
-    """Every check, and the data prepared; returns the SuperNode's command line."""
+@dataclass(frozen=True)
+class Prepared:
+    """A site ready to start: its SuperNode's command line, and the SHA-256 of the TLS
+    certificate its SuperLink presented ("" with --insecure)."""
+
+    command: list[str]
+    certificate: str
+
+
+def prepare(options: ClientOptions, say: Callable[[str], None]) -> Prepared:
+    """Every check, and the data prepared."""
     host, port = split_address(options.superlink)
     security = _security_options(options)
     policy = _read_policy(options, say)
@@ -138,6 +148,11 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
         node_config[TEST_DATA_KEY] = str(test_folder.resolve())
     if options.allowed_models:
         node_config[ALLOWED_MODELS_KEY] = ",".join(options.allowed_models)
+    _wait_for_superlink(host, port, options.join_timeout, say)
+    certificate = _check_server(options, host, port, policy)
+    node_config[SERVER_KEY] = options.superlink  # the site's audit trail names its server
+    if certificate:
+        node_config[SERVER_CERTIFICATE_KEY] = certificate
     command = [
         *flower_command("flower-supernode"),
         "--superlink", options.superlink,
@@ -146,9 +161,7 @@ def prepare(options: ClientOptions, say: Callable[[str], None]) -> list[str]:
         "--isolation", "process",  # app code is started by fedml's site executor only
         "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items()),
     ]  # fmt: skip
-    _wait_for_superlink(host, port, options.join_timeout, say)
-    _check_server(options, host, port, policy)
-    return [*command, *security]
+    return Prepared([*command, *security], certificate)
 
 
 def _read_policy(options: ClientOptions, say: Callable[[str], None]) -> SitePolicy | None:
@@ -167,23 +180,24 @@ def _read_policy(options: ClientOptions, say: Callable[[str], None]) -> SitePoli
     return policy
 
 
-def _check_server(options: ClientOptions, host: str, port: int, policy: SitePolicy | None) -> None:
+def _check_server(options: ClientOptions, host: str, port: int, policy: SitePolicy | None) -> str:
     """The SuperLink speaks what the site expects: TLS with a certificate the site's CA
     vouches for (and, when the policy pins one, that very certificate), or plain HTTP
-    with --insecure. Checked at start and at every reconnection."""
+    with --insecure. Returns the certificate's SHA-256 ("" with --insecure)."""
     if options.insecure:
         _check_plain(host, port)
-        return
+        return ""
     assert options.pki is not None
-    served = _check_certificate(host, port, options.pki / "ca.crt")
+    served = hashlib.sha256(_check_certificate(host, port, options.pki / "ca.crt")).hexdigest()
     pinned = policy.server.certificate_sha256 if policy is not None else None
-    if pinned and hashlib.sha256(served).hexdigest() != pinned:
+    if pinned and served != pinned:
         raise FedmlError(
-            f"The SuperLink at {host}:{port} presented a certificate of SHA-256 "
-            f"{hashlib.sha256(served).hexdigest()}, but this site's policy "
-            f"({options.policy}) pins {pinned} (server.certificate_sha256). This site "
-            "does not join: ask the server's operator whether the certificate was renewed."
+            f"The SuperLink at {host}:{port} presented a certificate of SHA-256 {served}, "
+            f"but this site's policy ({options.policy}) pins {pinned} "
+            "(server.certificate_sha256). This site does not join: ask the server's "
+            "operator whether the certificate was renewed."
         )
+    return served
 
 
 def _prepare_test_data(
@@ -313,20 +327,24 @@ def run_site(options: ClientOptions, say: Callable[[str], None]) -> None:
     _security_options(options)  # the site's own files first: its key names its folder
     fingerprint = key_fingerprint(None if options.insecure else options.pki)
     with claim(options.state, fingerprint, options.data):
-        command = prepare(options, say)
-        _serve(options, host, port, command, _read_policy(options, lambda _: None), say)
+        prepared = prepare(options, say)
+        _serve(options, host, port, prepared, _read_policy(options, lambda _: None), say)
 
 
 def _serve(
     options: ClientOptions,
     host: str,
     port: int,
-    command: list[str],
+    prepared: Prepared,
     policy: SitePolicy | None,
     say: Callable[[str], None],
 ) -> None:
     """Run the SuperNode and the executor until stopped (see `run_site`)."""
-    command += ["--superexec-auth-secret-file", str(_write_secret(options.state).resolve())]
+    command = [
+        *prepared.command,
+        "--superexec-auth-secret-file",
+        str(_write_secret(options.state).resolve()),
+    ]
     log = options.state / "supernode.log"
     tasks = TaskReport(options.state / EXECUTOR_LOG, say)
     refused_since: float | None = None
@@ -367,7 +385,14 @@ def _serve(
         else:
             say("the SuperNode stopped (the SuperLink went away or restarted); reconnecting")
         _wait_for_superlink(host, port, math.inf, say)
-        _check_server(options, host, port, policy)  # the same server, pinned or vouched for
+        certificate = _check_server(options, host, port, policy)  # pinned or vouched for
+        if certificate != prepared.certificate:
+            raise FedmlError(
+                f"The SuperLink at {options.superlink} now presents another certificate "
+                f"(SHA-256 {certificate}, was {prepared.certificate}). This site's audit "
+                "trail names its server by that certificate: restart fedml client to "
+                "accept the new one (or pin it: server.certificate_sha256 in --policy)."
+            )
         time.sleep(2)
 
 

@@ -1,9 +1,11 @@
 """What a data site writes into its audit trail (`fedml.audit`) for every task.
 
-One entry per task the site's executor served, accepted or not: the run and app that
-asked, the message kind and round, what became of it (done, declined, refused, failed,
-and why), the settings the site applied (the message's training settings and the run's
-DP, secure-aggregation and client settings), a SHA-256 of the model it received and of
+One entry per task the site's executor served, accepted or not: the server that sent
+it (the SuperLink's address and the SHA-256 of its TLS certificate, as `fedml client`
+checked them), the run and app that asked, the message kind and round, what became of
+it (done, declined, refused, failed, and why), the settings the site applied (the
+message's training settings and the run's DP, secure-aggregation and client settings),
+a SHA-256 of the model it received and of
 the arrays it sent back, the update's norm when it sent a plain update, the metrics it
 sent (its DP epsilon among them) and, for a DP-SGD round, what the site's own ledger
 says it spent: this task's epsilon, this experiment's and the site's total. The trail
@@ -27,6 +29,8 @@ from fedml.settings import SERVER_ROUND_KEY
 
 log = logging.getLogger(__name__)
 
+SERVER_KEY = "superlink"  # node config: the SuperLink's address, as the site reaches it
+SERVER_CERTIFICATE_KEY = "superlink-sha256"  # node config: its TLS certificate's SHA-256
 SETTINGS_PREFIXES = ("dp.", "secagg.", "client.", "strategy.name", "model.name", "data.")
 MAX_METRICS = 64  # metric values written per entry (a reply holds at most this many)
 
@@ -74,6 +78,10 @@ def task_event(
         "event": "task",
         "run": int(getattr(run, "run_id", 0) or 0),
         "app": str(getattr(run, "fab_id", "") or ""),
+        "server": {
+            "address": str(context.node_config.get(SERVER_KEY, "")),
+            "certificate_sha256": str(context.node_config.get(SERVER_CERTIFICATE_KEY, "")),
+        },
         "message": message.metadata.message_type,
         "round": int(config.get(SERVER_ROUND_KEY, 0)) if config is not None else 0,
         "outcome": outcome,
