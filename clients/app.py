@@ -319,7 +319,7 @@ def _derive_seed(*parts: int) -> int:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local shard; reply with the new weights."""
     job = LocalJob.from_context(context)
-    config = msg.content["config"]
+    config = msg.content.config_records.get("config", ConfigRecord())
     model = job.model(msg.content["arrays"], config)
     device = resolve_device(job.device)
     server_round = int(config.get(SERVER_ROUND_KEY, 0))
@@ -348,6 +348,11 @@ def train(msg: Message, context: Context) -> Message:
     else:
         generator = torch.Generator().manual_seed(seed)
         control = msg.content.array_records.get(CONTROL_RECORD)  # SCAFFOLD's c
+        if control is not None and job.cfg.strategy.name.lower() != "scaffold":
+            raise FedmlError(
+                f"The message carries SCAFFOLD's control variate, but the run's strategy is "
+                f"{job.cfg.strategy.name!r}: this site trains only as the run config says."
+            )
         mine = scaffold.site_control(context, job.cfg, control, server_round) if control else {}
         corrections = scaffold.corrections(model, control, mine) if control else None
         result = train_local(model, job.train, settings, device, generator, corrections=corrections)
@@ -496,7 +501,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": MetricRecord(evaluation_metrics(model, job.val, device))})
     site = ConfigRecord({"name": job.site_name})
     site.update(_own_test_metrics(job, model, device, TEST_PREFIX))
-    epochs = int(config.get(FINE_TUNE_KEY, 0))
+    # at most what the run config asks for (none under DP-SGD: it would train without it)
+    epochs = min(int(config.get(FINE_TUNE_KEY, 0)), job.cfg.client.fine_tune_epochs)
     mine = None
     if epochs > 0:  # a personal model: the global one fine-tuned here, never sent
         mine = job.model(msg.content["arrays"], config)

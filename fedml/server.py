@@ -284,7 +284,6 @@ def run_experiment(
             )
             if stop_reason:
                 row["stop"] = stop_reason
-            trail.seen(grid.get_node_ids())
             store.commit(
                 server_round,
                 arrays,
@@ -295,6 +294,10 @@ def run_experiment(
                 keep_round=controls.best_round,
                 model_round=controls.model_round() if stop_reason else None,
             )
+            # the trail follows the commit: a full disk fails the commit first, naming
+            # the round; a crash between the two leaves the commit out of the trail,
+            # whose next "resume" entry says which round the run went on after
+            trail.seen(grid.get_node_ids())
             trail.committed(row, arrays, stop_reason)
             history.append(row)
             if on_round:

@@ -232,7 +232,7 @@ def _nearest(word: str, known: Any, prefix: str = "") -> str:
 class TaskFacts:
     """What a task asks of the site, read from its run config and message (no data)."""
 
-    kind: str  # "train" (a training round), "evaluate", "statistics" or "step" (secagg)
+    kind: str  # "train" (a training round), "evaluate", "statistics", "step" (secagg), "other"
     model: str
     strategy: str
     rounds: int  # the run's planned rounds
@@ -240,6 +240,7 @@ class TaskFacts:
     dp_mode: str  # the run config's dp.mode
     secagg: bool  # the run config's secagg.enabled
     masked: bool  # the message asks for a masked (secure aggregation) reply
+    implied: tuple[str, ...] = ()  # strategies the message's training implies beyond the run's
     epochs: int = 0  # the round's local training in epochs (local steps: rounded up)
     work: str = ""  # the same, as the message asks it ("3 epochs", "40 steps (2 epochs)")
     batch_size: int = 0
@@ -256,11 +257,12 @@ def refusal(policy: SitePolicy, task: TaskFacts) -> str | None:
             "training.models",
             f"the run's model {task.model!r} is not one of {list(training.models)}",
         )
-    if training.strategies and task.strategy not in training.strategies:
-        return _broken(
-            "training.strategies",
-            f"the run's strategy {task.strategy!r} is not one of {list(training.strategies)}",
-        )
+    for strategy in (task.strategy, *task.implied):
+        if training.strategies and strategy not in training.strategies:
+            return _broken(
+                "training.strategies",
+                f"the run trains as strategy {strategy!r}, not one of {list(training.strategies)}",
+            )
     most = training.max_rounds
     if most is not None and max(task.rounds, task.server_round) > most:
         return _broken(
@@ -284,7 +286,7 @@ def refusal(policy: SitePolicy, task: TaskFacts) -> str | None:
             "the message asks for an unmasked reply; this site sends its update and its "
             "statistics only masked",
         )
-    if task.kind != "train":
+    if task.kind not in ("train", "evaluate"):  # an evaluation may fine-tune (epochs)
         return None
     if training.max_local_epochs is not None and task.epochs > training.max_local_epochs:
         return _broken(
@@ -293,7 +295,8 @@ def refusal(policy: SitePolicy, task: TaskFacts) -> str | None:
             f"{training.max_local_epochs} epochs",
         )
     smallest = privacy.min_batch_size
-    if task.dp_mode == "sample" and smallest is not None and task.batch_size < smallest:
+    private = task.kind == "train" and task.dp_mode == "sample"
+    if private and smallest is not None and task.batch_size < smallest:
         return _broken(
             "privacy.min_batch_size",
             f"the round asks for batches of {task.batch_size} under DP-SGD; at least {smallest}",

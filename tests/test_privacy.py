@@ -521,3 +521,15 @@ def test_opacus_alpha_range_warnings_do_not_reach_the_user():
         warnings.simplefilter("error")  # any warning fails the test
         assert epsilon_of(((0.3, 1.0, 200),), "rdp", 1e-5) > 0  # smallest alpha optimal
         assert epsilon_of(((20.0, 0.01, 1),), "rdp", 1e-5) >= 0  # largest alpha optimal
+
+
+def test_the_clientapp_trains_only_as_the_run_config_says(tmp_path):
+    from flwr.app import ArrayRecord
+
+    from fedml.settings import CONTROL_RECORD
+
+    cfg = load_config(None, {"simulation.clients": 4, "client.local_epochs": 1})
+    message = _train_message(cfg, 1)
+    message.content[CONTROL_RECORD] = ArrayRecord()  # SCAFFOLD's c in a fedavg run
+    with pytest.raises(FedmlError, match="control variate, but the run's strategy is 'fedavg'"):
+        client_train(message, _context(tmp_path, False, cfg.to_flat()))

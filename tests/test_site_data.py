@@ -3,6 +3,7 @@ the ClientApp's view of it, and `fedml client`'s checks before it starts anythin
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -385,6 +386,12 @@ def test_a_pinned_certificate_with_insecure_is_an_error_before_anything_starts(t
     with pytest.raises(FedmlError, match="pins the server's certificate"):
         prepare(options, lambda _: None)
     assert not (tmp_path / "site").exists()  # nothing prepared
+    (tmp_path / "policy.toml").write_text("[privacy]\nmax_epsilon_per_run = 3\n")
+    said: list[str] = []
+    with pytest.raises(FedmlError, match="Cannot reach the SuperLink"):  # nothing listens
+        prepare(dataclasses.replace(options, join_timeout=0.5), said.append)
+    assert "  privacy.max_epsilon_per_run = 3.0" in said
+    assert any("set privacy.max_epsilon_total for a limit over all" in line for line in said)
     (tmp_path / "policy.toml").write_text("[privacy]\nmax_epsilon = 3\n")
     with pytest.raises(FedmlError, match=r"did you mean privacy\.max_epsilon_total"):
         prepare(options, lambda _: None)

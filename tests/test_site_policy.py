@@ -154,10 +154,14 @@ def test_each_rule_refuses_the_task_that_breaks_it_and_names_itself(change, rule
 
 def test_rules_on_a_rounds_training_do_not_apply_to_other_messages():
     policy = parse_policy(STRICT)
-    for kind in ("evaluate", "step"):  # no update leaves: epochs, batches, masks aside
-        task = dataclasses.replace(COMPLIANT, kind=kind, masked=False, epochs=50, batch_size=1)
+    for kind in ("evaluate", "step"):  # no update leaves: batches and masks aside
+        task = dataclasses.replace(COMPLIANT, kind=kind, masked=False, batch_size=1)
         assert refusal(policy, task) is None
-    # but an unmasked statistics query is refused, and run-level rules hold for all
+    step = dataclasses.replace(COMPLIANT, kind="step", epochs=50)  # a secagg step trains not
+    assert refusal(policy, step) is None
+    tuned = dataclasses.replace(COMPLIANT, kind="evaluate", epochs=50)  # fine-tuning does
+    assert "(training.max_local_epochs)" in str(refusal(policy, tuned))
+    # an unmasked statistics query is refused, and run-level rules hold for all
     stats = dataclasses.replace(COMPLIANT, kind="statistics", masked=False)
     assert "aggregation.require_secagg" in str(refusal(policy, stats))
     evaluate = dataclasses.replace(COMPLIANT, kind="evaluate", dp_mode="off")
@@ -372,3 +376,63 @@ def test_leaving_rules_out_never_refuses_more_and_an_empty_policy_refuses_nothin
     if why is not None:  # what still refuses is a rule the looser policy kept
         rule = why.split("(")[1].split(")")[0]
         assert tuple(rule.split(".")) not in dropped
+
+
+# ------------------------------------------------- what a hostile server tried next
+def test_a_config_that_is_not_a_config_record_is_refused(tmp_path):
+    from flwr.app import MetricRecord
+
+    message, context = _task(tmp_path, BUDGETS, DP)
+    message.content["config"] = MetricRecord({"local-epochs": 50, "server-round": 1})
+    assert "'config' is not a ConfigRecord" in str(judge(message, context).refusal)
+
+
+def test_every_message_type_that_trains_is_judged_and_unknown_ones_are_refused(tmp_path):
+    policy = "[training]\nmax_local_epochs = 2\n"
+    message, context = _task(tmp_path, policy, {}, {"local-epochs": 3}, kind="train.default")
+    assert "(training.max_local_epochs)" in str(judge(message, context).refusal)
+    message, context = _task(tmp_path, policy, {}, kind="train.mine")
+    assert "serves no message of type 'train.mine'" in str(judge(message, context).refusal)
+    message, context = _task(tmp_path, None, {}, kind="evaluate.other")  # policy or not
+    assert "serves no message of type" in str(judge(message, context).refusal)
+
+
+def test_fine_tuning_at_evaluation_counts_as_local_training(tmp_path):
+    policy = "[training]\nmax_local_epochs = 2\n"
+    tuned = {"client.fine_tune_epochs": 3}
+    message, context = _task(tmp_path, policy, tuned, {"fine-tune-epochs": 3}, kind="evaluate")
+    why = str(judge(message, context).refusal)
+    assert "(training.max_local_epochs)" in why and "3 epochs of fine-tuning" in why
+    # a message asking for more than the run config is judged as the ClientApp runs it:
+    # capped at the run's (none under DP-SGD, which forbids fine-tuning)
+    message, context = _task(tmp_path, policy, DP, {"fine-tune-epochs": 10**6}, kind="evaluate")
+    assert judge(message, context).refusal is None
+
+
+def test_training_that_amounts_to_another_strategy_is_judged_as_that_strategy(tmp_path):
+    from fedml.settings import CONTROL_RECORD
+
+    policy = "[training]\nstrategies = ['fedavg']\n"
+    message, context = _task(tmp_path, policy, {}, {"proximal-mu": 0.5})
+    assert "strategy 'fedprox'" in str(judge(message, context).refusal)
+    message, context = _task(tmp_path, policy, {})
+    message.content[CONTROL_RECORD] = ArrayRecord()
+    assert "strategy 'scaffold'" in str(judge(message, context).refusal)
+
+
+def test_a_value_no_rule_foresaw_is_a_refusal_not_a_crash(tmp_path):
+    message, context = _task(tmp_path, BUDGETS, DP, {"local-epochs": float("inf")})
+    assert str(judge(message, context).refusal).startswith("refused: the site cannot judge")
+    message, context = _task(tmp_path, None, DP, {"batch-size": 0})  # no policy: still judged
+    assert judge(message, context).refusal is not None
+
+
+def test_each_task_checks_the_pinned_certificate_the_site_joined_with(tmp_path):
+    from fedml.deploy.site_audit import SERVER_CERTIFICATE_KEY
+
+    pinned = "a" * 64
+    policy = f'[server]\ncertificate_sha256 = "{pinned}"\n'
+    message, context = _task(tmp_path, policy, {})
+    assert "(server.certificate_sha256)" in str(judge(message, context).refusal)
+    context.node_config[SERVER_CERTIFICATE_KEY] = pinned
+    assert judge(message, context).refusal is None

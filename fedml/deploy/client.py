@@ -177,6 +177,11 @@ def _read_policy(options: ClientOptions, say: Callable[[str], None]) -> SitePoli
     say(f"site policy {options.policy} (judged before any task reads data):")
     for line in policy.summary():
         say(f"  {line}")
+    if policy.privacy.max_epsilon_per_run and not policy.privacy.max_epsilon_total:
+        say(
+            "  warning: privacy.max_epsilon_per_run bounds each experiment, and a server can "
+            "start another one; set privacy.max_epsilon_total for a limit over all of them"
+        )
     return policy
 
 

@@ -19,6 +19,7 @@ last part. What the task spent goes into the site's audit trail (`Judgement.spen
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -31,11 +32,12 @@ from flwr.app import ConfigRecord, Context, Message
 from fedml.config import RunConfig, experiment_digest
 from fedml.data.datasets import validation_size
 from fedml.data.features import STATS_ACTION
+from fedml.deploy.site_audit import SERVER_CERTIFICATE_KEY
 from fedml.errors import FedmlError
 from fedml.privacy import default_delta, epsilon_of
 from fedml.privacy_ledger import SiteLedger, locked, plan_round
 from fedml.secagg import messages as wire
-from fedml.settings import SERVER_ROUND_KEY, TrainSettings
+from fedml.settings import CONTROL_RECORD, FINE_TUNE_KEY, SERVER_ROUND_KEY, TrainSettings
 from fedml.site_policy import (
     SitePolicy,
     TaskFacts,
@@ -48,6 +50,8 @@ POLICY_KEY = "policy"  # node config: the site's policy file
 ROWS_KEY = "data-rows"  # node config: how many rows the site prepared
 LEDGER_KEY = "privacy-ledger"  # node config: the site's ledger file (clients.privacy)
 SITE_ACCOUNTANT = "rdp"  # the site's own budgets: Opacus's RDP accountant
+
+log = logging.getLogger("fedml.site")
 
 
 @dataclass
@@ -65,7 +69,11 @@ class Judgement:
         experiment, lifetime), at the site's delta; None for a task without DP-SGD."""
         if self.ledger is None:
             return None
-        site = SiteLedger.load(self.ledger)
+        try:
+            site = SiteLedger.load(self.ledger)
+        except FedmlError:  # damaged since the judgement: the task's entry says so
+            log.exception("the site's ledger cannot be read after the task")
+            return {"ledger_unreadable": 1.0}
         total = _epsilon(site.lifetime(), self.site_delta)
         return {
             "epsilon_task": max(0.0, total - self.total_before),
@@ -79,19 +87,40 @@ class Judgement:
 def judged(message: Message, context: Context) -> Iterator[Judgement]:
     """Judge the task; for a DP-SGD training round, hold the site's ledger lock until
     the `with` block (the task) ends."""
-    ledger = context.node_config.get(LEDGER_KEY)
+    ledger = _ledger_path(context)
     private = (
         _kind(message) == "train"
         and str(context.run_config.get("dp.mode", "")) == "sample"
-        and bool(ledger)
+        and ledger is not None
     )
-    with locked(Path(str(ledger))) if private else nullcontext():
+    with locked(ledger) if private and ledger is not None else nullcontext():
         yield judge(message, context)
 
 
 def judge(message: Message, context: Context) -> Judgement:
-    """The rules' verdict on the task (the caller holds the ledger's lock)."""
+    """The rules' verdict on the task (the caller holds the ledger's lock). Whatever a
+    hostile task makes go wrong here is a refusal, never an exception."""
+    try:
+        return _judge(message, context)
+    except Exception as exc:  # a value no rule foresaw: refuse, and say what it was
+        return Judgement(
+            f"refused: the site cannot judge this task ({type(exc).__name__}: {exc})"[:500]
+        )
+
+
+def _judge(message: Message, context: Context) -> Judgement:
     node = context.node_config
+    kind = _kind(message)
+    if kind == "unknown":
+        return Judgement(
+            f"refused: this site serves no message of type {message.metadata.message_type!r}"
+        )
+    if (
+        message.has_content()
+        and "config" in message.content
+        and ("config" not in message.content.config_records)
+    ):
+        return Judgement("refused: the message's 'config' is not a ConfigRecord")
     policy = None
     if node.get(POLICY_KEY):
         try:
@@ -110,8 +139,14 @@ def judge(message: Message, context: Context) -> Judgement:
     except (ValueError, TypeError) as exc:
         return Judgement(f"refused: the message's settings are not valid ({exc})"[:500])
     rows = _train_rows(node.get(ROWS_KEY), cfg)
-    kind = _kind(message)
     if policy is not None:
+        pinned = policy.server.certificate_sha256
+        if pinned and node.get(SERVER_CERTIFICATE_KEY) != pinned:
+            return Judgement(
+                "refused by the site's policy (server.certificate_sha256): this site joined "
+                f"a SuperLink whose certificate is {node.get(SERVER_CERTIFICATE_KEY) or 'none'}, "
+                f"not {pinned}; restart fedml client to check it again"
+            )
         if kind == "train" and (rows is None or settings.batch_size < 1):
             return Judgement(
                 "refused: the site cannot judge this round (no row count in its node config: "
@@ -120,10 +155,10 @@ def judge(message: Message, context: Context) -> Judgement:
         why = refusal(policy, _facts(kind, cfg, config, settings, message, rows or 0))
         if why is not None:
             return Judgement(why)
-    ledger = node.get(LEDGER_KEY)
-    if kind != "train" or cfg.dp.mode != "sample" or not ledger or rows is None:
+    ledger = _ledger_path(context)
+    if kind != "train" or cfg.dp.mode != "sample" or ledger is None or rows is None:
         return Judgement()
-    return _judge_private(policy or SitePolicy(), cfg, settings, Path(str(ledger)), rows)
+    return _judge_private(policy or SitePolicy(), cfg, settings, ledger, rows)
 
 
 def _judge_private(
@@ -159,10 +194,18 @@ def _facts(
     rows: int,
 ) -> TaskFacts:
     epochs, work = settings.local_epochs, f"{settings.local_epochs} epochs"
-    if settings.local_steps > 0 and cfg.dp.mode != "sample":  # DP-SGD trains in epochs
+    if kind == "evaluate":  # fine-tuning a personal model, as much as the ClientApp will
+        epochs = min(_int(config.get(FINE_TUNE_KEY, 0)), cfg.client.fine_tune_epochs)
+        work = f"{epochs} epochs of fine-tuning"
+    elif settings.local_steps > 0 and cfg.dp.mode != "sample":  # DP-SGD trains in epochs
         per_epoch = math.ceil(rows / settings.batch_size) if settings.batch_size > 0 else 1
         epochs = math.ceil(settings.local_steps / max(per_epoch, 1))
         work = f"{settings.local_steps} steps ({epochs} epochs of this site's rows)"
+    implied = []  # what the message's training amounts to, whatever the run's name says
+    if message.has_content() and CONTROL_RECORD in message.content.array_records:
+        implied.append("scaffold")
+    if kind == "train" and settings.proximal_mu > 0 and cfg.strategy.name != "fedprox":
+        implied.append("fedprox")
     return TaskFacts(
         kind=kind,
         model=cfg.model.name,
@@ -172,25 +215,35 @@ def _facts(
         dp_mode=cfg.dp.mode,
         secagg=cfg.secagg.enabled,
         masked=message.has_content() and wire.ROUND in message.content.config_records,
+        implied=tuple(implied),
         epochs=epochs,
         work=work,
         batch_size=settings.batch_size,
     )
 
 
+KINDS = {  # every message type fedml's ClientApp serves, as the site judges it
+    "train": "train",
+    "train.default": "train",  # Flower's name for the default handler: training too
+    **{f"train.{a}": "step" for a in (wire.KEYS_ACTION, wire.SHARE_ACTION, wire.UNMASK_ACTION)},
+    "evaluate": "evaluate",
+    "evaluate.default": "evaluate",
+    f"query.{STATS_ACTION}": "statistics",
+    "query": "other",  # a simulated client's identity (a site refuses to answer)
+    "query.default": "other",
+}
+
+
 def _kind(message: Message) -> str:
-    """ "train" (a training round), "step" (a secure aggregation step), "evaluate",
-    "statistics" (the feature statistics query) or "other"."""
-    kind = message.metadata.message_type
-    if kind == "train":
-        return "train"
-    if kind.startswith("train."):
-        return "step"
-    if kind.split(".")[0] == "evaluate":
-        return "evaluate"
-    if kind == f"query.{STATS_ACTION}":
-        return "statistics"
-    return "other"
+    """How the site judges a message type (`KINDS`); "unknown" for any other, which the
+    site refuses: an action it does not know might run a handler no rule was written for."""
+    return KINDS.get(message.metadata.message_type, "unknown")
+
+
+def _ledger_path(context: Context) -> Path | None:
+    """The site's ledger file, as the ClientApp reads it (clients.privacy.ledger_path)."""
+    value = context.node_config.get(LEDGER_KEY)
+    return Path(str(value)).expanduser() if value else None
 
 
 def _message_config(message: Message) -> ConfigRecord:

@@ -68,6 +68,7 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
     client = runtime.connect(runtime_api_address, token)
     heartbeat = runtime.start_heartbeat(client)
     context, reply, status, details = None, None, runtime.FAILED, "the task did not start"
+    message = run = None
     try:
         message, context, run, fab = runtime.pull_task_input(client)
         why = refusal(message, dict(context.run_config), dict(context.node_config), fab.content)
@@ -89,6 +90,8 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int | None) -> in
         log.exception("the task failed")
         details = f"{type(exc).__name__}: {exc}"
         log.error("%s%s", TASK_FAILED_MARK, without_paths(details))
+        if message is not None and context is not None:  # the trail keeps every task
+            record_task(message, context, run, None, "failed", without_paths(details))
     finally:
         try:
             if reply is not None and context is not None:
